@@ -1,0 +1,243 @@
+//! Coordinator configuration in two stages: raw values from flags and an
+//! optional TOML file (flags win) → a validated [`Config`]. A bad value
+//! names its field and stops the process before the data dir is touched.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Raw settings as written by a person: every field optional.
+#[derive(Debug, Default, Clone, Deserialize, Parser)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[command(
+    name = "fleet-coord",
+    version,
+    about = "Fleet coordinator: replicates deployment state and destination locks through Raft",
+    long_about = "Fleet coordinator: replicates deployment state and destination locks through Raft.\n\n\
+Start the first coordinator of a new cluster with --bootstrap, the others without it, then add \
+them with `fleetctl cluster add-learner ID ADDR` and `fleetctl cluster promote ID`. \
+`fleetctl dev up` does all of this on one machine.\n\n\
+Settings come from flags or from a TOML file (--config) whose keys are the flag names \
+(for example `data-dir = \"/var/lib/fleet\"`); flags win."
+)]
+pub struct RawConfig {
+    /// TOML file with any of the settings below.
+    #[arg(long, env = "FLEET_COORD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This coordinator's id in the cluster (1, 2, 3, ...). Never reuse an id.
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Address to listen on; port 0 picks a free one (see --addr-file).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Address other coordinators and clients use to reach this one
+    /// (default: the address actually bound).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Directory for the Raft log, vote and state machine (RocksDB).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// CA certificate of the cluster (PEM).
+    #[arg(long, env = "FLEET_CA")]
+    pub ca: Option<PathBuf>,
+    /// This coordinator's certificate (role `coordinator`).
+    #[arg(long, env = "FLEET_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key of the certificate.
+    #[arg(long, env = "FLEET_KEY")]
+    pub key: Option<PathBuf>,
+    /// Make this coordinator the single voter of a new cluster if its data
+    /// dir is empty. Harmless on restart.
+    #[arg(long)]
+    #[serde(default)]
+    pub bootstrap: bool,
+    /// Write the bound address to this file once listening.
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// Leader heartbeat interval in milliseconds (default 100).
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Minimum election timeout in milliseconds; the maximum is twice this
+    /// (default 400).
+    #[arg(long)]
+    pub election_timeout_ms: Option<u64>,
+    /// Build a snapshot (and purge the log behind it) every this many
+    /// entries (default 10000).
+    #[arg(long)]
+    pub snapshot_logs: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: u64,
+    pub listen: SocketAddr,
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bootstrap: bool,
+    pub addr_file: Option<PathBuf>,
+    pub heartbeat: Duration,
+    pub election_timeout: Duration,
+    pub snapshot_logs: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{file}: {reason}")]
+    File { file: PathBuf, reason: String },
+    #[error("`{field}`: {reason}")]
+    Field { field: &'static str, reason: String },
+}
+
+fn field(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Field { field, reason: reason.into() }
+}
+
+impl RawConfig {
+    /// Fill what the flags left out from the config file, if one is given.
+    pub fn merge_file(self) -> Result<RawConfig, ConfigError> {
+        let Some(path) = self.config.clone() else { return Ok(self) };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::File { file: path.clone(), reason: format!("cannot read it: {e}") })?;
+        let file: RawConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError::File { file: path.clone(), reason: format!("{e}; keys are the flag names, e.g. `data-dir`") })?;
+        Ok(RawConfig {
+            config: self.config,
+            id: self.id.or(file.id),
+            listen: self.listen.or(file.listen),
+            advertise: self.advertise.or(file.advertise),
+            data_dir: self.data_dir.or(file.data_dir),
+            ca: self.ca.or(file.ca),
+            cert: self.cert.or(file.cert),
+            key: self.key.or(file.key),
+            bootstrap: self.bootstrap || file.bootstrap,
+            addr_file: self.addr_file.or(file.addr_file),
+            heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
+            election_timeout_ms: self.election_timeout_ms.or(file.election_timeout_ms),
+            snapshot_logs: self.snapshot_logs.or(file.snapshot_logs),
+        })
+    }
+
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let id = self.id.ok_or_else(|| field("id", "missing; give each coordinator a distinct id such as --id 1"))?;
+        if id == 0 {
+            return Err(field("id", "must be 1 or more"));
+        }
+        let listen_raw = self.listen.unwrap_or_else(|| "127.0.0.1:7400".to_string());
+        let listen: SocketAddr = listen_raw
+            .parse()
+            .map_err(|e| field("listen", format!("`{listen_raw}` is not IP:PORT ({e}); for example 0.0.0.0:7400")))?;
+        if let Some(a) = &self.advertise {
+            a.parse::<SocketAddr>().map_err(|e| field("advertise", format!("`{a}` is not IP:PORT ({e})")))?;
+        }
+        let data_dir = self.data_dir.ok_or_else(|| field("data-dir", "missing; for example --data-dir /var/lib/fleet"))?;
+        let file = |name: &'static str, p: Option<PathBuf>| -> Result<PathBuf, ConfigError> {
+            let p = p.ok_or_else(|| field(name, "missing; create certificates with `fleetctl certs init --out DIR`"))?;
+            if !Path::new(&p).is_file() {
+                return Err(field(name, format!("{} is not a readable file", p.display())));
+            }
+            Ok(p)
+        };
+        let ca = file("ca", self.ca)?;
+        let cert = file("cert", self.cert)?;
+        let key = file("key", self.key)?;
+        let heartbeat_ms = self.heartbeat_ms.unwrap_or(100);
+        let election_ms = self.election_timeout_ms.unwrap_or(400);
+        if heartbeat_ms == 0 {
+            return Err(field("heartbeat-ms", "must be more than 0"));
+        }
+        if election_ms < 2 * heartbeat_ms {
+            return Err(field(
+                "election-timeout-ms",
+                format!("{election_ms} is less than twice the heartbeat ({heartbeat_ms} ms); followers would start elections under a healthy leader"),
+            ));
+        }
+        let snapshot_logs = self.snapshot_logs.unwrap_or(10_000);
+        if snapshot_logs == 0 {
+            return Err(field("snapshot-logs", "must be more than 0"));
+        }
+        Ok(Config {
+            id,
+            listen,
+            advertise: self.advertise,
+            data_dir,
+            ca,
+            cert,
+            key,
+            bootstrap: self.bootstrap,
+            addr_file: self.addr_file,
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            election_timeout: Duration::from_millis(election_ms),
+            snapshot_logs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(dir: &Path) -> RawConfig {
+        for f in ["ca.pem", "c.pem", "k.pem"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        RawConfig {
+            id: Some(1),
+            listen: Some("127.0.0.1:0".into()),
+            data_dir: Some(dir.join("data")),
+            ca: Some(dir.join("ca.pem")),
+            cert: Some(dir.join("c.pem")),
+            key: Some(dir.join("k.pem")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: Vec<(&str, Box<dyn Fn(&mut RawConfig)>)> = vec![
+            ("id", Box::new(|c| c.id = Some(0))),
+            ("id", Box::new(|c| c.id = None)),
+            ("listen", Box::new(|c| c.listen = Some("nowhere".into()))),
+            ("advertise", Box::new(|c| c.advertise = Some("x:y".into()))),
+            ("data-dir", Box::new(|c| c.data_dir = None)),
+            ("cert", Box::new(|c| c.cert = Some("/nonexistent/cert.pem".into()))),
+            ("election-timeout-ms", Box::new(|c| c.election_timeout_ms = Some(50))),
+            ("heartbeat-ms", Box::new(|c| c.heartbeat_ms = Some(0))),
+            ("snapshot-logs", Box::new(|c| c.snapshot_logs = Some(0))),
+        ];
+        for (want, mutate) in cases {
+            let mut raw = base(dir.path());
+            mutate(&mut raw);
+            let err = raw.validate().unwrap_err().to_string();
+            assert!(err.starts_with(&format!("`{want}`")), "{want}: {err}");
+        }
+        assert!(base(dir.path()).validate().is_ok());
+    }
+
+    #[test]
+    fn file_values_fill_gaps_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("coord.toml");
+        std::fs::write(&cfg, "id = 7\nheartbeat-ms = 20\nelection-timeout-ms = 100\n").unwrap();
+        let mut raw = base(dir.path());
+        raw.config = Some(cfg.clone());
+        raw.heartbeat_ms = Some(30);
+        let c = raw.merge_file().unwrap().validate().unwrap();
+        assert_eq!(c.id, 1, "flag wins");
+        assert_eq!(c.heartbeat, Duration::from_millis(30));
+        assert_eq!(c.election_timeout, Duration::from_millis(100), "file fills the gap");
+
+        std::fs::write(&cfg, "idd = 7\n").unwrap();
+        let mut raw = base(dir.path());
+        raw.config = Some(cfg);
+        assert!(raw.merge_file().unwrap_err().to_string().contains("idd"));
+    }
+}

@@ -1,0 +1,308 @@
+//! The `Control` gRPC service: what `fleetctl` calls.
+//!
+//! Writes are proposed on the leader; a follower answers `UNAVAILABLE` with
+//! the leader's address in the `fleet-leader` metadata key, and the client
+//! follows it. Reads of lock state are linearizable (the leader confirms it
+//! still leads before answering).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleet_core::auth::Access;
+use fleet_core::{Command, LockView, Request as Cmd, Response as Outcome};
+use fleet_proto::control_server::Control;
+use fleet_proto::*;
+use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use tonic::{Request, Response, Status};
+
+use crate::raft_types::{NodeId, Raft};
+use crate::store::sm::StateReader;
+use crate::tls::authorize;
+
+/// Metadata key carrying the leader's address on a redirect.
+pub const LEADER_METADATA: &str = "fleet-leader";
+/// The longest a lock acquire may wait on the server.
+const MAX_LOCK_WAIT: Duration = Duration::from_secs(3600);
+
+pub struct ControlService {
+    raft: Raft,
+    state: StateReader,
+    cluster_id: String,
+}
+
+impl ControlService {
+    pub fn new(raft: Raft, state: StateReader, cluster_id: String) -> Self {
+        ControlService { raft, state, cluster_id }
+    }
+
+    async fn propose(&self, request_id: Option<String>, command: Command) -> Result<(Outcome, u64), Status> {
+        let req = Cmd { request_id, at_ms: now_ms(), command };
+        match self.raft.client_write(req).await {
+            Ok(r) => Ok((r.data, r.log_id.index)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(redirect(&f)),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("this coordinator stopped serving: {e}; use another address"))),
+        }
+    }
+
+    /// Wait until `destination` is free (or held by `holder`), or `deadline`.
+    /// Returns false at the deadline.
+    async fn wait_free(&self, destination: &str, holder: &str, deadline: tokio::time::Instant) -> bool {
+        let mut applied = self.state.applied_index();
+        loop {
+            applied.borrow_and_update();
+            let free = self.state.read(|a| a.state.lock(destination).is_none_or(|l| l.holder == holder));
+            if free {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, applied.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) | Err(_) => return false,
+            }
+        }
+    }
+
+    fn members(&self, leader_view: bool) -> Vec<Member> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let last = m.last_log_index.unwrap_or(0);
+        membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = if *id == m.id {
+                    Some(last)
+                } else {
+                    m.replication.as_ref().and_then(|r| r.get(id)).map(|l| l.map(|l| l.index).unwrap_or(0))
+                };
+                let role = if m.current_leader == Some(*id) {
+                    "leader"
+                } else if !voters.contains(id) {
+                    "learner"
+                } else if leader_view || *id == m.id {
+                    "follower"
+                } else {
+                    "unknown"
+                };
+                Member {
+                    id: *id,
+                    addr: node.addr.clone(),
+                    kind: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                    role: role.into(),
+                    matched_index: matched.unwrap_or(0),
+                    lag: matched.map(|x| last.saturating_sub(x)).unwrap_or(u64::MAX),
+                }
+            })
+            .collect()
+    }
+
+    async fn change_membership(&self, change: ChangeMembers<NodeId, BasicNode>) -> Result<Response<MembershipReply>, Status> {
+        match self.raft.change_membership(change, false).await {
+            Ok(r) => Ok(Response::new(MembershipReply { members: self.members(true), applied_index: r.log_id.index })),
+            Err(e) => Err(write_error(e)),
+        }
+    }
+
+    fn leader_redirect_if_follower(&self) -> Result<(), Status> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader {
+            return Ok(());
+        }
+        let leader_node = m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+        Err(redirect(&ForwardToLeader { leader_id: m.current_leader, leader_node }))
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn redirect(f: &ForwardToLeader<NodeId, BasicNode>) -> Status {
+    match &f.leader_node {
+        Some(node) => {
+            let mut s = Status::unavailable(format!(
+                "not the leader; the leader is coordinator {} at {}",
+                f.leader_id.map(|i| i.to_string()).unwrap_or_default(),
+                node.addr
+            ));
+            if let Ok(v) = node.addr.parse() {
+                s.metadata_mut().insert(LEADER_METADATA, v);
+            }
+            s
+        }
+        None => Status::unavailable("no leader is elected right now; retry in a moment (an election takes about a second)"),
+    }
+}
+
+fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => redirect(&f),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            Status::failed_precondition(format!("{e}; check `fleetctl cluster status` and try again"))
+        }
+        RaftError::Fatal(e) => Status::unavailable(format!("this coordinator stopped serving: {e}; use another address")),
+    }
+}
+
+fn lock_pb(l: &LockView) -> Lock {
+    Lock {
+        destination: l.destination.clone(),
+        holder: l.holder.clone(),
+        reason: l.reason.clone(),
+        since_ms: l.since_ms,
+        fencing_token: l.fencing_token,
+    }
+}
+
+fn lock_reply(outcome: Outcome, applied_index: u64) -> Result<Response<LockReply>, Status> {
+    let (o, lock) = match outcome {
+        Outcome::Granted { lock } => (LockOutcome::Granted, Some(lock_pb(&lock))),
+        Outcome::Held { lock } => (LockOutcome::Held, Some(lock_pb(&lock))),
+        Outcome::Released { .. } => (LockOutcome::Released, None),
+        Outcome::NotHeld { .. } => (LockOutcome::NotHeld, None),
+        Outcome::NotOwner { lock } => (LockOutcome::NotOwner, Some(lock_pb(&lock))),
+        Outcome::Invalid { reason } => return Err(Status::invalid_argument(reason)),
+        Outcome::Noop => return Err(Status::internal("a lock command was answered as a no-op")),
+    };
+    Ok(Response::new(LockReply { outcome: o as i32, lock, applied_index }))
+}
+
+/// Request ids are scoped by the caller, so one client can never be
+/// answered with another client's recorded response.
+fn scoped_id(holder: &str, id: &str) -> Option<String> {
+    (!id.is_empty()).then(|| format!("{holder}/{id}"))
+}
+
+fn validate(destination: &str) -> Result<(), Status> {
+    fleet_core::names::validate_name("destination", destination).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn acquire_lock(&self, req: Request<AcquireLockRequest>) -> Result<Response<LockReply>, Status> {
+        let (holder, _) = authorize(&req, Access::Write, "lock acquire")?;
+        let r = req.into_inner();
+        validate(&r.destination)?;
+        fleet_core::names::validate_text("reason", &r.reason, fleet_core::names::MAX_REASON_LEN)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let wait = Duration::from_millis(r.wait_ms).min(MAX_LOCK_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        // Each attempt has its own id: a retried RPC replays the attempts
+        // already applied (same answers) and only then proposes new ones.
+        let mut attempt = 0u32;
+        loop {
+            let id = scoped_id(&holder, &r.request_id).map(|id| format!("{id}#{attempt}"));
+            let command = Command::AcquireLock { destination: r.destination.clone(), holder: holder.clone(), reason: r.reason.clone() };
+            let (outcome, index) = self.propose(id, command).await?;
+            let held = matches!(outcome, Outcome::Held { .. });
+            if !held || wait.is_zero() || !self.wait_free(&r.destination, &holder, deadline).await {
+                return lock_reply(outcome, index);
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn release_lock(&self, req: Request<ReleaseLockRequest>) -> Result<Response<LockReply>, Status> {
+        let (holder, _) = authorize(&req, Access::Write, "lock release")?;
+        let r = req.into_inner();
+        validate(&r.destination)?;
+        let command = Command::ReleaseLock { destination: r.destination.clone(), holder: holder.clone() };
+        let (outcome, index) = self.propose(scoped_id(&holder, &r.request_id), command).await?;
+        lock_reply(outcome, index)
+    }
+
+    async fn lock_status(&self, req: Request<LockStatusRequest>) -> Result<Response<LockStatusReply>, Status> {
+        authorize(&req, Access::Read, "lock status")?;
+        let r = req.into_inner();
+        if !r.destination.is_empty() {
+            validate(&r.destination)?;
+        }
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => {}
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => return Err(redirect(&f)),
+            Err(e) => return Err(Status::unavailable(format!("{e}; retry in a moment"))),
+        }
+        let (locks, applied_index) = self.state.read(|a| {
+            let locks = if r.destination.is_empty() {
+                a.state.locks().map(lock_pb).collect()
+            } else {
+                a.state.lock(&r.destination).map(lock_pb).into_iter().collect()
+            };
+            (locks, a.last_applied.map(|l| l.index).unwrap_or(0))
+        });
+        Ok(Response::new(LockStatusReply { locks, applied_index }))
+    }
+
+    async fn cluster_status(&self, req: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusReply>, Status> {
+        authorize(&req, Access::Read, "cluster status")?;
+        let local = req.into_inner().local;
+        if !local {
+            self.leader_redirect_if_follower()?;
+        }
+        let m = self.raft.metrics().borrow().clone();
+        let members = self.members(m.state == ServerState::Leader);
+        // The commit index is the highest index a majority of voters hold.
+        let voters: Vec<&Member> = members.iter().filter(|x| x.kind == "voter").collect();
+        let commit_index = if m.state == ServerState::Leader && !voters.is_empty() {
+            let mut matched: Vec<u64> = voters.iter().map(|x| x.matched_index).collect();
+            matched.sort_unstable_by(|a, b| b.cmp(a));
+            matched[voters.len() / 2]
+        } else {
+            m.last_applied.map(|l| l.index).unwrap_or(0)
+        };
+        let leader_addr = m
+            .current_leader
+            .and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()))
+            .unwrap_or_default();
+        Ok(Response::new(ClusterStatusReply {
+            cluster_id: self.cluster_id.clone(),
+            leader_id: m.current_leader.unwrap_or(0),
+            leader_addr,
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index,
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            members,
+            answered_by: m.id,
+            locks: self.state.read(|a| a.state.locks().count() as u64),
+        }))
+    }
+
+    async fn add_learner(&self, req: Request<AddLearnerRequest>) -> Result<Response<MembershipReply>, Status> {
+        authorize(&req, Access::Write, "cluster add-learner")?;
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(Status::invalid_argument("coordinator ids start at 1"));
+        }
+        r.addr
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| Status::invalid_argument(format!("address `{}` is not HOST:PORT with an IP host: {e}", r.addr)))?;
+        // Blocking: answer once the learner has caught up (through a
+        // snapshot when the log it needs was purged).
+        match self.raft.add_learner(r.id, BasicNode::new(r.addr), true).await {
+            Ok(resp) => Ok(Response::new(MembershipReply { members: self.members(true), applied_index: resp.log_id.index })),
+            Err(e) => Err(write_error(e)),
+        }
+    }
+
+    async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<MembershipReply>, Status> {
+        authorize(&req, Access::Write, "cluster promote")?;
+        let id = req.into_inner().id;
+        self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+    }
+
+    async fn remove_member(&self, req: Request<RemoveMemberRequest>) -> Result<Response<MembershipReply>, Status> {
+        authorize(&req, Access::Write, "cluster remove")?;
+        let id = req.into_inner().id;
+        let is_voter = self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
+        let change = if is_voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        self.change_membership(change).await
+    }
+}

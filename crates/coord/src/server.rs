@@ -1,0 +1,105 @@
+//! Wiring: storage → Raft → gRPC services on one mTLS listener.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use fleet_core::auth::Role;
+use fleet_proto::control_server::ControlServer;
+use fleet_proto::raft_server::RaftServer;
+use openraft::{BasicNode, SnapshotPolicy};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Config;
+use crate::control::ControlService;
+use crate::network::{Network, MAX_MESSAGE_BYTES};
+use crate::raft_service::RaftService;
+use crate::raft_types::Raft;
+use crate::store::{self, log::LogStore, sm::StateMachine};
+use crate::tls::TlsMaterial;
+
+/// Snapshot chunk size: well under the gRPC message limit.
+const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let tls = TlsMaterial::load(&config.ca, &config.cert, &config.key, Some(Role::Coordinator))?;
+    let cluster_id = tls.cluster_id();
+    let db = store::open(&config.data_dir, &cluster_id, config.id)?;
+    let log_store = LogStore::new(db.clone());
+    let (state_machine, reader) = StateMachine::open(db).context("loading the state machine from the data dir")?;
+
+    let election_ms = config.election_timeout.as_millis() as u64;
+    let raft_config = openraft::Config {
+        cluster_name: format!("fleet-{cluster_id}"),
+        heartbeat_interval: config.heartbeat.as_millis() as u64,
+        election_timeout_min: election_ms,
+        election_timeout_max: election_ms * 2,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
+        snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+        // Keep some log behind a snapshot so a briefly lagging follower is
+        // caught up by entries, not by a whole snapshot.
+        max_in_snapshot_log_to_keep: config.snapshot_logs.min(1000),
+        max_payload_entries: 512,
+        install_snapshot_timeout: 2_000,
+        ..Default::default()
+    };
+    let raft_config = Arc::new(raft_config.validate().context("invalid Raft timing settings")?);
+    let raft = Raft::new(config.id, raft_config, Network::new(tls.clone()), log_store, state_machine)
+        .await
+        .context("starting Raft")?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}; pick another --listen address", config.listen))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| bound.to_string());
+
+    if config.bootstrap {
+        bootstrap(&raft, config.id, &advertise).await?;
+    }
+
+    let control = ControlService::new(raft.clone(), reader, cluster_id.clone());
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls.server_config())
+        .context("TLS settings")?
+        .tcp_nodelay(true)
+        .add_service(
+            RaftServer::new(RaftService::new(raft.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(ControlServer::new(control))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+
+    if let Some(path) = &config.addr_file {
+        write_atomically(path, &bound.to_string())?;
+    }
+    tracing::info!(id = config.id, %bound, %advertise, cluster = %cluster_id, "coordinator listening");
+    println!("fleet-coord {} listening on {bound} (cluster {cluster_id})", config.id);
+
+    let served = server.await;
+    // Stop Raft whether serving ended cleanly or not.
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    served.context("serving gRPC")?;
+    Ok(())
+}
+
+async fn bootstrap(raft: &Raft, id: u64, advertise: &str) -> anyhow::Result<()> {
+    if raft.is_initialized().await.context("reading Raft state")? {
+        tracing::info!("already part of a cluster; --bootstrap has nothing to do");
+        return Ok(());
+    }
+    let members = BTreeMap::from([(id, BasicNode::new(advertise))]);
+    raft.initialize(members).await.context("bootstrapping a single-voter cluster")?;
+    tracing::info!(id, "bootstrapped a new cluster with this coordinator as its only voter");
+    Ok(())
+}
+
+fn write_atomically(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

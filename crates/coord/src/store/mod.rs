@@ -1,0 +1,136 @@
+//! Durable storage: one RocksDB database per coordinator holding the Raft
+//! log, the vote and the state machine, in separate column families.
+//!
+//! Durability rules (see ARCHITECTURE.md):
+//! * a log append is acknowledged to openraft only after the WAL is fsynced
+//!   (group commit: one fsync covers every append queued meanwhile);
+//! * a vote is written with a synced write before it is acknowledged;
+//! * applying entries and recording `last_applied` is one atomic write batch;
+//! * installing a snapshot replaces the whole state machine in one batch.
+
+pub mod log;
+pub mod sm;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const CF_LOG: &str = "log";
+pub const CF_META: &str = "meta";
+pub const CF_SM: &str = "sm";
+pub const CF_SM_META: &str = "sm_meta";
+
+const IDENTITY_KEY: &[u8] = b"identity";
+
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error("cannot create data dir {path}: {source}; check that the parent exists and is writable")]
+    Create { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path} is not empty and is not a Fleet data dir (no RocksDB `CURRENT` file); point --data-dir at an empty or existing Fleet data dir"
+    )]
+    Foreign { path: PathBuf },
+    #[error(
+        "cannot open the data dir {path}: {source}. If it is damaged, move it aside and rejoin this coordinator as a new member (`fleetctl cluster remove ID`, then `cluster add-learner`)"
+    )]
+    Rocks { path: PathBuf, source: rocksdb::Error },
+    #[error(
+        "data dir {path} belongs to cluster {found_cluster} as coordinator {found_node}, but this coordinator is {node} of cluster {cluster} (from the CA certificate); use the right --data-dir, --id and CA, or an empty data dir"
+    )]
+    Mismatch { path: PathBuf, found_cluster: String, found_node: u64, cluster: String, node: u64 },
+    #[error("data dir {path} has an unreadable identity record: {reason}; it is damaged, move it aside and rejoin this coordinator")]
+    BadIdentity { path: PathBuf, reason: String },
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Identity {
+    cluster_id: String,
+    node_id: u64,
+}
+
+/// Open (or create) the data dir of coordinator `node_id` in `cluster_id`.
+/// A directory that belongs to another cluster or coordinator is refused
+/// before anything in it is changed.
+pub fn open(path: &Path, cluster_id: &str, node_id: u64) -> Result<Arc<DB>, OpenError> {
+    let exists = path.join("CURRENT").exists();
+    if !exists {
+        match std::fs::read_dir(path) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(OpenError::Foreign { path: path.to_path_buf() });
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(path).map_err(|source| OpenError::Create { path: path.to_path_buf(), source })?;
+            }
+            Err(source) => return Err(OpenError::Create { path: path.to_path_buf(), source }),
+        }
+    }
+
+    let mut opts = Options::default();
+    opts.create_if_missing(!exists);
+    opts.create_missing_column_families(!exists);
+    // Refuse to silently "repair" a damaged directory.
+    opts.set_paranoid_checks(true);
+    opts.set_max_background_jobs(2);
+    let cfs = [CF_LOG, CF_META, CF_SM, CF_SM_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| OpenError::Rocks { path: path.to_path_buf(), source })?;
+
+    let meta = db.cf_handle(CF_META).expect("column family created above");
+    let want = Identity { cluster_id: cluster_id.to_string(), node_id };
+    match db.get_cf(&meta, IDENTITY_KEY).map_err(|source| OpenError::Rocks { path: path.to_path_buf(), source })? {
+        Some(raw) => {
+            let found: Identity = serde_json::from_slice(&raw)
+                .map_err(|e| OpenError::BadIdentity { path: path.to_path_buf(), reason: e.to_string() })?;
+            if found != want {
+                return Err(OpenError::Mismatch {
+                    path: path.to_path_buf(),
+                    found_cluster: found.cluster_id,
+                    found_node: found.node_id,
+                    cluster: want.cluster_id,
+                    node: node_id,
+                });
+            }
+        }
+        None if exists => {
+            return Err(OpenError::BadIdentity { path: path.to_path_buf(), reason: "identity record missing".into() });
+        }
+        None => {
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            let raw = serde_json::to_vec(&want).expect("plain struct serializes");
+            db.put_cf_opt(&meta, IDENTITY_KEY, raw, &wo).map_err(|source| OpenError::Rocks { path: path.to_path_buf(), source })?;
+        }
+    }
+    Ok(Arc::new(db))
+}
+
+/// Map any displayable error into openraft's storage error for `subject`.
+pub(crate) fn io_err(e: impl std::fmt::Display) -> openraft::AnyError {
+    openraft::AnyError::error(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_other_cluster_and_other_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data");
+        drop(open(&p, "aaaa", 1).unwrap());
+        assert!(matches!(open(&p, "bbbb", 1), Err(OpenError::Mismatch { .. })));
+        assert!(matches!(open(&p, "aaaa", 2), Err(OpenError::Mismatch { .. })));
+        drop(open(&p, "aaaa", 1).unwrap());
+    }
+
+    #[test]
+    fn refuses_foreign_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "hello").unwrap();
+        assert!(matches!(open(dir.path(), "aaaa", 1), Err(OpenError::Foreign { .. })));
+    }
+}

@@ -1,0 +1,298 @@
+//! The state machine: `fleet_core::State` in memory, persisted to RocksDB.
+//!
+//! Each `apply` call writes the keys the core changed, `last_applied` and
+//! the last membership in ONE write batch, so the persisted state always
+//! matches a prefix of the log. It is not fsynced by itself: the next log
+//! append's fsync covers it (one WAL for the whole database), and a crash
+//! before that only means re-applying from the persisted `last_applied`.
+//! Building a snapshot fsyncs first, because the log behind a snapshot is
+//! purged.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+
+use fleet_core::{Response, State};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
+use rocksdb::{WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{io_err, CF_META, CF_SM, CF_SM_META};
+use crate::raft_types::{LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+
+const APPLIED_KEY: &[u8] = b"applied";
+const SNAPSHOT_KEY: &[u8] = b"snapshot";
+
+/// What is applied, shared by the state machine (writer), the snapshot
+/// builder and the gRPC services (readers).
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub state: State,
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AppliedMeta {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+/// Read access to the applied state for the services.
+#[derive(Clone)]
+pub struct StateReader {
+    applied: Arc<RwLock<Applied>>,
+    index: watch::Receiver<u64>,
+}
+
+impl StateReader {
+    /// Run `f` over the applied state.
+    pub fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
+        let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
+        f(&guard)
+    }
+
+    /// A receiver that changes whenever an entry is applied.
+    pub fn applied_index(&self) -> watch::Receiver<u64> {
+        self.index.clone()
+    }
+}
+
+pub struct StateMachine {
+    db: Arc<DB>,
+    applied: Arc<RwLock<Applied>>,
+    index_tx: Arc<watch::Sender<u64>>,
+    snapshot_seq: u64,
+}
+
+fn sm_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_state_machine(io_err(e)).into()
+}
+
+fn read_sm_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::read_state_machine(io_err(e)).into()
+}
+
+fn snap_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_snapshot(None, io_err(e)).into()
+}
+
+fn sync_opts() -> WriteOptions {
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    wo
+}
+
+impl StateMachine {
+    /// Load the persisted state machine (the data dir alone is enough).
+    pub fn open(db: Arc<DB>) -> Result<(Self, StateReader), StorageError> {
+        let sm_cf = db.cf_handle(CF_SM).expect("column family exists once the store is open");
+        let meta_cf = db.cf_handle(CF_SM_META).expect("column family exists once the store is open");
+        let mut pairs = Vec::new();
+        for item in db.iterator_cf(sm_cf, rocksdb::IteratorMode::Start) {
+            let (k, v) = item.map_err(read_sm_err)?;
+            let key = String::from_utf8(k.to_vec()).map_err(read_sm_err)?;
+            pairs.push((key, v));
+        }
+        let state = State::load(pairs).map_err(read_sm_err)?;
+        let meta: Option<AppliedMeta> = match db.get_cf(meta_cf, APPLIED_KEY).map_err(read_sm_err)? {
+            None => None,
+            Some(raw) => Some(serde_json::from_slice(&raw).map_err(read_sm_err)?),
+        };
+        let (last_applied, membership) = meta.map(|m| (m.last_applied, m.membership)).unwrap_or_default();
+        let index = last_applied.map(|l| l.index).unwrap_or(0);
+        let applied = Arc::new(RwLock::new(Applied { state, last_applied, membership }));
+        let (tx, rx) = watch::channel(index);
+        let reader = StateReader { applied: applied.clone(), index: rx };
+        Ok((StateMachine { db, applied, index_tx: Arc::new(tx), snapshot_seq: 0 }, reader))
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family exists once the store is open")
+    }
+
+    fn stored_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+        let Some(raw) = self.db.get_cf(self.cf(CF_META), SNAPSHOT_KEY).map_err(read_sm_err)? else {
+            return Ok(None);
+        };
+        let (meta, data) = split_frame(&raw).map_err(read_sm_err)?;
+        let meta: SnapshotMeta = serde_json::from_slice(meta).map_err(read_sm_err)?;
+        Ok(Some((meta, data.to_vec())))
+    }
+
+}
+
+/// Stage the snapshot (meta + data) in `batch`, so it can be served to a
+/// lagging member after a restart.
+fn put_snapshot(db: &DB, meta: &SnapshotMeta, data: &[u8], batch: &mut WriteBatch) {
+    let cf = db.cf_handle(CF_META).expect("column family exists once the store is open");
+    let meta_raw = serde_json::to_vec(meta).expect("snapshot meta serializes");
+    let mut framed = Vec::with_capacity(meta_raw.len() + data.len() + 4);
+    push_frame(&mut framed, &meta_raw);
+    framed.extend_from_slice(data);
+    batch.put_cf(cf, SNAPSHOT_KEY, framed);
+}
+
+// Snapshot data: a framed JSON header (last_applied + membership), then the
+// state's key/value pairs, each framed. Framing: u32 big-endian length + bytes.
+
+fn push_frame(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn split_frame(buf: &[u8]) -> Result<(&[u8], &[u8]), &'static str> {
+    if buf.len() < 4 {
+        return Err("truncated snapshot frame");
+    }
+    let len = u32::from_be_bytes(buf[..4].try_into().expect("checked length")) as usize;
+    let rest = &buf[4..];
+    if rest.len() < len {
+        return Err("truncated snapshot frame");
+    }
+    Ok((&rest[..len], &rest[len..]))
+}
+
+fn encode_snapshot(applied: &Applied) -> Vec<u8> {
+    let meta = AppliedMeta { last_applied: applied.last_applied, membership: applied.membership.clone() };
+    let mut out = Vec::new();
+    push_frame(&mut out, &serde_json::to_vec(&meta).expect("applied meta serializes"));
+    for (k, v) in applied.state.dump() {
+        push_frame(&mut out, k.as_bytes());
+        push_frame(&mut out, &v);
+    }
+    out
+}
+
+fn decode_snapshot(buf: &[u8]) -> Result<(AppliedMeta, Vec<(String, Vec<u8>)>), String> {
+    let (meta, mut rest) = split_frame(buf)?;
+    let meta: AppliedMeta = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
+    let mut pairs = Vec::new();
+    while !rest.is_empty() {
+        let (k, r) = split_frame(rest)?;
+        let (v, r) = split_frame(r)?;
+        pairs.push((String::from_utf8(k.to_vec()).map_err(|e| e.to_string())?, v.to_vec()));
+        rest = r;
+    }
+    Ok((meta, pairs))
+}
+
+pub struct SnapshotBuilder {
+    db: Arc<DB>,
+    applied: Arc<RwLock<Applied>>,
+    seq: u64,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (data, last_applied, membership) = {
+            let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
+            (encode_snapshot(&guard), guard.last_applied, guard.membership.clone())
+        };
+        // The log up to `last_applied` may be purged once this returns, so
+        // the applied state it replaces must be on disk first.
+        self.db.flush_wal(true).map_err(snap_err)?;
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
+            None => format!("0-0-{}", self.seq),
+        };
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        let mut batch = WriteBatch::default();
+        put_snapshot(&self.db, &meta, &data, &mut batch);
+        self.db.write_opt(batch, &sync_opts()).map_err(snap_err)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
+        Ok((guard.last_applied, guard.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let mut batch = WriteBatch::default();
+        let sm_cf = self.cf(CF_SM);
+        let mut guard = self.applied.write().unwrap_or_else(|p| p.into_inner());
+        let mut last = None;
+        for entry in entries {
+            last = Some(entry.log_id);
+            guard.last_applied = Some(entry.log_id);
+            let response = match entry.payload {
+                EntryPayload::Blank => Response::Noop,
+                EntryPayload::Membership(m) => {
+                    guard.membership = StoredMembership::new(Some(entry.log_id), m);
+                    Response::Noop
+                }
+                EntryPayload::Normal(req) => {
+                    let (response, changes) = guard.state.apply(entry.log_id.index, &req);
+                    for c in changes {
+                        match c.value {
+                            Some(v) => batch.put_cf(sm_cf, c.key.as_bytes(), v),
+                            None => batch.delete_cf(sm_cf, c.key.as_bytes()),
+                        }
+                    }
+                    response
+                }
+            };
+            responses.push(response);
+        }
+        let Some(last) = last else { return Ok(responses) };
+        let meta = AppliedMeta { last_applied: guard.last_applied, membership: guard.membership.clone() };
+        batch.put_cf(self.cf(CF_SM_META), APPLIED_KEY, serde_json::to_vec(&meta).expect("applied meta serializes"));
+        self.db.write(batch).map_err(sm_err)?;
+        drop(guard);
+        self.index_tx.send_replace(last.index);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshot_seq += 1;
+        SnapshotBuilder { db: self.db.clone(), applied: self.applied.clone(), seq: self.snapshot_seq }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let (applied_meta, pairs) = decode_snapshot(&data).map_err(snap_err)?;
+        let state = State::load(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).map_err(snap_err)?;
+
+        // Replace the whole state machine, its applied marker and the stored
+        // snapshot in one synced batch: a crash leaves either the old state
+        // or the new one, never a mix.
+        let mut batch = WriteBatch::default();
+        let sm_cf = self.cf(CF_SM);
+        batch.delete_range_cf(sm_cf, b"".as_slice(), [0xffu8; 1].as_slice());
+        for (k, v) in &pairs {
+            batch.put_cf(sm_cf, k.as_bytes(), v);
+        }
+        let new_meta = AppliedMeta { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        batch.put_cf(self.cf(CF_SM_META), APPLIED_KEY, serde_json::to_vec(&new_meta).expect("applied meta serializes"));
+        put_snapshot(&self.db, meta, &data, &mut batch);
+        self.db.write_opt(batch, &sync_opts()).map_err(snap_err)?;
+        debug_assert_eq!(applied_meta.last_applied, meta.last_log_id);
+
+        let mut guard = self.applied.write().unwrap_or_else(|p| p.into_inner());
+        guard.state = state;
+        guard.last_applied = meta.last_log_id;
+        guard.membership = meta.last_membership.clone();
+        drop(guard);
+        self.index_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self.stored_snapshot()?.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}

@@ -1,0 +1,61 @@
+//! Commands proposed through Raft and the answers the state machine gives.
+
+use serde::{Deserialize, Serialize};
+
+/// One Raft log entry's payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Client-chosen id. A request whose id was already applied is answered
+    /// with the recorded response and changes nothing (a client retrying
+    /// across a leader change must not apply an operation twice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Unix milliseconds, stamped by the leader when it proposed the entry.
+    /// Every replica applies the same value, so `apply` stays deterministic.
+    pub at_ms: i64,
+    pub command: Command,
+}
+
+/// Who asks: the subject common name of the caller's certificate.
+pub type Holder = String;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Take the manual lock of a destination.
+    AcquireLock { destination: String, holder: Holder, reason: String },
+    /// Give it back. Only its holder may.
+    ReleaseLock { destination: String, holder: Holder },
+}
+
+/// A granted lock as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockView {
+    pub destination: String,
+    pub holder: Holder,
+    pub reason: String,
+    pub since_ms: i64,
+    /// Raft log index of the entry that granted the lock. It only grows
+    /// from one grant of a destination to the next, so a target that
+    /// remembers the highest token it has seen can refuse a stale writer.
+    pub fencing_token: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Response {
+    /// Acquire succeeded (or the caller already held it: same token).
+    Granted { lock: LockView },
+    /// Acquire refused: someone else holds it.
+    Held { lock: LockView },
+    /// Release succeeded.
+    Released { destination: String },
+    /// Release of a lock that nobody holds.
+    NotHeld { destination: String },
+    /// Release refused: someone else holds it.
+    NotOwner { lock: LockView },
+    /// The command was malformed; nothing changed.
+    Invalid { reason: String },
+    /// A non-command entry (blank or membership change) was applied.
+    Noop,
+}

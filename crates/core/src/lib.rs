@@ -1,0 +1,19 @@
+//! Fleet's pure domain.
+//!
+//! Everything here is plain data and plain functions: no I/O, no async
+//! runtime, no clocks (time arrives as a field of the command that the Raft
+//! leader stamped before proposing it, so every replica applies the same
+//! value). The coordinator carries out what these functions decide.
+//!
+//! * [`command`]: what clients ask the replicated state machine to do, and
+//!   what it answers.
+//! * [`state`]: the replicated state machine itself and its `apply` function.
+//! * [`names`]: validation of user-supplied names and texts.
+
+pub mod auth;
+pub mod command;
+pub mod names;
+pub mod state;
+
+pub use command::{Command, LockView, Request, Response};
+pub use state::{Change, State};

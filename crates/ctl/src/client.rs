@@ -1,0 +1,186 @@
+//! A `Control` client that knows several coordinator addresses, follows
+//! leader redirects, and retries across addresses when one dies.
+//!
+//! Retrying a write is safe because every write carries a request id that
+//! the state machine deduplicates: a request applied before the leader died
+//! is answered from the record, not applied again.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use fleet_proto::control_client::ControlClient;
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
+
+/// Metadata key with the leader's address on a redirect (see fleet-coord).
+const LEADER_METADATA: &str = "fleet-leader";
+
+/// Where and as whom to connect. Serialized as a context file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Context {
+    pub addrs: Vec<String>,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Context {
+    pub fn load(path: &Path) -> anyhow::Result<Context> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read context file {}; run `fleetctl dev up` or pass --addr/--ca/--cert/--key", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("context file {} is not valid JSON of {{addrs, ca, cert, key}}", path.display()))
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("context serializes");
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+
+pub struct Client {
+    addrs: Vec<String>,
+    tls: (Vec<u8>, Vec<u8>, Vec<u8>),
+    channels: std::collections::HashMap<String, Channel>,
+    /// Index into `addrs` of the coordinator that answered last.
+    current: usize,
+    /// How long to keep retrying when no coordinator answers.
+    pub retry_for: Duration,
+    /// Per-call timeout.
+    pub call_timeout: Duration,
+}
+
+impl Client {
+    pub fn new(ctx: &Context) -> anyhow::Result<Client> {
+        if ctx.addrs.is_empty() {
+            bail!("no coordinator address; pass --addr HOST:PORT[,HOST:PORT...] or set FLEET_ADDR");
+        }
+        let read = |what: &str, p: &Path| {
+            std::fs::read(p).with_context(|| format!("cannot read {what} {}; set FLEET_CA/FLEET_CERT/FLEET_KEY or use a context file", p.display()))
+        };
+        Ok(Client {
+            addrs: ctx.addrs.clone(),
+            tls: (read("CA certificate", &ctx.ca)?, read("certificate", &ctx.cert)?, read("key", &ctx.key)?),
+            channels: Default::default(),
+            current: 0,
+            retry_for: Duration::from_secs(20),
+            call_timeout: Duration::from_secs(30),
+        })
+    }
+
+    fn channel(&mut self, addr: &str) -> anyhow::Result<Channel> {
+        if let Some(c) = self.channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(['[', ']']);
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.tls.0))
+            .identity(Identity::from_pem(&self.tls.1, &self.tls.2))
+            .domain_name(host.to_string());
+        let ch = Endpoint::from_shared(format!("https://{addr}"))
+            .with_context(|| format!("`{addr}` is not HOST:PORT"))?
+            .tls_config(tls)
+            .context("TLS settings")?
+            .connect_timeout(Duration::from_millis(800))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        self.channels.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// Run `op` against the cluster: follow redirects to the leader, move
+    /// on to the next address when one does not answer, until `retry_for`.
+    pub async fn call<T, F, Fut>(&mut self, mut op: F) -> anyhow::Result<T>
+    where
+        F: FnMut(ControlClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.retry_for;
+        let mut addr = self.addrs[self.current].clone();
+        let mut backoff = Duration::from_millis(20);
+        let mut last_error = String::new();
+        loop {
+            let client = ControlClient::new(self.channel(&addr)?);
+            let status = match op(client, self.call_timeout).await {
+                Ok(v) => {
+                    if let Some(i) = self.addrs.iter().position(|a| *a == addr) {
+                        self.current = i;
+                    }
+                    return Ok(v);
+                }
+                Err(s) => s,
+            };
+            if let Some(leader) = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()) {
+                if leader != addr {
+                    addr = leader.to_string();
+                    if !self.addrs.contains(&addr) {
+                        self.addrs.push(addr.clone());
+                    }
+                    continue;
+                }
+            }
+            let detail = error_chain(&status);
+            if !retryable(&status, &detail) {
+                return Err(anyhow::Error::msg(describe(&status, &detail, &addr)));
+            }
+            last_error = format!("{addr}: {}", describe(&status, &detail, &addr));
+            if tokio::time::Instant::now() + backoff > deadline {
+                bail!(
+                    "no coordinator answered within {:?} (tried {}); last error: {last_error}. Check that the coordinators run and the addresses are right (`fleetctl cluster status`)",
+                    self.retry_for,
+                    self.addrs.join(", ")
+                );
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(400));
+            self.current = (self.current + 1) % self.addrs.len();
+            addr = self.addrs[self.current].clone();
+        }
+    }
+}
+
+fn error_chain(status: &Status) -> String {
+    let mut out = status.message().to_string();
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    while let Some(e) = src {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        src = e.source();
+    }
+    out
+}
+
+/// Worth another try elsewhere: the coordinator is gone, not elected yet,
+/// or the call timed out (writes are deduplicated, so repeating is safe).
+fn retryable(status: &Status, detail: &str) -> bool {
+    if is_tls_rejection(detail) {
+        return false;
+    }
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted)
+}
+
+fn is_tls_rejection(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    d.contains("certificate") || d.contains("handshake") || d.contains("unknownissuer") || d.contains("bad_certificate")
+}
+
+fn describe(status: &Status, detail: &str, addr: &str) -> String {
+    if is_tls_rejection(detail) {
+        return format!(
+            "TLS with {addr} failed: {detail}. The server and this client must use certificates from the same cluster CA (FLEET_CA, FLEET_CERT, FLEET_KEY)"
+        );
+    }
+    match status.code() {
+        Code::PermissionDenied => format!("permission denied: {}", status.message()),
+        Code::Unauthenticated => format!("not authenticated: {}", status.message()),
+        Code::InvalidArgument => format!("invalid request: {}", status.message()),
+        _ => format!("{:?}: {detail}", status.code()),
+    }
+}
+
+/// A fresh request id for one logical operation (reused on every retry).
+pub fn request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
