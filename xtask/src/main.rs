@@ -18,8 +18,9 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("deps") => ensure_build_deps(),
+        Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|deps>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  deps  install what the build needs (libclang-dev)");
+            eprintln!("usage: cargo xtask <demo|test|deps>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. --duration 10s)");
             return ExitCode::from(2);
         }
     };
@@ -90,11 +91,34 @@ fn ensure_build_deps() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Debian packages a command needs, installed when the command is missing.
+fn ensure_command(command: &str, package: &str) -> anyhow::Result<()> {
+    if Command::new("sh").arg("-c").arg(format!("command -v {command}")).output().map(|o| o.status.success()).unwrap_or(false) {
+        return Ok(());
+    }
+    eprintln!("`{command}` is missing; installing {package}");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get").args(["install", "-y", "-qq", package]).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn bench(extra: &[String]) -> anyhow::Result<()> {
+    ensure_build_deps()?;
+    // The etcd client crate generates its gRPC code with protoc.
+    ensure_command("protoc", "protobuf-compiler")?;
+    run(cargo().args(["build", "--release", "-p", "fleet-coord", "-p", "fleetctl", "-p", "fleet-bench", "--bins"]))?;
+    let script = root().join("../shared/bench/etcd-baseline.sh");
+    run(cargo()
+        .args(["run", "--release", "-q", "-p", "fleet-bench", "--", "--etcd-script"])
+        .arg(&script)
+        .args(extra))
+}
+
 fn test(extra: &[String]) -> anyhow::Result<()> {
     ensure_build_deps()?;
     // The integration tests start the real binaries, so build them first.
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
-    run(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(extra))
+    // fleet-bench is left out: its etcd client needs `protoc` (see `bench`).
+    run(cargo().args(["build", "--workspace", "--exclude", "fleet-bench", "--bins"]))?;
+    run(cargo().args(["test", "--workspace", "--exclude", "fleet-bench", "--no-fail-fast"]).args(extra))
 }
 
 fn demo() -> anyhow::Result<()> {

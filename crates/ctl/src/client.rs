@@ -100,8 +100,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + self.retry_for;
         let mut addr = self.addrs[self.current].clone();
         let mut backoff = Duration::from_millis(20);
-        let mut last_error = String::new();
-        loop {
+                loop {
             let client = ControlClient::new(self.channel(&addr)?);
             let status = match op(client, self.call_timeout).await {
                 Ok(v) => {
@@ -125,10 +124,10 @@ impl Client {
             if !retryable(&status, &detail) {
                 return Err(anyhow::Error::msg(describe(&status, &detail, &addr)));
             }
-            last_error = format!("{addr}: {}", describe(&status, &detail, &addr));
+            let last_error = format!("{addr}: {}", describe(&status, &detail, &addr));
             if tokio::time::Instant::now() + backoff > deadline {
                 bail!(
-                    "no coordinator answered within {:?} (tried {}); last error: {last_error}. Check that the coordinators run and the addresses are right (`fleetctl cluster status`)",
+                    "no coordinator answered within {:?} (tried {}); last error: {last_error}. Check that the coordinators run, that the addresses are right, and that your certificate comes from this cluster's CA (FLEET_CA/FLEET_CERT/FLEET_KEY)",
                     self.retry_for,
                     self.addrs.join(", ")
                 );
@@ -155,19 +154,24 @@ fn error_chain(status: &Status) -> String {
 /// Worth another try elsewhere: the coordinator is gone, not elected yet,
 /// or the call timed out (writes are deduplicated, so repeating is safe).
 fn retryable(status: &Status, detail: &str) -> bool {
-    if is_tls_rejection(detail) {
+    if is_tls_rejection(status, detail) {
         return false;
     }
     matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted)
 }
 
-fn is_tls_rejection(detail: &str) -> bool {
+/// A handshake refused by either side surfaces as a transport error whose
+/// cause mentions the certificate; a server's own answers never do.
+fn is_tls_rejection(status: &Status, detail: &str) -> bool {
+    if !matches!(status.code(), Code::Unavailable | Code::Unknown) {
+        return false;
+    }
     let d = detail.to_ascii_lowercase();
     d.contains("certificate") || d.contains("handshake") || d.contains("unknownissuer") || d.contains("bad_certificate")
 }
 
 fn describe(status: &Status, detail: &str, addr: &str) -> String {
-    if is_tls_rejection(detail) {
+    if is_tls_rejection(status, detail) {
         return format!(
             "TLS with {addr} failed: {detail}. The server and this client must use certificates from the same cluster CA (FLEET_CA, FLEET_CERT, FLEET_KEY)"
         );

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use fleet_core::auth::Role;
 use fleet_proto::*;
@@ -107,7 +107,11 @@ enum ClusterCmd {
         local: bool,
     },
     /// Add a coordinator as a non-voting learner; returns once it caught up.
-    AddLearner { id: u64, addr: String },
+    AddLearner {
+        id: u64,
+        #[arg(value_name = "ADDR")]
+        address: String,
+    },
     /// Make a caught-up learner a voter.
     Promote { id: u64 },
     /// Remove a coordinator (voter or learner) from the cluster.
@@ -284,7 +288,7 @@ async fn lock(cmd: LockCmd, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {
                 async move { cl.acquire_lock(req).await.map(|r| r.into_inner()) }
             })
             .await
-            .map(|r| print_lock_reply(&r, out, !wait.is_zero()))?
+            .map(|r| Ok(print_lock_reply(&r, out, !wait.is_zero())))?
         }
         LockCmd::Release { destination } => {
             fleet_core::names::validate_name("destination", &destination).map_err(usage)?;
@@ -302,7 +306,7 @@ async fn lock(cmd: LockCmd, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {
                 println!("{destination} was not locked; nothing to release");
                 return Ok(exit::OK);
             }
-            print_lock_reply(&r, out, false)
+            Ok(print_lock_reply(&r, out, false))
         }
         LockCmd::Status { destination } => {
             let dest = destination.unwrap_or_default();
@@ -380,7 +384,7 @@ async fn cluster(cmd: ClusterCmd, conn: &ConnArgs, out: Output) -> Result<i32, E
                 .await?;
             print_status(&r, out);
         }
-        ClusterCmd::AddLearner { id, addr } => {
+        ClusterCmd::AddLearner { id, address: addr } => {
             let r = c
                 .call(|mut cl, _| {
                     // Catching up may mean sending a large snapshot.
@@ -585,7 +589,7 @@ async fn dev_up(n: u64, dir: &std::path::Path, out: Output) -> Result<i32, Exit>
         })
         .await?;
     if status.members.iter().filter(|m| m.kind == "voter").count() as u64 != n {
-        bail!("the cluster has {} voters, expected {n}; see the logs in {}", status.members.len(), dir.display());
+        return Err(anyhow::anyhow!("the cluster has {} voters, expected {n}; see the logs in {}", status.members.len(), dir.display()).into());
     }
     print_status(&status, out);
     if out == Output::Text {
