@@ -38,7 +38,9 @@ impl Cluster {
     /// Certificates plus `n` coordinators joined as voters.
     pub async fn start(n: u64, extra_args: &[&str]) -> anyhow::Result<Cluster> {
         install_crypto();
-        let dir = tempfile::Builder::new().prefix("fleet-test-").tempdir()?;
+        // FLEET_KEEP_TEST_DIR=1 keeps logs and data of a failed run for a post-mortem.
+        let keep = std::env::var_os("FLEET_KEEP_TEST_DIR").is_some();
+        let dir = tempfile::Builder::new().prefix("fleet-test-").disable_cleanup(keep).tempdir()?;
         fleetctl::certs::init(&dir.path().join("certs"), false)?;
         let mut cluster = Cluster {
             bin: dev::find_binary("fleet-coord")?,
@@ -52,7 +54,7 @@ impl Cluster {
         for id in 2..=n {
             cluster.spawn(id, false, "127.0.0.1:0")?;
             let addr = cluster.coords[&id].addr.clone();
-            c.call(|mut cl, _| {
+            c.call_with_timeout(Duration::from_secs(120), |mut cl, _| {
                 let req = AddLearnerRequest { id, addr: addr.clone() };
                 async move { cl.add_learner(req).await.map(|r| r.into_inner()) }
             })

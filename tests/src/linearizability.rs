@@ -263,57 +263,20 @@ fn malformed(message: String, known_ops: usize) -> Violation {
 const NIL: usize = usize::MAX;
 const HEAD: usize = 0;
 
-/// Sort-order rank of entries at equal times: calls first (so operations that
-/// touch in time count as concurrent), then returns of known operations, then
-/// the +infinity returns of unknown ones.
-const RANK_CALL: u8 = 0;
-const RANK_RETURN: u8 = 1;
-const RANK_RETURN_UNKNOWN: u8 = 2;
-
-/// Doubly linked list of call/return entries with O(1) removal and LIFO
-/// re-insertion ("dancing links").
-struct EntryList {
+/// Doubly linked list with O(1) removal and LIFO re-insertion ("dancing
+/// links"). Node 0 is the head sentinel; node `k + 1` holds item `k`.
+struct Links {
     next: Vec<usize>,
     prev: Vec<usize>,
-    /// Operation index of each node (node 0 is the head sentinel).
-    op: Vec<usize>,
-    is_call: Vec<bool>,
-    /// Return node of each operation.
-    ret_node: Vec<usize>,
 }
 
-impl EntryList {
-    fn new(ops: &[Op], times: &[(u128, u128)]) -> Self {
-        let n = ops.len();
-        let mut entries: Vec<(u128, u8, usize)> = Vec::with_capacity(2 * n);
-        for (i, (op, &(inv, ret))) in ops.iter().zip(times).enumerate() {
-            entries.push((inv, RANK_CALL, i));
-            if op.known() {
-                entries.push((ret, RANK_RETURN, i));
-            } else {
-                entries.push((u128::MAX, RANK_RETURN_UNKNOWN, i));
-            }
-        }
-        entries.sort_unstable();
-        let len = entries.len() + 1;
-        let mut list = EntryList {
-            next: vec![NIL; len],
-            prev: vec![NIL; len],
-            op: vec![NIL; len],
-            is_call: vec![false; len],
-            ret_node: vec![NIL; n],
-        };
-        for (k, &(_, rank, i)) in entries.iter().enumerate() {
-            let node = k + 1;
-            list.op[node] = i;
-            list.is_call[node] = rank == RANK_CALL;
-            if rank != RANK_CALL {
-                list.ret_node[i] = node;
-            }
-            list.prev[node] = node - 1;
-            list.next[node - 1] = node;
-        }
-        list
+impl Links {
+    fn new(items: usize) -> Self {
+        let len = items + 1;
+        let mut next: Vec<usize> = (1..=len).collect();
+        next[len - 1] = NIL;
+        let prev: Vec<usize> = (0..len).map(|k| k.wrapping_sub(1)).collect();
+        Links { next, prev }
     }
 
     fn unlink(&mut self, node: usize) {
@@ -324,6 +287,7 @@ impl EntryList {
         }
     }
 
+    /// Undoes `unlink(node)`; re-insertions must happen in reverse order.
     fn relink(&mut self, node: usize) {
         let (p, n) = (self.prev[node], self.next[node]);
         self.next[p] = node;
@@ -331,41 +295,169 @@ impl EntryList {
             self.prev[n] = node;
         }
     }
+}
 
-    /// Removes a call node and its operation's return node.
-    fn lift(&mut self, call: usize) {
-        let ret = self.ret_node[self.op[call]];
-        self.unlink(call);
-        self.unlink(ret);
+/// Call and return entries of the operations with a known outcome, sorted by
+/// time; at equal times calls come first, so operations that touch in time
+/// count as concurrent.
+struct KnownEntries {
+    links: Links,
+    /// Operation (history index) of each node.
+    op: Vec<usize>,
+    is_call: Vec<bool>,
+    time: Vec<u128>,
+    /// Call and return node of each operation (indexed by history index).
+    call_node: Vec<usize>,
+    ret_node: Vec<usize>,
+}
+
+impl KnownEntries {
+    fn new(ops: &[Op], times: &[(u128, u128)]) -> Self {
+        let mut entries: Vec<(u128, bool, usize)> = Vec::new();
+        for (i, (op, &(inv, ret))) in ops.iter().zip(times).enumerate() {
+            if op.known() {
+                entries.push((inv, false, i));
+                entries.push((ret, true, i));
+            }
+        }
+        entries.sort_unstable();
+        let len = entries.len() + 1;
+        let mut list = KnownEntries {
+            links: Links::new(entries.len()),
+            op: vec![NIL; len],
+            is_call: vec![false; len],
+            time: vec![0; len],
+            call_node: vec![NIL; ops.len()],
+            ret_node: vec![NIL; ops.len()],
+        };
+        for (k, &(time, is_return, i)) in entries.iter().enumerate() {
+            let node = k + 1;
+            list.op[node] = i;
+            list.is_call[node] = !is_return;
+            list.time[node] = time;
+            if is_return {
+                list.ret_node[i] = node;
+            } else {
+                list.call_node[i] = node;
+            }
+        }
+        list
     }
 
-    /// Undoes the most recent `lift` still in effect for `call`.
-    fn unlift(&mut self, call: usize) {
-        let ret = self.ret_node[self.op[call]];
-        self.relink(ret);
-        self.relink(call);
+    /// Removes an operation's call and return entries.
+    fn lift(&mut self, op: usize) {
+        self.links.unlink(self.call_node[op]);
+        self.links.unlink(self.ret_node[op]);
+    }
+
+    fn unlift(&mut self, op: usize) {
+        self.links.relink(self.ret_node[op]);
+        self.links.relink(self.call_node[op]);
     }
 }
 
-/// Memo of explored (linearized set, state) configurations.
+/// Pending operations with an unknown outcome, sorted by invocation time.
+/// Their return is at +infinity, so they never bound the search; one is a
+/// candidate whenever it was invoked no later than the earliest pending
+/// return of a known operation.
+struct UnknownEntries {
+    links: Links,
+    op: Vec<usize>,
+    invoked: Vec<u128>,
+    node: Vec<usize>,
+}
+
+impl UnknownEntries {
+    fn new(ops: &[Op], times: &[(u128, u128)]) -> Self {
+        let mut entries: Vec<(u128, usize)> = ops
+            .iter()
+            .zip(times)
+            .enumerate()
+            .filter(|(_, (op, _))| !op.known())
+            .map(|(i, (_, &(inv, _)))| (inv, i))
+            .collect();
+        entries.sort_unstable();
+        let mut list = UnknownEntries {
+            links: Links::new(entries.len()),
+            op: vec![NIL; entries.len() + 1],
+            invoked: vec![0; entries.len() + 1],
+            node: vec![NIL; ops.len()],
+        };
+        for (k, &(inv, i)) in entries.iter().enumerate() {
+            list.op[k + 1] = i;
+            list.invoked[k + 1] = inv;
+            list.node[i] = k + 1;
+        }
+        list
+    }
+}
+
+/// Memo of explored configurations: (set of linearized known operations,
+/// model state) -> sets of applied unknown-outcome operations.
+///
+/// Applying an unknown-outcome operation only removes options (it could also
+/// have been dropped), so a configuration is dominated by one with the same
+/// known set and state and a SUBSET of the applied unknown operations.
+/// Every configuration in the memo has been (or is being) explored, so a
+/// dominated one is pruned. Without unknown-outcome operations this is
+/// exactly Lowe's (bitset, state) cache.
 #[derive(Default)]
 struct Cache {
-    buckets: HashMap<u64, Vec<(Box<[u64]>, LockState)>>,
+    buckets: HashMap<u64, Vec<CacheEntry>>,
+}
+
+struct CacheEntry {
+    known: Box<[u64]>,
+    state: LockState,
+    unknown_sets: Vec<Box<[u64]>>,
+}
+
+fn is_subset(small: &[u64], big: &[u64]) -> bool {
+    small.iter().zip(big).all(|(s, b)| s & !b == 0)
 }
 
 impl Cache {
-    /// Inserts the configuration; returns false if it was already present.
-    fn insert(&mut self, bits: &[u64], state: LockState) -> bool {
+    /// Records the configuration; returns false if it is dominated by one
+    /// already recorded.
+    fn insert(&mut self, known: &[u64], state: LockState, unknown: &[u64]) -> bool {
         let mut hasher = DefaultHasher::new();
-        bits.hash(&mut hasher);
+        known.hash(&mut hasher);
         state.hash(&mut hasher);
         let bucket = self.buckets.entry(hasher.finish()).or_default();
-        if bucket.iter().any(|(b, s)| *s == state && **b == *bits) {
+        let Some(entry) = bucket.iter_mut().find(|e| e.state == state && *e.known == *known)
+        else {
+            bucket.push(CacheEntry { known: known.into(), state, unknown_sets: vec![unknown.into()] });
+            return true;
+        };
+        if entry.unknown_sets.iter().any(|u| is_subset(u, unknown)) {
             return false;
         }
-        bucket.push((bits.into(), state));
+        entry.unknown_sets.retain(|u| !is_subset(unknown, u));
+        entry.unknown_sets.push(unknown.into());
         true
     }
+}
+
+fn flip(bits: &mut [u64], index: usize) {
+    bits[index / 64] ^= 1u64 << (index % 64);
+}
+
+/// Where the search is scanning for the next operation to linearize.
+#[derive(Debug, Clone, Copy)]
+enum Cursor {
+    /// A node of the known-outcome entry list.
+    Known(usize),
+    /// A node of the unknown-outcome list (scanned after the known calls).
+    Unknown(usize),
+}
+
+/// One linearized operation on the search stack.
+struct Frame {
+    cursor: Cursor,
+    /// State before the operation.
+    state: LockState,
+    /// Earliest pending known return when the operation was chosen.
+    frontier: usize,
 }
 
 /// Holder names interned to small integers so model states are `Copy`.
@@ -441,78 +533,143 @@ pub fn check(history: &[Event]) -> Result<(), Violation> {
         return Ok(());
     }
 
-    let mut list = EntryList::new(&ops, &times);
-    let mut linearized = vec![0u64; ops.len().div_ceil(64)];
-    let mut cache = Cache::default();
-    let mut stack: Vec<(usize, LockState)> = Vec::new();
-    let mut state = LockState::default();
-    let mut known_done = 0usize;
-    let mut best: Option<Best> = None;
-    let mut entry = list.next[HEAD];
-
-    loop {
-        if known_done == known_ops {
-            return Ok(());
-        }
-        if entry == NIL {
-            // Unreachable: a known operation's return entry stays in the list
-            // until it is linearized, and the scan stops at the first return.
-            break;
-        }
-        let op_index = list.op[entry];
-        if list.is_call[entry] {
-            let op = &ops[op_index];
-            if let Some(next_state) = step(&state, op) {
-                let (word, bit) = (op_index / 64, 1u64 << (op_index % 64));
-                linearized[word] |= bit;
-                if cache.insert(&linearized, next_state) {
-                    stack.push((entry, state));
-                    state = next_state;
-                    if op.known() {
-                        known_done += 1;
-                    }
-                    list.lift(entry);
-                    entry = list.next[HEAD];
-                    continue;
-                }
-                linearized[word] &= !bit;
-            }
-            entry = list.next[entry];
+    // Dense indices for the two bitsets.
+    let mut dense = Vec::with_capacity(ops.len());
+    let (mut n_known, mut n_unknown) = (0usize, 0usize);
+    for op in &ops {
+        if op.known() {
+            dense.push(n_known);
+            n_known += 1;
         } else {
-            // The earliest pending return: its operation must have been
-            // linearized by now. Record how far we got, then backtrack.
-            if best.as_ref().is_none_or(|b| stack.len() > b.prefix.len()) {
-                let mut unplaced = vec![op_index];
-                let mut node = list.next[HEAD];
-                while node != entry && node != NIL {
-                    let i = list.op[node];
-                    if list.is_call[node] && i != op_index && ops[i].known() {
-                        unplaced.push(i);
-                    }
-                    node = list.next[node];
-                }
-                best = Some(Best {
-                    prefix: stack.iter().map(|&(call, _)| list.op[call]).collect(),
-                    state,
-                    unplaced,
-                    deadline_op: op_index,
-                });
-            }
-            let Some((call, previous)) = stack.pop() else {
-                break;
-            };
-            let undone = list.op[call];
-            linearized[undone / 64] &= !(1u64 << (undone % 64));
-            if ops[undone].known() {
-                known_done -= 1;
-            }
-            state = previous;
-            list.unlift(call);
-            entry = list.next[call];
+            dense.push(n_unknown);
+            n_unknown += 1;
         }
     }
 
+    let mut known = KnownEntries::new(&ops, &times);
+    let mut unknown = UnknownEntries::new(&ops, &times);
+    let mut known_bits = vec![0u64; n_known.div_ceil(64)];
+    let mut unknown_bits = vec![0u64; n_unknown.div_ceil(64)];
+    let mut cache = Cache::default();
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut state = LockState::default();
+    let mut best: Option<Best> = None;
+    let mut known_done = 0usize;
+    // Earliest pending known return; set whenever the known scan reaches it.
+    let mut frontier = NIL;
+    let mut cursor = Cursor::Known(known.links.next[HEAD]);
+
+    loop {
+        // Pick the next candidate operation, or fall through to backtrack.
+        let candidate = match cursor {
+            Cursor::Known(node) => {
+                if node == NIL {
+                    // Unreachable: a pending known operation's return entry
+                    // stays in the list, and the scan stops there.
+                    break;
+                }
+                if known.is_call[node] {
+                    Some(known.op[node])
+                } else {
+                    // Every known call before the earliest pending return was
+                    // tried; now the unknown-outcome operations.
+                    frontier = node;
+                    cursor = Cursor::Unknown(unknown.links.next[HEAD]);
+                    continue;
+                }
+            }
+            Cursor::Unknown(node) => {
+                if node != NIL && unknown.invoked[node] <= known.time[frontier] {
+                    Some(unknown.op[node])
+                } else {
+                    None
+                }
+            }
+        };
+
+        if let Some(op_index) = candidate {
+            let op = &ops[op_index];
+            let next_state = step(&state, op);
+            let mut pushed = false;
+            if let Some(next_state) = next_state {
+                let bits = if op.known() { &mut known_bits } else { &mut unknown_bits };
+                flip(bits, dense[op_index]);
+                if cache.insert(&known_bits, next_state, &unknown_bits) {
+                    stack.push(Frame { cursor, state, frontier });
+                    state = next_state;
+                    if op.known() {
+                        known.lift(op_index);
+                        known_done += 1;
+                        if known_done == n_known {
+                            return Ok(());
+                        }
+                    } else {
+                        unknown.links.unlink(unknown.node[op_index]);
+                    }
+                    cursor = Cursor::Known(known.links.next[HEAD]);
+                    pushed = true;
+                } else {
+                    let bits = if op.known() { &mut known_bits } else { &mut unknown_bits };
+                    flip(bits, dense[op_index]);
+                }
+            }
+            if !pushed {
+                cursor = match cursor {
+                    Cursor::Known(node) => Cursor::Known(known.links.next[node]),
+                    Cursor::Unknown(node) => Cursor::Unknown(unknown.links.next[node]),
+                };
+            }
+            continue;
+        }
+
+        // No candidate can be linearized before the earliest pending return:
+        // record how far we got, then backtrack.
+        if best.as_ref().is_none_or(|b| stack.len() > b.prefix.len()) {
+            let deadline_op = known.op[frontier];
+            let mut unplaced = vec![deadline_op];
+            let mut node = known.links.next[HEAD];
+            while node != frontier && node != NIL {
+                if known.is_call[node] && known.op[node] != deadline_op {
+                    unplaced.push(known.op[node]);
+                }
+                node = known.links.next[node];
+            }
+            best = Some(Best {
+                prefix: stack.iter().map(|f| frame_op(f, &known, &unknown)).collect(),
+                state,
+                unplaced,
+                deadline_op,
+            });
+        }
+        let Some(frame) = stack.pop() else {
+            break;
+        };
+        let undone = frame_op(&frame, &known, &unknown);
+        state = frame.state;
+        frontier = frame.frontier;
+        cursor = match frame.cursor {
+            Cursor::Known(node) => {
+                flip(&mut known_bits, dense[undone]);
+                known.unlift(undone);
+                known_done -= 1;
+                Cursor::Known(known.links.next[node])
+            }
+            Cursor::Unknown(node) => {
+                flip(&mut unknown_bits, dense[undone]);
+                unknown.links.relink(node);
+                Cursor::Unknown(unknown.links.next[node])
+            }
+        };
+    }
+
     Err(violation(history, &names.names, known_ops, best))
+}
+
+fn frame_op(frame: &Frame, known: &KnownEntries, unknown: &UnknownEntries) -> usize {
+    match frame.cursor {
+        Cursor::Known(node) => known.op[node],
+        Cursor::Unknown(node) => unknown.op[node],
+    }
 }
 
 fn violation(history: &[Event], names: &[String], known_ops: usize, best: Option<Best>) -> Violation {

@@ -208,7 +208,14 @@ async fn learner_catches_up_through_snapshot_then_membership_changes_while_servi
 
     let learner = eventually("the learner to apply the snapshot", Duration::from_secs(30), || async {
         let s = cluster.local_status(4).await?;
-        Ok((s.applied_index >= status.purged_index && s.locks >= 700).then_some(s))
+        anyhow::ensure!(
+            s.applied_index >= status.purged_index && s.locks >= 700,
+            "learner applied {} (leader purged {}), holds {} locks",
+            s.applied_index,
+            status.purged_index,
+            s.locks
+        );
+        Ok(Some(s))
     })
     .await?;
     assert!(learner.snapshot_index > 0, "the learner was caught up by a snapshot: {learner:?}");

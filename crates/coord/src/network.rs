@@ -80,6 +80,7 @@ impl PeerClient {
         &mut self,
         rpc: &'static str,
         req: &Req,
+        chunk: Vec<u8>,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<NodeId, BasicNode, E>>
     where
@@ -89,7 +90,7 @@ impl PeerClient {
     {
         let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = self.client().map_err(RPCError::Unreachable)?;
-        let mut request = tonic::Request::new(RaftPayload { data });
+        let mut request = tonic::Request::new(RaftPayload { data, chunk });
         request.set_timeout(option.hard_ttl());
         let reply = match rpc {
             "append" => client.append_entries(request).await,
@@ -123,15 +124,16 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call("append", &rpc, &option).await
+        self.call("append", &rpc, Vec::new(), &option).await
     }
 
     async fn install_snapshot(
         &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+        mut rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>> {
-        self.call("snapshot", &rpc, &option).await
+        let chunk = std::mem::take(&mut rpc.data);
+        self.call("snapshot", &rpc, chunk, &option).await
     }
 
     async fn vote(
@@ -139,6 +141,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call("vote", &rpc, &option).await
+        self.call("vote", &rpc, Vec::new(), &option).await
     }
 }

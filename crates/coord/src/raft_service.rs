@@ -20,30 +20,34 @@ impl RaftService {
     }
 }
 
-fn decode<T: DeserializeOwned>(req: Request<RaftPayload>, call: &str) -> Result<T, Status> {
+fn decode<T: DeserializeOwned>(req: Request<RaftPayload>, call: &str) -> Result<(T, Vec<u8>), Status> {
     authorize(&req, Access::Peer, call)?;
-    serde_json::from_slice(&req.into_inner().data).map_err(|e| Status::invalid_argument(format!("{call}: bad payload: {e}")))
+    let payload = req.into_inner();
+    let msg = serde_json::from_slice(&payload.data).map_err(|e| Status::invalid_argument(format!("{call}: bad payload: {e}")))?;
+    Ok((msg, payload.chunk))
 }
 
 fn encode<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<Response<RaftPayload>, Status> {
     let data = serde_json::to_vec(&result).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(Response::new(RaftPayload { data }))
+    Ok(Response::new(RaftPayload { data, chunk: Vec::new() }))
 }
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(req, "Raft.AppendEntries")?;
+        let (rpc, _) = decode(req, "Raft.AppendEntries")?;
         encode(self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(req, "Raft.Vote")?;
+        let (rpc, _) = decode(req, "Raft.Vote")?;
         encode(self.raft.vote(rpc).await)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(req, "Raft.InstallSnapshot")?;
+        let (mut rpc, chunk): (openraft::raft::InstallSnapshotRequest<crate::raft_types::TypeConfig>, _) =
+            decode(req, "Raft.InstallSnapshot")?;
+        rpc.data = chunk;
         encode(self.raft.install_snapshot(rpc).await)
     }
 }

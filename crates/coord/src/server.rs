@@ -19,7 +19,7 @@ use crate::store::{self, log::LogStore, sm::StateMachine};
 use crate::tls::TlsMaterial;
 
 /// Snapshot chunk size: well under the gRPC message limit.
-const SNAPSHOT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let tls = TlsMaterial::load(&config.ca, &config.cert, &config.key, Some(Role::Coordinator))?;
@@ -40,7 +40,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         // caught up by entries, not by a whole snapshot.
         max_in_snapshot_log_to_keep: config.snapshot_logs.min(1000),
         max_payload_entries: 512,
-        install_snapshot_timeout: 2_000,
+        install_snapshot_timeout: 10_000,
         ..Default::default()
     };
     let raft_config = Arc::new(raft_config.validate().context("invalid Raft timing settings")?);

@@ -16,6 +16,8 @@ use tonic::{Code, Status};
 
 /// Metadata key with the leader's address on a redirect (see fleet-coord).
 const LEADER_METADATA: &str = "fleet-leader";
+/// Largest reply fleetctl accepts.
+const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
 
 /// Where and as whom to connect. Serialized as a context file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,7 +68,7 @@ impl Client {
             channels: Default::default(),
             current: 0,
             retry_for: Duration::from_secs(20),
-            call_timeout: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(10),
         })
     }
 
@@ -92,7 +94,19 @@ impl Client {
 
     /// Run `op` against the cluster: follow redirects to the leader, move
     /// on to the next address when one does not answer, until `retry_for`.
-    pub async fn call<T, F, Fut>(&mut self, mut op: F) -> anyhow::Result<T>
+    pub async fn call<T, F, Fut>(&mut self, op: F) -> anyhow::Result<T>
+    where
+        F: FnMut(ControlClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let timeout = self.call_timeout;
+        self.call_with_timeout(timeout, op).await
+    }
+
+    /// Like [`Client::call`], with each attempt bounded by `timeout`
+    /// (a call that may legitimately take long, such as adding a learner
+    /// that needs a large snapshot, or a lock acquire that waits).
+    pub async fn call_with_timeout<T, F, Fut>(&mut self, timeout: Duration, mut op: F) -> anyhow::Result<T>
     where
         F: FnMut(ControlClient<Channel>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -101,8 +115,12 @@ impl Client {
         let mut addr = self.addrs[self.current].clone();
         let mut backoff = Duration::from_millis(20);
                 loop {
-            let client = ControlClient::new(self.channel(&addr)?);
-            let status = match op(client, self.call_timeout).await {
+            // Lock status of every lock can be large (reasons are up to 16 KiB each).
+            let client = ControlClient::new(self.channel(&addr)?).max_decoding_message_size(MAX_REPLY_BYTES);
+            // Bound every attempt here, whatever the caller set: a coordinator
+            // that accepted the connection but never answers must not hang us.
+            let attempt = tokio::time::timeout(timeout, op(client, timeout)).await;
+            let status = match attempt.unwrap_or_else(|_| Err(Status::deadline_exceeded(format!("no answer within {timeout:?}")))) {
                 Ok(v) => {
                     if let Some(i) = self.addrs.iter().position(|a| *a == addr) {
                         self.current = i;

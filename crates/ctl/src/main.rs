@@ -276,7 +276,8 @@ async fn lock(cmd: LockCmd, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {
             let started = tokio::time::Instant::now();
             // The server waits; a retry after a leader change waits only
             // for what is left.
-            c.call(|mut cl, timeout| {
+            let bound = c.call_timeout + wait;
+            c.call_with_timeout(bound, |mut cl, timeout| {
                 let left = wait.saturating_sub(started.elapsed());
                 let mut req = tonic::Request::new(AcquireLockRequest {
                     destination: destination.clone(),
@@ -284,7 +285,7 @@ async fn lock(cmd: LockCmd, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {
                     wait_ms: left.as_millis() as u64,
                     request_id: id.clone(),
                 });
-                req.set_timeout(timeout + left);
+                req.set_timeout(timeout);
                 async move { cl.acquire_lock(req).await.map(|r| r.into_inner()) }
             })
             .await
@@ -385,11 +386,11 @@ async fn cluster(cmd: ClusterCmd, conn: &ConnArgs, out: Output) -> Result<i32, E
             print_status(&r, out);
         }
         ClusterCmd::AddLearner { id, address: addr } => {
+            // Catching up may mean sending a large snapshot.
             let r = c
-                .call(|mut cl, _| {
-                    // Catching up may mean sending a large snapshot.
+                .call_with_timeout(Duration::from_secs(300), |mut cl, timeout| {
                     let mut req = tonic::Request::new(AddLearnerRequest { id, addr: addr.clone() });
-                    req.set_timeout(Duration::from_secs(300));
+                    req.set_timeout(timeout);
                     async move { cl.add_learner(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
@@ -566,9 +567,9 @@ async fn dev_up(n: u64, dir: &std::path::Path, out: Output) -> Result<i32, Exit>
         for (i, addr) in addrs.iter().enumerate().skip(1) {
             let id = i as u64 + 1;
             let addr = addr.clone();
-            c.call(|mut cl, _| {
+            c.call_with_timeout(Duration::from_secs(60), |mut cl, timeout| {
                 let mut req = tonic::Request::new(AddLearnerRequest { id, addr: addr.clone() });
-                req.set_timeout(Duration::from_secs(60));
+                req.set_timeout(timeout);
                 async move { cl.add_learner(req).await.map(|r| r.into_inner()) }
             })
             .await?;

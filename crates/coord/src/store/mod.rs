@@ -23,7 +23,8 @@ pub const CF_META: &str = "meta";
 pub const CF_SM: &str = "sm";
 pub const CF_SM_META: &str = "sm_meta";
 
-const IDENTITY_KEY: &[u8] = b"identity";
+/// Which cluster and coordinator a data dir belongs to.
+const IDENTITY_FILE: &str = "fleet-identity.json";
 
 #[derive(Debug, Error)]
 pub enum OpenError {
@@ -70,6 +71,28 @@ pub fn open(path: &Path, cluster_id: &str, node_id: u64) -> Result<Arc<DB>, Open
         }
     }
 
+    // The identity lives in a plain file checked BEFORE RocksDB opens: opening
+    // replays and flushes the WAL, which would already change the directory.
+    let identity_path = path.join(IDENTITY_FILE);
+    let want = Identity { cluster_id: cluster_id.to_string(), node_id };
+    if exists {
+        let raw = std::fs::read(&identity_path).map_err(|e| OpenError::BadIdentity {
+            path: path.to_path_buf(),
+            reason: format!("cannot read {IDENTITY_FILE}: {e}"),
+        })?;
+        let found: Identity = serde_json::from_slice(&raw)
+            .map_err(|e| OpenError::BadIdentity { path: path.to_path_buf(), reason: e.to_string() })?;
+        if found != want {
+            return Err(OpenError::Mismatch {
+                path: path.to_path_buf(),
+                found_cluster: found.cluster_id,
+                found_node: found.node_id,
+                cluster: want.cluster_id,
+                node: node_id,
+            });
+        }
+    }
+
     let mut opts = Options::default();
     opts.create_if_missing(!exists);
     opts.create_missing_column_families(!exists);
@@ -79,33 +102,20 @@ pub fn open(path: &Path, cluster_id: &str, node_id: u64) -> Result<Arc<DB>, Open
     let cfs = [CF_LOG, CF_META, CF_SM, CF_SM_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
     let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| OpenError::Rocks { path: path.to_path_buf(), source })?;
 
-    let meta = db.cf_handle(CF_META).expect("column family created above");
-    let want = Identity { cluster_id: cluster_id.to_string(), node_id };
-    match db.get_cf(&meta, IDENTITY_KEY).map_err(|source| OpenError::Rocks { path: path.to_path_buf(), source })? {
-        Some(raw) => {
-            let found: Identity = serde_json::from_slice(&raw)
-                .map_err(|e| OpenError::BadIdentity { path: path.to_path_buf(), reason: e.to_string() })?;
-            if found != want {
-                return Err(OpenError::Mismatch {
-                    path: path.to_path_buf(),
-                    found_cluster: found.cluster_id,
-                    found_node: found.node_id,
-                    cluster: want.cluster_id,
-                    node: node_id,
-                });
-            }
-        }
-        None if exists => {
-            return Err(OpenError::BadIdentity { path: path.to_path_buf(), reason: "identity record missing".into() });
-        }
-        None => {
-            let mut wo = rocksdb::WriteOptions::default();
-            wo.set_sync(true);
-            let raw = serde_json::to_vec(&want).expect("plain struct serializes");
-            db.put_cf_opt(&meta, IDENTITY_KEY, raw, &wo).map_err(|source| OpenError::Rocks { path: path.to_path_buf(), source })?;
-        }
+    if !exists {
+        write_identity(&identity_path, &want).map_err(|source| OpenError::Create { path: identity_path.clone(), source })?;
     }
     Ok(Arc::new(db))
+}
+
+fn write_identity(path: &Path, identity: &Identity) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(identity).expect("plain struct serializes"))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// Map any displayable error into openraft's storage error for `subject`.
