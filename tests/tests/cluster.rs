@@ -267,6 +267,20 @@ fn dir_digest(dir: &std::path::Path) -> BTreeMap<String, u64> {
     out
 }
 
+/// Run coordinator 2 in the foreground with the certificates in `certs`.
+fn run_coord(bin: &std::path::Path, listen: &str, data: &std::path::Path, certs: &std::path::Path) -> std::io::Result<std::process::Output> {
+    std::process::Command::new(bin)
+        .args(["--id", "2", "--listen", listen, "--data-dir"])
+        .arg(data)
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(certs.join("coordinator.pem"))
+        .arg("--key")
+        .arg(certs.join("coordinator-key.pem"))
+        .output()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_credentials_and_bad_data_dirs_are_refused_and_change_nothing() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3, FAST_RAFT).await?;
@@ -336,32 +350,14 @@ async fn bad_credentials_and_bad_data_dirs_are_refused_and_change_nothing() -> a
     cluster.kill9(2)?;
     let before = dir_digest(&data2);
     let bin = cluster.bin.clone();
-    let out = std::process::Command::new(&bin)
-        .args(["--id", "2", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data2)
-        .arg("--ca")
-        .arg(other.join("ca.pem"))
-        .arg("--cert")
-        .arg(other.join("coordinator.pem"))
-        .arg("--key")
-        .arg(other.join("coordinator-key.pem"))
-        .output()?;
+    let out = run_coord(&bin, "127.0.0.1:0", &data2, &other)?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("belongs to cluster"), "{err}");
     assert_eq!(dir_digest(&data2), before);
 
     // A bad flag names its field and exits 2 without touching the data dir.
-    let out = std::process::Command::new(&bin)
-        .args(["--id", "2", "--listen", "not-an-address", "--data-dir"])
-        .arg(&data2)
-        .arg("--ca")
-        .arg(certs.join("ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("coordinator.pem"))
-        .arg("--key")
-        .arg(certs.join("coordinator-key.pem"))
-        .output()?;
+    let out = run_coord(&bin, "not-an-address", &data2, &certs)?;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`listen`"));
     assert_eq!(dir_digest(&data2), before);

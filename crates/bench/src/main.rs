@@ -154,6 +154,16 @@ fn floor(dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     Ok(json!({"system": "floor", "fdatasync_p50_ms": round3(fs50), "loopback_rtt_p50_ms": round3(rtt50), "floor_p50_ms": round3(fs50 + rtt50)}))
 }
 
+/// Every client's latencies, sorted.
+async fn join_latencies(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<Duration>>>>) -> anyhow::Result<Vec<Duration>> {
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    lat.sort();
+    Ok(lat)
+}
+
 async fn fleet_run(cluster: &Cluster, clients: usize, duration: Duration) -> anyhow::Result<RunResult> {
     let start = Instant::now();
     let deadline = start + duration;
@@ -177,11 +187,7 @@ async fn fleet_run(cluster: &Cluster, clients: usize, duration: Duration) -> any
             anyhow::Ok(lat)
         }));
     }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await??);
-    }
-    lat.sort();
+    let lat = join_latencies(tasks).await?;
     Ok(RunResult { system: "fleet", clients, ops: lat.len(), secs: start.elapsed().as_secs_f64(), lat })
 }
 
@@ -255,11 +261,7 @@ async fn etcd_run(endpoints: &[String], clients: usize, duration: Duration) -> a
             anyhow::Ok(lat)
         }));
     }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await??);
-    }
-    lat.sort();
+    let lat = join_latencies(tasks).await?;
     Ok(RunResult { system: "etcd-3.4", clients, ops: lat.len(), secs: start.elapsed().as_secs_f64(), lat })
 }
 
