@@ -117,7 +117,9 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     ensure_build_deps()?;
     // The integration tests start the real binaries, so build them first.
     // fleet-bench is left out: its etcd client needs `protoc` (see `bench`).
-    run(cargo().args(["build", "--workspace", "--exclude", "fleet-bench", "--bins"]))?;
+    // `--all-targets` resolves features exactly as `cargo test` does, so the
+    // test run below reuses this build instead of compiling RocksDB again.
+    run(cargo().args(["build", "--workspace", "--exclude", "fleet-bench", "--all-targets"]))?;
     run(cargo().args(["test", "--workspace", "--exclude", "fleet-bench", "--no-fail-fast"]).args(extra))
 }
 
