@@ -145,7 +145,17 @@ fn demo() -> anyhow::Result<()> {
             bail!("dev up failed");
         }
         fleetctl(&["lock", "acquire", "web-prod", "-m", "database migration"])?;
-        fleetctl(&["lock", "acquire", "web-prod", "-m", "a second holder is refused"])?;
+        fleetctl(&["lock", "acquire", "web-prod", "-m", "database migration"])?; // same holder: idempotent, same token
+        println!("\n# a second operator (its own certificate) is refused while the lock is held");
+        let certs = dir.join("certs");
+        let certs_s = certs.to_str().context("path is UTF-8")?;
+        fleetctl(&["certs", "issue", "operator", "ci-bot", "--ca-dir", certs_s])?;
+        let (cert, key) = (certs.join("ci-bot.pem"), certs.join("ci-bot-key.pem"));
+        fleetctl(&[
+            "--cert", cert.to_str().context("path is UTF-8")?,
+            "--key", key.to_str().context("path is UTF-8")?,
+            "lock", "acquire", "web-prod", "-m", "deploy from CI",
+        ])?;
         fleetctl(&["lock", "status"])?;
 
         println!("\n# kill -9 the leader; the cluster elects another and keeps every acknowledged lock");
