@@ -269,16 +269,7 @@ fn dir_digest(dir: &std::path::Path) -> BTreeMap<String, u64> {
 
 /// Run coordinator 2 in the foreground with the certificates in `certs`.
 fn run_coord(bin: &std::path::Path, listen: &str, data: &std::path::Path, certs: &std::path::Path) -> std::io::Result<std::process::Output> {
-    std::process::Command::new(bin)
-        .args(["--id", "2", "--listen", listen, "--data-dir"])
-        .arg(data)
-        .arg("--ca")
-        .arg(certs.join("ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("coordinator.pem"))
-        .arg("--key")
-        .arg(certs.join("coordinator-key.pem"))
-        .output()
+    fleetctl::dev::coordinator_command(bin, 2, listen, data, certs).output()
 }
 
 #[tokio::test(flavor = "multi_thread")]

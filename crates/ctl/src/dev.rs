@@ -61,6 +61,25 @@ impl CoordSpec {
     }
 }
 
+/// `fleet-coord` with its identity, address, data dir and the coordinator
+/// certificate from `certs` (as written by `fleetctl certs init`).
+pub fn coordinator_command(bin: &Path, id: u64, listen: &str, data_dir: &Path, certs: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--id")
+        .arg(id.to_string())
+        .arg("--listen")
+        .arg(listen)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(certs.join("coordinator.pem"))
+        .arg("--key")
+        .arg(certs.join("coordinator-key.pem"));
+    cmd
+}
+
 /// Start a coordinator in its own process group (so a Ctrl-C in the
 /// terminal that ran `dev up` does not stop it) and wait until it listens.
 /// Returns the child and its address.
@@ -74,20 +93,8 @@ pub fn spawn_coordinator(bin: &Path, spec: &CoordSpec, wait: Duration) -> anyhow
         .append(true)
         .open(spec.log_file())
         .with_context(|| format!("opening {}", spec.log_file().display()))?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("--id")
-        .arg(spec.id.to_string())
-        .arg("--listen")
-        .arg(&spec.listen)
-        .arg("--data-dir")
-        .arg(spec.data_dir())
-        .arg("--ca")
-        .arg(certs.join("ca.pem"))
-        .arg("--cert")
-        .arg(certs.join("coordinator.pem"))
-        .arg("--key")
-        .arg(certs.join("coordinator-key.pem"))
-        .arg("--addr-file")
+    let mut cmd = coordinator_command(bin, spec.id, &spec.listen, &spec.data_dir(), &certs);
+    cmd.arg("--addr-file")
         .arg(&addr_file)
         .args(&spec.extra_args)
         .env_remove("FLEET_CA")
