@@ -114,6 +114,9 @@ impl Client {
         let deadline = tokio::time::Instant::now() + self.retry_for;
         let mut addr = self.addrs[self.current].clone();
         let mut backoff = Duration::from_millis(20);
+        // Failures since the last pause: try every address once before
+        // sleeping, so a dead leader costs one refused connection, not a backoff.
+        let mut failed_in_round = 0usize;
                 loop {
             // Lock status of every lock can be large (reasons are up to 16 KiB each).
             let client = ControlClient::new(self.channel(&addr)?).max_decoding_message_size(MAX_REPLY_BYTES);
@@ -150,8 +153,12 @@ impl Client {
                     self.addrs.join(", ")
                 );
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(400));
+            failed_in_round += 1;
+            if failed_in_round >= self.addrs.len() {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+                failed_in_round = 0;
+            }
             self.current = (self.current + 1) % self.addrs.len();
             addr = self.addrs[self.current].clone();
         }
