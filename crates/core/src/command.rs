@@ -1,6 +1,11 @@
 //! Commands proposed through Raft and the answers the state machine gives.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+
+use crate::deploy::{DeployState, StepOutcome};
+use crate::manifest::{Destination, Spec};
 
 /// One Raft log entry's payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +31,20 @@ pub enum Command {
     AcquireLock { destination: String, holder: Holder, reason: String },
     /// Give it back. Only its holder may.
     ReleaseLock { destination: String, holder: Holder },
+    /// Queue a deployment of a validated manifest.
+    SubmitDeployment { spec: Spec, actor: Holder },
+    /// Queue a new deployment of an earlier succeeded release of the same
+    /// app and destination as deployment `id`.
+    RollbackDeployment { id: String, to_release: Option<String>, timeout_ms: Option<u64>, actor: Holder },
+    /// Cancel (compensate what ran). `timed_out`: the leader cancels it
+    /// because its deadline passed.
+    CancelDeployment { id: String, reason: String, actor: Holder, timed_out: bool },
+    /// A node reported a step's (or an undo's) outcome; the leader proposes it.
+    StepResult { deployment: String, outcome: StepOutcome },
+    /// A worker node registered (or changed its labels).
+    RegisterNode { id: String, labels: BTreeMap<String, String> },
+    /// Create or replace destinations.
+    PutDestinations { destinations: Vec<Destination> },
 }
 
 /// A granted lock as clients see it.
@@ -56,6 +75,17 @@ pub enum Response {
     NotOwner { lock: LockView },
     /// The command was malformed; nothing changed.
     Invalid { reason: String },
+    /// A deployment was queued, or changed, and stands in this state.
+    Deployment { id: String, state: DeployState },
+    /// Refused by policy (destination busy under `reject`, deployment
+    /// already ended); nothing changed.
+    Rejected { reason: String },
+    /// No such deployment.
+    NotFound { what: String },
+    /// A step result with a stale token, epoch, step or attempt; ignored.
+    Stale { reason: String },
+    /// Applied; nothing to report.
+    Done,
     /// A non-command entry (blank or membership change) was applied.
     Noop,
 }

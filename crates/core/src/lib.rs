@@ -9,10 +9,16 @@
 //!   what it answers.
 //! * [`state`]: the replicated state machine itself and its `apply` function.
 //! * [`names`]: validation of user-supplied names and texts.
+//! * [`manifest`]: `fleet.yaml` and the destinations file, parsed and validated.
+//! * [`saga`]: the planner (manifest + nodes → ordered, undoable steps).
+//! * [`deploy`]: the deployment lifecycle and the saga engine.
 
 pub mod auth;
 pub mod command;
+pub mod deploy;
+pub mod manifest;
 pub mod names;
+pub mod saga;
 pub mod state;
 
 pub use command::{Command, LockView, Request, Response};

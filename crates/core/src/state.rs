@@ -9,14 +9,21 @@
 //! Key space (values are JSON):
 //! * `lock/<destination>`  -> [`LockView`]
 //! * `dedup/<request id>`  -> [`DedupEntry`]
+//! * `deploy/<n>`          -> [`Deployment`] (id `d<n>`, n = log index of the submit)
+//! * `queue/<destination>` -> deployment numbers in FIFO order (the head holds the lock)
+//! * `node/<id>`           -> [`NodeRecord`]
+//! * `dest/<name>`         -> [`Destination`]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::command::{Command, LockView, Request, Response};
+use crate::deploy::{DeployState, Deployment, StepOutcome, StepRecord};
+use crate::manifest::{selects, validate_destination, validate_label, Destination, QueuePolicy, Spec};
 use crate::names::{validate_name, validate_text, MAX_REASON_LEN};
+use crate::saga::plan;
 
 /// How long a request id is remembered. A client retries for seconds, so
 /// ten minutes is far beyond any retry, and bounds the table.
@@ -27,6 +34,21 @@ const DEDUP_EXPIRE_BATCH: usize = 64;
 
 const LOCK_PREFIX: &str = "lock/";
 const DEDUP_PREFIX: &str = "dedup/";
+const DEPLOY_PREFIX: &str = "deploy/";
+const QUEUE_PREFIX: &str = "queue/";
+const NODE_PREFIX: &str = "node/";
+const DEST_PREFIX: &str = "dest/";
+/// Lock holder name of a deployment.
+pub const DEPLOYMENT_HOLDER_PREFIX: &str = "deployment/";
+
+/// A registered worker node (membership is replicated; liveness is not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub registered_ms: i64,
+    pub updated_ms: i64,
+}
 
 /// One persisted key changed by `apply`: `Some(value)` = put, `None` = delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +77,15 @@ pub struct State {
     dedup: BTreeMap<String, DedupEntry>,
     /// (at_ms, id) of every dedup entry: the expiry order. Derived, never persisted.
     dedup_order: BTreeSet<(i64, String)>,
+    deployments: BTreeMap<u64, Deployment>,
+    queues: BTreeMap<String, VecDeque<u64>>,
+    nodes: BTreeMap<String, NodeRecord>,
+    destinations: BTreeMap<String, Destination>,
+}
+
+/// `d42` → 42.
+pub fn deployment_number(id: &str) -> Option<u64> {
+    id.strip_prefix('d')?.parse().ok()
 }
 
 impl State {
@@ -75,6 +106,15 @@ impl State {
                 let entry: DedupEntry = serde_json::from_slice(value.as_ref()).map_err(bad)?;
                 state.dedup_order.insert((entry.at_ms, id.to_string()));
                 state.dedup.insert(id.to_string(), entry);
+            } else if let Some(n) = key.strip_prefix(DEPLOY_PREFIX) {
+                let n: u64 = n.parse().map_err(|_| LoadError::UnknownKey(key.to_string()))?;
+                state.deployments.insert(n, serde_json::from_slice(value.as_ref()).map_err(bad)?);
+            } else if let Some(dest) = key.strip_prefix(QUEUE_PREFIX) {
+                state.queues.insert(dest.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
+            } else if let Some(id) = key.strip_prefix(NODE_PREFIX) {
+                state.nodes.insert(id.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
+            } else if let Some(name) = key.strip_prefix(DEST_PREFIX) {
+                state.destinations.insert(name.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
             } else {
                 return Err(LoadError::UnknownKey(key.to_string()));
             }
@@ -91,7 +131,68 @@ impl State {
         for (id, entry) in &self.dedup {
             out.push((format!("{DEDUP_PREFIX}{id}"), encode(entry)));
         }
+        for (n, d) in &self.deployments {
+            out.push((format!("{DEPLOY_PREFIX}{n}"), encode(d)));
+        }
+        for (dest, q) in &self.queues {
+            out.push((format!("{QUEUE_PREFIX}{dest}"), encode(q)));
+        }
+        for (id, n) in &self.nodes {
+            out.push((format!("{NODE_PREFIX}{id}"), encode(n)));
+        }
+        for (name, d) in &self.destinations {
+            out.push((format!("{DEST_PREFIX}{name}"), encode(d)));
+        }
         out
+    }
+
+    pub fn deployment(&self, id: &str) -> Option<&Deployment> {
+        self.deployments.get(&deployment_number(id)?)
+    }
+
+    /// Every deployment, oldest first.
+    pub fn deployments(&self) -> impl DoubleEndedIterator<Item = &Deployment> {
+        self.deployments.values()
+    }
+
+    /// Deployments that have not ended.
+    pub fn active_deployments(&self) -> impl Iterator<Item = &Deployment> {
+        self.deployments.values().filter(|d| !d.state.is_terminal())
+    }
+
+    /// Deployment numbers waiting for (or holding) a destination, in order.
+    pub fn queue(&self, destination: &str) -> Vec<String> {
+        self.queues.get(destination).map(|q| q.iter().map(|n| format!("d{n}")).collect()).unwrap_or_default()
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, id: &str) -> Option<&NodeRecord> {
+        self.nodes.get(id)
+    }
+
+    pub fn destinations(&self) -> impl Iterator<Item = &Destination> {
+        self.destinations.values()
+    }
+
+    pub fn destination(&self, name: &str) -> Option<&Destination> {
+        self.destinations.get(name)
+    }
+
+    /// Nodes a destination's deployments run on, sorted by id.
+    pub fn nodes_for(&self, destination: &str) -> Vec<String> {
+        let Some(d) = self.destinations.get(destination) else { return vec![] };
+        self.nodes.values().filter(|n| selects(&d.selector, &n.labels)).map(|n| n.id.clone()).collect()
+    }
+
+    /// The release of `app` that last succeeded on `destination`.
+    pub fn current_release(&self, app: &str, destination: &str) -> Option<&Deployment> {
+        self.deployments
+            .values()
+            .rev()
+            .find(|d| d.app == app && d.destination == destination && d.state == DeployState::Succeeded)
     }
 
     pub fn lock(&self, destination: &str) -> Option<&LockView> {
@@ -117,7 +218,27 @@ impl State {
             Command::AcquireLock { destination, holder, reason } => {
                 self.acquire(index, req.at_ms, destination, holder, reason, &mut changes)
             }
-            Command::ReleaseLock { destination, holder } => self.release(destination, holder, &mut changes),
+            Command::ReleaseLock { destination, holder } => {
+                let r = self.release(destination, holder, &mut changes);
+                if matches!(r, Response::Released { .. }) {
+                    self.pump(destination, index, req.at_ms, &mut changes);
+                }
+                r
+            }
+            Command::SubmitDeployment { spec, actor } => {
+                self.submit(index, req.at_ms, spec.clone(), actor, None, "submitted", &mut changes)
+            }
+            Command::RollbackDeployment { id, to_release, timeout_ms, actor } => {
+                self.rollback(index, req.at_ms, id, to_release.as_deref(), *timeout_ms, actor, &mut changes)
+            }
+            Command::CancelDeployment { id, reason, actor, timed_out } => {
+                self.cancel(index, req.at_ms, id, reason, actor, *timed_out, &mut changes)
+            }
+            Command::StepResult { deployment, outcome } => {
+                self.step_result(index, req.at_ms, deployment, outcome, &mut changes)
+            }
+            Command::RegisterNode { id, labels } => self.register_node(req.at_ms, id, labels, &mut changes),
+            Command::PutDestinations { destinations } => self.put_destinations(destinations, &mut changes),
         };
 
         if let Some(id) = &req.request_id {
@@ -179,6 +300,302 @@ impl State {
         }
     }
 
+    fn put_deployment(&mut self, n: u64, changes: &mut Vec<Change>) {
+        if let Some(d) = self.deployments.get(&n) {
+            changes.push(Change { key: format!("{DEPLOY_PREFIX}{n}"), value: Some(encode(d)) });
+        }
+    }
+
+    fn put_queue(&mut self, destination: &str, changes: &mut Vec<Change>) {
+        let key = format!("{QUEUE_PREFIX}{destination}");
+        match self.queues.get(destination) {
+            Some(q) if !q.is_empty() => changes.push(Change { key, value: Some(encode(q)) }),
+            _ => {
+                self.queues.remove(destination);
+                changes.push(Change { key, value: None });
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        index: u64,
+        at_ms: i64,
+        spec: Spec,
+        actor: &str,
+        rollback_of: Option<String>,
+        reason: &str,
+        changes: &mut Vec<Change>,
+    ) -> Response {
+        let Some(dest) = self.destinations.get(&spec.destination).cloned() else {
+            return Response::Invalid {
+                reason: format!(
+                    "unknown destination `{}`; `fleetctl destinations` lists the known ones and `fleetctl destinations apply -f FILE` adds one",
+                    spec.destination
+                ),
+            };
+        };
+        if self.nodes_for(&dest.name).is_empty() {
+            return Response::Invalid {
+                reason: format!(
+                    "no worker node matches destination `{}` (selector {:?}); start a node with those labels (`fleet-node --label KEY=VALUE`) or change the destination's selector; `fleetctl nodes` lists the nodes",
+                    dest.name, dest.selector
+                ),
+            };
+        }
+        let busy = self.locks.contains_key(&dest.name) || self.queues.get(&dest.name).is_some_and(|q| !q.is_empty());
+        if dest.queue == QueuePolicy::Reject && busy {
+            let by = self.locks.get(&dest.name).map(|l| l.holder.clone()).unwrap_or_else(|| "a queued deployment".into());
+            return Response::Rejected {
+                reason: format!(
+                    "destination `{}` is busy (held by {by}) and its queue policy is `reject`; retry when `fleetctl lock status {}` shows it free",
+                    dest.name, dest.name
+                ),
+            };
+        }
+        let id = format!("d{index}");
+        if dest.queue == QueuePolicy::Coalesce {
+            let waiting: Vec<u64> = self.queues.get(&dest.name).map(|q| q.iter().copied().collect()).unwrap_or_default();
+            for n in waiting {
+                let Some(d) = self.deployments.get_mut(&n) else { continue };
+                if d.state == DeployState::Queued && d.app == spec.app {
+                    let why = format!("superseded by {id} (queue policy `coalesce`)");
+                    if d.transition(DeployState::Superseded, at_ms, why, actor).is_ok() {
+                        self.queues.entry(dest.name.clone()).or_default().retain(|x| *x != n);
+                        self.put_deployment(n, changes);
+                    }
+                }
+            }
+        }
+        let deadline_ms = at_ms.saturating_add(spec.timeout_ms.min(i64::MAX as u64) as i64);
+        let d = Deployment {
+            id: id.clone(),
+            app: spec.app.clone(),
+            release: spec.release.clone(),
+            destination: spec.destination.clone(),
+            spec,
+            state: DeployState::Queued,
+            submitted_by: actor.to_string(),
+            submitted_ms: at_ms,
+            deadline_ms,
+            token: None,
+            epoch: 1,
+            previous_release: None,
+            rollback_of,
+            timed_out: false,
+            steps: vec![],
+            events: vec![crate::deploy::Event {
+                at_ms,
+                from: None,
+                to: DeployState::Queued,
+                reason: reason.to_string(),
+                actor: actor.to_string(),
+            }],
+        };
+        self.deployments.insert(index, d);
+        self.queues.entry(dest.name.clone()).or_default().push_back(index);
+        self.put_queue(&dest.name, changes);
+        self.put_deployment(index, changes);
+        self.pump(&dest.name, index, at_ms, changes);
+        let state = self.deployments[&index].state;
+        Response::Deployment { id, state }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rollback(
+        &mut self,
+        index: u64,
+        at_ms: i64,
+        id: &str,
+        to: Option<&str>,
+        timeout_ms: Option<u64>,
+        actor: &str,
+        changes: &mut Vec<Change>,
+    ) -> Response {
+        let Some(of) = self.deployment(id).cloned() else {
+            return Response::NotFound { what: format!("deployment `{id}`; `fleetctl list` shows the deployments") };
+        };
+        let of_n = deployment_number(id).unwrap_or(0);
+        let target = self
+            .deployments
+            .iter()
+            .rev()
+            .filter(|(n, d)| d.app == of.app && d.destination == of.destination && d.state == DeployState::Succeeded && {
+                match to {
+                    Some(r) => d.release == r,
+                    None => **n < of_n && d.release != of.release,
+                }
+            })
+            .map(|(_, d)| d.clone())
+            .next();
+        let Some(target) = target else {
+            return Response::Rejected {
+                reason: match to {
+                    Some(r) => format!(
+                        "release `{r}` of {} never succeeded on {}; `fleetctl history --app {} --destination {}` lists the releases",
+                        of.app, of.destination, of.app, of.destination
+                    ),
+                    None => format!(
+                        "no earlier succeeded release of {} on {} to roll back to; `fleetctl history --app {}` lists them, or use --to RELEASE",
+                        of.app, of.destination, of.app
+                    ),
+                },
+            };
+        };
+        let mut spec = target.spec.clone();
+        if let Some(t) = timeout_ms {
+            spec.timeout_ms = t;
+        }
+        let reason = format!("rollback of {id} to release {}", target.release);
+        self.submit(index, at_ms, spec, actor, Some(id.to_string()), &reason, changes)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cancel(
+        &mut self,
+        index: u64,
+        at_ms: i64,
+        id: &str,
+        reason: &str,
+        actor: &str,
+        timed_out: bool,
+        changes: &mut Vec<Change>,
+    ) -> Response {
+        let Some(n) = deployment_number(id).filter(|n| self.deployments.contains_key(n)) else {
+            return Response::NotFound { what: format!("deployment `{id}`; `fleetctl list` shows the deployments") };
+        };
+        let d = self.deployments.get_mut(&n).expect("checked above");
+        if d.state == DeployState::Cancelling {
+            return Response::Deployment { id: id.to_string(), state: d.state };
+        }
+        if let Err(e) = d.cancel(at_ms, reason, actor, timed_out) {
+            let state = d.state;
+            return Response::Rejected { reason: format!("{e}: it is already {state}") };
+        }
+        let state = d.state;
+        self.put_deployment(n, changes);
+        self.after_progress(n, index, at_ms, changes);
+        Response::Deployment { id: id.to_string(), state }
+    }
+
+    fn step_result(&mut self, index: u64, at_ms: i64, id: &str, outcome: &StepOutcome, changes: &mut Vec<Change>) -> Response {
+        let Some(n) = deployment_number(id).filter(|n| self.deployments.contains_key(n)) else {
+            return Response::NotFound { what: format!("deployment `{id}`") };
+        };
+        let d = self.deployments.get_mut(&n).expect("checked above");
+        match d.record(outcome, at_ms) {
+            Err(e) => Response::Stale { reason: e.to_string() },
+            Ok(state) => {
+                self.put_deployment(n, changes);
+                self.after_progress(n, index, at_ms, changes);
+                Response::Deployment { id: id.to_string(), state }
+            }
+        }
+    }
+
+    /// A deployment moved: when it ended, free its destination (unless a
+    /// human must look first) and start the next in line.
+    fn after_progress(&mut self, n: u64, index: u64, at_ms: i64, changes: &mut Vec<Change>) {
+        let d = &self.deployments[&n];
+        if !d.state.is_terminal() {
+            return;
+        }
+        let dest = d.destination.clone();
+        let keeps_lock = d.state == DeployState::CompensationFailed;
+        if let Some(q) = self.queues.get_mut(&dest) {
+            if !keeps_lock {
+                q.retain(|x| *x != n);
+            }
+        }
+        self.put_queue(&dest, changes);
+        let holder = format!("{DEPLOYMENT_HOLDER_PREFIX}d{n}");
+        if !keeps_lock && self.locks.get(&dest).is_some_and(|l| l.holder == holder) {
+            self.locks.remove(&dest);
+            changes.push(Change { key: format!("{LOCK_PREFIX}{dest}"), value: None });
+        }
+        self.pump(&dest, index, at_ms, changes);
+    }
+
+    /// Start the head of `destination`'s queue if the lock is free.
+    fn pump(&mut self, destination: &str, index: u64, at_ms: i64, changes: &mut Vec<Change>) {
+        loop {
+            if self.locks.contains_key(destination) {
+                return;
+            }
+            let Some(&n) = self.queues.get(destination).and_then(|q| q.front()) else { return };
+            let nodes = self.nodes_for(destination);
+            let previous = self.deployments.get(&n).and_then(|d| self.current_release(&d.app, destination)).map(|p| p.release.clone());
+            let d = self.deployments.get_mut(&n).expect("queued deployments exist");
+            if d.state != DeployState::Queued {
+                // Defensive: only queued deployments wait in a queue.
+                self.queues.get_mut(destination).map(|q| q.pop_front());
+                self.put_queue(destination, changes);
+                continue;
+            }
+            let lock = LockView {
+                destination: destination.to_string(),
+                holder: format!("{DEPLOYMENT_HOLDER_PREFIX}{}", d.id),
+                reason: format!("deploy {}@{}", d.app, d.release),
+                since_ms: at_ms,
+                fencing_token: index,
+            };
+            d.token = Some(index);
+            d.previous_release = previous;
+            d.steps = plan(&d.spec, &nodes).into_iter().map(StepRecord::new).collect();
+            let reason = format!("destination lock granted (fencing token {index}) on {} node(s)", nodes.len());
+            let _ = d.transition(DeployState::Running, at_ms, reason, "coordinator");
+            if nodes.is_empty() {
+                let why = format!("no worker node matches destination `{destination}` any more; start one, then deploy again");
+                let _ = d.transition(DeployState::Compensating, at_ms, why, "coordinator");
+                let _ = d.settle(at_ms, "coordinator");
+            }
+            let ended = d.state.is_terminal();
+            changes.push(Change { key: format!("{LOCK_PREFIX}{destination}"), value: Some(encode(&lock)) });
+            self.locks.insert(destination.to_string(), lock);
+            self.put_deployment(n, changes);
+            if !ended {
+                return;
+            }
+            self.queues.get_mut(destination).map(|q| q.pop_front());
+            self.put_queue(destination, changes);
+            self.locks.remove(destination);
+            changes.push(Change { key: format!("{LOCK_PREFIX}{destination}"), value: None });
+        }
+    }
+
+    fn register_node(&mut self, at_ms: i64, id: &str, labels: &BTreeMap<String, String>, changes: &mut Vec<Change>) -> Response {
+        if let Err(e) = validate_name("node id", id) {
+            return Response::Invalid { reason: e.to_string() };
+        }
+        for (k, v) in labels {
+            if let Err(reason) = validate_label(k, v) {
+                return Response::Invalid { reason };
+            }
+        }
+        let registered_ms = self.nodes.get(id).map(|n| n.registered_ms).unwrap_or(at_ms);
+        if self.nodes.get(id).is_some_and(|n| &n.labels == labels) {
+            return Response::Done;
+        }
+        let rec = NodeRecord { id: id.to_string(), labels: labels.clone(), registered_ms, updated_ms: at_ms };
+        changes.push(Change { key: format!("{NODE_PREFIX}{id}"), value: Some(encode(&rec)) });
+        self.nodes.insert(id.to_string(), rec);
+        Response::Done
+    }
+
+    fn put_destinations(&mut self, list: &[Destination], changes: &mut Vec<Change>) -> Response {
+        for d in list {
+            if let Err((field, reason)) = validate_destination(d) {
+                return Response::Invalid { reason: format!("destination `{}`: {field}: {reason}", d.name) };
+            }
+        }
+        for d in list {
+            changes.push(Change { key: format!("{DEST_PREFIX}{}", d.name), value: Some(encode(d)) });
+            self.destinations.insert(d.name.clone(), d.clone());
+        }
+        Response::Done
+    }
+
     fn expire_dedup(&mut self, now_ms: i64, changes: &mut Vec<Change>) {
         for _ in 0..DEDUP_EXPIRE_BATCH {
             let Some((at, id)) = self.dedup_order.first().cloned() else { break };
@@ -229,7 +646,7 @@ mod tests {
             Response::NotHeld { .. } => Want::NotHeld,
             Response::NotOwner { lock } => Want::NotOwner(Box::leak(lock.holder.clone().into_boxed_str())),
             Response::Invalid { .. } => Want::Invalid,
-            Response::Noop => panic!("noop"),
+            other => panic!("unexpected {other:?}"),
         }
     }
 

@@ -1,0 +1,644 @@
+//! A deployment: its lifecycle, its saga's progress and its event log.
+//!
+//! The lifecycle is a validated state machine; every transition appends an
+//! event `{at, from, to, reason, actor}`. The saga engine ([`Deployment::next`])
+//! says, from the recorded state alone, which step (or undo) must run next,
+//! so any coordinator that becomes leader can continue a saga.
+//!
+//! ```text
+//! queued → running → succeeded
+//! running → compensating → failed
+//! queued|running → cancelling → cancelled
+//! compensating|cancelling → compensation_failed
+//! queued → superseded
+//! ```
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::manifest::Spec;
+use crate::saga::StepPlan;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployState {
+    Queued,
+    Running,
+    Compensating,
+    Failed,
+    Cancelling,
+    Cancelled,
+    Succeeded,
+    CompensationFailed,
+    Superseded,
+}
+
+impl DeployState {
+    pub fn is_terminal(self) -> bool {
+        use DeployState::*;
+        matches!(self, Failed | Cancelled | Succeeded | CompensationFailed | Superseded)
+    }
+
+    /// Does this state hold the destination lock? (From the first step to
+    /// the last undo; `compensation_failed` keeps it until a human resolves.)
+    pub fn holds_lock(self) -> bool {
+        use DeployState::*;
+        matches!(self, Running | Compensating | Cancelling | CompensationFailed)
+    }
+
+    pub fn can_become(self, to: DeployState) -> bool {
+        use DeployState::*;
+        matches!(
+            (self, to),
+            (Queued, Running)
+                | (Queued, Cancelling)
+                | (Queued, Superseded)
+                | (Running, Succeeded)
+                | (Running, Compensating)
+                | (Running, Cancelling)
+                | (Compensating, Failed)
+                | (Compensating, CompensationFailed)
+                | (Cancelling, Cancelled)
+                | (Cancelling, CompensationFailed)
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        use DeployState::*;
+        match self {
+            Queued => "queued",
+            Running => "running",
+            Compensating => "compensating",
+            Failed => "failed",
+            Cancelling => "cancelling",
+            Cancelled => "cancelled",
+            Succeeded => "succeeded",
+            CompensationFailed => "compensation_failed",
+            Superseded => "superseded",
+        }
+    }
+}
+
+impl std::fmt::Display for DeployState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One line of a deployment's event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<DeployState>,
+    pub to: DeployState,
+    pub reason: String,
+    pub actor: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Pending,
+    Done,
+    Failed,
+    Undone,
+    UndoFailed,
+}
+
+/// Error classes, which decide the retry policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// Timeout, connection reset: retry with backoff.
+    Transient,
+    /// A credential was refused: fail now.
+    Auth,
+    /// The target changed under us: re-sync, then retry.
+    Resource,
+    /// The request can never succeed: fail now.
+    Invalid,
+    /// The step was aborted because the deployment is being cancelled.
+    Aborted,
+}
+
+impl ErrorClass {
+    pub fn parse(s: &str) -> ErrorClass {
+        match s {
+            "transient" => ErrorClass::Transient,
+            "auth" => ErrorClass::Auth,
+            "resource" => ErrorClass::Resource,
+            "aborted" => ErrorClass::Aborted,
+            _ => ErrorClass::Invalid,
+        }
+    }
+    fn retryable(self) -> bool {
+        matches!(self, ErrorClass::Transient | ErrorClass::Resource)
+    }
+}
+
+/// A step's plan and what happened to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    #[serde(flatten)]
+    pub plan: StepPlan,
+    pub status: StepStatus,
+    /// The attempt that runs next / ran last (1-based), forward direction.
+    pub attempt: u32,
+    /// Same for the undo.
+    #[serde(default)]
+    pub undo_attempt: u32,
+    /// Earliest time the next attempt may start (backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<i64>,
+    /// Output of the forward run (JSON), which its undo needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo_started_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo_finished_ms: Option<i64>,
+}
+
+impl StepRecord {
+    pub fn new(plan: StepPlan) -> Self {
+        StepRecord {
+            plan,
+            status: StepStatus::Pending,
+            attempt: 1,
+            undo_attempt: 1,
+            not_before_ms: None,
+            output: None,
+            error: None,
+            started_ms: None,
+            finished_ms: None,
+            undo_started_ms: None,
+            undo_finished_ms: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: String,
+    pub app: String,
+    pub release: String,
+    pub destination: String,
+    pub spec: Spec,
+    pub state: DeployState,
+    /// Who submitted it (certificate common name).
+    pub submitted_by: String,
+    pub submitted_ms: i64,
+    /// Past this time the leader cancels it (exit 5 for the submitter).
+    pub deadline_ms: i64,
+    /// Fencing token of the destination lock, once granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
+    /// Assignment epoch: steps carry it; a result with another epoch is stale.
+    pub epoch: u64,
+    /// Release that was current on the destination when this one started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_release: Option<String>,
+    /// Set when this deployment is a rollback of another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<String>,
+    /// The deployment ended because its deadline passed.
+    #[serde(default)]
+    pub timed_out: bool,
+    pub steps: Vec<StepRecord>,
+    pub events: Vec<Event>,
+}
+
+/// Which step (or undo) must run next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Work {
+    pub step: usize,
+    pub undo: bool,
+    pub attempt: u32,
+    /// Backoff: not before this time.
+    pub not_before_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DeployError {
+    #[error("deployment {id} cannot go from {from} to {to}")]
+    Transition { id: String, from: DeployState, to: DeployState },
+    #[error("stale result for deployment {id}: {why}")]
+    Stale { id: String, why: String },
+}
+
+/// A step's reported outcome, as the leader proposes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepOutcome {
+    pub step: usize,
+    pub undo: bool,
+    pub attempt: u32,
+    pub token: u64,
+    pub epoch: u64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<ErrorClass>,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    /// The node that reported it.
+    pub node: String,
+}
+
+impl Deployment {
+    pub fn label(&self) -> String {
+        format!("{}@{} → {}", self.app, self.release, self.destination)
+    }
+
+    /// Move to `to`, appending an event; refuses transitions the lifecycle
+    /// does not have.
+    pub fn transition(&mut self, to: DeployState, at_ms: i64, reason: impl Into<String>, actor: &str) -> Result<(), DeployError> {
+        if !self.state.can_become(to) {
+            return Err(DeployError::Transition { id: self.id.clone(), from: self.state, to });
+        }
+        self.events.push(Event { at_ms, from: Some(self.state), to, reason: reason.into(), actor: actor.to_string() });
+        self.state = to;
+        Ok(())
+    }
+
+    /// The engine: what runs next, from the recorded state only.
+    pub fn next(&self) -> Option<Work> {
+        match self.state {
+            DeployState::Running => {
+                let (i, s) = self.steps.iter().enumerate().find(|(_, s)| s.status != StepStatus::Done)?;
+                (s.status == StepStatus::Pending).then_some(Work { step: i, undo: false, attempt: s.attempt, not_before_ms: s.not_before_ms })
+            }
+            DeployState::Compensating | DeployState::Cancelling => {
+                let (i, s) = self.steps.iter().enumerate().rev().find(|(_, s)| s.status == StepStatus::Done)?;
+                s.plan.reversible.then_some(Work { step: i, undo: true, attempt: s.undo_attempt, not_before_ms: s.not_before_ms })
+            }
+            _ => None,
+        }
+    }
+
+    /// The forward step that may be in flight on a node while the
+    /// deployment is being cancelled (its result is still awaited).
+    pub fn pending_forward_step(&self) -> Option<usize> {
+        if !matches!(self.state, DeployState::Running | DeployState::Cancelling) || self.token.is_none() {
+            return None;
+        }
+        if self.steps.iter().any(|s| matches!(s.status, StepStatus::Undone | StepStatus::UndoFailed)) {
+            return None;
+        }
+        self.steps.iter().position(|s| s.status == StepStatus::Pending)
+    }
+
+    /// Record one step result. Returns the state reached (which may be
+    /// terminal). Stale results (other token, epoch, step or attempt) are
+    /// refused and change nothing.
+    pub fn record(&mut self, r: &StepOutcome, at_ms: i64) -> Result<DeployState, DeployError> {
+        let stale = |why: String| DeployError::Stale { id: self.id.clone(), why };
+        if self.token != Some(r.token) {
+            return Err(stale(format!("token {} is not the deployment's {:?}", r.token, self.token)));
+        }
+        if self.epoch != r.epoch {
+            return Err(stale(format!("epoch {} is not the current {}", r.epoch, self.epoch)));
+        }
+        let expected = if r.undo {
+            self.next().filter(|w| w.undo)
+        } else if self.state == DeployState::Cancelling {
+            // A forward step that was in flight when cancel arrived.
+            self.pending_forward_step()
+                .map(|i| Work { step: i, undo: false, attempt: self.steps[i].attempt, not_before_ms: None })
+        } else {
+            self.next().filter(|w| !w.undo)
+        };
+        let Some(w) = expected else {
+            return Err(stale(format!("no {} is expected in state {}", if r.undo { "undo" } else { "step" }, self.state)));
+        };
+        if w.step != r.step || w.attempt != r.attempt {
+            return Err(stale(format!("expected step {} attempt {}, got step {} attempt {}", w.step, w.attempt, r.step, r.attempt)));
+        }
+        let actor = r.node.clone();
+        let step = &mut self.steps[r.step];
+        let class = r.class.unwrap_or(ErrorClass::Invalid);
+        let max = step.plan.retry.max_attempts;
+        let error_text = || r.error.clone().unwrap_or_else(|| "the step failed without a message".into());
+        if !r.undo {
+            step.started_ms = Some(r.started_ms);
+            step.finished_ms = Some(r.finished_ms);
+            if r.ok {
+                step.status = StepStatus::Done;
+                step.output = r.output.clone();
+                step.error = None;
+                step.not_before_ms = None;
+            } else if class.retryable() && r.attempt < max && self.state == DeployState::Running {
+                step.attempt += 1;
+                step.error = Some(error_text());
+                step.not_before_ms = Some(at_ms + step.plan.retry.backoff_before(step.attempt) as i64);
+                return Ok(self.state);
+            } else {
+                step.status = StepStatus::Failed;
+                step.error = Some(error_text());
+                step.not_before_ms = None;
+                if self.state == DeployState::Running {
+                    let reason = format!("step {} ({}) failed: {}", r.step + 1, step.plan.name, error_text());
+                    self.transition(DeployState::Compensating, at_ms, reason, &actor)?;
+                }
+            }
+        } else {
+            step.undo_started_ms = Some(r.started_ms);
+            step.undo_finished_ms = Some(r.finished_ms);
+            if r.ok {
+                step.status = StepStatus::Undone;
+                step.not_before_ms = None;
+            } else if class.retryable() && r.attempt < max.max(3) {
+                step.undo_attempt += 1;
+                step.error = Some(error_text());
+                step.not_before_ms = Some(at_ms + step.plan.retry.backoff_before(step.undo_attempt) as i64);
+                return Ok(self.state);
+            } else {
+                step.status = StepStatus::UndoFailed;
+                step.error = Some(error_text());
+                let reason = format!(
+                    "undo of step {} ({}) failed: {}; a human must check the destination, then run `fleetctl resolve {}`",
+                    r.step + 1,
+                    step.plan.name,
+                    error_text(),
+                    self.id
+                );
+                self.transition(DeployState::CompensationFailed, at_ms, reason, &actor)?;
+                return Ok(self.state);
+            }
+        }
+        self.settle(at_ms, &actor)?;
+        Ok(self.state)
+    }
+
+    /// After progress: finish when nothing is left to do.
+    pub fn settle(&mut self, at_ms: i64, actor: &str) -> Result<(), DeployError> {
+        if self.next().is_some() || (self.state == DeployState::Cancelling && self.pending_forward_step().is_some()) {
+            return Ok(());
+        }
+        match self.state {
+            DeployState::Running => {
+                if self.steps.iter().all(|s| s.status == StepStatus::Done) {
+                    self.transition(DeployState::Succeeded, at_ms, "every step succeeded", actor)?;
+                }
+            }
+            DeployState::Compensating | DeployState::Cancelling => {
+                let blocked = self.steps.iter().rev().find(|s| s.status == StepStatus::Done);
+                if let Some(s) = blocked {
+                    // Only an irreversible step can stop compensation here.
+                    let reason = format!(
+                        "step `{}` is irreversible and cannot be undone; a human must check the destination, then run `fleetctl resolve {}`",
+                        s.plan.name, self.id
+                    );
+                    self.transition(DeployState::CompensationFailed, at_ms, reason, actor)?;
+                } else {
+                    let (to, reason) = if self.state == DeployState::Compensating {
+                        (DeployState::Failed, "every completed step was undone")
+                    } else {
+                        (DeployState::Cancelled, "every completed step was undone")
+                    };
+                    self.transition(to, at_ms, reason, actor)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Ask to cancel. Queued: cancelled at once. Running: compensate what
+    /// ran (the in-flight step's result is still awaited).
+    pub fn cancel(&mut self, at_ms: i64, reason: &str, actor: &str, timed_out: bool) -> Result<(), DeployError> {
+        match self.state {
+            DeployState::Queued | DeployState::Running => {
+                self.timed_out = timed_out;
+                self.transition(DeployState::Cancelling, at_ms, reason, actor)?;
+                for s in &mut self.steps {
+                    s.not_before_ms = None;
+                }
+                self.settle(at_ms, actor)
+            }
+            from => Err(DeployError::Transition { id: self.id.clone(), from, to: DeployState::Cancelling }),
+        }
+    }
+
+    /// The exit code `fleetctl deploy/watch` reports for this state.
+    pub fn exit_code(&self) -> Option<u8> {
+        use DeployState::*;
+        Some(match self.state {
+            Succeeded => 0,
+            Failed => 3,
+            Cancelled if self.timed_out => 5,
+            Cancelled | Superseded => 4,
+            CompensationFailed => 6,
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{parse_manifest, Overrides};
+    use crate::saga::plan;
+
+    fn deployment(nodes: &[&str]) -> Deployment {
+        let spec = parse_manifest(
+            "f",
+            "app: web\nrelease: v2\ndestination: d\nrun: [srv]\nhealth: { tcp: true }\nretry: { max_attempts: 2 }\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let nodes: Vec<String> = nodes.iter().map(|s| s.to_string()).collect();
+        let steps = plan(&spec, &nodes).into_iter().map(StepRecord::new).collect();
+        Deployment {
+            id: "d1".into(),
+            app: "web".into(),
+            release: "v2".into(),
+            destination: "d".into(),
+            spec,
+            state: DeployState::Queued,
+            submitted_by: "op".into(),
+            submitted_ms: 0,
+            deadline_ms: 1_000_000,
+            token: None,
+            epoch: 1,
+            previous_release: None,
+            rollback_of: None,
+            timed_out: false,
+            steps,
+            events: vec![],
+        }
+    }
+
+    fn started(nodes: &[&str]) -> Deployment {
+        let mut d = deployment(nodes);
+        d.token = Some(7);
+        d.transition(DeployState::Running, 1, "lock granted", "leader").unwrap();
+        d
+    }
+
+    fn result(w: Work, ok: bool, class: Option<ErrorClass>) -> StepOutcome {
+        StepOutcome {
+            step: w.step,
+            undo: w.undo,
+            attempt: w.attempt,
+            token: 7,
+            epoch: 1,
+            ok,
+            output: ok.then(|| "{}".into()),
+            error: (!ok).then(|| "boom".into()),
+            class,
+            started_ms: 10,
+            finished_ms: 11,
+            node: "n1".into(),
+        }
+    }
+
+    #[test]
+    fn lifecycle_transitions() {
+        use DeployState::*;
+        let all = [Queued, Running, Compensating, Failed, Cancelling, Cancelled, Succeeded, CompensationFailed, Superseded];
+        let allowed = [
+            (Queued, Running),
+            (Queued, Cancelling),
+            (Queued, Superseded),
+            (Running, Succeeded),
+            (Running, Compensating),
+            (Running, Cancelling),
+            (Compensating, Failed),
+            (Compensating, CompensationFailed),
+            (Cancelling, Cancelled),
+            (Cancelling, CompensationFailed),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(from.can_become(to), allowed.contains(&(from, to)), "{from} -> {to}");
+            }
+            // Terminal states go nowhere.
+            if from.is_terminal() {
+                assert!(all.iter().all(|t| !from.can_become(*t)));
+            }
+        }
+        let mut d = deployment(&["n1"]);
+        assert!(d.transition(Succeeded, 1, "x", "y").is_err());
+        assert!(d.events.is_empty(), "a refused transition logs nothing");
+    }
+
+    /// Drive a deployment by a script of outcomes; check the final state and
+    /// the order in which steps ran and were undone.
+    #[test]
+    fn saga_scripts() {
+        use DeployState::*;
+        // (script of (ok, class) per executed work item, final state, executed work as (step, undo))
+        type Script = Vec<(bool, Option<ErrorClass>)>;
+        let ok = (true, None);
+        let transient = (false, Some(ErrorClass::Transient));
+        let invalid = (false, Some(ErrorClass::Invalid));
+        let cases: Vec<(&str, Script, DeployState, Vec<(usize, bool)>)> = vec![
+            ("all succeed", vec![ok; 4], Succeeded, vec![(0, false), (1, false), (2, false), (3, false)]),
+            (
+                "health fails: start undone",
+                vec![ok, invalid, ok],
+                Failed,
+                vec![(0, false), (1, false), (0, true)],
+            ),
+            (
+                "stop-old fails: switch then start undone, in reverse",
+                vec![ok, ok, ok, invalid, ok, ok, ok],
+                Failed,
+                vec![(0, false), (1, false), (2, false), (3, false), (2, true), (1, true), (0, true)],
+            ),
+            (
+                "transient start retried once then succeeds",
+                vec![transient, ok, ok, ok, ok],
+                Succeeded,
+                vec![(0, false), (0, false), (1, false), (2, false), (3, false)],
+            ),
+            (
+                "transient twice exceeds max_attempts 2",
+                vec![transient, transient],
+                Failed,
+                vec![(0, false), (0, false)],
+            ),
+            (
+                "undo fails for good",
+                vec![ok, invalid, invalid],
+                CompensationFailed,
+                vec![(0, false), (1, false), (0, true)],
+            ),
+        ];
+        for (name, script, want, want_order) in cases {
+            let mut d = started(&["n1"]);
+            let mut order = vec![];
+            for (ok, class) in script {
+                let w = d.next().unwrap_or_else(|| panic!("{name}: nothing to run in {}", d.state));
+                order.push((w.step, w.undo));
+                d.record(&result(w, ok, class), 20).unwrap();
+            }
+            assert_eq!(d.state, want, "{name}");
+            assert_eq!(order, want_order, "{name}");
+            assert!(d.next().is_none(), "{name}: work left after the end");
+            assert!(d.events.windows(2).all(|w| w[0].to == w[1].from.unwrap()), "{name}: event log is a chain");
+        }
+    }
+
+    #[test]
+    fn stale_results_are_refused() {
+        let mut d = started(&["n1"]);
+        let w = d.next().unwrap();
+        let mut r = result(w, true, None);
+        r.token = 6;
+        assert!(d.record(&r, 1).is_err());
+        r.token = 7;
+        r.epoch = 0;
+        assert!(d.record(&r, 1).is_err());
+        r.epoch = 1;
+        r.step = 2;
+        assert!(d.record(&r, 1).is_err());
+        r.step = 0;
+        r.attempt = 2;
+        assert!(d.record(&r, 1).is_err());
+        assert_eq!(d.steps[0].status, StepStatus::Pending, "refused results change nothing");
+        r.attempt = 1;
+        d.record(&r, 1).unwrap();
+        // The same result again is stale now.
+        assert!(d.record(&r, 1).is_err());
+    }
+
+    #[test]
+    fn cancel_waits_for_the_step_in_flight_then_undoes_it() {
+        use DeployState::*;
+        let mut d = started(&["n1"]);
+        let w0 = d.next().unwrap();
+        d.record(&result(w0, true, None), 1).unwrap();
+        let w1 = d.next().unwrap(); // health check, in flight
+        d.cancel(2, "operator asked", "alice", false).unwrap();
+        assert_eq!(d.state, Cancelling);
+        assert_eq!(d.pending_forward_step(), Some(1));
+        // The aborted health check reports; then start is undone.
+        d.record(&result(w1, false, Some(ErrorClass::Aborted)), 3).unwrap();
+        let u = d.next().unwrap();
+        assert_eq!((u.step, u.undo), (0, true));
+        d.record(&result(u, true, None), 4).unwrap();
+        assert_eq!(d.state, Cancelled);
+        assert_eq!(d.exit_code(), Some(4));
+    }
+
+    #[test]
+    fn cancel_of_a_queued_deployment_ends_at_once() {
+        let mut d = deployment(&["n1"]);
+        d.cancel(1, "deadline passed", "leader", true).unwrap();
+        assert_eq!(d.state, DeployState::Cancelled);
+        assert_eq!(d.exit_code(), Some(5));
+        assert_eq!(d.events.len(), 2);
+        assert!(d.cancel(2, "again", "x", false).is_err());
+    }
+}

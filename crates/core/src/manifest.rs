@@ -1,0 +1,582 @@
+//! The deployment manifest (`fleet.yaml`) and the destinations file.
+//!
+//! Parsing is strict: an unknown field, a missing required one or a value
+//! out of range is an error that names the file, the field (as a dotted
+//! path) and the reason, so a typo never deploys something unexpected.
+//!
+//! ```yaml
+//! app: web
+//! release: v2
+//! destination: staging
+//! run: ["fleet-demo-app", "--release", "{release}"]
+//! env: { GREETING: hello }
+//! strategy: { max_unavailable: 1 }
+//! health:
+//!   http: /healthz
+//!   interval: 200ms
+//!   timeout: 1s
+//!   healthy_threshold: 2
+//!   deadline: 20s
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::names::{validate_name, validate_text};
+
+/// A manifest or destinations file that cannot be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[error("{file}: {field}: {reason}")]
+pub struct ManifestError {
+    pub file: String,
+    /// Dotted path of the offending field (`health.interval`), or `.` for
+    /// the document as a whole.
+    pub field: String,
+    pub reason: String,
+}
+
+impl ManifestError {
+    fn new(file: &str, field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ManifestError { file: file.to_string(), field: field.into(), reason: reason.into() }
+    }
+}
+
+/// `fleet.yaml` as written by the user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub app: String,
+    #[serde(default)]
+    pub release: Option<String>,
+    /// One destination; `destinations` is accepted as a one-element list.
+    #[serde(default)]
+    pub destination: Option<String>,
+    #[serde(default)]
+    pub destinations: Vec<String>,
+    /// How to run one instance of the release (argv). `{release}` and
+    /// `{port}` are replaced; the instance also gets `PORT` and
+    /// `FLEET_RELEASE` in its environment.
+    pub run: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub strategy: Strategy,
+    pub health: HealthSpec,
+    #[serde(default)]
+    pub hooks: Hooks,
+    #[serde(default)]
+    pub retry: RetrySpec,
+    /// Deadline of the whole deployment (`fleetctl deploy --timeout` wins).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Per-step timeout for steps that have no timeout of their own.
+    #[serde(default)]
+    pub step_timeout: Option<String>,
+    /// Stable port of the app's route on every node; 0 or absent = the node
+    /// picks a free port once and keeps it.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// How long stopping the old instance waits for its open connections.
+    #[serde(default)]
+    pub drain: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Strategy {
+    /// Nodes switched at once (blue-green on each node, rolling across).
+    #[serde(default)]
+    pub max_unavailable: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// HTTP GET of this path must answer 2xx.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// A TCP connect to the instance's port must succeed.
+    #[serde(default)]
+    pub tcp: Option<bool>,
+    /// This command (argv) must exit 0; `{port}` is replaced.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub interval: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub healthy_threshold: Option<u32>,
+    /// Give up after this long.
+    #[serde(default)]
+    pub deadline: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    /// Commands (run by `sh -c` on each node) before the first step.
+    #[serde(default)]
+    pub pre: Vec<String>,
+    /// Commands after the last step.
+    #[serde(default)]
+    pub post: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    #[serde(default)]
+    pub backoff: Option<String>,
+    /// Multiplier of the backoff between attempts, e.g. `2` or `1.5`.
+    #[serde(default)]
+    pub backoff_multiplier: Option<f64>,
+}
+
+/// How a health check probes an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "probe", rename_all = "snake_case")]
+pub enum Probe {
+    Http { path: String },
+    Tcp,
+    Command { argv: Vec<String> },
+}
+
+/// A validated health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub healthy_threshold: u32,
+    pub deadline_ms: u64,
+}
+
+/// Retry policy of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub backoff_ms: u64,
+    /// Backoff multiplier in percent (200 = doubles), kept integral so the
+    /// replicated state has no floats.
+    pub multiplier_pct: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { max_attempts: 1, backoff_ms: 500, multiplier_pct: 200 }
+    }
+}
+
+impl RetryPolicy {
+    /// Backoff before attempt `attempt` (2 = the first retry), without jitter.
+    pub fn backoff_before(&self, attempt: u32) -> u64 {
+        let mut b = self.backoff_ms as u128;
+        for _ in 2..attempt {
+            b = b * self.multiplier_pct as u128 / 100;
+        }
+        b.min(5 * 60 * 1000) as u64
+    }
+}
+
+/// A manifest after validation, with defaults filled in and the release and
+/// destination decided. This is what a deployment records and plans from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spec {
+    pub app: String,
+    pub release: String,
+    pub destination: String,
+    pub run: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub max_unavailable: u32,
+    pub health: HealthCheck,
+    pub pre_hooks: Vec<String>,
+    pub post_hooks: Vec<String>,
+    pub retry: RetryPolicy,
+    pub timeout_ms: u64,
+    pub step_timeout_ms: u64,
+    pub port: u16,
+    pub drain_ms: u64,
+}
+
+pub const DEFAULT_DEPLOY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+const MAX_ARGS: usize = 256;
+const MAX_ENV: usize = 256;
+
+/// Overrides given on the command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub release: Option<String>,
+    pub destinations: Vec<String>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// Parse and validate `fleet.yaml`.
+pub fn parse_manifest(file: &str, text: &str, overrides: &Overrides) -> Result<Spec, ManifestError> {
+    let m: Manifest = parse_yaml(file, text)?;
+    validate_manifest(file, m, overrides)
+}
+
+fn parse_yaml<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T, ManifestError> {
+    if text.trim().is_empty() {
+        return Err(ManifestError::new(file, ".", "the file is empty; see `fleetctl deploy --help` for an example"));
+    }
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let text = inner.to_string();
+        let mut reason = text.strip_prefix(&format!("{path}: ")).unwrap_or(&text).to_string();
+        if let Some(loc) = inner.location() {
+            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+            if !reason.contains(&suffix) {
+                reason.push_str(&suffix);
+            }
+        }
+        ManifestError::new(file, path, reason)
+    })
+}
+
+fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, ManifestError> {
+    let err = |field: &str, reason: String| ManifestError::new(file, field, reason);
+    validate_name("app", &m.app).map_err(|e| err("app", e.to_string()))?;
+
+    let release = o.release.clone().or(m.release.clone()).ok_or_else(|| {
+        err("release", "missing; set `release:` in the manifest or pass `--release R`".into())
+    })?;
+    validate_name("release", &release).map_err(|e| err("release", e.to_string()))?;
+
+    let mut dests: Vec<String> = if !o.destinations.is_empty() {
+        o.destinations.clone()
+    } else {
+        m.destination.iter().cloned().chain(m.destinations.iter().cloned()).collect()
+    };
+    dests.dedup();
+    let destination = match dests.as_slice() {
+        [] => return Err(err("destination", "missing; set `destination:` or pass `--destination D`".into())),
+        [one] => one.clone(),
+        _ => {
+            return Err(err(
+                "destinations",
+                format!("{} destinations given; deploy to one destination per `fleetctl deploy`", dests.len()),
+            ))
+        }
+    };
+    validate_name("destination", &destination).map_err(|e| err("destination", e.to_string()))?;
+
+    if m.run.is_empty() || m.run[0].trim().is_empty() {
+        return Err(err("run", "empty; give the command that starts one instance, e.g. [\"./server\", \"--port\", \"{port}\"]".into()));
+    }
+    if m.run.len() > MAX_ARGS {
+        return Err(err("run", format!("{} arguments; at most {MAX_ARGS}", m.run.len())));
+    }
+    for (i, a) in m.run.iter().enumerate() {
+        validate_text("argument", a, 4096).map_err(|e| err(&format!("run[{i}]"), e.to_string()))?;
+    }
+    if m.env.len() > MAX_ENV {
+        return Err(err("env", format!("{} variables; at most {MAX_ENV}", m.env.len())));
+    }
+    for (k, v) in &m.env {
+        let ok = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !k.starts_with(|c: char| c.is_ascii_digit());
+        if !ok {
+            return Err(err(&format!("env.{k}"), "not a valid variable name; use letters, digits and `_`".into()));
+        }
+        validate_text("value", v, 16 * 1024).map_err(|e| err(&format!("env.{k}"), e.to_string()))?;
+    }
+
+    let max_unavailable = m.strategy.max_unavailable.unwrap_or(1);
+    if max_unavailable == 0 {
+        return Err(err("strategy.max_unavailable", "must be at least 1".into()));
+    }
+
+    let health = validate_health(file, &m.health)?;
+
+    let retry_max = m.retry.max_attempts.unwrap_or(3);
+    if retry_max == 0 || retry_max > 100 {
+        return Err(err("retry.max_attempts", format!("{retry_max} is out of range; use 1 to 100 (1 = no retry)")));
+    }
+    let backoff_ms = duration_ms(file, "retry.backoff", m.retry.backoff.as_deref(), 500)?;
+    let mult = m.retry.backoff_multiplier.unwrap_or(2.0);
+    if !mult.is_finite() || !(1.0..=10.0).contains(&mult) {
+        return Err(err("retry.backoff_multiplier", format!("{mult} is out of range; use 1 to 10")));
+    }
+
+    let timeout_ms = match o.timeout_ms {
+        Some(t) => t,
+        None => duration_ms(file, "timeout", m.timeout.as_deref(), DEFAULT_DEPLOY_TIMEOUT.as_millis() as u64)?,
+    };
+    if timeout_ms == 0 {
+        return Err(err("timeout", "must be longer than zero".into()));
+    }
+    let step_timeout_ms =
+        duration_ms(file, "step_timeout", m.step_timeout.as_deref(), DEFAULT_STEP_TIMEOUT.as_millis() as u64)?;
+    if step_timeout_ms == 0 {
+        return Err(err("step_timeout", "must be longer than zero".into()));
+    }
+    let drain_ms = duration_ms(file, "drain", m.drain.as_deref(), 5_000)?;
+    for (i, h) in m.hooks.pre.iter().enumerate() {
+        validate_text("hook", h, 4096).map_err(|e| err(&format!("hooks.pre[{i}]"), e.to_string()))?;
+    }
+    for (i, h) in m.hooks.post.iter().enumerate() {
+        validate_text("hook", h, 4096).map_err(|e| err(&format!("hooks.post[{i}]"), e.to_string()))?;
+    }
+
+    Ok(Spec {
+        app: m.app,
+        release,
+        destination,
+        run: m.run,
+        env: m.env,
+        max_unavailable,
+        health,
+        pre_hooks: m.hooks.pre,
+        post_hooks: m.hooks.post,
+        retry: RetryPolicy { max_attempts: retry_max, backoff_ms, multiplier_pct: (mult * 100.0).round() as u32 },
+        timeout_ms,
+        step_timeout_ms,
+        port: m.port.unwrap_or(0),
+        drain_ms,
+    })
+}
+
+fn validate_health(file: &str, h: &HealthSpec) -> Result<HealthCheck, ManifestError> {
+    let err = |field: &str, reason: String| ManifestError::new(file, field, reason);
+    let given = [h.http.is_some(), h.tcp == Some(true), h.command.is_some()].iter().filter(|x| **x).count();
+    if given != 1 {
+        return Err(err("health", "give exactly one of `http: /path`, `tcp: true` or `command: [...]`".into()));
+    }
+    let probe = if let Some(path) = &h.http {
+        if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(err("health.http", format!("`{path}` is not a URL path; write it like `/healthz`")));
+        }
+        Probe::Http { path: path.clone() }
+    } else if let Some(argv) = &h.command {
+        if argv.is_empty() {
+            return Err(err("health.command", "empty; give a command such as [\"./check\", \"{port}\"]".into()));
+        }
+        Probe::Command { argv: argv.clone() }
+    } else {
+        Probe::Tcp
+    };
+    let interval_ms = duration_ms(file, "health.interval", h.interval.as_deref(), 1_000)?;
+    let timeout_ms = duration_ms(file, "health.timeout", h.timeout.as_deref(), 2_000)?;
+    let deadline_ms = duration_ms(file, "health.deadline", h.deadline.as_deref(), 60_000)?;
+    if interval_ms == 0 {
+        return Err(err("health.interval", "must be longer than zero".into()));
+    }
+    if timeout_ms == 0 {
+        return Err(err("health.timeout", "must be longer than zero".into()));
+    }
+    if deadline_ms < interval_ms {
+        return Err(err("health.deadline", "is shorter than health.interval; the check could never run".into()));
+    }
+    let healthy_threshold = h.healthy_threshold.unwrap_or(1);
+    if healthy_threshold == 0 || healthy_threshold > 1000 {
+        return Err(err("health.healthy_threshold", format!("{healthy_threshold} is out of range; use 1 to 1000")));
+    }
+    Ok(HealthCheck { probe, interval_ms, timeout_ms, healthy_threshold, deadline_ms })
+}
+
+/// Parse a duration such as `500ms`, `10s`, `5m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t.starts_with('-') {
+        return Err(format!("`{t}` is negative; durations must be positive, e.g. `500ms` or `10s`"));
+    }
+    humantime::parse_duration(t).map_err(|e| format!("`{t}` is not a duration ({e}); write it like `500ms`, `10s` or `5m`"))
+}
+
+fn duration_ms(file: &str, field: &str, value: Option<&str>, default_ms: u64) -> Result<u64, ManifestError> {
+    match value {
+        None => Ok(default_ms),
+        Some(v) => parse_duration(v)
+            .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
+            .map_err(|reason| ManifestError::new(file, field, reason)),
+    }
+}
+
+// ------------------------------------------------------------ destinations
+
+/// What to do with a deployment submitted while the destination is busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueuePolicy {
+    /// Wait in FIFO order.
+    #[default]
+    Queue,
+    /// A queued deployment is superseded by a newer one of the same app.
+    Coalesce,
+    /// Refuse at once.
+    Reject,
+}
+
+/// A destination: where deployments go, and how they are serialized.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    pub name: String,
+    /// Only `process` for now.
+    #[serde(default = "default_adapter")]
+    pub adapter: String,
+    /// Worker nodes whose labels include all of these run the deployment.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub queue: QueuePolicy,
+}
+
+fn default_adapter() -> String {
+    "process".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestinationsFile {
+    destinations: Vec<Destination>,
+}
+
+pub const ADAPTERS: &[&str] = &["process"];
+
+/// Parse and validate a destinations file.
+pub fn parse_destinations(file: &str, text: &str) -> Result<Vec<Destination>, ManifestError> {
+    let f: DestinationsFile = parse_yaml(file, text)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, d) in f.destinations.iter().enumerate() {
+        let at = |f: &str| format!("destinations[{i}].{f}");
+        validate_destination(d).map_err(|(field, reason)| ManifestError::new(file, at(field), reason))?;
+        if !seen.insert(d.name.clone()) {
+            return Err(ManifestError::new(file, at("name"), format!("`{}` is listed twice", d.name)));
+        }
+    }
+    Ok(f.destinations)
+}
+
+/// Check one destination; the error is (field, reason).
+pub fn validate_destination(d: &Destination) -> Result<(), (&'static str, String)> {
+    validate_name("destination", &d.name).map_err(|e| ("name", e.to_string()))?;
+    if !ADAPTERS.contains(&d.adapter.as_str()) {
+        return Err(("adapter", format!("`{}` is not an adapter this build has; use one of {ADAPTERS:?}", d.adapter)));
+    }
+    for (k, v) in &d.selector {
+        validate_label(k, v).map_err(|r| ("selector", r))?;
+    }
+    Ok(())
+}
+
+/// Labels: `key=value`, both short printable words.
+pub fn validate_label(k: &str, v: &str) -> Result<(), String> {
+    let ok = |s: &str| !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    if !ok(k) || !(v.is_empty() || ok(v)) {
+        return Err(format!("label `{k}={v}` is not valid; use letters, digits, `-`, `_`, `.`, `/` (at most 63 each)"));
+    }
+    Ok(())
+}
+
+/// Do `labels` satisfy `selector`?
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+app: web
+release: v1
+destination: staging
+run: ["fleet-demo-app", "--release", "{release}"]
+env: { GREETING: hello }
+health:
+  http: /healthz
+  interval: 200ms
+  timeout: 1s
+  healthy_threshold: 2
+  deadline: 20s
+"#;
+
+    #[test]
+    fn a_good_manifest_gets_defaults() {
+        let s = parse_manifest("fleet.yaml", GOOD, &Overrides::default()).unwrap();
+        assert_eq!(s.app, "web");
+        assert_eq!(s.release, "v1");
+        assert_eq!(s.destination, "staging");
+        assert_eq!(s.health.interval_ms, 200);
+        assert_eq!(s.health.healthy_threshold, 2);
+        assert_eq!(s.health.probe, Probe::Http { path: "/healthz".into() });
+        assert_eq!(s.max_unavailable, 1);
+        assert_eq!(s.retry.max_attempts, 3);
+        assert_eq!(s.timeout_ms, DEFAULT_DEPLOY_TIMEOUT.as_millis() as u64);
+    }
+
+    #[test]
+    fn overrides_win() {
+        let o = Overrides { release: Some("v9".into()), destinations: vec!["prod".into()], timeout_ms: Some(1000) };
+        let s = parse_manifest("fleet.yaml", GOOD, &o).unwrap();
+        assert_eq!((s.release.as_str(), s.destination.as_str(), s.timeout_ms), ("v9", "prod", 1000));
+    }
+
+    /// (edit applied to GOOD, field the error must name, words its reason must contain)
+    #[test]
+    fn bad_manifests_name_file_field_and_reason() {
+        let cases: Vec<(String, &str, &str)> = vec![
+            (GOOD.replace("env:", "colour: red\nenv:"), "colour", "unknown field `colour`"),
+            (GOOD.replace("  interval: 200ms", "  intervall: 200ms"), "health.intervall", "unknown field `intervall`"),
+            (GOOD.replace("release: v1\n", ""), "release", "missing"),
+            (GOOD.replace("200ms", "-1s"), "health.interval", "negative"),
+            (GOOD.replace("200ms", "soon"), "health.interval", "not a duration"),
+            (GOOD.replace("20s", "100ms"), "health.deadline", "shorter"),
+            (GOOD.replace("  http: /healthz\n", ""), "health", "exactly one"),
+            (GOOD.replace("  http: /healthz\n", "  http: /x\n  tcp: true\n"), "health", "exactly one"),
+            (GOOD.replace("app: web", "app: Web App"), "app", "character"),
+            (GOOD.replace("destination: staging\n", ""), "destination", "missing"),
+            (GOOD.replace("healthy_threshold: 2", "healthy_threshold: -2"), "health.healthy_threshold", "expected u32"),
+            (GOOD.replace("GREETING", "1BAD"), "env.1BAD", "variable name"),
+            ("".into(), ".", "empty"),
+            ("app: [".into(), "app", "line"),
+        ];
+        for (text, field, words) in cases {
+            let e = parse_manifest("fleet.yaml", &text, &Overrides::default()).unwrap_err();
+            assert_eq!(e.file, "fleet.yaml");
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.reason.contains(words), "`{}` should contain `{words}`", e.reason);
+        }
+    }
+
+    #[test]
+    fn destinations_file() {
+        let text = "destinations:\n  - name: staging\n    selector: { env: staging }\n  - name: prod\n    queue: reject\n";
+        let d = parse_destinations("d.yaml", text).unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[1].queue, QueuePolicy::Reject);
+        assert_eq!(d[0].adapter, "process");
+        let dup = "destinations:\n  - name: a\n  - name: a\n";
+        assert_eq!(parse_destinations("d.yaml", dup).unwrap_err().field, "destinations[1].name");
+        let bad = "destinations:\n  - name: a\n    adapter: warp\n";
+        assert_eq!(parse_destinations("d.yaml", bad).unwrap_err().field, "destinations[0].adapter");
+        let unknown = "destinations:\n  - name: a\n    colour: red\n";
+        assert!(parse_destinations("d.yaml", unknown).unwrap_err().reason.contains("unknown field"));
+    }
+
+    #[test]
+    fn selector_matching() {
+        let sel: BTreeMap<_, _> = [("env".to_string(), "staging".to_string())].into();
+        let yes: BTreeMap<_, _> = [("env".to_string(), "staging".to_string()), ("zone".into(), "a".into())].into();
+        let no: BTreeMap<_, _> = [("env".to_string(), "prod".to_string())].into();
+        assert!(selects(&sel, &yes));
+        assert!(!selects(&sel, &no));
+        assert!(selects(&BTreeMap::new(), &no));
+    }
+
+    #[test]
+    fn backoff_grows_by_the_multiplier() {
+        let p = RetryPolicy { max_attempts: 5, backoff_ms: 100, multiplier_pct: 200 };
+        assert_eq!([2, 3, 4].map(|a| p.backoff_before(a)), [100, 200, 400]);
+    }
+}

@@ -1,0 +1,202 @@
+//! The saga planner: a validated manifest and the destination's nodes become
+//! an ordered list of steps, each with what to run, whether it can be
+//! undone, its timeout and its retry policy.
+//!
+//! For the `process` adapter a release is rolled across the nodes in
+//! batches of `max_unavailable`, blue-green on each node:
+//!
+//! ```text
+//! pre hooks → per batch: start (new port) → health check → switch route → stop old → post hooks
+//! ```
+//!
+//! Undo of each step restores exactly what was there before it: undo of
+//! `start` stops the new instance and frees its port, undo of `switch`
+//! points the route back at the previous instance, undo of `stop old`
+//! starts the previous release again on its old port.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{HealthCheck, RetryPolicy, Spec};
+
+/// What a node executes for one step. This is the contract between the
+/// leader and `fleet-node` (sent as JSON in `StepAssignment.action_json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StepAction {
+    /// Start `release` as a new, supervised instance on a freshly allocated
+    /// port. Output: `{"port": P, "pid": N}`. Undo: stop it, free the port.
+    StartInstance { app: String, release: String, run: Vec<String>, env: BTreeMap<String, String> },
+    /// Probe the instance started for `release` until `healthy_threshold`
+    /// consecutive probes pass, or fail at `deadline_ms`. Undo: nothing.
+    HealthCheck { app: String, release: String, check: HealthCheck },
+    /// Point the app's route (a TCP proxy on its stable port) at the
+    /// instance of `release`. `port` 0 = the node picks the stable port once
+    /// and keeps it. Output: `{"route": "127.0.0.1:P", "previous": ...}`.
+    /// Undo: point the route back at the previous instance (or close it).
+    SwitchRoute { app: String, release: String, port: u16 },
+    /// Stop the instance the route pointed at before (waiting up to
+    /// `drain_ms` for its open connections). Output: what was stopped.
+    /// Undo: start that release again on the same port.
+    StopOld { app: String, release: String, drain_ms: u64 },
+    /// A shell command (`sh -c`). `check` exit 0 = already done.
+    Command { run: String, undo: Option<String>, check: Option<String> },
+}
+
+impl StepAction {
+    /// Short verb for progress lines.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            StepAction::StartInstance { .. } => "start",
+            StepAction::HealthCheck { .. } => "health",
+            StepAction::SwitchRoute { .. } => "switch",
+            StepAction::StopOld { .. } => "stop-old",
+            StepAction::Command { .. } => "command",
+        }
+    }
+}
+
+/// One planned step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepPlan {
+    /// Human-readable: `start web@v2 on node-1`.
+    pub name: String,
+    /// The worker node that runs it.
+    pub node: String,
+    pub action: StepAction,
+    /// `false`: once done, a later failure is never undone blindly.
+    pub reversible: bool,
+    pub timeout_ms: u64,
+    pub retry: RetryPolicy,
+}
+
+/// Extra time a step's timeout allows beyond the health-check deadline.
+const HEALTH_STEP_SLACK_MS: u64 = 5_000;
+
+/// Plan a deployment of `spec` to `nodes` (sorted, non-empty).
+pub fn plan(spec: &Spec, nodes: &[String]) -> Vec<StepPlan> {
+    let mut steps = Vec::new();
+    let step = |name: String, node: &str, action: StepAction, timeout_ms: u64, retry: RetryPolicy| StepPlan {
+        name,
+        node: node.to_string(),
+        action,
+        reversible: true,
+        timeout_ms,
+        retry,
+    };
+    let once = RetryPolicy { max_attempts: 1, ..spec.retry.clone() };
+    let label = format!("{}@{}", spec.app, spec.release);
+    let hook = |steps: &mut Vec<StepPlan>, which: &str, hooks: &[String]| {
+        for node in nodes {
+            for (i, h) in hooks.iter().enumerate() {
+                steps.push(step(
+                    format!("{which}-hook {} on {node}", i + 1),
+                    node,
+                    StepAction::Command { run: h.clone(), undo: None, check: None },
+                    spec.step_timeout_ms,
+                    spec.retry.clone(),
+                ));
+            }
+        }
+    };
+    hook(&mut steps, "pre", &spec.pre_hooks);
+    for batch in nodes.chunks(spec.max_unavailable.max(1) as usize) {
+        for node in batch {
+            steps.push(step(
+                format!("start {label} on {node}"),
+                node,
+                StepAction::StartInstance {
+                    app: spec.app.clone(),
+                    release: spec.release.clone(),
+                    run: spec.run.clone(),
+                    env: spec.env.clone(),
+                },
+                spec.step_timeout_ms,
+                spec.retry.clone(),
+            ));
+        }
+        for node in batch {
+            steps.push(step(
+                format!("health-check {label} on {node}"),
+                node,
+                StepAction::HealthCheck { app: spec.app.clone(), release: spec.release.clone(), check: spec.health.clone() },
+                spec.health.deadline_ms + HEALTH_STEP_SLACK_MS,
+                once.clone(),
+            ));
+        }
+        for node in batch {
+            steps.push(step(
+                format!("switch route to {label} on {node}"),
+                node,
+                StepAction::SwitchRoute { app: spec.app.clone(), release: spec.release.clone(), port: spec.port },
+                spec.step_timeout_ms,
+                spec.retry.clone(),
+            ));
+        }
+        for node in batch {
+            steps.push(step(
+                format!("stop previous {} on {node}", spec.app),
+                node,
+                StepAction::StopOld { app: spec.app.clone(), release: spec.release.clone(), drain_ms: spec.drain_ms },
+                spec.step_timeout_ms.max(spec.drain_ms + HEALTH_STEP_SLACK_MS),
+                spec.retry.clone(),
+            ));
+        }
+    }
+    hook(&mut steps, "post", &spec.post_hooks);
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{parse_manifest, Overrides};
+
+    fn spec(extra: &str) -> Spec {
+        let text = format!(
+            "app: web\nrelease: v2\ndestination: d\nrun: [srv]\nhealth: {{ tcp: true, deadline: 10s }}\n{extra}"
+        );
+        parse_manifest("f", &text, &Overrides::default()).unwrap()
+    }
+    fn names(steps: &[StepPlan]) -> Vec<String> {
+        steps.iter().map(|s| format!("{} {}", s.action.verb(), s.node)).collect()
+    }
+
+    #[test]
+    fn plans() {
+        let nodes = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // (manifest extra, nodes, expected verb+node sequence)
+        let cases: Vec<(&str, Vec<String>, Vec<&str>)> = vec![
+            ("", nodes(&["a"]), vec!["start a", "health a", "switch a", "stop-old a"]),
+            (
+                "",
+                nodes(&["a", "b"]),
+                vec!["start a", "health a", "switch a", "stop-old a", "start b", "health b", "switch b", "stop-old b"],
+            ),
+            (
+                "strategy: { max_unavailable: 2 }\n",
+                nodes(&["a", "b"]),
+                vec!["start a", "start b", "health a", "health b", "switch a", "switch b", "stop-old a", "stop-old b"],
+            ),
+            (
+                "hooks: { pre: [\"echo pre\"], post: [\"echo post\"] }\n",
+                nodes(&["a"]),
+                vec!["command a", "start a", "health a", "switch a", "stop-old a", "command a"],
+            ),
+        ];
+        for (extra, nodes, want) in cases {
+            let got = plan(&spec(extra), &nodes);
+            assert_eq!(names(&got), want, "manifest extra: {extra:?}");
+            assert!(got.iter().all(|s| s.reversible && s.timeout_ms > 0));
+        }
+    }
+
+    #[test]
+    fn health_step_is_not_retried_and_outlives_its_deadline() {
+        let steps = plan(&spec(""), &["a".into()]);
+        let h = &steps[1];
+        assert_eq!(h.retry.max_attempts, 1);
+        assert!(h.timeout_ms > 10_000);
+    }
+}
