@@ -29,21 +29,33 @@ pub struct ControlService {
     raft: Raft,
     state: StateReader,
     cluster_id: String,
+    hub: std::sync::Arc<crate::hub::Hub>,
 }
 
 impl ControlService {
-    pub fn new(raft: Raft, state: StateReader, cluster_id: String) -> Self {
-        ControlService { raft, state, cluster_id }
+    pub fn new(raft: Raft, state: StateReader, cluster_id: String, hub: std::sync::Arc<crate::hub::Hub>) -> Self {
+        ControlService { raft, state, cluster_id, hub }
     }
 
-    async fn propose(&self, request_id: Option<String>, command: Command) -> Result<(Outcome, u64), Status> {
-        let req = Cmd { request_id, at_ms: now_ms(), command };
-        match self.raft.client_write(req).await {
-            Ok(r) => Ok((r.data, r.log_id.index)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(redirect(&f)),
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("this coordinator stopped serving: {e}; use another address"))),
-        }
+    pub(crate) fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    pub(crate) fn state(&self) -> &StateReader {
+        &self.state
+    }
+
+    pub(crate) fn hub(&self) -> &crate::hub::Hub {
+        &self.hub
+    }
+
+    /// A request id scoped by its caller (see [`scoped_id`]).
+    pub(crate) fn scoped(&self, holder: &str, id: &str) -> Option<String> {
+        scoped_id(holder, id)
+    }
+
+    pub(crate) async fn propose(&self, request_id: Option<String>, command: Command) -> Result<(Outcome, u64), Status> {
+        propose(&self.raft, request_id, command).await
     }
 
     /// Wait until `destination` is free (or held by `holder`), or `deadline`.
@@ -104,21 +116,38 @@ impl ControlService {
         }
     }
 
-    fn leader_redirect_if_follower(&self) -> Result<(), Status> {
-        let m = self.raft.metrics().borrow().clone();
-        if m.state == ServerState::Leader {
-            return Ok(());
-        }
-        let leader_node = m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).cloned());
-        Err(redirect(&ForwardToLeader { leader_id: m.current_leader, leader_node }))
+    pub(crate) fn leader_redirect_if_follower(&self) -> Result<(), Status> {
+        leader_redirect_if_follower(&self.raft)
     }
 }
 
-fn now_ms() -> i64 {
+/// `Ok` on the leader; a redirect to the leader elsewhere.
+pub(crate) fn leader_redirect_if_follower(raft: &Raft) -> Result<(), Status> {
+    let m = raft.metrics().borrow().clone();
+    if m.state == ServerState::Leader {
+        return Ok(());
+    }
+    let leader_node = m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).cloned());
+    Err(redirect(&ForwardToLeader { leader_id: m.current_leader, leader_node }))
+}
+
+/// Propose `command` through Raft on this coordinator (it must lead);
+/// answers what the state machine answered and the entry's log index.
+pub(crate) async fn propose(raft: &Raft, request_id: Option<String>, command: Command) -> Result<(Outcome, u64), Status> {
+    let req = Cmd { request_id, at_ms: now_ms(), command };
+    match raft.client_write(req).await {
+        Ok(r) => Ok((r.data, r.log_id.index)),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(redirect(&f)),
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),
+        Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("this coordinator stopped serving: {e}; use another address"))),
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-fn redirect(f: &ForwardToLeader<NodeId, BasicNode>) -> Status {
+pub(crate) fn redirect(f: &ForwardToLeader<NodeId, BasicNode>) -> Status {
     match &f.leader_node {
         Some(node) => {
             let mut s = Status::unavailable(format!(
@@ -163,7 +192,7 @@ fn lock_reply(outcome: Outcome, applied_index: u64) -> Result<Response<LockReply
         Outcome::NotHeld { .. } => (LockOutcome::NotHeld, None),
         Outcome::NotOwner { lock } => (LockOutcome::NotOwner, Some(lock_pb(&lock))),
         Outcome::Invalid { reason } => return Err(Status::invalid_argument(reason)),
-        Outcome::Noop => return Err(Status::internal("a lock command was answered as a no-op")),
+        other => return Err(Status::internal(format!("a lock command was answered with {other:?}"))),
     };
     Ok(Response::new(LockReply { outcome: o as i32, lock, applied_index }))
 }
@@ -178,8 +207,57 @@ fn validate(destination: &str) -> Result<(), Status> {
     fleet_core::names::validate_name("destination", destination).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<DeploymentReply, Status>>;
+
 #[tonic::async_trait]
 impl Control for ControlService {
+    type WatchDeploymentStream = WatchStream;
+
+    async fn submit_deployment(&self, req: Request<SubmitDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
+        let (actor, _) = authorize(&req, Access::Write, "deploy")?;
+        self.submit(actor, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_deployment(&self, req: Request<GetDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
+        authorize(&req, Access::Read, "status")?;
+        self.get(&req.into_inner().id).await.map(Response::new)
+    }
+
+    async fn list_deployments(&self, req: Request<ListDeploymentsRequest>) -> Result<Response<ListDeploymentsReply>, Status> {
+        authorize(&req, Access::Read, "list")?;
+        self.list(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn watch_deployment(&self, req: Request<GetDeploymentRequest>) -> Result<Response<WatchStream>, Status> {
+        authorize(&req, Access::Read, "watch")?;
+        self.watch(req.into_inner().id).map(Response::new)
+    }
+
+    async fn cancel_deployment(&self, req: Request<CancelDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
+        let (actor, _) = authorize(&req, Access::Write, "cancel")?;
+        self.cancel(actor, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn rollback_deployment(&self, req: Request<RollbackDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
+        let (actor, _) = authorize(&req, Access::Write, "rollback")?;
+        self.rollback(actor, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn apply_destinations(&self, req: Request<ApplyDestinationsRequest>) -> Result<Response<DestinationsReply>, Status> {
+        let (actor, _) = authorize(&req, Access::Write, "destinations apply")?;
+        ControlService::apply_destinations(self, actor, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn list_destinations(&self, req: Request<ListDestinationsRequest>) -> Result<Response<DestinationsReply>, Status> {
+        authorize(&req, Access::Read, "destinations")?;
+        ControlService::list_destinations(self).await.map(Response::new)
+    }
+
+    async fn list_nodes(&self, req: Request<ListNodesRequest>) -> Result<Response<NodesReply>, Status> {
+        authorize(&req, Access::Read, "nodes")?;
+        ControlService::list_nodes(self).map(Response::new)
+    }
+
     async fn acquire_lock(&self, req: Request<AcquireLockRequest>) -> Result<Response<LockReply>, Status> {
         let (holder, _) = authorize(&req, Access::Write, "lock acquire")?;
         let r = req.into_inner();

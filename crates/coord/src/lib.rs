@@ -3,15 +3,22 @@
 //! * [`config`]: two-stage configuration (raw → validated).
 //! * [`store`]: RocksDB log, vote and state machine; snapshots.
 //! * [`network`] / [`raft_service`]: Raft RPCs between coordinators.
-//! * [`control`]: the `Control` service `fleetctl` talks to.
+//! * [`control`] / [`deployments`]: the `Control` service `fleetctl` talks to.
+//! * [`worker`]: the `Worker` service nodes keep a work stream open to.
+//! * [`hub`]: the leader's memory of connected nodes and steps in flight.
+//! * [`scheduler`]: the leader's loop that turns saga state into node work.
 //! * [`tls`]: certificates and per-call role checks.
 //! * [`server`]: wiring it together.
 
 pub mod config;
 pub mod control;
+pub mod deployments;
+pub mod hub;
 pub mod network;
 pub mod raft_service;
 pub mod raft_types;
+pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod worker;

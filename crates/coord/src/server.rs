@@ -7,6 +7,7 @@ use anyhow::Context;
 use fleet_core::auth::Role;
 use fleet_proto::control_server::ControlServer;
 use fleet_proto::raft_server::RaftServer;
+use fleet_proto::worker_server::WorkerServer;
 use openraft::{BasicNode, SnapshotPolicy};
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -58,7 +59,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         bootstrap(&raft, config.id, &advertise).await?;
     }
 
-    let control = ControlService::new(raft.clone(), reader, cluster_id.clone());
+    let hub = Arc::new(crate::hub::Hub::default());
+    let scheduler = crate::scheduler::spawn(raft.clone(), reader.clone(), hub.clone());
+    let control = ControlService::new(raft.clone(), reader.clone(), cluster_id.clone(), hub.clone());
+    let worker = crate::worker::WorkerService::new(raft.clone(), reader, hub);
     let server = tonic::transport::Server::builder()
         .tls_config(tls.server_config())
         .context("TLS settings")?
@@ -69,6 +73,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(ControlServer::new(control))
+        .add_service(WorkerServer::new(worker))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
 
     if let Some(path) = &config.addr_file {
@@ -78,6 +83,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     println!("fleet-coord {} listening on {bound} (cluster {cluster_id})", config.id);
 
     let served = server.await;
+    scheduler.abort();
     // Stop Raft whether serving ended cleanly or not.
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

@@ -140,6 +140,7 @@ pub fn authorize<T>(req: &tonic::Request<T>, access: fleet_core::auth::Access, c
             fleet_core::auth::Access::Peer => "a coordinator",
             fleet_core::auth::Access::Read => "a viewer or operator",
             fleet_core::auth::Access::Write => "an operator",
+            fleet_core::auth::Access::Work => "a node",
         };
         return Err(tonic::Status::permission_denied(format!(
             "{call} needs {need} certificate; `{name}` presented a `{role}` certificate. Use an operator certificate (`fleetctl certs issue operator NAME`)"

@@ -61,13 +61,15 @@ pub enum Access {
     Read,
     /// Anything that changes cluster state on a user's behalf.
     Write,
+    /// A worker node's work stream.
+    Work,
 }
 
 /// May `role` make a call that needs `access`?
 pub fn allows(role: Role, access: Access) -> bool {
     matches!(
         (role, access),
-        (Role::Coordinator, Access::Peer) | (Role::Operator, Access::Read | Access::Write) | (Role::Viewer, Access::Read)
+        (Role::Coordinator, Access::Peer) | (Role::Node, Access::Work) | (Role::Operator, Access::Read | Access::Write) | (Role::Viewer, Access::Read)
     )
 }
 
@@ -80,12 +82,13 @@ mod tests {
         use Access::*;
         use Role::*;
         let table = [
-            (Coordinator, [true, false, false]),
-            (Node, [false, false, false]),
-            (Operator, [false, true, true]),
-            (Viewer, [false, true, false]),
+            (Coordinator, [true, false, false, false]),
+            (Node, [false, false, false, true]),
+            (Operator, [false, true, true, false]),
+            (Viewer, [false, true, false, false]),
         ];
-        for (role, [peer, read, write]) in table {
+        for (role, [peer, read, write, work]) in table {
+            assert_eq!(allows(role, Work), work, "{role} work");
             assert_eq!(allows(role, Peer), peer, "{role} peer");
             assert_eq!(allows(role, Read), read, "{role} read");
             assert_eq!(allows(role, Write), write, "{role} write");

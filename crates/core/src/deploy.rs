@@ -278,6 +278,10 @@ impl Deployment {
                 (s.status == StepStatus::Pending).then_some(Work { step: i, undo: false, attempt: s.attempt, not_before_ms: s.not_before_ms })
             }
             DeployState::Compensating | DeployState::Cancelling => {
+                if self.pending_forward_step().is_some() {
+                    // Its result is awaited first: never undo while a step may run.
+                    return None;
+                }
                 let (i, s) = self.steps.iter().enumerate().rev().find(|(_, s)| s.status == StepStatus::Done)?;
                 s.plan.reversible.then_some(Work { step: i, undo: true, attempt: s.undo_attempt, not_before_ms: s.not_before_ms })
             }
@@ -291,10 +295,10 @@ impl Deployment {
         if !matches!(self.state, DeployState::Running | DeployState::Cancelling) || self.token.is_none() {
             return None;
         }
-        if self.steps.iter().any(|s| matches!(s.status, StepStatus::Undone | StepStatus::UndoFailed)) {
+        if self.steps.iter().any(|s| matches!(s.status, StepStatus::Failed | StepStatus::Undone | StepStatus::UndoFailed)) {
             return None;
         }
-        self.steps.iter().position(|s| s.status == StepStatus::Pending)
+        self.steps.iter().position(|s| s.status != StepStatus::Done).filter(|i| self.steps[*i].status == StepStatus::Pending)
     }
 
     /// Record one step result. Returns the state reached (which may be
@@ -623,6 +627,10 @@ mod tests {
         d.cancel(2, "operator asked", "alice", false).unwrap();
         assert_eq!(d.state, Cancelling);
         assert_eq!(d.pending_forward_step(), Some(1));
+        assert_eq!(d.next(), None, "nothing is undone while step 1 may still run");
+        // An undo result now is stale.
+        let early = Work { step: 0, undo: true, attempt: 1, not_before_ms: None };
+        assert!(d.record(&result(early, true, None), 2).is_err());
         // The aborted health check reports; then start is undone.
         d.record(&result(w1, false, Some(ErrorClass::Aborted)), 3).unwrap();
         let u = d.next().unwrap();

@@ -1,0 +1,240 @@
+//! The deployment, destination and node calls of the `Control` service.
+//!
+//! Manifests are validated here with the same `fleet-core` code `fleetctl`
+//! runs locally, then proposed; the state machine validates again on apply.
+//! Records travel as the JSON of `fleet-core`'s serde types.
+
+use std::time::Duration;
+
+use fleet_core::deploy::Deployment;
+use fleet_core::manifest::{parse_destinations, parse_manifest, Overrides};
+use fleet_core::state::State;
+use fleet_core::{Command, Response as Outcome};
+use fleet_proto::*;
+use openraft::error::RaftError;
+use serde_json::{json, Value};
+use tonic::Status;
+
+use crate::control::{redirect, ControlService};
+
+const DEFAULT_LIST_LIMIT: usize = 50;
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
+    serde_json::to_string(v).map_err(|e| Status::internal(format!("encoding a record: {e}")))
+}
+
+/// Map what the state machine answered to a gRPC status.
+fn outcome_error(outcome: Outcome) -> Status {
+    match outcome {
+        Outcome::Invalid { reason } => Status::invalid_argument(reason),
+        Outcome::Rejected { reason } => Status::failed_precondition(format!("rejected: {reason}")),
+        Outcome::NotFound { what } => Status::not_found(format!("no {what}")),
+        other => Status::internal(format!("unexpected answer from the state machine: {other:?}")),
+    }
+}
+
+/// Destination record as `fleetctl destinations` shows it.
+pub fn destination_view(s: &State, name: &str) -> Option<Value> {
+    let d = s.destination(name)?;
+    let mut v = serde_json::to_value(d).ok()?;
+    let mut current = serde_json::Map::new();
+    for dep in s.deployments() {
+        if dep.destination == name && dep.state == fleet_core::deploy::DeployState::Succeeded {
+            current.insert(dep.app.clone(), Value::String(dep.release.clone()));
+        }
+    }
+    if let Value::Object(m) = &mut v {
+        m.insert("lock_holder".into(), s.lock(name).map(|l| Value::String(l.holder.clone())).unwrap_or(Value::Null));
+        m.insert("lock_token".into(), s.lock(name).map(|l| json!(l.fencing_token)).unwrap_or(Value::Null));
+        m.insert("queue".into(), json!(s.queue(name)));
+        m.insert("current".into(), Value::Object(current));
+        m.insert("nodes".into(), json!(s.nodes_for(name)));
+    }
+    Some(v)
+}
+
+impl ControlService {
+    async fn linearizable(&self) -> Result<(), Status> {
+        self.leader_redirect_if_follower()?;
+        match self.raft().ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => Err(redirect(&f)),
+            Err(e) => Err(Status::unavailable(format!("{e}; retry in a moment"))),
+        }
+    }
+
+    fn deployment_reply(&self, id: &str) -> Result<DeploymentReply, Status> {
+        self.state().read(|a| {
+            let d = a.state.deployment(id).ok_or_else(|| {
+                Status::not_found(format!("no deployment `{id}`; `fleetctl list` shows the deployments"))
+            })?;
+            Ok(DeploymentReply { deployment_json: to_json(d)?, applied_index: a.last_applied.map(|l| l.index).unwrap_or(0) })
+        })
+    }
+
+    pub(crate) async fn submit(&self, actor: String, r: SubmitDeploymentRequest) -> Result<DeploymentReply, Status> {
+        let file = if r.file_name.is_empty() { "fleet.yaml" } else { r.file_name.as_str() };
+        let overrides = Overrides {
+            release: (!r.release.is_empty()).then_some(r.release.clone()),
+            destinations: r.destinations.clone(),
+            timeout_ms: (r.timeout_ms > 0).then_some(r.timeout_ms),
+        };
+        let spec = parse_manifest(file, &r.manifest_yaml, &overrides).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = self.scoped(&actor, &r.request_id);
+        let (outcome, _) = self.propose(id, Command::SubmitDeployment { spec, actor }).await?;
+        match outcome {
+            Outcome::Deployment { id, .. } => self.deployment_reply(&id),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    pub(crate) async fn get(&self, id: &str) -> Result<DeploymentReply, Status> {
+        self.linearizable().await?;
+        self.deployment_reply(id)
+    }
+
+    pub(crate) async fn list(&self, r: ListDeploymentsRequest) -> Result<ListDeploymentsReply, Status> {
+        self.linearizable().await?;
+        let limit = if r.limit == 0 { DEFAULT_LIST_LIMIT } else { r.limit as usize };
+        self.state().read(|a| {
+            let mut out = Vec::new();
+            for d in a.state.deployments().rev() {
+                if (!r.app.is_empty() && d.app != r.app) || (!r.destination.is_empty() && d.destination != r.destination) {
+                    continue;
+                }
+                out.push(to_json(d)?);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(ListDeploymentsReply { deployments_json: out, applied_index: a.last_applied.map(|l| l.index).unwrap_or(0) })
+        })
+    }
+
+    /// The deployment now and after every change until it is terminal.
+    /// Answered from this coordinator's applied state (any coordinator).
+    pub(crate) fn watch(&self, id: String) -> Result<tokio_stream::wrappers::ReceiverStream<Result<DeploymentReply, Status>>, Status> {
+        self.deployment_reply(&id)?;
+        let state = self.state().clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut applied = state.applied_index();
+            let mut last: Option<Deployment> = None;
+            loop {
+                applied.borrow_and_update();
+                let now = state.read(|a| a.state.deployment(&id).cloned().map(|d| (d, a.last_applied.map(|l| l.index).unwrap_or(0))));
+                let Some((d, index)) = now else { return };
+                if last.as_ref() != Some(&d) {
+                    let json = match serde_json::to_string(&d) {
+                        Ok(j) => j,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                    if tx.send(Ok(DeploymentReply { deployment_json: json, applied_index: index })).await.is_err() {
+                        return;
+                    }
+                    if d.state.is_terminal() {
+                        return;
+                    }
+                    last = Some(d);
+                }
+                // Wake on the next applied entry; a slow tick also notices
+                // a client that went away.
+                match tokio::time::timeout(Duration::from_secs(5), applied.changed()).await {
+                    Ok(Err(_)) => return,
+                    Ok(Ok(())) => {}
+                    Err(_) if tx.is_closed() => return,
+                    Err(_) => {}
+                }
+            }
+        });
+        Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    pub(crate) async fn cancel(&self, actor: String, r: CancelDeploymentRequest) -> Result<DeploymentReply, Status> {
+        let reason = if r.reason.is_empty() { format!("cancelled by {actor}") } else { r.reason.clone() };
+        fleet_core::names::validate_text("reason", &reason, fleet_core::names::MAX_REASON_LEN)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let id = self.scoped(&actor, &r.request_id);
+        let command = Command::CancelDeployment { id: r.id.clone(), reason, actor, timed_out: false };
+        let (outcome, _) = self.propose(id, command).await?;
+        match outcome {
+            Outcome::Deployment { id, .. } => self.deployment_reply(&id),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    pub(crate) async fn rollback(&self, actor: String, r: RollbackDeploymentRequest) -> Result<DeploymentReply, Status> {
+        if !r.to_release.is_empty() {
+            fleet_core::names::validate_name("release", &r.to_release).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let id = self.scoped(&actor, &r.request_id);
+        let command = Command::RollbackDeployment {
+            id: r.id.clone(),
+            to_release: (!r.to_release.is_empty()).then_some(r.to_release.clone()),
+            timeout_ms: (r.timeout_ms > 0).then_some(r.timeout_ms),
+            actor,
+        };
+        let (outcome, _) = self.propose(id, command).await?;
+        match outcome {
+            Outcome::Deployment { id, .. } => self.deployment_reply(&id),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    pub(crate) async fn apply_destinations(&self, actor: String, r: ApplyDestinationsRequest) -> Result<DestinationsReply, Status> {
+        let file = if r.file_name.is_empty() { "destinations.yaml" } else { r.file_name.as_str() };
+        let destinations = parse_destinations(file, &r.destinations_yaml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
+        let id = self.scoped(&actor, &r.request_id);
+        let (outcome, _) = self.propose(id, Command::PutDestinations { destinations }).await?;
+        if !matches!(outcome, Outcome::Done) {
+            return Err(outcome_error(outcome));
+        }
+        self.destinations(Some(&names))
+    }
+
+    pub(crate) async fn list_destinations(&self) -> Result<DestinationsReply, Status> {
+        self.linearizable().await?;
+        self.destinations(None)
+    }
+
+    fn destinations(&self, only: Option<&[String]>) -> Result<DestinationsReply, Status> {
+        self.state().read(|a| {
+            let mut out = Vec::new();
+            for d in a.state.destinations() {
+                if only.is_some_and(|o| !o.contains(&d.name)) {
+                    continue;
+                }
+                if let Some(v) = destination_view(&a.state, &d.name) {
+                    out.push(to_json(&v)?);
+                }
+            }
+            Ok(DestinationsReply { destinations_json: out, applied_index: a.last_applied.map(|l| l.index).unwrap_or(0) })
+        })
+    }
+
+    /// Nodes: membership from the state machine, liveness from the leader.
+    pub(crate) fn list_nodes(&self) -> Result<NodesReply, Status> {
+        self.leader_redirect_if_follower()?;
+        let hub = self.hub();
+        self.state().read(|a| {
+            let mut out = Vec::new();
+            for n in a.state.nodes() {
+                let live = hub.liveness(&n.id);
+                let v = json!({
+                    "id": n.id,
+                    "labels": n.labels,
+                    "registered_ms": n.registered_ms,
+                    "connected": live.connected,
+                    "connected_ms": live.connected_ms,
+                    "last_seen_ms": live.last_seen_ms,
+                });
+                out.push(to_json(&v)?);
+            }
+            Ok(NodesReply { nodes_json: out })
+        })
+    }
+}

@@ -1,0 +1,164 @@
+//! The leader's memory of worker nodes: who is connected (and the channel
+//! to send them work), when each was last heard from, and which steps are
+//! in flight on which node.
+//!
+//! None of this is replicated: a new leader rebuilds it as nodes reconnect
+//! and report, in their `Hello`, the steps they are running.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use fleet_proto::{LeaderMessage, StepKey};
+use serde::Serialize;
+use tokio::sync::{mpsc, Notify};
+use tonic::Status;
+
+pub type NodeSender = mpsc::Sender<Result<LeaderMessage, Status>>;
+
+/// One attempt of one step (or undo), as the scheduler tracks it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkKey {
+    pub deployment: String,
+    pub step: u32,
+    pub undo: bool,
+    pub attempt: u32,
+}
+
+impl WorkKey {
+    pub fn of(k: &StepKey) -> Self {
+        WorkKey { deployment: k.deployment.clone(), step: k.step, undo: k.undo, attempt: k.attempt }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub node: String,
+    pub sent_ms: i64,
+    pub aborted: bool,
+}
+
+struct Conn {
+    conn_id: u64,
+    tx: NodeSender,
+    connected_ms: i64,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_conn: u64,
+    conns: HashMap<String, Conn>,
+    last_seen: HashMap<String, i64>,
+    in_flight: BTreeMap<WorkKey, InFlight>,
+}
+
+/// What `fleetctl nodes` shows of a node's connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct Liveness {
+    pub connected: bool,
+    pub connected_ms: Option<i64>,
+    pub last_seen_ms: Option<i64>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    inner: Mutex<Inner>,
+    /// Woken when something the scheduler reacts to happened.
+    pub changed: Notify,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A node opened its work stream. A second stream from the same node
+    /// replaces the first. `running` are the steps it reports in flight.
+    pub fn connect(&self, node: &str, tx: NodeSender, running: &[StepKey], now_ms: i64) -> u64 {
+        let mut g = self.lock();
+        g.next_conn += 1;
+        let conn_id = g.next_conn;
+        g.conns.insert(node.to_string(), Conn { conn_id, tx, connected_ms: now_ms });
+        g.last_seen.insert(node.to_string(), now_ms);
+        // What we believed in flight on this node but it does not report is
+        // sent again (the node answers a finished step from its cache).
+        g.in_flight.retain(|_, f| f.node != node);
+        for k in running {
+            g.in_flight.insert(WorkKey::of(k), InFlight { node: node.to_string(), sent_ms: now_ms, aborted: false });
+        }
+        drop(g);
+        self.changed.notify_one();
+        conn_id
+    }
+
+    pub fn disconnect(&self, node: &str, conn_id: u64) {
+        let mut g = self.lock();
+        if g.conns.get(node).is_some_and(|c| c.conn_id == conn_id) {
+            g.conns.remove(node);
+        }
+        drop(g);
+        self.changed.notify_one();
+    }
+
+    /// Drop every stream (this coordinator stopped leading); nodes
+    /// reconnect and are redirected to the new leader.
+    pub fn drop_all(&self, why: Status) {
+        let mut g = self.lock();
+        for (_, c) in g.conns.drain() {
+            let _ = c.tx.try_send(Err(why.clone()));
+        }
+        g.in_flight.clear();
+    }
+
+    pub fn seen(&self, node: &str, now_ms: i64) {
+        self.lock().last_seen.insert(node.to_string(), now_ms);
+    }
+
+    pub fn liveness(&self, node: &str) -> Liveness {
+        let g = self.lock();
+        let c = g.conns.get(node);
+        Liveness {
+            connected: c.is_some(),
+            connected_ms: c.map(|c| c.connected_ms),
+            last_seen_ms: g.last_seen.get(node).copied(),
+        }
+    }
+
+    pub fn is_connected(&self, node: &str) -> bool {
+        self.lock().conns.contains_key(node)
+    }
+
+    pub fn in_flight(&self, key: &WorkKey) -> Option<InFlight> {
+        self.lock().in_flight.get(key).cloned()
+    }
+
+    /// Send `msg` to `node` and, for an assignment, remember it in flight.
+    /// False when the node is not connected (or its stream is full).
+    pub fn send(&self, node: &str, msg: LeaderMessage, track: Option<WorkKey>, now_ms: i64) -> bool {
+        let mut g = self.lock();
+        let Some(c) = g.conns.get(node) else { return false };
+        if c.tx.try_send(Ok(msg)).is_err() {
+            return false;
+        }
+        if let Some(k) = track {
+            g.in_flight.insert(k, InFlight { node: node.to_string(), sent_ms: now_ms, aborted: false });
+        }
+        true
+    }
+
+    pub fn mark_aborted(&self, key: &WorkKey) {
+        if let Some(f) = self.lock().in_flight.get_mut(key) {
+            f.aborted = true;
+        }
+    }
+
+    /// A result for `key` was committed (or refused as stale).
+    pub fn finished(&self, key: &WorkKey) {
+        self.lock().in_flight.remove(key);
+        self.changed.notify_one();
+    }
+
+    /// Forget in-flight work of deployments that are no longer active.
+    pub fn retain_deployments(&self, active: &std::collections::HashSet<String>) {
+        self.lock().in_flight.retain(|k, _| active.contains(&k.deployment));
+    }
+}

@@ -1,0 +1,142 @@
+//! The `Worker` service: the work stream each `fleet-node` keeps open to the
+//! Raft leader.
+//!
+//! The node's id is its certificate's common name. On `Hello` the leader
+//! registers the node (a Raft command, only when its labels changed),
+//! records what it reports running, and from then on the scheduler sends it
+//! assignments on this stream. Each `StepResult` is proposed through Raft;
+//! the state machine refuses stale ones (token, epoch, step, attempt).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_core::auth::Access;
+use fleet_core::deploy::{ErrorClass, StepOutcome};
+use fleet_core::{Command, Response as Outcome};
+use fleet_proto::worker_server::Worker;
+use fleet_proto::{leader_message, node_message, LeaderMessage, NodeMessage, StepResult, Welcome};
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::control::{leader_redirect_if_follower, now_ms, propose};
+use crate::hub::{Hub, WorkKey};
+use crate::raft_types::Raft;
+use crate::store::sm::StateReader;
+use crate::tls::authorize;
+
+/// How often nodes heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// How long a node may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct WorkerService {
+    raft: Raft,
+    state: StateReader,
+    hub: Arc<Hub>,
+}
+
+impl WorkerService {
+    pub fn new(raft: Raft, state: StateReader, hub: Arc<Hub>) -> Self {
+        WorkerService { raft, state, hub }
+    }
+}
+
+type WorkStream = Pin<Box<dyn Stream<Item = Result<LeaderMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type WorkStream = WorkStream;
+
+    async fn work(&self, req: Request<Streaming<NodeMessage>>) -> Result<Response<WorkStream>, Status> {
+        let (node, _) = authorize(&req, Access::Work, "the work stream")?;
+        leader_redirect_if_follower(&self.raft)?;
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+            Ok(Some(Ok(NodeMessage { msg: Some(node_message::Msg::Hello(h)) }))) => h,
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(_) => return Err(Status::invalid_argument("the first message on a work stream must be Hello")),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
+        };
+        let labels: std::collections::BTreeMap<String, String> = hello.labels.into_iter().collect();
+        let known = self.state.read(|a| a.state.node(&node).map(|n| n.labels.clone()));
+        if known.as_ref() != Some(&labels) {
+            let (outcome, _) = propose(&self.raft, None, Command::RegisterNode { id: node.clone(), labels }).await?;
+            if let Outcome::Invalid { reason } = outcome {
+                return Err(Status::invalid_argument(format!("node `{node}` cannot register: {reason}")));
+            }
+        }
+
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let m = self.raft.metrics().borrow().clone();
+        let welcome = LeaderMessage {
+            msg: Some(leader_message::Msg::Welcome(Welcome {
+                leader_id: m.id,
+                term: m.current_term,
+                heartbeat_ms: HEARTBEAT.as_millis() as u64,
+            })),
+        };
+        tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("node went away"))?;
+        let conn_id = self.hub.connect(&node, tx, &hello.running, now_ms());
+        tracing::info!(%node, running = hello.running.len(), "node connected");
+
+        let (raft, hub) = (self.raft.clone(), self.hub.clone());
+        tokio::spawn(async move {
+            loop {
+                match inbound.next().await {
+                    Some(Ok(NodeMessage { msg: Some(node_message::Msg::Heartbeat(_)) })) => hub.seen(&node, now_ms()),
+                    Some(Ok(NodeMessage { msg: Some(node_message::Msg::Result(r)) })) => {
+                        hub.seen(&node, now_ms());
+                        handle_result(&raft, &hub, &node, r).await;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::info!(%node, error = %e, "work stream broke");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            hub.disconnect(&node, conn_id);
+            tracing::info!(%node, "node disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Commit one step result through Raft.
+async fn handle_result(raft: &Raft, hub: &Hub, node: &str, r: StepResult) {
+    let Some(key) = r.key else { return };
+    let outcome = StepOutcome {
+        step: key.step as usize,
+        undo: key.undo,
+        attempt: key.attempt,
+        token: key.token,
+        epoch: key.epoch,
+        ok: r.ok,
+        output: (!r.output_json.is_empty()).then_some(r.output_json),
+        error: (!r.error.is_empty()).then_some(r.error),
+        class: (!r.ok).then(|| ErrorClass::parse(&r.error_class)),
+        started_ms: r.started_ms,
+        finished_ms: r.finished_ms,
+        node: node.to_string(),
+    };
+    let work = WorkKey::of(&key);
+    // A result the node sends again (after a reconnect) is applied once.
+    let id = format!(
+        "step/{}/{}/{}/{}/{}/{}",
+        key.deployment, key.step, if key.undo { "undo" } else { "run" }, key.attempt, key.epoch, key.token
+    );
+    let command = Command::StepResult { deployment: key.deployment.clone(), outcome };
+    match propose(raft, Some(id), command).await {
+        Ok((Outcome::Stale { reason }, _)) => {
+            tracing::info!(%node, deployment = %key.deployment, step = key.step, %reason, "stale step result ignored");
+            hub.finished(&work);
+        }
+        Ok(_) => hub.finished(&work),
+        // Not the leader any more: the node sends it again to the next one.
+        Err(e) => tracing::warn!(%node, deployment = %key.deployment, error = %e.message(), "step result not committed"),
+    }
+}
