@@ -125,7 +125,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     ensure_build_deps()?;
-    run(cargo().args(["build", "-p", "fleet-coord", "-p", "fleetctl", "--bins"]))?;
+    run(cargo().args(["build", "-p", "fleet-coord", "-p", "fleetctl", "-p", "fleet-node", "-p", "fleet-demo-app", "--bins"]))?;
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join("target"));
     let ctl = target.join("debug").join("fleetctl");
     let dir = root().join(".fleet-dev");
@@ -137,6 +137,44 @@ fn demo() -> anyhow::Result<()> {
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         Ok(out)
     };
+    // Progress lines go straight to the terminal for deploys.
+    let deploy = |args: &[&str], want: i32| -> anyhow::Result<String> {
+        println!("\n$ fleetctl {}", args.join(" "));
+        let mut full: Vec<&str> = args.to_vec();
+        full.push("--detach");
+        let out = Command::new(&ctl).args(&full).env("FLEET_CONTEXT", &ctx).current_dir(root()).output()?;
+        if !out.status.success() {
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+            bail!("submitting failed");
+        }
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let status = Command::new(&ctl).args(["watch", &id]).env("FLEET_CONTEXT", &ctx).current_dir(root()).status()?;
+        let code = status.code().unwrap_or(-1);
+        println!("(exit code {code})");
+        if code != want {
+            bail!("deployment {id} ended with exit code {code}, expected {want}");
+        }
+        Ok(id)
+    };
+    let route = |id: &str| -> anyhow::Result<String> {
+        let out = Command::new(&ctl).args(["status", id, "-o", "json"]).env("FLEET_CONTEXT", &ctx).output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("status JSON")?;
+        for step in v["steps"].as_array().into_iter().flatten() {
+            if step["action"]["kind"] == "switch_route" {
+                if let Some(o) = step["output"].as_str() {
+                    let o: serde_json::Value = serde_json::from_str(o)?;
+                    if let Some(r) = o["route"].as_str() {
+                        return Ok(r.to_string());
+                    }
+                }
+            }
+        }
+        bail!("deployment {id} has no route output")
+    };
+    let curl = |addr: &str| {
+        let answer = http_get(addr).unwrap_or_else(|e| format!("error: {e}"));
+        println!("$ curl http://{addr}/\n{}", answer.trim_end());
+    };
     // Start clean: a previous demo may have left a cluster running.
     let _ = Command::new(&ctl).args(["dev", "down", "--purge", "--dir"]).arg(&dir).output();
     let result = (|| -> anyhow::Result<()> {
@@ -144,33 +182,41 @@ fn demo() -> anyhow::Result<()> {
         if !out.status.success() {
             bail!("dev up failed");
         }
-        fleetctl(&["lock", "acquire", "web-prod", "-m", "database migration"])?;
-        fleetctl(&["lock", "acquire", "web-prod", "-m", "database migration"])?; // same holder: idempotent, same token
-        println!("\n# a second operator (its own certificate) is refused while the lock is held");
-        let certs = dir.join("certs");
-        let certs_s = certs.to_str().context("path is UTF-8")?;
-        fleetctl(&["certs", "issue", "operator", "ci-bot", "--ca-dir", certs_s])?;
-        let (cert, key) = (certs.join("ci-bot.pem"), certs.join("ci-bot-key.pem"));
-        fleetctl(&[
-            "--cert", cert.to_str().context("path is UTF-8")?,
-            "--key", key.to_str().context("path is UTF-8")?,
-            "lock", "acquire", "web-prod", "-m", "deploy from CI",
-        ])?;
-        fleetctl(&["lock", "status"])?;
+        fleetctl(&["nodes"])?;
+        fleetctl(&["destinations"])?;
 
-        println!("\n# kill -9 the leader; the cluster elects another and keeps every acknowledged lock");
-        let status = fleetctl(&["cluster", "status", "-o", "json"])?;
-        let v: serde_json::Value = serde_json::from_slice(&status.stdout).context("cluster status JSON")?;
-        let leader = v["leader_id"].as_u64().context("no leader in cluster status")?;
-        let pids: Vec<u32> = std::fs::read_to_string(dir.join("pids"))?.lines().filter_map(|l| l.parse().ok()).collect();
-        let pid = pids.get(leader as usize - 1).context("leader pid")?;
-        run(Command::new("kill").arg("-9").arg(pid.to_string()))?;
-        fleetctl(&["lock", "status"])?;
-        fleetctl(&["lock", "release", "web-prod"])?;
-        fleetctl(&["cluster", "status"])?;
+        println!("\n# 1. deploy v1 of the demo app to both nodes (blue-green on each, rolling across)");
+        let v1 = deploy(&["deploy", "-f", "examples/demo/fleet.yaml", "--release", "v1"], 0)?;
+        let addr = route(&v1)?;
+        curl(&addr);
+
+        println!("\n# 2. deploy v2: the route switches to v2 only once v2 is healthy, then v1 stops");
+        let v2 = deploy(&["deploy", "-f", "examples/demo/fleet.yaml", "--release", "v2"], 0)?;
+        curl(&addr);
+
+        println!("\n# 3. v3 never passes its health check: every completed step is undone (exit 3), v2 keeps serving");
+        deploy(&["deploy", "-f", "examples/demo/fleet-broken.yaml", "--release", "v3"], 3)?;
+        curl(&addr);
+
+        println!("\n# 4. roll back to v1: a new deployment through the same queue");
+        deploy(&["rollback", &v2, "--to", "v1"], 0)?;
+        curl(&addr);
+        fleetctl(&["history", "--app", "web"])?;
         Ok(())
     })();
     println!("\n$ fleetctl dev down --purge");
     let _ = Command::new(&ctl).args(["dev", "down", "--purge", "--dir"]).arg(&dir).status();
     result
+}
+
+/// GET / over plain HTTP/1.1 (the demo app on loopback).
+fn http_get(addr: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let sock: std::net::SocketAddr = addr.parse()?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, std::time::Duration::from_secs(2))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    write!(s, "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
 }
