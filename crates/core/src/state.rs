@@ -714,4 +714,192 @@ mod tests {
         assert_eq!(State::load(s.dump()).unwrap(), s);
         assert!(State::load([("nope/x", b"{}")]).is_err());
     }
+
+    mod deployments {
+        use super::*;
+        use crate::deploy::{StepOutcome, StepStatus};
+        use crate::manifest::{parse_manifest, Overrides};
+
+        fn spec(app: &str, release: &str, dest: &str) -> Spec {
+            let text = format!("app: {app}\nrelease: {release}\ndestination: {dest}\nrun: [srv]\nhealth: {{ tcp: true }}\n");
+            parse_manifest("f", &text, &Overrides::default()).unwrap()
+        }
+
+        struct World {
+            s: State,
+            index: u64,
+            /// What a coordinator would have persisted from the changes.
+            kv: BTreeMap<String, Vec<u8>>,
+        }
+
+        impl World {
+            fn new(policies: &[(&str, QueuePolicy)]) -> World {
+                let mut w = World { s: State::default(), index: 0, kv: BTreeMap::new() };
+                let labels: BTreeMap<String, String> = [("env".to_string(), "t".to_string())].into();
+                w.apply(Command::RegisterNode { id: "n1".into(), labels });
+                let destinations = policies
+                    .iter()
+                    .map(|(name, queue)| Destination {
+                        name: name.to_string(),
+                        adapter: "process".into(),
+                        selector: [("env".to_string(), "t".to_string())].into(),
+                        queue: *queue,
+                    })
+                    .collect();
+                w.apply(Command::PutDestinations { destinations });
+                w
+            }
+            fn apply(&mut self, c: Command) -> Response {
+                self.index += 1;
+                let (r, changes) = self.s.apply(self.index, &req(None, self.index as i64, c));
+                for ch in changes {
+                    match ch.value {
+                        Some(v) => self.kv.insert(ch.key, v),
+                        None => self.kv.remove(&ch.key),
+                    };
+                }
+                r
+            }
+            fn submit(&mut self, app: &str, release: &str, dest: &str) -> Response {
+                self.apply(Command::SubmitDeployment { spec: spec(app, release, dest), actor: "op".into() })
+            }
+            fn state_of(&self, id: &str) -> DeployState {
+                self.s.deployment(id).unwrap().state
+            }
+            /// Complete every step of the running deployment `id`.
+            fn finish(&mut self, id: &str) {
+                loop {
+                    let d = self.s.deployment(id).unwrap().clone();
+                    let Some(w) = d.next() else { break };
+                    let outcome = StepOutcome {
+                        step: w.step,
+                        undo: w.undo,
+                        attempt: w.attempt,
+                        token: d.token.unwrap(),
+                        epoch: d.epoch,
+                        ok: true,
+                        output: Some("{}".into()),
+                        error: None,
+                        class: None,
+                        started_ms: 0,
+                        finished_ms: 0,
+                        node: "n1".into(),
+                    };
+                    self.apply(Command::StepResult { deployment: id.into(), outcome });
+                }
+            }
+        }
+
+        fn id_of(r: &Response) -> String {
+            match r {
+                Response::Deployment { id, .. } => id.clone(),
+                other => panic!("expected a deployment, got {other:?}"),
+            }
+        }
+
+        #[test]
+        fn fifo_queue_grants_in_submission_order_with_growing_tokens() {
+            use DeployState::*;
+            let mut w = World::new(&[("a", QueuePolicy::Queue), ("b", QueuePolicy::Queue)]);
+            let a1 = id_of(&w.submit("web", "v1", "a"));
+            let a2 = id_of(&w.submit("web", "v2", "a"));
+            let a3 = id_of(&w.submit("api", "v1", "a"));
+            let b1 = id_of(&w.submit("web", "v1", "b"));
+            assert_eq!([a1.as_str(), a2.as_str(), a3.as_str()].map(|i| w.state_of(i)), [Running, Queued, Queued]);
+            assert_eq!(w.state_of(&b1), Running, "another destination does not wait");
+            assert_eq!(w.s.queue("a"), vec![a1.clone(), a2.clone(), a3.clone()]);
+            let t1 = w.s.deployment(&a1).unwrap().token.unwrap();
+            w.finish(&a1);
+            assert_eq!(w.state_of(&a1), Succeeded);
+            assert_eq!(w.state_of(&a2), Running, "the next in line starts in the same apply");
+            let t2 = w.s.deployment(&a2).unwrap().token.unwrap();
+            assert!(t2 > t1);
+            assert_eq!(w.s.lock("a").unwrap().fencing_token, t2);
+            assert_eq!(w.s.deployment(&a2).unwrap().previous_release.as_deref(), Some("v1"));
+            w.finish(&a2);
+            w.finish(&a3);
+            assert!(w.s.lock("a").is_none());
+            assert!(w.s.queue("a").is_empty());
+        }
+
+        #[test]
+        fn policies_and_validation_at_submit() {
+            use DeployState::*;
+            let mut w = World::new(&[("r", QueuePolicy::Reject), ("c", QueuePolicy::Coalesce)]);
+            let r1 = id_of(&w.submit("web", "v1", "r"));
+            assert!(matches!(w.submit("web", "v2", "r"), Response::Rejected { .. }), "busy under reject");
+            w.finish(&r1);
+            assert!(matches!(w.submit("web", "v2", "r"), Response::Deployment { .. }), "free again");
+
+            let c1 = id_of(&w.submit("web", "v1", "c"));
+            let c2 = id_of(&w.submit("web", "v2", "c"));
+            let c3 = id_of(&w.submit("web", "v3", "c"));
+            assert_eq!([&c1, &c2, &c3].map(|i| w.state_of(i)), [Running, Superseded, Queued]);
+
+            assert!(matches!(w.submit("web", "v1", "nowhere"), Response::Invalid { reason } if reason.contains("unknown destination")));
+            // A destination no node matches is refused at submit, not left hanging.
+            w.apply(Command::PutDestinations {
+                destinations: vec![Destination {
+                    name: "empty".into(),
+                    adapter: "process".into(),
+                    selector: [("env".to_string(), "none".to_string())].into(),
+                    queue: QueuePolicy::Queue,
+                }],
+            });
+            assert!(matches!(w.submit("web", "v1", "empty"), Response::Invalid { reason } if reason.contains("no worker node")));
+        }
+
+        #[test]
+        fn manual_lock_and_deployments_share_the_queue() {
+            use DeployState::*;
+            let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+            w.apply(acquire("a", "alice"));
+            let d = id_of(&w.submit("web", "v1", "a"));
+            assert_eq!(w.state_of(&d), Queued, "waits for the maintenance lock");
+            // Nobody but its holder may release a deployment's lock.
+            assert!(matches!(w.apply(release("a", "alice")), Response::Released { .. }));
+            assert_eq!(w.state_of(&d), Running);
+            assert!(matches!(w.apply(release("a", "alice")), Response::NotOwner { .. }));
+            assert!(matches!(w.apply(acquire("a", "bob")), Response::Held { .. }));
+        }
+
+        #[test]
+        fn cancel_and_rollback() {
+            use DeployState::*;
+            let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+            let v1 = id_of(&w.submit("web", "v1", "a"));
+            w.finish(&v1);
+            let v2 = id_of(&w.submit("web", "v2", "a"));
+            w.finish(&v2);
+            let v3 = id_of(&w.submit("web", "v3", "a"));
+            let queued = id_of(&w.submit("web", "v4", "a"));
+            let r = w.apply(Command::CancelDeployment { id: queued.clone(), reason: "no".into(), actor: "op".into(), timed_out: false });
+            assert!(matches!(r, Response::Deployment { state: Cancelled, .. }));
+            assert!(!w.s.queue("a").contains(&queued));
+            // Rollback of v2 goes to v1 (the release before it), queued behind v3.
+            let rb = id_of(&w.apply(Command::RollbackDeployment { id: v2.clone(), to_release: None, timeout_ms: None, actor: "op".into() }));
+            let d = w.s.deployment(&rb).unwrap();
+            assert_eq!((d.release.as_str(), d.rollback_of.as_deref(), d.state), ("v1", Some(v2.as_str()), Queued));
+            w.finish(&v3);
+            w.finish(&rb);
+            assert_eq!(w.s.current_release("web", "a").unwrap().release, "v1");
+            let none = w.apply(Command::RollbackDeployment { id: v1.clone(), to_release: None, timeout_ms: None, actor: "op".into() });
+            assert!(matches!(none, Response::Rejected { .. }), "nothing before v1");
+            let missing = w.apply(Command::RollbackDeployment { id: v1, to_release: Some("v9".into()), timeout_ms: None, actor: "op".into() });
+            assert!(matches!(missing, Response::Rejected { .. }));
+            assert!(w.s.deployment(&rb).unwrap().steps.iter().all(|s| s.status == StepStatus::Done));
+        }
+
+        #[test]
+        fn snapshot_round_trip_with_deployments() {
+            let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+            let d = id_of(&w.submit("web", "v1", "a"));
+            w.submit("web", "v2", "a");
+            w.finish(&d);
+            let cancelled = id_of(&w.submit("web", "v3", "a"));
+            w.apply(Command::CancelDeployment { id: cancelled, reason: "x".into(), actor: "op".into(), timed_out: true });
+            assert_eq!(State::load(w.s.dump()).unwrap(), w.s);
+            assert_eq!(State::load(w.kv.clone()).unwrap(), w.s, "the changes apply returned rebuild the same state");
+        }
+    }
 }
