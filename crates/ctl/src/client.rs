@@ -143,7 +143,7 @@ impl Client {
             }
             let detail = error_chain(&status);
             if !retryable(&status, &detail) {
-                return Err(anyhow::Error::msg(describe(&status, &detail, &addr)));
+                return Err(ServerError::new(&status, &addr).into());
             }
             let last_error = format!("{addr}: {}", describe(&status, &detail, &addr));
             if tokio::time::Instant::now() + backoff > deadline {
@@ -163,6 +163,49 @@ impl Client {
             addr = self.addrs[self.current].clone();
         }
     }
+}
+
+/// A coordinator's definitive answer to a call (not worth retrying), with
+/// its gRPC code so commands can choose their exit code.
+#[derive(Debug, Clone)]
+pub struct ServerError {
+    pub code: Code,
+    /// The server's own message (for `rejected: ...` answers, the reason).
+    pub message: String,
+    /// What fleetctl prints: the message with what it means.
+    text: String,
+}
+
+impl ServerError {
+    pub fn new(status: &Status, addr: &str) -> ServerError {
+        let detail = error_chain(status);
+        ServerError { code: status.code(), message: status.message().to_string(), text: describe(status, &detail, addr) }
+    }
+
+    /// Exit code (DESIGN.md) for this answer: invalid input or an unknown
+    /// id → 2, refused by policy (`rejected: ...`) → 7, anything else → 1.
+    pub fn exit_code(&self) -> i32 {
+        match self.code {
+            Code::InvalidArgument | Code::NotFound => crate::exit::USAGE,
+            Code::FailedPrecondition if self.message.starts_with("rejected:") => crate::exit::REJECTED,
+            _ => crate::exit::CLUSTER,
+        }
+    }
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// Exit code for an error from a call: the server's answer decides
+/// ([`ServerError::exit_code`]); an error without one (nobody answered)
+/// is a cluster error.
+pub fn exit_code_of(e: &anyhow::Error) -> i32 {
+    e.chain().find_map(|c| c.downcast_ref::<ServerError>()).map(ServerError::exit_code).unwrap_or(crate::exit::CLUSTER)
 }
 
 fn error_chain(status: &Status) -> String {
@@ -205,6 +248,8 @@ fn describe(status: &Status, detail: &str, addr: &str) -> String {
         Code::PermissionDenied => format!("permission denied: {}", status.message()),
         Code::Unauthenticated => format!("not authenticated: {}", status.message()),
         Code::InvalidArgument => format!("invalid request: {}", status.message()),
+        // The server's messages say what was not found, or why it refused.
+        Code::NotFound | Code::FailedPrecondition => status.message().to_string(),
         _ => format!("{:?}: {detail}", status.code()),
     }
 }

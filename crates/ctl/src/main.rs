@@ -10,6 +10,9 @@ use fleetctl::client::{request_id, Client, Context};
 use fleetctl::{certs, dev, exit};
 use serde_json::json;
 
+mod deploy_cmd;
+use deploy_cmd::{DeployArgs, DestinationsCmd, RollbackArgs};
+
 #[derive(Parser)]
 #[command(
     name = "fleetctl",
@@ -19,20 +22,25 @@ use serde_json::json;
 Connection: --addr (or FLEET_ADDR) lists coordinators, any of them; fleetctl follows the leader and \
 retries across the list when one dies. Credentials: --ca/--cert/--key (or FLEET_CA, FLEET_CERT, \
 FLEET_KEY), or a context file (--context / FLEET_CONTEXT) such as the one `fleetctl dev up` writes.\n\n\
-Quick start on one machine:\n  fleetctl dev up\n  export FLEET_CONTEXT=.fleet-dev/context.json\n  \
-fleetctl cluster status\n  fleetctl lock acquire web -m \"db migration\"\n  fleetctl dev down"
+Quick start on one machine (from the repository root):\n  fleetctl dev up\n  export FLEET_CONTEXT=.fleet-dev/context.json\n  \
+fleetctl deploy -f examples/demo/fleet.yaml\n  fleetctl deploy -f examples/demo/fleet-broken.yaml   # fails, undone: exit 3\n  \
+fleetctl history\n  fleetctl dev down\n\n\
+Exit codes: 0 ok · 1 cluster error · 2 usage or invalid input · 3 deployment failed and was undone · \
+4 cancelled · 5 timed out · 6 undo failed, a human must act · 7 rejected (busy)"
 )]
 struct Cli {
-    #[command(flatten)]
-    conn: ConnArgs,
-    /// Output format.
+    /// Output format: text for people, json for scripts (one object, or one
+    /// object per line for commands that follow a deployment).
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Text, global = true)]
     output: Output,
+    #[command(flatten)]
+    conn: ConnArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Args, Clone)]
+#[command(next_help_heading = "Connection")]
 struct ConnArgs {
     /// Coordinator addresses, comma-separated (any coordinator will do).
     #[arg(long, env = "FLEET_ADDR", value_delimiter = ',', global = true)]
@@ -63,6 +71,67 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Deploy a release (fleet.yaml) and follow it to the end; exit code = outcome.
+    #[command(long_about = deploy_cmd::DEPLOY_ABOUT, after_long_help = deploy_cmd::DEPLOY_EXAMPLES)]
+    Deploy(DeployArgs),
+    /// Follow a deployment until it ends; same output and exit codes as deploy.
+    #[command(after_long_help = "Examples:\n  fleetctl watch d12\n  fleetctl watch d12 -o json   # one JSON object per event, then {\"type\":\"result\",...}")]
+    Watch {
+        /// Deployment id, e.g. d12 (`fleetctl list` shows them).
+        id: String,
+    },
+    /// One deployment in detail (steps, errors, event log), or, without ID,
+    /// every deployment that is queued or running.
+    #[command(after_long_help = "Examples:\n  fleetctl status            # what is queued or running\n  fleetctl status d12        # steps with node, attempt, times, errors; the event log\n  fleetctl status d12 -o json")]
+    Status {
+        /// Deployment id, e.g. d12.
+        id: Option<String>,
+    },
+    /// Recent deployments, newest first.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Which releases were deployed where, and how each ended.
+    #[command(after_long_help = "Examples:\n  fleetctl history --app web --destination prod\n  fleetctl history -o json | jq '.[] | select(.state == \"succeeded\") | .release'")]
+    History {
+        /// Only this app.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only this destination.
+        #[arg(long)]
+        destination: Option<String>,
+        /// How many, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Cancel a deployment: the step in flight finishes, then every
+    /// completed step is undone. Refused (exit 7) when it already ended.
+    #[command(after_long_help = "Examples:\n  fleetctl cancel d12 --reason \"wrong release\"\n  fleetctl cancel d12 --wait     # follow the undo; exit 4 once cancelled")]
+    Cancel {
+        /// Deployment id, e.g. d12.
+        id: String,
+        /// Why (recorded in the deployment's event log).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Follow the cancellation to its end, like `watch` (exit 4 when cancelled).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Deploy an earlier release again: a new deployment of the release that
+    /// succeeded before ID (or --to RELEASE) on the same app and destination.
+    #[command(after_long_help = "Examples:\n  fleetctl rollback d12              # to the release that was live before d12\n  fleetctl rollback d12 --to v1 --timeout 5m\n\nExit codes as for deploy; 7 when there is no earlier succeeded release.")]
+    Rollback(RollbackArgs),
+    /// Destinations: selector, queue policy, lock holder, queue, current
+    /// releases and matching nodes. `destinations apply -f FILE` changes them.
+    #[command(args_conflicts_with_subcommands = true)]
+    Destinations {
+        #[command(subcommand)]
+        cmd: Option<DestinationsCmd>,
+    },
+    /// Worker nodes: labels, whether connected to the leader, last seen.
+    Nodes,
     /// Manual destination locks (maintenance windows, migrations).
     #[command(subcommand)]
     Lock(LockCmd),
@@ -146,10 +215,20 @@ enum CertsCmd {
 
 #[derive(Subcommand)]
 enum DevCmd {
-    /// Start a local cluster: certificates, N coordinators on free ports.
+    /// Start a local cluster: certificates, N coordinators on free ports,
+    /// worker nodes (node-1 in zone a, node-2 in zone b, all labelled
+    /// env=dev) and a destination `dev` that selects them.
+    #[command(after_long_help = "Then:\n  export FLEET_CONTEXT=.fleet-dev/context.json\n  fleetctl nodes\n  fleetctl deploy -f examples/demo/fleet.yaml\n  fleetctl dev down            # --purge also deletes .fleet-dev")]
     Up {
         #[arg(long, default_value_t = 3)]
         coordinators: u64,
+        /// Worker nodes to start (fleet-node); 0 for coordinators only.
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+        /// Destinations file to apply (default: the demo's, which defines
+        /// `dev` with selector env=dev and queue policy `queue`).
+        #[arg(long, value_name = "FILE")]
+        destinations: Option<PathBuf>,
         /// Where certificates, data and logs go.
         #[arg(long, default_value = ".fleet-dev")]
         dir: PathBuf,
@@ -168,8 +247,10 @@ enum DevCmd {
 struct Exit(i32, anyhow::Error);
 
 impl From<anyhow::Error> for Exit {
+    /// The server's answer decides the code (invalid → 2, rejected → 7);
+    /// no answer at all is a cluster error (1).
     fn from(e: anyhow::Error) -> Self {
-        Exit(exit::CLUSTER, e)
+        Exit(fleetctl::client::exit_code_of(&e), e)
     }
 }
 
@@ -229,6 +310,15 @@ fn client(conn: &ConnArgs) -> Result<Client, Exit> {
 
 async fn run(cli: Cli) -> Result<i32, Exit> {
     match cli.cmd {
+        Cmd::Deploy(a) => deploy_cmd::deploy(a, &cli.conn, cli.output).await,
+        Cmd::Watch { id } => deploy_cmd::watch(id, &cli.conn, cli.output).await,
+        Cmd::Status { id } => deploy_cmd::status(id, &cli.conn, cli.output).await,
+        Cmd::List { limit } => deploy_cmd::list(limit, &cli.conn, cli.output).await,
+        Cmd::History { app, destination, limit } => deploy_cmd::history(app, destination, limit, &cli.conn, cli.output).await,
+        Cmd::Cancel { id, reason, wait } => deploy_cmd::cancel(id, reason, wait, &cli.conn, cli.output).await,
+        Cmd::Rollback(a) => deploy_cmd::rollback(a, &cli.conn, cli.output).await,
+        Cmd::Destinations { cmd } => deploy_cmd::destinations(cmd, &cli.conn, cli.output).await,
+        Cmd::Nodes => deploy_cmd::nodes(&cli.conn, cli.output).await,
         Cmd::Lock(cmd) => lock(cmd, &cli.conn, cli.output).await,
         Cmd::Cluster(cmd) => cluster(cmd, &cli.conn, cli.output).await,
         Cmd::Certs(cmd) => certs_cmd(cmd, cli.output),
@@ -493,8 +583,28 @@ fn certs_cmd(cmd: CertsCmd, out: Output) -> Result<i32, Exit> {
 
 async fn dev_cmd(cmd: DevCmd, out: Output) -> Result<i32, Exit> {
     match cmd {
-        DevCmd::Up { coordinators, dir } => dev_up(coordinators, &dir, out).await,
+        DevCmd::Up { coordinators, nodes, destinations, dir } => dev_up(coordinators, nodes, destinations.as_deref(), &dir, out).await,
         DevCmd::Down { dir, purge } => {
+            // Nodes first (and the releases they run), so they do not spend
+            // the coordinators' shutdown reconnecting.
+            let nodes = read_pids_file(&dir.join(NODE_PIDS));
+            for pid in &nodes {
+                dev::stop_group(*pid, Duration::from_secs(5));
+            }
+            let _ = std::fs::remove_file(dir.join(NODE_PIDS));
+            // Then the releases they ran: a node keeps its instances running
+            // across its own restarts (and would adopt them), but a dev
+            // cluster that is down must leave nothing behind.
+            let mut instances = Vec::new();
+            for node_dir in std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()) {
+                let is_node = node_dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("node-")) && node_dir.is_dir();
+                if is_node {
+                    instances.extend(dev::node_instances(&node_dir));
+                }
+            }
+            for pid in &instances {
+                dev::stop_group(*pid, Duration::from_secs(5));
+            }
             let pids = read_pids(&dir);
             for pid in &pids {
                 dev::stop(*pid, Duration::from_secs(5));
@@ -504,9 +614,11 @@ async fn dev_cmd(cmd: DevCmd, out: Output) -> Result<i32, Exit> {
                 std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
             }
             match out {
-                Output::Json => println!("{}", json!({"stopped": pids, "purged": purge})),
+                Output::Json => println!("{}", json!({"stopped": pids, "stopped_nodes": nodes, "stopped_instances": instances, "purged": purge})),
                 Output::Text => println!(
-                    "stopped {} coordinator(s){}",
+                    "stopped {} node(s), {} app instance(s) and {} coordinator(s){}",
+                    nodes.len(),
+                    instances.len(),
                     pids.len(),
                     if purge { format!("; removed {}", dir.display()) } else { format!("; data kept in {}", dir.display()) }
                 ),
@@ -516,15 +628,33 @@ async fn dev_cmd(cmd: DevCmd, out: Output) -> Result<i32, Exit> {
     }
 }
 
-fn read_pids(dir: &std::path::Path) -> Vec<u32> {
-    std::fs::read_to_string(dir.join("pids")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
+/// Pid file of the dev cluster's worker nodes (coordinators: `pids`).
+const NODE_PIDS: &str = "node-pids";
+/// The destinations `dev up` applies unless told otherwise.
+const DEMO_DESTINATIONS: &str = include_str!("../../../examples/demo/destinations.yaml");
+
+fn read_pids_file(path: &std::path::Path) -> Vec<u32> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
-async fn dev_up(n: u64, dir: &std::path::Path, out: Output) -> Result<i32, Exit> {
+fn read_pids(dir: &std::path::Path) -> Vec<u32> {
+    read_pids_file(&dir.join("pids"))
+}
+
+async fn dev_up(n: u64, nodes: u32, destinations: Option<&std::path::Path>, dir: &std::path::Path, out: Output) -> Result<i32, Exit> {
     if !(1..=5).contains(&n) {
         return Err(usage(anyhow::anyhow!("--coordinators must be 1 to 5 (3 for a highly available cluster)")));
     }
-    if read_pids(dir).into_iter().any(dev::alive) {
+    if nodes > 26 {
+        return Err(usage(anyhow::anyhow!("--nodes must be 0 to 26")));
+    }
+    // Read and check the destinations before starting anything.
+    let (dest_name, dest_text) = match destinations {
+        Some(p) => (p.display().to_string(), std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())).map_err(usage)?),
+        None => ("examples/demo/destinations.yaml".to_string(), DEMO_DESTINATIONS.to_string()),
+    };
+    fleet_core::manifest::parse_destinations(&dest_name, &dest_text).map_err(usage)?;
+    if read_pids(dir).into_iter().chain(read_pids_file(&dir.join(NODE_PIDS))).any(dev::alive) {
         return Err(usage(anyhow::anyhow!("a dev cluster is already running in {}; stop it with `fleetctl dev down`", dir.display())));
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -592,10 +722,126 @@ async fn dev_up(n: u64, dir: &std::path::Path, out: Output) -> Result<i32, Exit>
     if status.members.iter().filter(|m| m.kind == "voter").count() as u64 != n {
         return Err(anyhow::anyhow!("the cluster has {} voters, expected {n}; see the logs in {}", status.members.len(), dir.display()).into());
     }
+    let started = dev_nodes(nodes, &dir, &addrs)?;
+    dev_destinations(&mut c, &dest_name, &dest_text).await?;
+    if !started.is_empty() {
+        wait_for_nodes(&mut c, &started, Duration::from_secs(30)).await?;
+    }
     print_status(&status, out);
     if out == Output::Text {
         println!("\nThe cluster is up. Point fleetctl at it:\n  export FLEET_CONTEXT={}", ctx_path.display());
-        println!("Then try:\n  fleetctl lock acquire web -m \"maintenance\"\n  fleetctl lock status\n  fleetctl dev down");
+        if started.is_empty() {
+            println!("Then try:\n  fleetctl lock acquire web -m \"maintenance\"\n  fleetctl lock status\n  fleetctl dev down");
+        } else {
+            println!(
+                "Then, from the repository root:\n  fleetctl nodes\n  fleetctl deploy -f examples/demo/fleet.yaml\n  \
+                 fleetctl deploy -f examples/demo/fleet.yaml --release v2\n  fleetctl deploy -f examples/demo/fleet-broken.yaml   # fails; exit 3\n  \
+                 fleetctl history\n  fleetctl dev down"
+            );
+        }
     }
     Ok(exit::OK)
+}
+
+/// A started worker node: its name, pid and log file.
+struct DevNode {
+    name: String,
+    pid: u32,
+    log: PathBuf,
+}
+
+/// Issue certificates for and start `count` worker nodes (node-1 in zone
+/// a, node-2 in zone b, ...), recording their pids for `dev down`.
+fn dev_nodes(count: u32, dir: &std::path::Path, coords: &[String]) -> Result<Vec<DevNode>, Exit> {
+    if count == 0 {
+        return Ok(vec![]);
+    }
+    let bin = match dev::find_binary("fleet-node") {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("warning: {e:#}; started no worker nodes, so deployments have nowhere to run");
+            return Ok(vec![]);
+        }
+    };
+    let certs_dir = dir.join("certs");
+    let mut started = Vec::new();
+    for i in 1..=count {
+        let name = format!("node-{i}");
+        if !certs_dir.join(format!("{name}.pem")).exists() {
+            certs::issue(&certs_dir, Role::Node, &name, &[], &certs_dir)?;
+        }
+        let zone = (b'a' + ((i - 1) % 26) as u8) as char;
+        let spec = dev::NodeSpec {
+            name: name.clone(),
+            dir: dir.to_path_buf(),
+            coords: coords.to_vec(),
+            labels: vec!["env=dev".into(), format!("zone={zone}")],
+        };
+        let child = dev::spawn_node(&bin, &spec)?;
+        eprintln!("started {name} (labels env=dev, zone={zone}; pid {}, log {})", child.id(), spec.log_file().display());
+        started.push(DevNode { name, pid: child.id(), log: spec.log_file() });
+        std::fs::write(dir.join(NODE_PIDS), started.iter().map(|n| format!("{}\n", n.pid)).collect::<String>())
+            .context("writing the node pid file")?;
+    }
+    Ok(started)
+}
+
+/// Apply the dev destinations; the cluster may still be settling its
+/// leadership, so retry until a deadline.
+async fn dev_destinations(c: &mut Client, name: &str, text: &str) -> Result<(), Exit> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match deploy_cmd::apply_destinations(c, name, text).await {
+            Ok(r) => {
+                eprintln!("applied {} destination(s) from {name}", r.destinations_json.len());
+                return Ok(());
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(anyhow::anyhow!("could not apply the destinations in {name} within 30s: {e:#}").into());
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+/// Wait until the leader sees every started node connected; fail early
+/// with its log when a node process exits.
+async fn wait_for_nodes(c: &mut Client, nodes: &[DevNode], limit: Duration) -> Result<(), Exit> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut reported: std::collections::BTreeSet<String> = Default::default();
+    eprintln!("waiting for {} to connect ...", nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "));
+    let left_running = "the coordinators and other nodes keep running; `fleetctl dev down` stops them";
+    loop {
+        for n in nodes {
+            if !dev::alive(n.pid) {
+                return Err(anyhow::anyhow!(
+                    "{} exited; its log ({}) ends with:\n{}\n{left_running}",
+                    n.name,
+                    n.log.display(),
+                    dev::tail_of(&n.log, 20)
+                )
+                .into());
+            }
+        }
+        let listed = deploy_cmd::list_nodes(c).await.unwrap_or_default();
+        for v in &listed {
+            let id = v["id"].as_str().unwrap_or_default();
+            if v["connected"].as_bool() == Some(true) && nodes.iter().any(|n| n.name == id) && reported.insert(id.to_string()) {
+                eprintln!("{id} connected");
+            }
+        }
+        if nodes.iter().all(|n| reported.contains(&n.name)) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let missing: Vec<&str> = nodes.iter().filter(|n| !reported.contains(&n.name)).map(|n| n.name.as_str()).collect();
+            return Err(anyhow::anyhow!(
+                "{} did not connect within {limit:?}; see {} ({left_running})",
+                missing.join(", "),
+                nodes.iter().filter(|n| missing.contains(&n.name.as_str())).map(|n| n.log.display().to_string()).collect::<Vec<_>>().join(", ")
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
