@@ -46,7 +46,7 @@ pub fn destination_view(s: &State, name: &str) -> Option<Value> {
     if let Value::Object(m) = &mut v {
         m.insert("lock_holder".into(), s.lock(name).map(|l| Value::String(l.holder.clone())).unwrap_or(Value::Null));
         m.insert("lock_token".into(), s.lock(name).map(|l| json!(l.fencing_token)).unwrap_or(Value::Null));
-        m.insert("queue".into(), json!(s.queue(name)));
+        m.insert("queued".into(), json!(s.queue(name)));
         m.insert("current".into(), Value::Object(current));
         m.insert("nodes".into(), json!(s.nodes_for(name)));
     }

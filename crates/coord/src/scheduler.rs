@@ -130,27 +130,25 @@ fn tick(raft: &Raft, hub: &Arc<Hub>, d: &Deployment, now: i64, proposed: &mut Ha
                     hub.mark_aborted(&work);
                 }
                 Some(_) => {}
-                None if hub.is_connected(&s.plan.node) => {
+                None if hub.is_connected(&s.plan.node) && once(proposed, format!("{}/abort/{i}/{}", d.id, s.attempt)) => {
                     // Never sent (or the node, which is connected, did not
                     // report it running): record it as not run.
-                    if once(proposed, format!("{}/abort/{i}/{}", d.id, s.attempt)) {
-                        let outcome = StepOutcome {
-                            step: i,
-                            undo: false,
-                            attempt: s.attempt,
-                            token: key.token,
-                            epoch: key.epoch,
-                            ok: false,
-                            output: None,
-                            error: Some("cancelled before it started".into()),
-                            class: Some(ErrorClass::Aborted),
-                            started_ms: now,
-                            finished_ms: now,
-                            node: "coordinator".into(),
-                        };
-                        let command = Command::StepResult { deployment: d.id.clone(), outcome };
-                        spawn_proposal(raft, hub, None, command);
-                    }
+                    let outcome = StepOutcome {
+                        step: i,
+                        undo: false,
+                        attempt: s.attempt,
+                        token: key.token,
+                        epoch: key.epoch,
+                        ok: false,
+                        output: None,
+                        error: Some("cancelled before it started".into()),
+                        class: Some(ErrorClass::Aborted),
+                        started_ms: now,
+                        finished_ms: now,
+                        node: "coordinator".into(),
+                    };
+                    let command = Command::StepResult { deployment: d.id.clone(), outcome };
+                    spawn_proposal(raft, hub, None, command);
                 }
                 None => {} // its node is away; wait for it to report
             }

@@ -389,10 +389,8 @@ impl Deployment {
             return Ok(());
         }
         match self.state {
-            DeployState::Running => {
-                if self.steps.iter().all(|s| s.status == StepStatus::Done) {
-                    self.transition(DeployState::Succeeded, at_ms, "every step succeeded", actor)?;
-                }
+            DeployState::Running if self.steps.iter().all(|s| s.status == StepStatus::Done) => {
+                self.transition(DeployState::Succeeded, at_ms, "every step succeeded", actor)?;
             }
             DeployState::Compensating | DeployState::Cancelling => {
                 let blocked = self.steps.iter().rev().find(|s| s.status == StepStatus::Done);
