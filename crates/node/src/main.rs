@@ -1,1 +1,220 @@
-fn main() {}
+//! `fleet-node`: the worker agent. See `fleet-node --help`.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{CommandFactory, Parser};
+use fleet_node::agent::Agent;
+use fleet_node::connection::Connector;
+use fleet_node::fencing::Fencing;
+use fleet_node::identity::NodeIdentity;
+use fleet_node::process::{ProcessAdapter, ProcessConfig};
+use fleet_node::witness::Witness;
+
+/// Fleet's worker agent: runs the deployment steps the coordinators assign.
+///
+/// fleet-node keeps one mutually authenticated gRPC stream open to the Raft
+/// leader of the coordinators (any coordinator redirects it there). Its id
+/// is the common name of its certificate (role `node`, from
+/// `fleetctl certs issue node NAME`); destinations select nodes by their
+/// labels.
+///
+/// Steps run through the built-in `process` adapter: each release of an app
+/// runs as a supervised local process, blue-green, behind a TCP route on a
+/// stable 127.0.0.1 port. State lives in --data-dir: a restarted fleet-node
+/// adopts the instances that still run and listens on the same route ports.
+/// Programs beside the fleet-node executable (such as `fleet-demo-app`) are
+/// found on PATH.
+///
+/// Example:
+///   fleet-node --coord 127.0.0.1:7001,127.0.0.1:7002 \
+///       --ca certs/ca.pem --cert certs/node-1.pem --key certs/node-1-key.pem \
+///       --label env=staging --data-dir /var/lib/fleet-node
+#[derive(Parser, Debug)]
+#[command(name = "fleet-node", version, verbatim_doc_comment)]
+struct Args {
+    /// Coordinator addresses, HOST:PORT (comma-separated or repeated). Any
+    /// one is enough; the node follows redirects to the leader.
+    #[arg(long = "coord", env = "FLEET_ADDR", value_name = "ADDR", value_delimiter = ',', required = true, value_parser = parse_addr)]
+    coord: Vec<String>,
+
+    /// The cluster CA certificate (PEM), e.g. ca.pem from `fleetctl certs init`.
+    #[arg(long, env = "FLEET_NODE_CA", value_name = "FILE")]
+    ca: PathBuf,
+
+    /// This node's certificate (PEM, role `node`); its common name is the node id.
+    #[arg(long, env = "FLEET_NODE_CERT", value_name = "FILE")]
+    cert: PathBuf,
+
+    /// The key of --cert (PEM).
+    #[arg(long, env = "FLEET_NODE_KEY", value_name = "FILE")]
+    key: PathBuf,
+
+    /// A label KEY=VALUE that destinations select nodes by (repeatable;
+    /// comma-separated in the environment variable).
+    #[arg(long = "label", env = "FLEET_NODE_LABEL", value_name = "KEY=VALUE", value_delimiter = ',', value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+
+    /// Where the node keeps its state (app instances, route ports, fencing
+    /// tokens, instance logs). Created if missing. One fleet-node per dir.
+    #[arg(long, env = "FLEET_NODE_DATA_DIR", value_name = "DIR")]
+    data_dir: PathBuf,
+
+    /// Append one JSON line per finished step action to FILE (node,
+    /// destination, deployment, step, undo, attempt, token, action,
+    /// start_ms, end_ms, ok). For tests and audits.
+    #[arg(long, env = "FLEET_NODE_WITNESS", value_name = "FILE")]
+    witness: Option<PathBuf>,
+
+    /// Log level or filter for the log on stderr: error, warn, info, debug,
+    /// trace, or a filter such as `fleet_node=debug,info`.
+    #[arg(long, env = "FLEET_NODE_LOG_LEVEL", value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
+    log_level: String,
+}
+
+fn parse_addr(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("`{s}` is not HOST:PORT"))?;
+    if host.trim_matches(['[', ']']).is_empty() {
+        return Err(format!("`{s}` has no host; write it like 127.0.0.1:7001"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(s.to_string()),
+        _ => Err(format!("`{port}` in `{s}` is not a port (1-65535)")),
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    fleet_core::manifest::validate_label(k, v)?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_level(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("`{s}` is not a log level or filter ({e}); use error, warn, info, debug or trace"))
+}
+
+/// Report a bad flag value the way clap does (exit 2).
+fn usage(msg: impl std::fmt::Display) -> ! {
+    Args::command().error(clap::error::ErrorKind::ValueValidation, msg).exit()
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log_level))
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let identity = match NodeIdentity::load(&args.ca, &args.cert, &args.key) {
+        Ok(i) => i,
+        Err(e) => usage(e),
+    };
+    if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
+        usage(format_args!("--data-dir {}: cannot create it: {e}", args.data_dir.display()));
+    }
+    let witness = args.witness.as_ref().map(|p| match Witness::open(p) {
+        Ok(w) => w,
+        Err(e) => usage(format_args!("--witness {}: cannot open for appending: {e}", p.display())),
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fleet-node: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, identity, witness)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleet-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Hold an exclusive lock on `<data-dir>/fleet-node.lock` for the life of
+/// the process: two nodes on one data dir would fight over its instances.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Write;
+    let path = dir.join("fleet-node.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        anyhow::bail!(
+            "the data dir {} is in use by another fleet-node (pid {}); stop it or give this one its own --data-dir",
+            dir.display(),
+            holder.trim()
+        );
+    }
+    f.set_len(0).and_then(|_| write!(f, "{}", std::process::id())).with_context(|| format!("writing {}", path.display()))?;
+    Ok(f)
+}
+
+async fn run(args: Args, identity: NodeIdentity, witness: Option<Witness>) -> anyhow::Result<()> {
+    let node = identity.node_id.clone();
+    for addr in &args.coord {
+        match identity.channel(addr) {
+            Ok(_) => {}
+            Err(e @ fleet_node::identity::IdentityError::BadAddr { .. }) => usage(format_args!("--coord: {e}")),
+            Err(e) => usage(e),
+        }
+    }
+    let _lock = lock_data_dir(&args.data_dir)?;
+    let adapter = ProcessAdapter::open(ProcessConfig::new(&args.data_dir)).await.context("opening the process adapter's state")?;
+    let fencing = Fencing::open(&args.data_dir)?;
+    let adopted = adapter.instances().len();
+    let journal = Some(args.data_dir.join("results.json"));
+    let (agent, results) = Agent::new(node.clone(), Arc::new(adapter.clone()), fencing, witness, journal);
+    let labels: BTreeMap<String, String> = args.labels.into_iter().collect();
+    let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "fleet-node {node} starting: data dir {}, labels [{}], {adopted} app instance(s) adopted, coordinators {}",
+        args.data_dir.display(),
+        shown.join(","),
+        args.coord.join(",")
+    );
+    let connector = Connector { identity, addrs: args.coord, labels, agent, print: true };
+    tokio::select! {
+        _ = connector.run(results) => {}
+        _ = shutdown_signal() => {}
+    }
+    let running = adapter.instances().len();
+    adapter.shutdown().await;
+    println!(
+        "fleet-node {node} stopped; {running} app instance(s) keep running and are adopted when fleet-node starts again on {}",
+        args.data_dir.display()
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,480 @@
+//! The agent: turns `StepAssignment`s into adapter calls and `StepResult`s.
+//!
+//! It owns the rules that hold whatever the adapter:
+//!
+//! * **Idempotency.** A step key seen again is not run again: if it is
+//!   running, its result will come; if it finished, the recorded result is
+//!   sent again.
+//! * **Fencing.** Per destination the highest lock token seen is kept on
+//!   disk; an assignment with a lower token is refused (class `invalid`).
+//! * **Timeouts and aborts.** Every step runs under its `timeout_ms`; on
+//!   expiry or on `Abort` its future is dropped and the adapter removes what
+//!   it had started.
+//! * **Witness.** One JSON line per finished action (see [`crate::witness`]).
+//!
+//! Results go out through an unbounded channel; the connection loop sends
+//! them on the current stream, and on every new stream re-sends the results
+//! of the last [`RESEND`] steps (duplicates are harmless: the leader
+//! ignores stale ones). The last [`JOURNAL_KEEP`] results are also kept in a
+//! journal file, so a restarted node still answers a repeated step with its
+//! result (instead of running it again) and re-sends results that a crash
+//! kept from being delivered.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fleet_core::deploy::ErrorClass;
+use fleet_core::saga::StepAction;
+use fleet_proto::{Abort, StepAssignment, StepKey, StepResult};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::adapter::{class_name, Adapter, StepContext, StepError};
+use crate::fencing::{Fencing, Verdict};
+use crate::util::{human, now_ms, write_atomic};
+use crate::witness::{Witness, WitnessLine};
+
+/// Results re-sent on every new stream.
+pub const RESEND: usize = 100;
+/// Finished steps remembered for idempotency.
+const REMEMBER: usize = 2000;
+/// Finished steps kept in the journal file across restarts.
+pub const JOURNAL_KEEP: usize = 200;
+/// Timeout of an assignment that names none.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// A step key as a map key (the protobuf type is not `Hash`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyId {
+    pub deployment: String,
+    pub step: u32,
+    pub undo: bool,
+    pub attempt: u32,
+    pub token: u64,
+    pub epoch: u64,
+}
+
+impl KeyId {
+    pub fn of(k: &StepKey) -> KeyId {
+        KeyId { deployment: k.deployment.clone(), step: k.step, undo: k.undo, attempt: k.attempt, token: k.token, epoch: k.epoch }
+    }
+    pub fn key(&self) -> StepKey {
+        StepKey {
+            deployment: self.deployment.clone(),
+            step: self.step,
+            undo: self.undo,
+            attempt: self.attempt,
+            token: self.token,
+            epoch: self.epoch,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}{} attempt {}", self.deployment, self.step, if self.undo { "/undo" } else { "" }, self.attempt)
+    }
+}
+
+#[derive(Default)]
+struct Steps {
+    /// Running steps and how to abort them.
+    running: HashMap<KeyId, (StepKey, Option<oneshot::Sender<String>>)>,
+    done: HashMap<KeyId, StepResult>,
+    /// Finish order of `done`, oldest first.
+    order: VecDeque<KeyId>,
+}
+
+pub struct Agent {
+    node: String,
+    adapter: Arc<dyn Adapter>,
+    fencing: Mutex<Fencing>,
+    witness: Option<Witness>,
+    steps: Mutex<Steps>,
+    results: mpsc::UnboundedSender<StepResult>,
+    /// Where finished results are kept across restarts; the mutex orders
+    /// the rewrites.
+    journal: Option<Mutex<PathBuf>>,
+}
+
+/// A `StepResult` as the journal stores it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Journaled {
+    deployment: String,
+    step: u32,
+    undo: bool,
+    attempt: u32,
+    token: u64,
+    epoch: u64,
+    ok: bool,
+    output_json: String,
+    error: String,
+    error_class: String,
+    started_ms: i64,
+    finished_ms: i64,
+}
+
+impl Journaled {
+    fn of(r: &StepResult) -> Option<Journaled> {
+        let k = r.key.as_ref()?;
+        Some(Journaled {
+            deployment: k.deployment.clone(),
+            step: k.step,
+            undo: k.undo,
+            attempt: k.attempt,
+            token: k.token,
+            epoch: k.epoch,
+            ok: r.ok,
+            output_json: r.output_json.clone(),
+            error: r.error.clone(),
+            error_class: r.error_class.clone(),
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+        })
+    }
+    fn result(self) -> StepResult {
+        StepResult {
+            key: Some(StepKey {
+                deployment: self.deployment,
+                step: self.step,
+                undo: self.undo,
+                attempt: self.attempt,
+                token: self.token,
+                epoch: self.epoch,
+            }),
+            ok: self.ok,
+            output_json: self.output_json,
+            error: self.error,
+            error_class: self.error_class,
+            started_ms: self.started_ms,
+            finished_ms: self.finished_ms,
+        }
+    }
+}
+
+enum Outcome {
+    Done(Result<Value, StepError>),
+    TimedOut,
+    Aborted(String),
+}
+
+impl Agent {
+    /// A new agent and the receiving end of its results. With a
+    /// `journal` path, the results recorded there by a previous run are
+    /// loaded (and re-sent on the first stream).
+    pub fn new(
+        node: String,
+        adapter: Arc<dyn Adapter>,
+        fencing: Fencing,
+        witness: Option<Witness>,
+        journal: Option<PathBuf>,
+    ) -> (Arc<Agent>, mpsc::UnboundedReceiver<StepResult>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut steps = Steps::default();
+        if let Some(path) = &journal {
+            match std::fs::read(path) {
+                Ok(bytes) => match serde_json::from_slice::<Vec<Journaled>>(&bytes) {
+                    Ok(list) => {
+                        for j in list {
+                            let r = j.result();
+                            if let Some(k) = &r.key {
+                                let id = KeyId::of(k);
+                                if steps.done.insert(id.clone(), r).is_none() {
+                                    steps.order.push_back(id);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "the result journal is unreadable; starting without it"),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read the result journal; starting without it"),
+            }
+        }
+        let agent = Agent {
+            node,
+            adapter,
+            fencing: Mutex::new(fencing),
+            witness,
+            steps: Mutex::new(steps),
+            results: tx,
+            journal: journal.map(Mutex::new),
+        };
+        (Arc::new(agent), rx)
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn steps(&self) -> MutexGuard<'_, Steps> {
+        self.steps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keys of the steps running now (for `Hello.running`).
+    pub fn running(&self) -> Vec<StepKey> {
+        self.steps().running.values().map(|(k, _)| k.clone()).collect()
+    }
+
+    /// The results of the last `n` finished steps, oldest first.
+    pub fn recent_results(&self, n: usize) -> Vec<StepResult> {
+        let s = self.steps();
+        let skip = s.order.len().saturating_sub(n);
+        s.order.iter().skip(skip).filter_map(|k| s.done.get(k).cloned()).collect()
+    }
+
+    /// The recorded result of a finished step.
+    pub fn result_of(&self, key: &StepKey) -> Option<StepResult> {
+        self.steps().done.get(&KeyId::of(key)).cloned()
+    }
+
+    /// Take an assignment: run it (in a task) unless it is a duplicate.
+    pub fn assign(self: &Arc<Self>, a: StepAssignment) {
+        let Some(key) = a.key.clone() else {
+            tracing::warn!("assignment without a step key ignored");
+            return;
+        };
+        let id = KeyId::of(&key);
+        let (abort_tx, abort_rx) = oneshot::channel();
+        {
+            let mut s = self.steps();
+            if s.running.contains_key(&id) {
+                tracing::debug!(step = %id, "assignment repeated while running; its result will follow");
+                return;
+            }
+            if let Some(r) = s.done.get(&id) {
+                tracing::debug!(step = %id, "assignment repeated after it finished; sending its result again");
+                let _ = self.results.send(r.clone());
+                return;
+            }
+            s.running.insert(id.clone(), (key.clone(), Some(abort_tx)));
+        }
+        let fenced = {
+            let mut f = self.fencing.lock().unwrap_or_else(|p| p.into_inner());
+            f.check(&a.destination, key.token)
+        };
+        let now = now_ms();
+        let refuse = |error: String, class: ErrorClass| StepResult {
+            key: Some(key.clone()),
+            ok: false,
+            output_json: String::new(),
+            error,
+            error_class: class_name(class).into(),
+            started_ms: now,
+            finished_ms: now,
+        };
+        match fenced {
+            Ok(Verdict::Accept) => {}
+            Ok(Verdict::Stale { highest }) => {
+                let r = refuse(
+                    format!(
+                        "stale fencing token {} < highest seen {highest} for destination {}; this step belongs to a deployment that no longer holds the lock",
+                        key.token, a.destination
+                    ),
+                    ErrorClass::Invalid,
+                );
+                tracing::warn!(step = %id, destination = %a.destination, token = key.token, highest, "refused: stale fencing token");
+                self.finish(id, r);
+                return;
+            }
+            Err(e) => {
+                let r = refuse(format!("{e}; the step was not run"), ErrorClass::Resource);
+                self.finish(id, r);
+                return;
+            }
+        }
+        let agent = self.clone();
+        tokio::spawn(async move { agent.execute(a, key, id, abort_rx).await });
+    }
+
+    /// Abort a running step (it reports `aborted`); unknown or finished
+    /// steps are left alone.
+    pub fn abort(&self, a: Abort) {
+        let Some(key) = a.key else { return };
+        let id = KeyId::of(&key);
+        let tx = self.steps().running.get_mut(&id).and_then(|(_, tx)| tx.take());
+        match tx {
+            Some(tx) => {
+                tracing::info!(step = %id, reason = %a.reason, "aborting");
+                let _ = tx.send(a.reason);
+            }
+            None => tracing::debug!(step = %id, "abort for a step that is not running"),
+        }
+    }
+
+    fn finish(&self, id: KeyId, r: StepResult) {
+        {
+            let mut s = self.steps();
+            s.running.remove(&id);
+            if s.done.insert(id.clone(), r.clone()).is_none() {
+                s.order.push_back(id);
+            }
+            while s.order.len() > REMEMBER {
+                if let Some(old) = s.order.pop_front() {
+                    s.done.remove(&old);
+                }
+            }
+        }
+        self.write_journal();
+        let _ = self.results.send(r);
+    }
+
+    /// Rewrite the journal with the last [`JOURNAL_KEEP`] results (fsync'd
+    /// before the result goes out).
+    fn write_journal(&self) {
+        let Some(j) = &self.journal else { return };
+        let path = j.lock().unwrap_or_else(|p| p.into_inner());
+        let list: Vec<Journaled> = {
+            let s = self.steps();
+            let skip = s.order.len().saturating_sub(JOURNAL_KEEP);
+            s.order.iter().skip(skip).filter_map(|k| s.done.get(k)).filter_map(Journaled::of).collect()
+        };
+        let written = serde_json::to_vec(&list).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b));
+        if let Err(e) = written {
+            tracing::error!(path = %path.display(), error = %e, "cannot write the result journal; a restart would forget these results");
+        }
+    }
+
+    async fn execute(self: Arc<Self>, a: StepAssignment, key: StepKey, id: KeyId, abort_rx: oneshot::Receiver<String>) {
+        let started_ms = now_ms();
+        let timeout = if a.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(a.timeout_ms) };
+        let ctx = StepContext {
+            node: self.node.clone(),
+            destination: a.destination.clone(),
+            deployment: key.deployment.clone(),
+            step: key.step,
+            attempt: key.attempt,
+            undo: key.undo,
+            token: key.token,
+            timeout,
+        };
+        let action: StepAction = match serde_json::from_str(&a.action_json) {
+            Ok(action) => action,
+            Err(e) => {
+                let err = StepError::invalid(format!(
+                    "this node cannot read the step's action ({e}); is fleet-node ({}) older than the coordinators? Upgrade it",
+                    env!("CARGO_PKG_VERSION")
+                ));
+                let r = result(&key, Err(err), started_ms, now_ms());
+                self.finish(id, r);
+                return;
+            }
+        };
+        let run_output: Option<Value> = if a.run_output_json.trim().is_empty() {
+            None
+        } else {
+            match serde_json::from_str(&a.run_output_json) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    let err = StepError::invalid(format!("the recorded output of the forward step is not JSON ({e}); nothing was undone"));
+                    let r = result(&key, Err(err), started_ms, now_ms());
+                    self.finish(id, r);
+                    return;
+                }
+            }
+        };
+        tracing::info!(step = %id, action = action.verb(), app = %a.app, release = %a.release, "step started");
+        let fut = async {
+            if ctx.undo {
+                self.adapter.undo(&ctx, &action, run_output.as_ref()).await
+            } else {
+                self.adapter.run(&ctx, &action).await
+            }
+        };
+        let aborted = async {
+            match abort_rx.await {
+                Ok(reason) => reason,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(timeout, fut) => match r {
+                Ok(r) => Outcome::Done(r),
+                Err(_) => Outcome::TimedOut,
+            },
+            reason = aborted => Outcome::Aborted(reason),
+        };
+        let outcome = match outcome {
+            Outcome::Done(r) => r,
+            Outcome::TimedOut => {
+                self.adapter.cancelled(&ctx, &action).await;
+                Err(StepError::transient(format!(
+                    "{} {} timed out after {} and was stopped; {}",
+                    if ctx.undo { "undo of" } else { "step" },
+                    describe(&action),
+                    human(timeout),
+                    self.adapter.timeout_hint(&action)
+                )))
+            }
+            Outcome::Aborted(reason) => {
+                self.adapter.cancelled(&ctx, &action).await;
+                let why = if reason.is_empty() { String::new() } else { format!(" ({reason})") };
+                Err(StepError::new(
+                    ErrorClass::Aborted,
+                    format!("{} was aborted by the leader{why} and stopped", describe(&action)),
+                ))
+            }
+        };
+        let finished_ms = now_ms();
+        match &outcome {
+            Ok(_) => tracing::info!(step = %id, action = action.verb(), ms = finished_ms - started_ms, "step succeeded"),
+            Err(e) => tracing::warn!(step = %id, action = action.verb(), class = class_name(e.class), error = %e.message, "step failed"),
+        }
+        if let Some(w) = &self.witness {
+            let line = WitnessLine {
+                node: self.node.clone(),
+                destination: a.destination.clone(),
+                deployment: key.deployment.clone(),
+                step: key.step,
+                undo: key.undo,
+                attempt: key.attempt,
+                token: key.token,
+                action: action.verb().to_string(),
+                start_ms: started_ms,
+                end_ms: finished_ms,
+                ok: outcome.is_ok(),
+            };
+            if let Err(e) = w.record(&line) {
+                tracing::error!(path = %w.path().display(), error = %e, "cannot append to the witness file");
+            }
+        }
+        let r = result(&key, outcome, started_ms, finished_ms);
+        self.finish(id, r);
+    }
+}
+
+fn describe(action: &StepAction) -> String {
+    match action {
+        StepAction::StartInstance { app, release, .. } => format!("start {app}@{release}"),
+        StepAction::HealthCheck { app, release, .. } => format!("health check of {app}@{release}"),
+        StepAction::SwitchRoute { app, release, .. } => format!("switch of {app}'s route to {release}"),
+        StepAction::StopOld { app, .. } => format!("stop of the previous {app}"),
+        StepAction::Command { run, .. } => format!("command `{run}`"),
+    }
+}
+
+fn result(key: &StepKey, r: Result<Value, StepError>, started_ms: i64, finished_ms: i64) -> StepResult {
+    match r {
+        Ok(v) => StepResult {
+            key: Some(key.clone()),
+            ok: true,
+            output_json: v.to_string(),
+            error: String::new(),
+            error_class: String::new(),
+            started_ms,
+            finished_ms,
+        },
+        Err(e) => StepResult {
+            key: Some(key.clone()),
+            ok: false,
+            output_json: String::new(),
+            error: e.message,
+            error_class: class_name(e.class).into(),
+            started_ms,
+            finished_ms,
+        },
+    }
+}

@@ -1,0 +1,256 @@
+//! The work stream: connect to a coordinator, follow the redirect to the
+//! leader, say `Hello`, then heartbeat, take assignments and aborts, and
+//! send results, until the stream breaks; then reconnect.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_proto::worker_client::WorkerClient;
+use fleet_proto::{leader_message, node_message, Heartbeat, Hello, NodeMessage, StepResult};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
+
+use crate::agent::{Agent, RESEND};
+use crate::identity::NodeIdentity;
+use crate::util::now_ms;
+
+/// Metadata key of the leader's address in a follower's UNAVAILABLE answer.
+const LEADER_METADATA: &str = "fleet-leader";
+/// Longest pause between connection attempts (plus jitter).
+const MAX_BACKOFF: Duration = Duration::from_millis(1000);
+/// How long to wait for the coordinator to answer the stream / Welcome.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Connector {
+    pub identity: NodeIdentity,
+    pub addrs: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub agent: Arc<Agent>,
+    /// Print `connected` / `lost` lines on stdout.
+    pub print: bool,
+}
+
+/// How one session on one address ended.
+enum End {
+    /// A follower named the leader: go there now.
+    Redirect(String),
+    /// Could not open the stream.
+    Failed(String),
+    /// The stream was up and broke.
+    Broken(String),
+}
+
+impl Connector {
+    /// Keep a work stream to the leader open, forever.
+    pub async fn run(mut self, mut results: mpsc::UnboundedReceiver<StepResult>) {
+        let mut idx = 0usize;
+        let mut redirect: Option<String> = None;
+        let mut backoff = Duration::from_millis(50);
+        let mut failed_in_round = 0usize;
+        let mut last_error = String::new();
+        loop {
+            let addr = redirect.take().unwrap_or_else(|| self.addrs[idx].clone());
+            match self.session(&addr, &mut results).await {
+                End::Redirect(leader) if leader != addr => {
+                    tracing::info!(from = %addr, to = %leader, "following the redirect to the leader");
+                    if !self.addrs.contains(&leader) {
+                        self.addrs.push(leader.clone());
+                    }
+                    if let Some(i) = self.addrs.iter().position(|a| *a == leader) {
+                        idx = i;
+                    }
+                    redirect = Some(leader);
+                    continue;
+                }
+                End::Redirect(_) => {
+                    let e = format!("{addr} says it is not the leader but names itself; waiting for the election");
+                    log_failure(&mut last_error, &e);
+                }
+                End::Failed(e) => log_failure(&mut last_error, &format!("{addr}: {e}")),
+                End::Broken(e) => {
+                    if self.print {
+                        println!("fleet-node {} lost the leader at {addr}: {e}; reconnecting", self.agent.node());
+                    }
+                    tracing::warn!(%addr, error = %e, "work stream broke; reconnecting");
+                    last_error.clear();
+                    backoff = Duration::from_millis(50);
+                    failed_in_round = 0;
+                    // Try the same coordinator first (it redirects if it
+                    // is no longer the leader), after a short pause.
+                    tokio::time::sleep(jitter(backoff)).await;
+                    continue;
+                }
+            }
+            failed_in_round += 1;
+            idx = (idx + 1) % self.addrs.len();
+            if failed_in_round >= self.addrs.len() {
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                failed_in_round = 0;
+            }
+        }
+    }
+
+    async fn session(&self, addr: &str, results: &mut mpsc::UnboundedReceiver<StepResult>) -> End {
+        let channel = match self.identity.channel(addr) {
+            Ok(c) => c,
+            Err(e) => return End::Failed(e.to_string()),
+        };
+        let mut client = WorkerClient::new(channel);
+        let (tx, rx) = mpsc::channel::<NodeMessage>(1024);
+        let hello = Hello {
+            labels: self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            running: self.agent.running(),
+        };
+        if tx.send(msg(node_message::Msg::Hello(hello))).await.is_err() {
+            return End::Failed("internal: the outgoing stream closed".into());
+        }
+        let response = match tokio::time::timeout(ANSWER_TIMEOUT, client.work(ReceiverStream::new(rx))).await {
+            Err(_) => return End::Failed(format!("no answer within {ANSWER_TIMEOUT:?}")),
+            Ok(Err(status)) => return failed(&status),
+            Ok(Ok(r)) => r,
+        };
+        let mut inbound = response.into_inner();
+        let welcome = match tokio::time::timeout(ANSWER_TIMEOUT, inbound.message()).await {
+            Err(_) => return End::Failed(format!("no Welcome within {ANSWER_TIMEOUT:?}")),
+            Ok(Err(status)) => return failed(&status),
+            Ok(Ok(None)) => return End::Failed("the coordinator closed the stream before Welcome".into()),
+            Ok(Ok(Some(m))) => match m.msg {
+                Some(leader_message::Msg::Welcome(w)) => w,
+                _ => return End::Failed("the first message was not Welcome; is the coordinator a different version?".into()),
+            },
+        };
+        if self.print {
+            println!(
+                "fleet-node {} connected to leader {} at {addr} (term {})",
+                self.agent.node(),
+                welcome.leader_id,
+                welcome.term
+            );
+        }
+        tracing::info!(%addr, leader = welcome.leader_id, term = welcome.term, heartbeat_ms = welcome.heartbeat_ms, "connected");
+
+        // Results finished while disconnected are among the recent ones.
+        while results.try_recv().is_ok() {}
+        for r in self.agent.recent_results(RESEND) {
+            if tx.send(msg(node_message::Msg::Result(r))).await.is_err() {
+                return End::Broken("the outgoing stream closed".into());
+            }
+        }
+
+        let period = Duration::from_millis(if welcome.heartbeat_ms == 0 { 1000 } else { welcome.heartbeat_ms });
+        let mut heartbeat = tokio::time::interval(period);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(m)) => match m.msg {
+                        Some(leader_message::Msg::Assign(a)) => self.agent.assign(a),
+                        Some(leader_message::Msg::Abort(a)) => self.agent.abort(a),
+                        Some(leader_message::Msg::Welcome(w)) => {
+                            let p = Duration::from_millis(w.heartbeat_ms.max(1));
+                            if p != heartbeat.period() {
+                                heartbeat = tokio::time::interval(p);
+                                heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            }
+                        }
+                        None => {}
+                    },
+                    Ok(None) => return End::Broken("the leader closed the stream".into()),
+                    Err(status) => return match leader_of(&status) {
+                        Some(l) => {
+                            if self.print {
+                                println!("fleet-node {} lost the leader at {addr}: it stepped down; following to {l}", self.agent.node());
+                            }
+                            End::Redirect(l)
+                        }
+                        None => End::Broken(describe(&status)),
+                    },
+                },
+                _ = heartbeat.tick() => {
+                    let hb = msg(node_message::Msg::Heartbeat(Heartbeat { at_ms: now_ms() }));
+                    if tx.send(hb).await.is_err() {
+                        return End::Broken("the outgoing stream closed".into());
+                    }
+                }
+                Some(r) = results.recv() => {
+                    if tx.send(msg(node_message::Msg::Result(r))).await.is_err() {
+                        return End::Broken("the outgoing stream closed".into());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn msg(m: node_message::Msg) -> NodeMessage {
+    NodeMessage { msg: Some(m) }
+}
+
+fn leader_of(status: &Status) -> Option<String> {
+    if status.code() != Code::Unavailable {
+        return None;
+    }
+    status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map(str::to_string)
+}
+
+fn failed(status: &Status) -> End {
+    match leader_of(status) {
+        Some(l) => End::Redirect(l),
+        None => End::Failed(describe(status)),
+    }
+}
+
+/// The status in one line: its message and the causes under it.
+fn detail(status: &Status) -> String {
+    let mut out = status.message().to_string();
+    let mut src = std::error::Error::source(status);
+    while let Some(e) = src {
+        let t = e.to_string();
+        if !out.contains(&t) && !t.contains("code: '") {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        src = e.source();
+    }
+    out
+}
+
+fn describe(status: &Status) -> String {
+    let detail = detail(status);
+    let lower = detail.to_ascii_lowercase();
+    if matches!(status.code(), Code::Unavailable | Code::Unknown)
+        && (lower.contains("certificate") || lower.contains("handshake") || lower.contains("unknownissuer"))
+    {
+        return format!(
+            "TLS failed: {detail}. The coordinators and this node need certificates from the same cluster CA (--ca, --cert, --key)"
+        );
+    }
+    match status.code() {
+        Code::PermissionDenied => format!(
+            "permission denied: {}; the work stream needs a certificate of role `node` (`fleetctl certs issue node NAME`)",
+            status.message()
+        ),
+        Code::Unauthenticated => format!("not authenticated: {}", status.message()),
+        Code::Unimplemented => "the coordinator has no Worker service; is it an older version?".into(),
+        c => format!("{c:?}: {detail}"),
+    }
+}
+
+fn log_failure(last: &mut String, e: &str) {
+    if last != e {
+        tracing::warn!("cannot reach the leader: {e}");
+        *last = e.to_string();
+    } else {
+        tracing::debug!("cannot reach the leader: {e}");
+    }
+}
+
+/// `d` plus up to half of it again, at random.
+fn jitter(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    d + Duration::from_millis(rand::random_range(0..=ms / 2))
+}
