@@ -213,3 +213,554 @@ pub async fn lock_status(c: &mut Client, dest: &str) -> anyhow::Result<LockStatu
     })
     .await
 }
+
+// ------------------------------------------------------------ deployments
+//
+// Worker nodes (`fleet-node`), `fleetctl` deployment commands run as real
+// processes, the demo app's HTTP endpoint, the witness files and the
+// processes a node left behind.
+
+/// Environment variable every `fleet-node` started by the harness carries
+/// (its value is the node's directory). Children inherit it, so the harness
+/// can find (and on drop, kill) every process a node started, even ones
+/// that outlive the node.
+pub const OWNER_ENV: &str = "FLEET_TEST_OWNER";
+
+/// One `fleetctl` run.
+#[derive(Debug, Clone)]
+pub struct CtlRun {
+    pub args: Vec<String>,
+    /// Exit code (`-1` when killed by a signal).
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// The JSON values printed on stdout: one per line, or the elements of
+    /// one JSON array.
+    pub lines: Vec<serde_json::Value>,
+    pub elapsed: Duration,
+}
+
+impl CtlRun {
+    /// The `{"type":"result",...}` line of `deploy`, `watch` or `rollback`.
+    pub fn result(&self) -> anyhow::Result<&serde_json::Value> {
+        self.lines
+            .iter()
+            .rev()
+            .find(|l| l["type"] == "result")
+            .with_context(|| format!("no result line in the output of {self}"))
+    }
+
+    /// The full Deployment of the result line.
+    pub fn deployment(&self) -> anyhow::Result<&serde_json::Value> {
+        Ok(&self.result()?["deployment"])
+    }
+
+    /// The deployment id from a result or `submitted` line.
+    pub fn id(&self) -> anyhow::Result<String> {
+        self.lines
+            .iter()
+            .rev()
+            .find(|l| matches!(l["type"].as_str(), Some("result" | "submitted")))
+            .and_then(|l| l["id"].as_str())
+            .map(str::to_string)
+            .with_context(|| format!("no deployment id in the output of {self}"))
+    }
+
+    /// The only JSON value printed (`status`, `list`, `history` ...).
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(self.stdout.trim()).with_context(|| format!("stdout is not one JSON document: {self}"))
+    }
+
+    /// stdout and stderr together (error messages may be on either).
+    pub fn text(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+
+    /// Fail unless the exit code is `want`.
+    pub fn expect_code(&self, want: i32) -> anyhow::Result<&Self> {
+        anyhow::ensure!(self.code == want, "expected exit code {want}, got {self}");
+        Ok(self)
+    }
+}
+
+impl std::fmt::Display for CtlRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let clip = |s: &str| {
+            let n = s.chars().count();
+            if n > 6000 {
+                format!("…{}", s.chars().skip(n - 6000).collect::<String>())
+            } else {
+                s.to_string()
+            }
+        };
+        write!(
+            f,
+            "`fleetctl {}` exited {} after {:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.args.join(" "),
+            self.code,
+            self.elapsed,
+            clip(&self.stdout),
+            clip(&self.stderr)
+        )
+    }
+}
+
+/// JSON values in a command's stdout: a single document (an array is
+/// flattened), else one document per line.
+pub fn json_values(stdout: &str) -> Vec<serde_json::Value> {
+    let t = stdout.trim();
+    if t.is_empty() {
+        return vec![];
+    }
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(t) {
+        return match v {
+            serde_json::Value::Array(a) => a,
+            other => vec![other],
+        };
+    }
+    t.lines().filter_map(|l| serde_json::from_str(l.trim()).ok()).collect()
+}
+
+/// A `fleet-node` process with its own certificate, data dir, witness file
+/// and log. Killed on drop, together with every process it started.
+pub struct Node {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub witness_file: PathBuf,
+    pub log_file: PathBuf,
+    pub child: Option<Child>,
+    args: Vec<std::ffi::OsString>,
+    path_env: std::ffi::OsString,
+}
+
+impl Node {
+    fn spawn(&mut self, bin: &Path) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_file)?;
+        let child = Command::new(bin)
+            .args(&self.args)
+            .env(OWNER_ENV, &self.dir)
+            .env("PATH", &self.path_env)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `kill -9` the node process (its instances stay, as after a crash).
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Has the node process exited? (Then its log says why.)
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        dev::tail_of(&self.log_file, lines)
+    }
+
+    /// Every witness line written so far (a line still being written is skipped).
+    pub fn witness(&self) -> Vec<serde_json::Value> {
+        read_witness(&self.witness_file)
+    }
+
+    /// Processes this node started that are still alive (pid, command
+    /// line), the node itself excluded.
+    pub fn processes(&self) -> Vec<(u32, String)> {
+        let me = self.pid();
+        owned_processes(&self.dir).into_iter().filter(|(pid, _)| Some(*pid) != me).collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The node's instances run in their own process groups and outlive
+        // it by design; the test must not leave them behind.
+        for (pid, _) in owned_processes(&self.dir) {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).stderr(std::process::Stdio::null()).status();
+        }
+    }
+}
+
+/// Witness lines of a file; a torn last line is skipped.
+pub fn read_witness(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Live (not zombie) processes whose environment carries `OWNER_ENV=dir`
+/// or whose working directory is inside `dir`.
+pub fn owned_processes(dir: &Path) -> Vec<(u32, String)> {
+    let marker = format!("{OWNER_ENV}={}", dir.display());
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == std::process::id() || !pid_alive(pid) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let by_env = env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes());
+        let by_cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).map(|p| p.starts_with(dir)).unwrap_or(false);
+        if by_env || by_cwd {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ").trim().to_string();
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+/// Does `/proc/<pid>` exist as a live (not zombie) process?
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => {
+            let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next().map(str::to_string));
+            state.as_deref() != Some("Z")
+        }
+    }
+}
+
+/// Does `/proc/<pid>` exist at all (a zombie included)?
+pub fn pid_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Is a TCP connection to 127.0.0.1:`port` refused?
+pub async fn port_refused(port: u16) -> bool {
+    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(("127.0.0.1", port))).await {
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        _ => false,
+    }
+}
+
+/// `GET /` (or `path`) over a fresh connection with `Connection: close`;
+/// the body of a 200 answer, else an error. Bounded by `timeout`.
+pub async fn http_get_path(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.context("sending the request")?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.context("reading the answer")?;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").with_context(|| format!("no HTTP answer from {addr}: {text:?}"))?;
+        let status = head.lines().next().unwrap_or("");
+        anyhow::ensure!(status.split_whitespace().nth(1) == Some("200"), "{addr} answered `{status}`");
+        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+        anyhow::Ok(body)
+    };
+    tokio::time::timeout(timeout, fut).await.map_err(|_| anyhow::anyhow!("no answer from {addr} within {timeout:?}"))?
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `GET /` with a 2 s timeout.
+pub async fn http_get(addr: &str) -> anyhow::Result<String> {
+    http_get_path(addr, "/", Duration::from_secs(2)).await
+}
+
+/// The release the demo app names in its answer to `GET /`.
+pub fn release_of(body: &str) -> Option<String> {
+    body.trim().strip_prefix("fleet demo app, release ").map(|r| r.trim().to_string())
+}
+
+impl Cluster {
+    /// Issue a node certificate named `name` and start `fleet-node` with
+    /// `labels`; its data dir, witness file and log live in `nodes/<name>/`.
+    pub fn start_node(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<Node> {
+        let certs = self.path().join("certs");
+        fleetctl::certs::issue(&certs, fleet_core::auth::Role::Node, name, &[], &certs)?;
+        let bin = dev::find_binary("fleet-node")?;
+        let dir = self.path().join("nodes").join(name);
+        std::fs::create_dir_all(dir.join("data"))?;
+        // The node finds `fleet-demo-app` (and any sibling binary) on PATH.
+        let mut path_dirs: Vec<PathBuf> = vec![];
+        if let Ok(app) = dev::find_binary("fleet-demo-app") {
+            path_dirs.extend(app.parent().map(Path::to_path_buf));
+        }
+        path_dirs.extend(bin.parent().map(Path::to_path_buf));
+        let current = std::env::var_os("PATH").unwrap_or_default();
+        path_dirs.extend(std::env::split_paths(&current));
+        let path_env = std::env::join_paths(path_dirs)?;
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--coord".into(),
+            self.addrs().join(",").into(),
+            "--ca".into(),
+            certs.join("ca.pem").into(),
+            "--cert".into(),
+            certs.join(format!("{name}.pem")).into(),
+            "--key".into(),
+            certs.join(format!("{name}-key.pem")).into(),
+            "--data-dir".into(),
+            dir.join("data").into(),
+            "--witness".into(),
+            dir.join("witness.jsonl").into(),
+        ];
+        for (k, v) in labels {
+            args.push("--label".into());
+            args.push(format!("{k}={v}").into());
+        }
+        let mut node = Node {
+            name: name.to_string(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            witness_file: dir.join("witness.jsonl"),
+            log_file: dir.join("node.log"),
+            data_dir: dir.join("data"),
+            dir,
+            child: None,
+            args,
+            path_env,
+        };
+        node.spawn(&bin)?;
+        Ok(node)
+    }
+
+    /// Path of a context file for `cert`, written atomically (concurrent
+    /// fleetctl runs never read a half-written one).
+    pub fn context_file(&self, cert: &str) -> anyhow::Result<PathBuf> {
+        let path = self.path().join(format!("context-{cert}.json"));
+        let tmp = self.path().join(format!(".context-{cert}-{}.json", rand::random::<u64>()));
+        self.context(cert).save(&tmp)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    /// Run the real `fleetctl` binary as `cert`, without blocking the runtime.
+    pub async fn ctl_as(&self, cert: &str, args: &[&str]) -> anyhow::Result<CtlRun> {
+        let ctx = self.context_file(cert)?;
+        let started = Instant::now();
+        let out = tokio::process::Command::new(&self.ctl)
+            .args(args)
+            .env("FLEET_CONTEXT", &ctx)
+            .env_remove("FLEET_ADDR")
+            .env_remove("FLEET_CA")
+            .env_remove("FLEET_CERT")
+            .env_remove("FLEET_KEY")
+            .current_dir(self.path())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("running fleetctl")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok(CtlRun {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            code: out.status.code().unwrap_or(-1),
+            lines: json_values(&stdout),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// `fleetctl` as the operator.
+    pub async fn ctl(&self, args: &[&str]) -> anyhow::Result<CtlRun> {
+        self.ctl_as("operator", args).await
+    }
+
+    /// Write `text` to a file in the test dir and return its path.
+    pub fn write_file(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        let p = self.path().join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    }
+
+    /// `fleetctl destinations apply -f FILE`; must succeed.
+    pub async fn apply_destinations(&self, yaml: &str) -> anyhow::Result<CtlRun> {
+        let f = self.write_file(&format!("destinations-{}.yaml", rand::random::<u32>()), yaml)?;
+        let run = self.ctl(&["destinations", "apply", "-f", f.to_str().unwrap(), "-o", "json"]).await?;
+        run.expect_code(0)?;
+        Ok(run)
+    }
+
+    /// `fleetctl nodes -o json`.
+    pub async fn nodes_json(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let run = self.ctl(&["nodes", "-o", "json"]).await?;
+        run.expect_code(0)?;
+        Ok(run.lines)
+    }
+
+    /// Wait until the nodes named are registered and connected.
+    pub async fn wait_nodes_connected(&self, names: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
+        eventually(&format!("nodes {names:?} to connect"), Duration::from_secs(30), || async {
+            let nodes = self.nodes_json().await?;
+            let connected = |n: &&str| nodes.iter().any(|v| v["id"] == *n && v["connected"] == true);
+            if names.iter().all(connected) {
+                Ok(Some(nodes))
+            } else {
+                anyhow::bail!("nodes: {}", serde_json::to_string(&nodes)?)
+            }
+        })
+        .await
+    }
+
+    /// `fleetctl deploy -f <manifest> ARGS -o json`.
+    pub async fn deploy(&self, manifest: &Path, args: &[&str]) -> anyhow::Result<CtlRun> {
+        let mut all = vec!["deploy", "-f", manifest.to_str().context("manifest path is not UTF-8")?];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        self.ctl(&all).await
+    }
+
+    /// `fleetctl status ID -o json`: the Deployment.
+    pub async fn deployment(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+        let run = self.ctl(&["status", id, "-o", "json"]).await?;
+        run.expect_code(0)?;
+        run.json()
+    }
+
+    /// The last lines of every coordinator log.
+    pub fn coord_logs(&self, lines: usize) -> String {
+        self.coords
+            .iter()
+            .map(|(id, c)| format!("=== coordinator {id} ({}):\n{}", c.spec.log_file().display(), dev::tail_of(&c.spec.log_file(), lines)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// A cluster with worker nodes: what every deployment test starts from.
+/// On a failed test it prints the tail of every log.
+pub struct Fleet {
+    /// Dropped after `cluster` (fields drop in order): nodes go first.
+    pub nodes: Vec<Node>,
+    pub cluster: Cluster,
+    reported: bool,
+    _slot: TestSlot,
+}
+
+impl Fleet {
+    /// 3 coordinators, then one node per `(name, labels)`, then
+    /// `destinations_yaml`; returns when every node is connected.
+    pub async fn start(nodes: &[(&str, &[(&str, &str)])], destinations_yaml: &str) -> anyhow::Result<Fleet> {
+        let slot = TestSlot::take();
+        let cluster = Cluster::start(3, FAST_RAFT).await?;
+        let mut fleet = Fleet { nodes: vec![], cluster, reported: false, _slot: slot };
+        for (name, labels) in nodes {
+            let node = fleet.cluster.start_node(name, labels)?;
+            fleet.nodes.push(node);
+        }
+        let names: Vec<&str> = nodes.iter().map(|(n, _)| *n).collect();
+        let connected = fleet.cluster.wait_nodes_connected(&names).await.and_then(|listed| {
+            // `fleetctl nodes` shows each node with the labels it was started with.
+            for (name, labels) in nodes {
+                let v = listed.iter().find(|v| v["id"] == *name).context("listed above")?;
+                let want: BTreeMap<&str, &str> = labels.iter().copied().collect();
+                let got: BTreeMap<&str, &str> = v["labels"]
+                    .as_object()
+                    .map(|m| m.iter().filter_map(|(k, v)| Some((k.as_str(), v.as_str()?))).collect())
+                    .unwrap_or_default();
+                anyhow::ensure!(got == want, "node {name} is listed with labels {got:?}, started with {want:?}");
+            }
+            Ok(())
+        });
+        if let Err(e) = connected {
+            fleet.report(&format!("{e:#}"));
+            return Err(e);
+        }
+        if !destinations_yaml.is_empty() {
+            fleet.cluster.apply_destinations(destinations_yaml).await?;
+        }
+        Ok(fleet)
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Every node's witness lines.
+    pub fn witness(&self) -> Vec<serde_json::Value> {
+        self.nodes.iter().flat_map(|n| n.witness()).collect()
+    }
+
+    /// Every node log's and coordinator log's tail.
+    pub fn logs(&self) -> String {
+        let mut out = self.cluster.coord_logs(40);
+        for n in &self.nodes {
+            out.push_str(&format!("\n=== node {} ({}):\n{}", n.name, n.log_file.display(), n.log_tail(60)));
+        }
+        out
+    }
+
+    fn report(&self, why: &str) {
+        eprintln!("\n##### test failed: {why}\n##### test dir: {}\n{}\n", self.cluster.path().display(), self.logs());
+    }
+
+    /// End a test: on error, print the logs and panic with the error.
+    pub fn finish(mut self, r: anyhow::Result<()>) {
+        if let Err(e) = r {
+            self.report(&format!("{e:#}"));
+            self.reported = true;
+            panic!("{e:#}");
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.reported {
+            self.report("panicked");
+        }
+    }
+}
+
+/// Deployment tests start 3 coordinators and several nodes each; on a
+/// 2-core machine more than a couple at once only measure the scheduler of
+/// the OS. `FLEET_TEST_PARALLEL` (default 2) bounds how many run at once.
+pub struct TestSlot(());
+
+static SLOTS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static SLOT_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl TestSlot {
+    pub fn take() -> TestSlot {
+        let max: usize = std::env::var("FLEET_TEST_PARALLEL").ok().and_then(|v| v.parse().ok()).unwrap_or(2).max(1);
+        let mut used = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+        while *used >= max {
+            used = SLOT_FREED.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += 1;
+        TestSlot(())
+    }
+}
+
+impl Drop for TestSlot {
+    fn drop(&mut self) {
+        let mut used = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(1);
+        SLOT_FREED.notify_one();
+    }
+}
