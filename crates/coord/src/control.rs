@@ -243,6 +243,11 @@ impl Control for ControlService {
         self.rollback(actor, req.into_inner()).await.map(Response::new)
     }
 
+    async fn resolve_deployment(&self, req: Request<ResolveDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
+        let (actor, _) = authorize(&req, Access::Write, "resolve")?;
+        self.resolve(actor, req.into_inner()).await.map(Response::new)
+    }
+
     async fn apply_destinations(&self, req: Request<ApplyDestinationsRequest>) -> Result<Response<DestinationsReply>, Status> {
         let (actor, _) = authorize(&req, Access::Write, "destinations apply")?;
         ControlService::apply_destinations(self, actor, req.into_inner()).await.map(Response::new)

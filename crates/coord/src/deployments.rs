@@ -80,8 +80,58 @@ impl ControlService {
             timeout_ms: (r.timeout_ms > 0).then_some(r.timeout_ms),
         };
         let spec = parse_manifest(file, &r.manifest_yaml, &overrides).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.dry_run {
+            return self.dry_run(spec, actor).await;
+        }
+        let idempotency_key = (!r.idempotency_key.is_empty()).then(|| r.idempotency_key.clone());
+        if let Some(k) = &idempotency_key {
+            fleet_core::names::validate_text("idempotency key", k, 256).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
         let id = self.scoped(&actor, &r.request_id);
-        let (outcome, _) = self.propose(id, Command::SubmitDeployment { spec, actor }).await?;
+        let command = Command::SubmitDeployment {
+            spec,
+            actor,
+            lock_wait_ms: (r.lock_wait_ms > 0).then_some(r.lock_wait_ms),
+            idempotency_key,
+        };
+        let (outcome, _) = self.propose(id, command).await?;
+        match outcome {
+            Outcome::Deployment { id, .. } => self.deployment_reply(&id),
+            other => Err(outcome_error(other)),
+        }
+    }
+
+    /// Plan against the current state without proposing anything: apply
+    /// the submit to a copy of the state machine and answer what it made.
+    async fn dry_run(&self, spec: fleet_core::manifest::Spec, actor: String) -> Result<DeploymentReply, Status> {
+        self.linearizable().await?;
+        self.state().read(|a| {
+            let mut copy = a.state.clone();
+            let index = a.last_applied.map(|l| l.index).unwrap_or(0) + 1;
+            let req = fleet_core::Request {
+                request_id: None,
+                at_ms: crate::control::now_ms(),
+                command: Command::SubmitDeployment { spec, actor, lock_wait_ms: None, idempotency_key: None },
+            };
+            match copy.apply(index, &req).0 {
+                Outcome::Deployment { id, .. } => {
+                    let mut d = copy.deployment(&id).cloned().ok_or_else(|| Status::internal("dry run lost its deployment"))?;
+                    if d.steps.is_empty() {
+                        // Queued behind another deployment: plan as it would be planned now.
+                        let nodes = copy.nodes_for(&d.destination);
+                        d.steps = fleet_core::saga::plan(&d.spec, &nodes).into_iter().map(fleet_core::deploy::StepRecord::new).collect();
+                    }
+                    d.id = "dry-run".into();
+                    Ok(DeploymentReply { deployment_json: to_json(&d)?, applied_index: index - 1 })
+                }
+                other => Err(outcome_error(other)),
+            }
+        })
+    }
+
+    pub(crate) async fn resolve(&self, actor: String, r: ResolveDeploymentRequest) -> Result<DeploymentReply, Status> {
+        let id = self.scoped(&actor, &r.request_id);
+        let (outcome, _) = self.propose(id, Command::ResolveDeployment { id: r.id.clone(), note: r.note.clone(), actor }).await?;
         match outcome {
             Outcome::Deployment { id, .. } => self.deployment_reply(&id),
             other => Err(outcome_error(other)),

@@ -101,6 +101,17 @@ fn step_key(d: &Deployment, step: usize, undo: bool, attempt: u32) -> StepKey {
 }
 
 fn tick(raft: &Raft, hub: &Arc<Hub>, d: &Deployment, now: i64, proposed: &mut HashMap<String, Instant>) {
+    // Lock wait: a queued deployment gives up when its wait is over.
+    if d.state == DeployState::Queued && d.lock_wait_until_ms.is_some_and(|t| now > t) {
+        if once(proposed, format!("{}/lock-wait", d.id)) {
+            let waited = humantime::format_duration(Duration::from_millis((d.lock_wait_until_ms.unwrap_or(now) - d.submitted_ms).max(0) as u64));
+            let reason = format!("waited {waited} (--lock-wait) for the destination lock; `fleetctl lock status {}` shows who holds it", d.destination);
+            let command = Command::CancelDeployment { id: d.id.clone(), reason, actor: "coordinator".into(), timed_out: true };
+            spawn_proposal(raft, hub, Some(format!("coordinator/lock-wait/{}", d.id)), command);
+        }
+        return;
+    }
+
     // Deadline: cancel and compensate; compensation itself is never cut short.
     if now > d.deadline_ms && matches!(d.state, DeployState::Queued | DeployState::Running) {
         if once(proposed, format!("{}/deadline", d.id)) {

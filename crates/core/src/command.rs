@@ -32,7 +32,18 @@ pub enum Command {
     /// Give it back. Only its holder may.
     ReleaseLock { destination: String, holder: Holder },
     /// Queue a deployment of a validated manifest.
-    SubmitDeployment { spec: Spec, actor: Holder },
+    SubmitDeployment {
+        spec: Spec,
+        actor: Holder,
+        /// Cancel (timed out) if the lock is not granted within this long.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lock_wait_ms: Option<u64>,
+        /// The caller's key: the same key answers with the same deployment.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
+    },
+    /// A human checked a `compensation_failed` deployment: free its destination.
+    ResolveDeployment { id: String, note: String, actor: Holder },
     /// Queue a new deployment of an earlier succeeded release of the same
     /// app and destination as deployment `id`.
     RollbackDeployment { id: String, to_release: Option<String>, timeout_ms: Option<u64>, actor: Holder },

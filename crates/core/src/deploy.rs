@@ -208,11 +208,25 @@ pub struct Deployment {
     /// Set when this deployment is a rollback of another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_of: Option<String>,
-    /// The deployment ended because its deadline passed.
+    /// The deployment ended because its deadline (or its lock wait) passed.
     #[serde(default)]
     pub timed_out: bool,
+    /// Give up if the destination lock is not granted by this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_wait_until_ms: Option<i64>,
+    /// Set when a human resolved a `compensation_failed` deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<Resolution>,
     pub steps: Vec<StepRecord>,
     pub events: Vec<Event>,
+}
+
+/// A human's note on a deployment that needed one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolution {
+    pub at_ms: i64,
+    pub by: String,
+    pub note: String,
 }
 
 /// Which step (or undo) must run next.
@@ -431,6 +445,28 @@ impl Deployment {
         }
     }
 
+    /// A human looked at a `compensation_failed` deployment: record it (an
+    /// event, the state stays) so the destination can be freed.
+    pub fn resolve(&mut self, at_ms: i64, note: &str, actor: &str) -> Result<(), DeployError> {
+        if self.state != DeployState::CompensationFailed || self.resolved.is_some() {
+            return Err(DeployError::Transition { id: self.id.clone(), from: self.state, to: DeployState::CompensationFailed });
+        }
+        self.resolved = Some(Resolution { at_ms, by: actor.to_string(), note: note.to_string() });
+        self.events.push(Event {
+            at_ms,
+            from: Some(self.state),
+            to: self.state,
+            reason: format!("resolved by {actor}: {note}; the destination lock is released"),
+            actor: actor.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Does it still hold (or wait for) its destination's lock?
+    pub fn keeps_destination(&self) -> bool {
+        !self.state.is_terminal() || (self.state == DeployState::CompensationFailed && self.resolved.is_none())
+    }
+
     /// The exit code `fleetctl deploy/watch` reports for this state.
     pub fn exit_code(&self) -> Option<u8> {
         use DeployState::*;
@@ -475,6 +511,8 @@ mod tests {
             previous_release: None,
             rollback_of: None,
             timed_out: false,
+            lock_wait_until_ms: None,
+            resolved: None,
             steps,
             events: vec![],
         }

@@ -38,6 +38,7 @@ const DEPLOY_PREFIX: &str = "deploy/";
 const QUEUE_PREFIX: &str = "queue/";
 const NODE_PREFIX: &str = "node/";
 const DEST_PREFIX: &str = "dest/";
+const IDEM_PREFIX: &str = "idem/";
 /// Lock holder name of a deployment.
 pub const DEPLOYMENT_HOLDER_PREFIX: &str = "deployment/";
 
@@ -81,6 +82,8 @@ pub struct State {
     queues: BTreeMap<String, VecDeque<u64>>,
     nodes: BTreeMap<String, NodeRecord>,
     destinations: BTreeMap<String, Destination>,
+    /// `<actor>/<idempotency key>` → deployment number.
+    idempotency: BTreeMap<String, u64>,
 }
 
 /// `d42` → 42.
@@ -113,6 +116,8 @@ impl State {
                 state.queues.insert(dest.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
             } else if let Some(id) = key.strip_prefix(NODE_PREFIX) {
                 state.nodes.insert(id.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
+            } else if let Some(k) = key.strip_prefix(IDEM_PREFIX) {
+                state.idempotency.insert(k.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
             } else if let Some(name) = key.strip_prefix(DEST_PREFIX) {
                 state.destinations.insert(name.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
             } else {
@@ -142,6 +147,9 @@ impl State {
         }
         for (name, d) in &self.destinations {
             out.push((format!("{DEST_PREFIX}{name}"), encode(d)));
+        }
+        for (k, n) in &self.idempotency {
+            out.push((format!("{IDEM_PREFIX}{k}"), encode(n)));
         }
         out
     }
@@ -225,9 +233,29 @@ impl State {
                 }
                 r
             }
-            Command::SubmitDeployment { spec, actor } => {
-                self.submit(index, req.at_ms, spec.clone(), actor, None, "submitted", &mut changes)
+            Command::SubmitDeployment { spec, actor, lock_wait_ms, idempotency_key } => {
+                let idem = idempotency_key.as_ref().map(|k| format!("{actor}/{k}"));
+                match idem.as_ref().and_then(|k| self.idempotency.get(k)).and_then(|n| self.deployments.get(n)) {
+                    Some(d) => Response::Deployment { id: d.id.clone(), state: d.state },
+                    None => {
+                        let r = self.submit(index, req.at_ms, spec.clone(), actor, None, "submitted", &mut changes);
+                        if let Response::Deployment { .. } = &r {
+                            if let Some(d) = self.deployments.get_mut(&index) {
+                                if d.state == DeployState::Queued {
+                                    d.lock_wait_until_ms = lock_wait_ms.map(|w| req.at_ms.saturating_add(w.min(i64::MAX as u64) as i64));
+                                }
+                            }
+                            self.put_deployment(index, &mut changes);
+                            if let Some(k) = idem {
+                                changes.push(Change { key: format!("{IDEM_PREFIX}{k}"), value: Some(encode(&index)) });
+                                self.idempotency.insert(k, index);
+                            }
+                        }
+                        r
+                    }
+                }
             }
+            Command::ResolveDeployment { id, note, actor } => self.resolve(index, req.at_ms, id, note, actor, &mut changes),
             Command::RollbackDeployment { id, to_release, timeout_ms, actor } => {
                 self.rollback(index, req.at_ms, id, to_release.as_deref(), *timeout_ms, actor, &mut changes)
             }
@@ -384,6 +412,8 @@ impl State {
             previous_release: None,
             rollback_of,
             timed_out: false,
+            lock_wait_until_ms: None,
+            resolved: None,
             steps: vec![],
             events: vec![crate::deploy::Event {
                 at_ms,
@@ -494,6 +524,28 @@ impl State {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn resolve(&mut self, index: u64, at_ms: i64, id: &str, note: &str, actor: &str, changes: &mut Vec<Change>) -> Response {
+        if let Err(e) = validate_text("note", note, MAX_REASON_LEN) {
+            return Response::Invalid { reason: e.to_string() };
+        }
+        if note.trim().is_empty() {
+            return Response::Invalid { reason: "a note is required: say what you checked or fixed (`--note \"...\"`)".into() };
+        }
+        let Some(n) = deployment_number(id).filter(|n| self.deployments.contains_key(n)) else {
+            return Response::NotFound { what: format!("deployment `{id}`; `fleetctl list` shows the deployments") };
+        };
+        let d = self.deployments.get_mut(&n).expect("checked above");
+        if let Err(e) = d.resolve(at_ms, note, actor) {
+            let state = d.state;
+            return Response::Rejected { reason: format!("{e}: only an unresolved compensation_failed deployment can be resolved; it is {state}") };
+        }
+        let state = d.state;
+        self.put_deployment(n, changes);
+        self.after_progress(n, index, at_ms, changes);
+        Response::Deployment { id: id.to_string(), state }
+    }
+
     /// A deployment moved: when it ended, free its destination (unless a
     /// human must look first) and start the next in line.
     fn after_progress(&mut self, n: u64, index: u64, at_ms: i64, changes: &mut Vec<Change>) {
@@ -502,7 +554,7 @@ impl State {
             return;
         }
         let dest = d.destination.clone();
-        let keeps_lock = d.state == DeployState::CompensationFailed;
+        let keeps_lock = d.keeps_destination();
         if let Some(q) = self.queues.get_mut(&dest) {
             if !keeps_lock {
                 q.retain(|x| *x != n);
@@ -761,7 +813,7 @@ mod tests {
                 r
             }
             fn submit(&mut self, app: &str, release: &str, dest: &str) -> Response {
-                self.apply(Command::SubmitDeployment { spec: spec(app, release, dest), actor: "op".into() })
+                self.apply(Command::SubmitDeployment { spec: spec(app, release, dest), actor: "op".into(), lock_wait_ms: None, idempotency_key: None })
             }
             fn state_of(&self, id: &str) -> DeployState {
                 self.s.deployment(id).unwrap().state

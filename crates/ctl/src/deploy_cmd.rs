@@ -87,11 +87,20 @@ pub struct DeployArgs {
     /// what ran (exit 5). Default: the manifest's `timeout:`, else 30m.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
-    /// Running the command again with the same key within 10 minutes
-    /// returns the same deployment instead of submitting a second one (for
-    /// CI jobs that retry).
+    /// Running the command again with the same key (from the same
+    /// certificate) returns the same deployment instead of submitting a
+    /// second one, however much later (for CI jobs that retry).
     #[arg(long, value_name = "KEY")]
     idempotency_key: Option<String>,
+    /// Give up if the destination lock is not granted within this long
+    /// (e.g. 10m): the deployment ends cancelled, exit 5. Default: wait
+    /// until the deadline.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    lock_wait: Option<Duration>,
+    /// Print the plan (steps per node, what each undo does) against the
+    /// cluster's current nodes and change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args)]
@@ -237,13 +246,16 @@ pub async fn deploy(a: DeployArgs, conn: &ConnArgs, out: Output) -> Result<i32, 
     if let Err(e) = parse_manifest(&file_name, &text, &overrides) {
         return Ok(invalid(out, &e, &format!("fix `{}` in {file_name} and run again; `fleetctl deploy --help` shows a complete fleet.yaml", e.field)));
     }
-    let rid = match a.idempotency_key {
+    let key = match a.idempotency_key {
         Some(k) if k.is_empty() || k.len() > 128 || k.chars().any(|c| c.is_whitespace() || c.is_control()) => {
             return Err(usage(anyhow::anyhow!("--idempotency-key must be 1 to 128 printable characters without spaces")));
         }
         Some(k) => k,
-        None => request_id(),
+        None => String::new(),
     };
+    if a.lock_wait.is_some_and(|t| t.is_zero()) {
+        return Err(usage(anyhow::anyhow!("--lock-wait must be longer than zero, e.g. 10m")));
+    }
     let mut c = client(conn)?;
     let req = SubmitDeploymentRequest {
         manifest_yaml: text,
@@ -251,7 +263,10 @@ pub async fn deploy(a: DeployArgs, conn: &ConnArgs, out: Output) -> Result<i32, 
         release: a.release.unwrap_or_default(),
         destinations: a.destinations,
         timeout_ms: ms(a.timeout),
-        request_id: rid,
+        request_id: request_id(),
+        lock_wait_ms: ms(a.lock_wait),
+        idempotency_key: key,
+        dry_run: a.dry_run,
     };
     let reply = c
         .call(|mut cl, timeout| {
@@ -261,7 +276,129 @@ pub async fn deploy(a: DeployArgs, conn: &ConnArgs, out: Output) -> Result<i32, 
         })
         .await
         .map_err(|e| failed(out, e))?;
+    if a.dry_run {
+        return print_plan(&reply, out);
+    }
     submitted(&mut c, reply, a.detach, out).await
+}
+
+/// What each step's undo does, for the dry-run plan.
+fn undo_of(action: &fleet_core::saga::StepAction) -> String {
+    use fleet_core::saga::StepAction::*;
+    match action {
+        StartInstance { .. } => "stop the new instance, free its port".into(),
+        HealthCheck { .. } => "nothing".into(),
+        SwitchRoute { .. } => "point the route back at the previous instance".into(),
+        StopOld { .. } => "start the previous release again on its port".into(),
+        Command { undo: Some(u), .. } => format!("run `{u}`"),
+        Command { undo: None, .. } => "nothing".into(),
+    }
+}
+
+fn print_plan(reply: &DeploymentReply, out: Output) -> Result<i32, Exit> {
+    let d = parse_deployment(&reply.deployment_json)?;
+    if out == Output::Json {
+        println!("{}", json!({"type": "plan", "deployment": d}));
+        return Ok(exit::OK);
+    }
+    println!("plan for {}@{} → {} (dry run: nothing was submitted)", d.app, d.release, d.destination);
+    let rows: Vec<Vec<String>> = d
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            vec![
+                format!("{}", i + 1),
+                s.plan.name.clone(),
+                s.plan.node.clone(),
+                if s.plan.reversible { undo_of(&s.plan.action) } else { "irreversible".into() },
+                fmt_ms(s.plan.timeout_ms as i64),
+            ]
+        })
+        .collect();
+    println!("{}", table(&["#", "STEP", "NODE", "UNDO", "TIMEOUT"], &rows));
+    println!("on failure, completed steps are undone in reverse order");
+    Ok(exit::OK)
+}
+
+pub async fn resolve(id: String, note: String, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {
+    check_id(&id)?;
+    if note.trim().is_empty() {
+        return Err(usage(anyhow::anyhow!("--note must say what you checked or fixed")));
+    }
+    let mut c = client(conn)?;
+    let req = ResolveDeploymentRequest { id: id.clone(), note, request_id: request_id() };
+    let reply = c
+        .call(|mut cl, timeout| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(timeout);
+            async move { cl.resolve_deployment(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+        .map_err(|e| failed(out, e))?;
+    let d = parse_deployment(&reply.deployment_json)?;
+    match out {
+        Output::Json => println!("{}", serde_json::to_string(&d).expect("deployments serialize")),
+        Output::Text => println!("{id} resolved; destination {} is free for the next deployment", d.destination),
+    }
+    Ok(exit::OK)
+}
+
+/// `lock queue DEST`: who holds the destination and who waits, in order.
+pub async fn lock_queue(destination: String, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {
+    let mut c = client(conn)?;
+    let r = c
+        .call(|mut cl, timeout| {
+            let mut r = tonic::Request::new(ListDestinationsRequest {});
+            r.set_timeout(timeout);
+            async move { cl.list_destinations(r).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+    let dest = r
+        .destinations_json
+        .iter()
+        .filter_map(|j| serde_json::from_str::<Value>(j).ok())
+        .find(|v| v["name"] == destination.as_str())
+        .ok_or_else(|| usage(anyhow::anyhow!("no destination `{destination}`; `fleetctl destinations` lists them")))?;
+    let ids: Vec<String> = dest["queued"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    let mut list = Vec::new();
+    for id in &ids {
+        let req = GetDeploymentRequest { id: id.clone() };
+        let reply = c
+            .call(|mut cl, timeout| {
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(timeout);
+                async move { cl.get_deployment(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        list.push(parse_deployment(&reply.deployment_json)?);
+    }
+    if out == Output::Json {
+        println!("{}", json!({"destination": destination, "lock_holder": dest["lock_holder"], "lock_token": dest["lock_token"], "queue": list}));
+        return Ok(exit::OK);
+    }
+    println!("{destination}: lock {}", dest["lock_holder"].as_str().map(|h| format!("held by {h} (token {})", dest["lock_token"])).unwrap_or_else(|| "free".into()));
+    if list.is_empty() {
+        println!("nobody waits");
+        return Ok(exit::OK);
+    }
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            vec![
+                if i == 0 && d.state != DeployState::Queued { "holds".into() } else { format!("{i}") },
+                d.id.clone(),
+                format!("{}@{}", d.app, d.release),
+                d.state.to_string(),
+                d.submitted_by.clone(),
+                ago(now - d.submitted_ms),
+            ]
+        })
+        .collect();
+    println!("{}", table(&["POS", "ID", "RELEASE", "STATE", "BY", "WAITING"], &rows));
+    Ok(exit::OK)
 }
 
 pub async fn rollback(a: RollbackArgs, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {

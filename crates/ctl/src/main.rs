@@ -119,6 +119,16 @@ enum Cmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Record that a human checked a deployment whose compensation failed
+    /// (state compensation_failed), and free its destination.
+    #[command(after_long_help = "Examples:\n  fleetctl resolve d12 --note \"removed the half-started container by hand\"")]
+    Resolve {
+        /// Deployment id, e.g. d12.
+        id: String,
+        /// What you checked or fixed (recorded in the event log).
+        #[arg(long)]
+        note: String,
+    },
     /// Deploy an earlier release again: a new deployment of the release that
     /// succeeded before ID (or --to RELEASE) on the same app and destination.
     #[command(after_long_help = "Examples:\n  fleetctl rollback d12              # to the release that was live before d12\n  fleetctl rollback d12 --to v1 --timeout 5m\n\nExit codes as for deploy; 7 when there is no earlier succeeded release.")]
@@ -165,6 +175,8 @@ enum LockCmd {
     Release { destination: String },
     /// Who holds which lock, since when, with which fencing token.
     Status { destination: Option<String> },
+    /// Who holds DEST and which deployments wait for it, in order.
+    Queue { destination: String },
 }
 
 #[derive(Subcommand)]
@@ -317,6 +329,7 @@ async fn run(cli: Cli) -> Result<i32, Exit> {
         Cmd::History { app, destination, limit } => deploy_cmd::history(app, destination, limit, &cli.conn, cli.output).await,
         Cmd::Cancel { id, reason, wait } => deploy_cmd::cancel(id, reason, wait, &cli.conn, cli.output).await,
         Cmd::Rollback(a) => deploy_cmd::rollback(a, &cli.conn, cli.output).await,
+        Cmd::Resolve { id, note } => deploy_cmd::resolve(id, note, &cli.conn, cli.output).await,
         Cmd::Destinations { cmd } => deploy_cmd::destinations(cmd, &cli.conn, cli.output).await,
         Cmd::Nodes => deploy_cmd::nodes(&cli.conn, cli.output).await,
         Cmd::Lock(cmd) => lock(cmd, &cli.conn, cli.output).await,
@@ -357,8 +370,12 @@ fn outcome_name(o: LockOutcome) -> &'static str {
 }
 
 async fn lock(cmd: LockCmd, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {
+    if let LockCmd::Queue { destination } = cmd {
+        return deploy_cmd::lock_queue(destination, conn, out).await;
+    }
     let mut c = client(conn)?;
     match cmd {
+        LockCmd::Queue { .. } => unreachable!("answered above"),
         LockCmd::Acquire { destination, message, wait } => {
             fleet_core::names::validate_name("destination", &destination).map_err(usage)?;
             let id = request_id();

@@ -1,0 +1,284 @@
+//! `fleet-bench locks` (the default mode): replicated writes per second and
+//! latency for a 3-coordinator Fleet cluster and a 3-member etcd cluster,
+//! driven by the same harness in the same run, plus the machine's floor
+//! (fdatasync of a small append + a loopback round trip) and kill -9 leader
+//! failover.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fleet_tests::harness::{acquire, release, Cluster};
+use serde_json::json;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Client counts to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    pub clients: Vec<usize>,
+    /// How long each run lasts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// The reference script that starts etcd (`--serve` mode).
+    #[arg(long, default_value = "../shared/bench/etcd-baseline.sh")]
+    pub etcd_script: String,
+    /// Skip etcd (Fleet and the floor only).
+    #[arg(long)]
+    pub skip_etcd: bool,
+}
+
+#[derive(Debug, Clone)]
+struct RunResult {
+    system: &'static str,
+    clients: usize,
+    ops: usize,
+    secs: f64,
+    lat: Vec<Duration>,
+}
+
+impl RunResult {
+    fn q(&self, f: f64) -> f64 {
+        if self.lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.lat.len() as f64) * f) as usize;
+        self.lat[i.min(self.lat.len() - 1)].as_secs_f64() * 1000.0
+    }
+    fn report(&self) -> serde_json::Value {
+        json!({"system": self.system, "clients": self.clients, "ops": self.ops,
+               "ops_per_s": (self.ops as f64 / self.secs).round(), "p50_ms": round3(self.q(0.5)), "p99_ms": round3(self.q(0.99))})
+    }
+}
+
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+pub fn percentile(mut v: Vec<Duration>, f: f64) -> f64 {
+    v.sort();
+    v[((v.len() as f64 * f) as usize).min(v.len() - 1)].as_secs_f64() * 1000.0
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+
+    // ---- Fleet
+    let mut cluster = Cluster::start(3, &[]).await.context("starting a Fleet cluster")?;
+    let floor = floor(cluster.path())?;
+    println!("{}", floor);
+    for &n in &args.clients {
+        let r = fleet_run(&cluster, n, args.duration).await?;
+        println!("{}", r.report());
+        rows.push(r);
+    }
+    let fleet_failover = fleet_failover(&mut cluster).await?;
+    println!("{}", json!({"system": "fleet", "run": "failover_kill9_leader_until_write_ok", "seconds": round3(fleet_failover)}));
+    drop(cluster);
+
+    // ---- etcd
+    let mut etcd_failover = None;
+    if !args.skip_etcd {
+        let (mut script, endpoints) = start_etcd(&args.etcd_script)?;
+        let result = async {
+            for &n in &args.clients {
+                let r = etcd_run(&endpoints, n, args.duration).await?;
+                println!("{}", r.report());
+                rows.push(r);
+            }
+            let f = etcd_failover_run(&endpoints).await?;
+            println!("{}", json!({"system": "etcd-3.4", "run": "failover_kill9_leader_until_write_ok", "seconds": round3(f)}));
+            anyhow::Ok(f)
+        }
+        .await;
+        // SIGTERM: the script's trap kills its etcd members.
+        let _ = Command::new("kill").arg(script.id().to_string()).status();
+        let _ = script.wait();
+        etcd_failover = Some(result?);
+    }
+
+    println!("\n| system | clients | ops/s | p50 ms | p99 ms |\n|---|---|---|---|---|");
+    for r in &rows {
+        println!("| {} | {} | {:.0} | {:.3} | {:.3} |", r.system, r.clients, r.ops as f64 / r.secs, r.q(0.5), r.q(0.99));
+    }
+    println!("\nfailover (kill -9 leader → first successful write): fleet {fleet_failover:.3} s{}", etcd_failover.map(|f| format!(", etcd {f:.3} s")).unwrap_or_default());
+    println!("floor: {floor}");
+    Ok(())
+}
+
+/// fdatasync of a small append on the disk the cluster uses, and a
+/// loopback TCP round trip: what one replicated write cannot beat.
+pub fn floor(dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let mut fsync = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        f.write_all(&[7u8; 128])?;
+        f.sync_data()?;
+        fsync.push(t.elapsed());
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 64];
+        loop {
+            let n = s.read(&mut b)?;
+            if n == 0 {
+                return Ok(());
+            }
+            s.write_all(&b[..n])?;
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut rtt = Vec::new();
+    let mut b = [0u8; 64];
+    for _ in 0..2000 {
+        let t = Instant::now();
+        s.write_all(&[1u8; 64])?;
+        s.read_exact(&mut b)?;
+        rtt.push(t.elapsed());
+    }
+    drop(s);
+    let _ = echo.join();
+    let fs50 = percentile(fsync, 0.5);
+    let rtt50 = percentile(rtt, 0.5);
+    Ok(json!({"system": "floor", "fdatasync_p50_ms": round3(fs50), "loopback_rtt_p50_ms": round3(rtt50), "floor_p50_ms": round3(fs50 + rtt50)}))
+}
+
+/// Every client's latencies, sorted.
+async fn join_latencies(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<Duration>>>>) -> anyhow::Result<Vec<Duration>> {
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    lat.sort();
+    Ok(lat)
+}
+
+async fn fleet_run(cluster: &Cluster, clients: usize, duration: Duration) -> anyhow::Result<RunResult> {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let mut c = cluster.client("operator")?;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let dest = format!("bench-{clients}-{k}");
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                if i % 2 == 0 {
+                    acquire(&mut c, &dest, "bench", &format!("b{clients}-{k}-{i}")).await?;
+                } else {
+                    release(&mut c, &dest, &format!("b{clients}-{k}-{i}")).await?;
+                }
+                lat.push(t.elapsed());
+                i += 1;
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let lat = join_latencies(tasks).await?;
+    Ok(RunResult { system: "fleet", clients, ops: lat.len(), secs: start.elapsed().as_secs_f64(), lat })
+}
+
+async fn fleet_failover(cluster: &mut Cluster) -> anyhow::Result<f64> {
+    let mut c = cluster.client("operator")?;
+    acquire(&mut c, "failover-warmup", "x", "warm").await?;
+    let leader = cluster.status().await?.leader_id;
+    let t = Instant::now();
+    cluster.kill9(leader)?;
+    acquire(&mut c, "failover", "x", "after-kill").await?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn start_etcd(script: &str) -> anyhow::Result<(std::process::Child, Vec<String>)> {
+    let mut child = Command::new("bash")
+        .arg(script)
+        .arg("--serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {script}"))?;
+    let mut out = child.stdout.take().context("etcd script stdout")?;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = out.read(&mut byte)?;
+        if n == 0 {
+            bail!("{script} ended before printing ETCD_ENDPOINTS");
+        }
+        if byte[0] == b'\n' {
+            let line = String::from_utf8_lossy(&buf).to_string();
+            if let Some(eps) = line.strip_prefix("ETCD_ENDPOINTS=") {
+                return Ok((child, eps.split(',').map(str::to_string).collect()));
+            }
+            buf.clear();
+        } else {
+            buf.push(byte[0]);
+        }
+    }
+}
+
+async fn etcd_leader(endpoints: &[String]) -> anyhow::Result<String> {
+    for ep in endpoints {
+        let Ok(mut c) = etcd_client::Client::connect([ep.as_str()], None).await else { continue };
+        let Ok(s) = c.status().await else { continue };
+        let me = s.header().map(|h| h.member_id()).unwrap_or(0);
+        if me == s.leader() {
+            return Ok(ep.clone());
+        }
+    }
+    bail!("no etcd leader found among {endpoints:?}")
+}
+
+async fn etcd_run(endpoints: &[String], clients: usize, duration: Duration) -> anyhow::Result<RunResult> {
+    let leader = etcd_leader(endpoints).await?;
+    let client = etcd_client::Client::connect([leader.as_str()], None).await?;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let mut kv = client.kv_client();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                kv.put(format!("lock/dest-{k}"), format!("holder-{i}"), None).await?;
+                lat.push(t.elapsed());
+                i += 1;
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let lat = join_latencies(tasks).await?;
+    Ok(RunResult { system: "etcd-3.4", clients, ops: lat.len(), secs: start.elapsed().as_secs_f64(), lat })
+}
+
+async fn etcd_failover_run(endpoints: &[String]) -> anyhow::Result<f64> {
+    let leader = etcd_leader(endpoints).await?;
+    let port = leader.rsplit(':').next().context("endpoint port")?;
+    let pids = Command::new("pgrep").arg("-f").arg(format!("listen-client-urls http://127.0.0.1:{port} ")).output()?;
+    let pid = String::from_utf8_lossy(&pids.stdout).lines().next().context("etcd leader pid")?.trim().to_string();
+    let survivor = endpoints.iter().find(|e| **e != leader).context("a surviving endpoint")?.clone();
+    let survivor = Arc::new(survivor);
+    let t = Instant::now();
+    Command::new("kill").arg("-9").arg(&pid).status()?;
+    loop {
+        let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(300)).with_connect_timeout(Duration::from_millis(300));
+        if let Ok(mut c) = etcd_client::Client::connect([survivor.as_str()], Some(opts)).await {
+            if c.put("failover", "ok", None).await.is_ok() {
+                return Ok(t.elapsed().as_secs_f64());
+            }
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("etcd did not accept a write within 30 s of losing its leader");
+        }
+    }
+}
