@@ -942,6 +942,69 @@ mod tests {
             assert!(w.s.deployment(&rb).unwrap().steps.iter().all(|s| s.status == StepStatus::Done));
         }
 
+        /// Report one outcome for whatever `id` needs next.
+        fn report(w: &mut World, id: &str, ok: bool) {
+            let d = w.s.deployment(id).unwrap().clone();
+            let n = d.next().expect("work to do");
+            let outcome = StepOutcome {
+                step: n.step,
+                undo: n.undo,
+                attempt: n.attempt,
+                token: d.token.unwrap(),
+                epoch: d.epoch,
+                ok,
+                output: None,
+                error: (!ok).then(|| "boom".into()),
+                class: (!ok).then_some(crate::deploy::ErrorClass::Invalid),
+                started_ms: 0,
+                finished_ms: 0,
+                node: "n1".into(),
+            };
+            w.apply(Command::StepResult { deployment: id.into(), outcome });
+        }
+
+        #[test]
+        fn compensation_failed_keeps_the_destination_until_resolved() {
+            use DeployState::*;
+            let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+            let d = id_of(&w.submit("web", "v1", "a"));
+            let next = id_of(&w.submit("web", "v2", "a"));
+            report(&mut w, &d, true); // start
+            report(&mut w, &d, false); // health fails → compensating
+            report(&mut w, &d, false); // undo of start fails for good
+            assert_eq!(w.state_of(&d), CompensationFailed);
+            assert_eq!(w.state_of(&next), Queued, "a human must look before anything else runs there");
+            assert!(w.s.lock("a").is_some());
+            let empty = w.apply(Command::ResolveDeployment { id: d.clone(), note: " ".into(), actor: "alice".into() });
+            assert!(matches!(empty, Response::Invalid { .. }), "a note is required");
+            let ok = w.apply(Command::ResolveDeployment { id: d.clone(), note: "killed it by hand".into(), actor: "alice".into() });
+            assert!(matches!(ok, Response::Deployment { state: CompensationFailed, .. }));
+            assert_eq!(w.state_of(&next), Running, "resolving frees the destination for the next in line");
+            let last = w.s.deployment(&d).unwrap().events.last().unwrap().clone();
+            assert!(last.reason.contains("killed it by hand") && last.actor == "alice");
+            let again = w.apply(Command::ResolveDeployment { id: d, note: "x".into(), actor: "alice".into() });
+            assert!(matches!(again, Response::Rejected { .. }));
+        }
+
+        #[test]
+        fn idempotency_keys_answer_with_the_same_deployment() {
+            let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+            let submit = |w: &mut World, actor: &str| {
+                w.apply(Command::SubmitDeployment {
+                    spec: spec("web", "v1", "a"),
+                    actor: actor.into(),
+                    lock_wait_ms: None,
+                    idempotency_key: Some("ci-42".into()),
+                })
+            };
+            let first = id_of(&submit(&mut w, "ci"));
+            let again = id_of(&submit(&mut w, "ci"));
+            let other = id_of(&submit(&mut w, "someone-else"));
+            assert_eq!(first, again);
+            assert_ne!(first, other, "keys are scoped by the caller");
+            assert_eq!(w.s.deployments().count(), 2);
+        }
+
         #[test]
         fn snapshot_round_trip_with_deployments() {
             let mut w = World::new(&[("a", QueuePolicy::Queue)]);

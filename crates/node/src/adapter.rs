@@ -57,6 +57,9 @@ impl StepError {
     pub fn transient(message: impl Into<String>) -> Self {
         StepError::new(ErrorClass::Transient, message)
     }
+    pub fn auth(message: impl Into<String>) -> Self {
+        StepError::new(ErrorClass::Auth, message)
+    }
     pub fn resource(message: impl Into<String>) -> Self {
         StepError::new(ErrorClass::Resource, message)
     }

@@ -882,10 +882,14 @@ impl Inner {
             log.display(),
             indent(&tail(&log, 15))
         );
-        if status.code().is_some() {
-            Err(StepError::invalid(msg))
-        } else {
-            Err(StepError::transient(msg))
+        // The exit status classifies the error (sysexits.h): 75 EX_TEMPFAIL
+        // = transient (retried with backoff), 77 EX_NOPERM = auth (fail
+        // now), any other code = invalid; killed by a signal = transient.
+        match status.code() {
+            Some(75) => Err(StepError::transient(msg)),
+            Some(77) => Err(StepError::auth(msg)),
+            Some(_) => Err(StepError::invalid(msg)),
+            None => Err(StepError::transient(msg)),
         }
     }
 
