@@ -278,6 +278,7 @@ impl ControlService {
                     "id": n.id,
                     "labels": n.labels,
                     "registered_ms": n.registered_ms,
+                    "lost_ms": n.lost_ms,
                     "connected": live.connected,
                     "connected_ms": live.connected_ms,
                     "last_seen_ms": live.last_seen_ms,

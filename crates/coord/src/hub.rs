@@ -48,6 +48,7 @@ struct Inner {
     next_conn: u64,
     conns: HashMap<String, Conn>,
     last_seen: HashMap<String, i64>,
+    disconnected_at: HashMap<String, i64>,
     in_flight: BTreeMap<WorkKey, InFlight>,
 }
 
@@ -79,6 +80,7 @@ impl Hub {
         let conn_id = g.next_conn;
         g.conns.insert(node.to_string(), Conn { conn_id, tx, connected_ms: now_ms });
         g.last_seen.insert(node.to_string(), now_ms);
+        g.disconnected_at.remove(node);
         // What we believed in flight on this node but it does not report is
         // sent again (the node answers a finished step from its cache).
         g.in_flight.retain(|_, f| f.node != node);
@@ -94,6 +96,7 @@ impl Hub {
         let mut g = self.lock();
         if g.conns.get(node).is_some_and(|c| c.conn_id == conn_id) {
             g.conns.remove(node);
+            g.disconnected_at.insert(node.to_string(), crate::control::now_ms());
         }
         drop(g);
         self.changed.notify_one();
@@ -121,6 +124,16 @@ impl Hub {
             connected_ms: c.map(|c| c.connected_ms),
             last_seen_ms: g.last_seen.get(node).copied(),
         }
+    }
+
+    /// How long `node` has not been heard from, counting from no earlier
+    /// than `since_ms` (when this coordinator became leader: nodes get a
+    /// full lease to reconnect after a failover).
+    pub fn silent_for(&self, node: &str, now_ms: i64, since_ms: i64) -> i64 {
+        let g = self.lock();
+        let heard = g.last_seen.get(node).copied().unwrap_or(since_ms);
+        let heard = if g.conns.contains_key(node) { heard } else { heard.max(g.disconnected_at.get(node).copied().unwrap_or(heard)) };
+        now_ms - heard.max(since_ms)
     }
 
     pub fn is_connected(&self, node: &str) -> bool {

@@ -24,6 +24,9 @@ use crate::raft_types::Raft;
 use crate::store::sm::StateReader;
 
 const TICK: Duration = Duration::from_millis(100);
+/// A node not heard from for this long is presumed dead: its remaining
+/// steps are skipped and it gets no new work until it registers again.
+pub const NODE_LEASE: Duration = Duration::from_secs(5);
 /// Do not repeat the same proposal (a deadline cancel, a synthetic abort)
 /// more often than this.
 const REPROPOSE_AFTER: Duration = Duration::from_secs(1);
@@ -36,6 +39,7 @@ async fn run(raft: Raft, state: StateReader, hub: Arc<Hub>) {
     let mut applied = state.applied_index();
     let mut metrics = raft.metrics();
     let mut leading = false;
+    let mut leader_since_ms = 0i64;
     let mut proposed: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::select! {
@@ -57,6 +61,7 @@ async fn run(raft: Raft, state: StateReader, hub: Arc<Hub>) {
         if !leading {
             tracing::info!("leading: resuming every active deployment from the state machine");
             leading = true;
+            leader_since_ms = now_ms();
         }
         let active: Vec<Deployment> = state.read(|a| a.state.active_deployments().cloned().collect());
         let ids: HashSet<String> = active.iter().map(|d| d.id.clone()).collect();
@@ -64,7 +69,7 @@ async fn run(raft: Raft, state: StateReader, hub: Arc<Hub>) {
         proposed.retain(|k, at| ids.iter().any(|id| k.starts_with(id.as_str())) && at.elapsed() < REPROPOSE_AFTER * 10);
         let now = now_ms();
         for d in &active {
-            tick(&raft, &hub, d, now, &mut proposed);
+            tick(&raft, &hub, d, now, leader_since_ms, &mut proposed);
         }
     }
 }
@@ -100,7 +105,20 @@ fn step_key(d: &Deployment, step: usize, undo: bool, attempt: u32) -> StepKey {
     }
 }
 
-fn tick(raft: &Raft, hub: &Arc<Hub>, d: &Deployment, now: i64, proposed: &mut HashMap<String, Instant>) {
+fn tick(raft: &Raft, hub: &Arc<Hub>, d: &Deployment, now: i64, leader_since_ms: i64, proposed: &mut HashMap<String, Instant>) {
+    // Node lease: the node this deployment needs has been silent too long.
+    if let Some(node) = d.node_needed() {
+        let silent = hub.silent_for(node, now, leader_since_ms);
+        if silent > NODE_LEASE.as_millis() as i64 {
+            if once(proposed, format!("{}/lost/{node}", d.id)) {
+                tracing::warn!(%node, deployment = %d.id, silent_ms = silent, "node missed its lease; presumed dead");
+                let why = format!("no heartbeat for {:.1}s", silent as f64 / 1000.0);
+                spawn_proposal(raft, hub, None, Command::NodeLost { node: node.to_string(), why });
+            }
+            return;
+        }
+    }
+
     // Lock wait: a queued deployment gives up when its wait is over.
     if d.state == DeployState::Queued && d.lock_wait_until_ms.is_some_and(|t| now > t) {
         if once(proposed, format!("{}/lock-wait", d.id)) {

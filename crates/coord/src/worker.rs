@@ -61,7 +61,7 @@ impl Worker for WorkerService {
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
         };
         let labels: std::collections::BTreeMap<String, String> = hello.labels.into_iter().collect();
-        let known = self.state.read(|a| a.state.node(&node).map(|n| n.labels.clone()));
+        let known = self.state.read(|a| a.state.node(&node).filter(|n| n.lost_ms.is_none()).map(|n| n.labels.clone()));
         if known.as_ref() != Some(&labels) {
             let (outcome, _) = propose(&self.raft, None, Command::RegisterNode { id: node.clone(), labels }).await?;
             if let Outcome::Invalid { reason } = outcome {

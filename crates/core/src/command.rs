@@ -52,8 +52,10 @@ pub enum Command {
     CancelDeployment { id: String, reason: String, actor: Holder, timed_out: bool },
     /// A node reported a step's (or an undo's) outcome; the leader proposes it.
     StepResult { deployment: String, outcome: StepOutcome },
-    /// A worker node registered (or changed its labels).
+    /// A worker node registered (or changed its labels, or came back).
     RegisterNode { id: String, labels: BTreeMap<String, String> },
+    /// The leader presumed a node dead (it missed its heartbeat lease).
+    NodeLost { node: String, why: String },
     /// Create or replace destinations.
     PutDestinations { destinations: Vec<Destination> },
 }

@@ -104,6 +104,16 @@ pub enum StepStatus {
     Failed,
     Undone,
     UndoFailed,
+    /// Its node was lost (missed its heartbeat lease): not run, or not
+    /// undone, there. A vanished server is gone, not a failed step.
+    Skipped,
+}
+
+impl StepStatus {
+    /// Nothing more will happen to this step going forward.
+    fn settled_forward(self) -> bool {
+        matches!(self, StepStatus::Done | StepStatus::Skipped)
+    }
 }
 
 /// Error classes, which decide the retry policy.
@@ -288,7 +298,7 @@ impl Deployment {
     pub fn next(&self) -> Option<Work> {
         match self.state {
             DeployState::Running => {
-                let (i, s) = self.steps.iter().enumerate().find(|(_, s)| s.status != StepStatus::Done)?;
+                let (i, s) = self.steps.iter().enumerate().find(|(_, s)| !s.status.settled_forward())?;
                 (s.status == StepStatus::Pending).then_some(Work { step: i, undo: false, attempt: s.attempt, not_before_ms: s.not_before_ms })
             }
             DeployState::Compensating | DeployState::Cancelling => {
@@ -312,7 +322,7 @@ impl Deployment {
         if self.steps.iter().any(|s| matches!(s.status, StepStatus::Failed | StepStatus::Undone | StepStatus::UndoFailed)) {
             return None;
         }
-        self.steps.iter().position(|s| s.status != StepStatus::Done).filter(|i| self.steps[*i].status == StepStatus::Pending)
+        self.steps.iter().position(|s| !s.status.settled_forward()).filter(|i| self.steps[*i].status == StepStatus::Pending)
     }
 
     /// Record one step result. Returns the state reached (which may be
@@ -403,8 +413,14 @@ impl Deployment {
             return Ok(());
         }
         match self.state {
-            DeployState::Running if self.steps.iter().all(|s| s.status == StepStatus::Done) => {
-                self.transition(DeployState::Succeeded, at_ms, "every step succeeded", actor)?;
+            DeployState::Running if self.steps.iter().all(|s| s.status.settled_forward()) => {
+                let skipped: Vec<&str> = self.skipped_nodes();
+                let reason = if skipped.is_empty() {
+                    "every step succeeded".to_string()
+                } else {
+                    format!("every step succeeded except on lost node(s) {}, where steps were skipped", skipped.join(", "))
+                };
+                self.transition(DeployState::Succeeded, at_ms, reason, actor)?;
             }
             DeployState::Compensating | DeployState::Cancelling => {
                 let blocked = self.steps.iter().rev().find(|s| s.status == StepStatus::Done);
@@ -416,10 +432,12 @@ impl Deployment {
                     );
                     self.transition(DeployState::CompensationFailed, at_ms, reason, actor)?;
                 } else {
-                    let (to, reason) = if self.state == DeployState::Compensating {
-                        (DeployState::Failed, "every completed step was undone")
+                    let to = if self.state == DeployState::Compensating { DeployState::Failed } else { DeployState::Cancelled };
+                    let skipped = self.skipped_nodes();
+                    let reason = if skipped.is_empty() {
+                        "every completed step was undone".to_string()
                     } else {
-                        (DeployState::Cancelled, "every completed step was undone")
+                        format!("every completed step was undone except on lost node(s) {}", skipped.join(", "))
                     };
                     self.transition(to, at_ms, reason, actor)?;
                 }
@@ -443,6 +461,56 @@ impl Deployment {
             }
             from => Err(DeployError::Transition { id: self.id.clone(), from, to: DeployState::Cancelling }),
         }
+    }
+
+    fn skipped_nodes(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.steps.iter().filter(|s| s.status == StepStatus::Skipped).map(|s| s.plan.node.as_str()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The node that the next piece of work (or the step in flight) needs.
+    pub fn node_needed(&self) -> Option<&str> {
+        if let Some(i) = self.pending_forward_step().filter(|_| self.state == DeployState::Cancelling) {
+            return Some(&self.steps[i].plan.node);
+        }
+        self.next().map(|w| self.steps[w.step].plan.node.as_str())
+    }
+
+    /// `node` missed its heartbeat lease: skip what is left for it (forward
+    /// steps not done, undos not done), bump the epoch so anything it still
+    /// reports is refused, and carry on with the other nodes. Returns false
+    /// when nothing here involved that node.
+    pub fn node_lost(&mut self, node: &str, at_ms: i64, why: &str) -> Result<bool, DeployError> {
+        if self.state.is_terminal() || self.token.is_none() {
+            return Ok(false);
+        }
+        let undoing = matches!(self.state, DeployState::Compensating | DeployState::Cancelling) && self.pending_forward_step().is_none();
+        let mut touched = false;
+        for s in self.steps.iter_mut().filter(|s| s.plan.node == node) {
+            let skip = if undoing { s.status == StepStatus::Done && s.plan.reversible } else { s.status == StepStatus::Pending };
+            if skip {
+                s.status = StepStatus::Skipped;
+                s.not_before_ms = None;
+                s.error = Some(format!("skipped: node {node} was lost ({why})"));
+                touched = true;
+            }
+        }
+        if !touched {
+            return Ok(false);
+        }
+        self.epoch += 1;
+        let what = if undoing { "its completed steps could not be undone there" } else { "its remaining steps are skipped" };
+        self.events.push(Event {
+            at_ms,
+            from: Some(self.state),
+            to: self.state,
+            reason: format!("node {node} lost ({why}); {what}; assignment epoch is now {}", self.epoch),
+            actor: "coordinator".into(),
+        });
+        self.settle(at_ms, "coordinator")?;
+        Ok(true)
     }
 
     /// A human looked at a `compensation_failed` deployment: record it (an
@@ -674,6 +742,51 @@ mod tests {
         d.record(&result(u, true, None), 4).unwrap();
         assert_eq!(d.state, Cancelled);
         assert_eq!(d.exit_code(), Some(4));
+    }
+
+    #[test]
+    fn a_lost_node_is_skipped_and_the_others_continue() {
+        use DeployState::*;
+        let mut d = started(&["n1", "n2"]);
+        // n1: start done, health in flight when n1 is lost.
+        let w = d.next().unwrap();
+        d.record(&result(w, true, None), 1).unwrap();
+        let in_flight = d.next().unwrap();
+        assert_eq!(d.node_needed(), Some("n1"));
+        assert!(d.node_lost("n1", 2, "no heartbeat for 5s").unwrap());
+        assert_eq!(d.epoch, 2);
+        // A late result from n1 (old epoch) is refused.
+        assert!(d.record(&result(in_flight, true, None), 3).is_err());
+        // n2's steps carry on with the new epoch.
+        assert_eq!(d.node_needed(), Some("n2"));
+        while let Some(w) = d.next() {
+            let mut r = result(w, true, None);
+            r.epoch = 2;
+            d.record(&r, 4).unwrap();
+        }
+        assert_eq!(d.state, Succeeded);
+        assert!(d.events.last().unwrap().reason.contains("n1"));
+        assert_eq!(d.steps.iter().filter(|s| s.status == StepStatus::Skipped).count(), 3);
+        assert!(!d.node_lost("n2", 5, "x").unwrap(), "nothing left to skip");
+    }
+
+    #[test]
+    fn a_node_lost_during_compensation_skips_its_undos() {
+        use DeployState::*;
+        let mut d = started(&["n1", "n2"]);
+        for _ in 0..5 {
+            let w = d.next().unwrap();
+            d.record(&result(w, true, None), 1).unwrap(); // n1 done, start on n2 done
+        }
+        let w = d.next().unwrap(); // health on n2 fails
+        d.record(&result(w, false, Some(ErrorClass::Invalid)), 2).unwrap();
+        assert_eq!(d.state, Compensating);
+        let u = d.next().unwrap(); // undo start on n2
+        d.record(&result(u, true, None), 3).unwrap();
+        assert_eq!(d.node_needed(), Some("n1"));
+        assert!(d.node_lost("n1", 4, "no heartbeat").unwrap());
+        assert_eq!(d.state, Failed);
+        assert!(d.events.last().unwrap().reason.contains("except on lost node(s) n1"));
     }
 
     #[test]

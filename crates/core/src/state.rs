@@ -49,6 +49,10 @@ pub struct NodeRecord {
     pub labels: BTreeMap<String, String>,
     pub registered_ms: i64,
     pub updated_ms: i64,
+    /// Set when the leader presumed it dead (missed heartbeat lease);
+    /// cleared when it registers again. Lost nodes get no new work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_ms: Option<i64>,
 }
 
 /// One persisted key changed by `apply`: `Some(value)` = put, `None` = delete.
@@ -192,7 +196,7 @@ impl State {
     /// Nodes a destination's deployments run on, sorted by id.
     pub fn nodes_for(&self, destination: &str) -> Vec<String> {
         let Some(d) = self.destinations.get(destination) else { return vec![] };
-        self.nodes.values().filter(|n| selects(&d.selector, &n.labels)).map(|n| n.id.clone()).collect()
+        self.nodes.values().filter(|n| n.lost_ms.is_none() && selects(&d.selector, &n.labels)).map(|n| n.id.clone()).collect()
     }
 
     /// The release of `app` that last succeeded on `destination`.
@@ -266,6 +270,7 @@ impl State {
                 self.step_result(index, req.at_ms, deployment, outcome, &mut changes)
             }
             Command::RegisterNode { id, labels } => self.register_node(req.at_ms, id, labels, &mut changes),
+            Command::NodeLost { node, why } => self.node_lost(index, req.at_ms, node, why, &mut changes),
             Command::PutDestinations { destinations } => self.put_destinations(destinations, &mut changes),
         };
 
@@ -616,6 +621,26 @@ impl State {
         }
     }
 
+    fn node_lost(&mut self, index: u64, at_ms: i64, node: &str, why: &str, changes: &mut Vec<Change>) -> Response {
+        let Some(rec) = self.nodes.get_mut(node) else {
+            return Response::NotFound { what: format!("node `{node}`") };
+        };
+        if rec.lost_ms.is_none() {
+            rec.lost_ms = Some(at_ms);
+            let rec = rec.clone();
+            changes.push(Change { key: format!("{NODE_PREFIX}{node}"), value: Some(encode(&rec)) });
+        }
+        let active: Vec<u64> = self.deployments.iter().filter(|(_, d)| !d.state.is_terminal()).map(|(n, _)| *n).collect();
+        for n in active {
+            let d = self.deployments.get_mut(&n).expect("listed above");
+            if let Ok(true) = d.node_lost(node, at_ms, why) {
+                self.put_deployment(n, changes);
+                self.after_progress(n, index, at_ms, changes);
+            }
+        }
+        Response::Done
+    }
+
     fn register_node(&mut self, at_ms: i64, id: &str, labels: &BTreeMap<String, String>, changes: &mut Vec<Change>) -> Response {
         if let Err(e) = validate_name("node id", id) {
             return Response::Invalid { reason: e.to_string() };
@@ -626,10 +651,10 @@ impl State {
             }
         }
         let registered_ms = self.nodes.get(id).map(|n| n.registered_ms).unwrap_or(at_ms);
-        if self.nodes.get(id).is_some_and(|n| &n.labels == labels) {
+        if self.nodes.get(id).is_some_and(|n| &n.labels == labels && n.lost_ms.is_none()) {
             return Response::Done;
         }
-        let rec = NodeRecord { id: id.to_string(), labels: labels.clone(), registered_ms, updated_ms: at_ms };
+        let rec = NodeRecord { id: id.to_string(), labels: labels.clone(), registered_ms, updated_ms: at_ms, lost_ms: None };
         changes.push(Change { key: format!("{NODE_PREFIX}{id}"), value: Some(encode(&rec)) });
         self.nodes.insert(id.to_string(), rec);
         Response::Done

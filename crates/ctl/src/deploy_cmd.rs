@@ -603,6 +603,7 @@ fn print_detail(d: &Deployment) {
                     (_, StepStatus::Failed) => "failed".into(),
                     (_, StepStatus::Undone) => format!("undone ({})", took(s.undo_started_ms, s.undo_finished_ms)),
                     (_, StepStatus::UndoFailed) => "undo failed".into(),
+                    (_, StepStatus::Skipped) => "skipped (node lost)".into(),
                 };
                 let attempt = if s.undo_started_ms.is_some() { format!("{} (undo {})", s.attempt, s.undo_attempt) } else { s.attempt.to_string() };
                 let started = s.started_ms.map(|t| format!("+{}", fmt_ms(t - d.submitted_ms))).unwrap_or_default();

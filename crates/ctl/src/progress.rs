@@ -20,6 +20,8 @@ pub enum StepEventStatus {
     Failed,
     Undone,
     UndoFailed,
+    /// Its node was lost: not run (or not undone) there.
+    Skipped,
 }
 
 impl StepEventStatus {
@@ -31,6 +33,7 @@ impl StepEventStatus {
             StepEventStatus::Failed => "failed",
             StepEventStatus::Undone => "undone",
             StepEventStatus::UndoFailed => "undo_failed",
+            StepEventStatus::Skipped => "skipped",
         }
     }
 }
@@ -136,6 +139,8 @@ pub fn diff(prev: Option<&Deployment>, next: &Deployment) -> Vec<WatchEvent> {
         // Forward direction.
         if was == StepStatus::Pending && matches!(s.status, StepStatus::Done | StepStatus::Undone | StepStatus::UndoFailed) {
             timed.push((fwd_at, 0, step_event(next, i, s, false, StepEventStatus::Done, s.attempt, None)));
+        } else if was != StepStatus::Skipped && s.status == StepStatus::Skipped {
+            timed.push((unknown_time, 0, step_event(next, i, s, was == StepStatus::Done, StepEventStatus::Skipped, s.attempt, s.error.clone())));
         } else if was == StepStatus::Pending && s.status == StepStatus::Failed {
             timed.push((fwd_at, 0, step_event(next, i, s, false, StepEventStatus::Failed, s.attempt, s.error.clone())));
         } else if s.status == StepStatus::Pending && s.attempt > was_attempt {
@@ -232,6 +237,7 @@ pub fn step_text(ev: &WatchEvent) -> String {
         StepEventStatus::Failed => format!("{what} ... failed{took}: {err}"),
         StepEventStatus::Undone => format!("{what} ... undone{took}"),
         StepEventStatus::UndoFailed => format!("{what} ... undo failed{took}: {err}"),
+        StepEventStatus::Skipped => format!("{what} ... {err}"),
     }
 }
 
@@ -293,6 +299,7 @@ pub fn node_lines(d: &Deployment) -> Vec<(String, String)> {
                             StepStatus::UndoFailed => {
                                 (format!("undo {}", s.plan.name), format!("undo failed: {}", clip(s.error.as_deref().unwrap_or(""), 60)))
                             }
+                            StepStatus::Skipped => (s.plan.name.clone(), "skipped (node lost)".to_string()),
                             StepStatus::Pending => unreachable!("filtered out"),
                         };
                         let idle = if d.state.is_terminal() { "" } else { ", waiting" };
