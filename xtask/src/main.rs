@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Some("deps") => ensure_build_deps(),
         Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|deps>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. --duration 10s)");
+            eprintln!("usage: cargo xtask <demo|test|deps|bench>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. -- --duration 10s);\n        `bench -- steps` measures the per-step deployment overhead (e.g. -- steps --steps 200 --destinations 100)");
             return ExitCode::from(2);
         }
     };
@@ -101,16 +101,31 @@ fn ensure_command(command: &str, package: &str) -> anyhow::Result<()> {
     run(Command::new("apt-get").args(["install", "-y", "-qq", package]).env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// `cargo xtask bench [-- [locks|steps] OPTIONS]`: `locks` (the default) is
+/// Fleet vs etcd, `steps` the per-step deployment overhead.
 fn bench(extra: &[String]) -> anyhow::Result<()> {
     ensure_build_deps()?;
     // The etcd client crate generates its gRPC code with protoc.
     ensure_command("protoc", "protobuf-compiler")?;
-    run(cargo().args(["build", "--release", "-p", "fleet-coord", "-p", "fleetctl", "-p", "fleet-bench", "--bins"]))?;
-    let script = root().join("../shared/bench/etcd-baseline.sh");
-    run(cargo()
-        .args(["run", "--release", "-q", "-p", "fleet-bench", "--", "--etcd-script"])
-        .arg(&script)
-        .args(extra))
+    // `cargo xtask bench -- ARGS` hands us the `--` too.
+    let extra = match extra.first().map(String::as_str) {
+        Some("--") => &extra[1..],
+        _ => extra,
+    };
+    let (mode, rest) = match extra.first().map(String::as_str) {
+        Some(m @ ("locks" | "steps")) => (m, &extra[1..]),
+        _ => ("locks", extra),
+    };
+    // The steps mode deploys: it needs the worker node and the demo app too.
+    run(cargo().args([
+        "build", "--release", "-p", "fleet-coord", "-p", "fleetctl", "-p", "fleet-node", "-p", "fleet-demo-app", "-p", "fleet-bench", "--bins",
+    ]))?;
+    let mut cmd = cargo();
+    cmd.args(["run", "--release", "-q", "-p", "fleet-bench", "--", mode]);
+    if mode == "locks" {
+        cmd.arg("--etcd-script").arg(root().join("../shared/bench/etcd-baseline.sh"));
+    }
+    run(cmd.args(rest))
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {

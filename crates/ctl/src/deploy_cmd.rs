@@ -838,7 +838,11 @@ pub fn node_row(v: &Value, now: i64) -> Vec<String> {
         .as_object()
         .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(","))
         .unwrap_or_default();
-    let connected = if v["connected"].as_bool().unwrap_or(false) { "yes" } else { "no" };
+    let connected = match (v["connected"].as_bool().unwrap_or(false), v["lost_ms"].as_i64()) {
+        (true, _) => "yes",
+        (false, Some(_)) => "no (lost: gets no work until it reconnects)",
+        (false, None) => "no",
+    };
     let seen = v["last_seen_ms"].as_i64().map(|t| ago(now - t)).unwrap_or_else(|| "never (since this leader)".into());
     vec![str_of(v, "id"), labels, connected.to_string(), seen]
 }
