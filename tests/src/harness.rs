@@ -365,6 +365,12 @@ impl Node {
         Ok(())
     }
 
+    /// Start the node again (same certificate, labels and data dir).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "node {} is still running", self.name);
+        self.spawn(&dev::find_binary("fleet-node")?)
+    }
+
     /// Has the node process exited? (Then its log says why.)
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
