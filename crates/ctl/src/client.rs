@@ -103,6 +103,23 @@ impl Client {
         self.call_with_timeout(timeout, op).await
     }
 
+    /// One unary `Control` call with `req` (cloned per attempt), each
+    /// attempt bounded by the client's call timeout; answers the reply.
+    pub async fn unary<Req, T, F, Fut>(&mut self, req: Req, mut op: F) -> anyhow::Result<T>
+    where
+        Req: Clone,
+        F: FnMut(ControlClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call(|cl, timeout| {
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(timeout);
+            let reply = op(cl, r);
+            async move { reply.await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
     /// Like [`Client::call`], with each attempt bounded by `timeout`
     /// (a call that may legitimately take long, such as adding a learner
     /// that needs a large snapshot, or a lock acquire that waits).

@@ -269,11 +269,7 @@ pub async fn deploy(a: DeployArgs, conn: &ConnArgs, out: Output) -> Result<i32, 
         dry_run: a.dry_run,
     };
     let reply = c
-        .call(|mut cl, timeout| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(timeout);
-            async move { cl.submit_deployment(r).await.map(|r| r.into_inner()) }
-        })
+        .unary(req, |mut cl, r| async move { cl.submit_deployment(r).await })
         .await
         .map_err(|e| failed(out, e))?;
     if a.dry_run {
@@ -329,11 +325,7 @@ pub async fn resolve(id: String, note: String, conn: &ConnArgs, out: Output) -> 
     let mut c = client(conn)?;
     let req = ResolveDeploymentRequest { id: id.clone(), note, request_id: request_id() };
     let reply = c
-        .call(|mut cl, timeout| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(timeout);
-            async move { cl.resolve_deployment(r).await.map(|r| r.into_inner()) }
-        })
+        .unary(req, |mut cl, r| async move { cl.resolve_deployment(r).await })
         .await
         .map_err(|e| failed(out, e))?;
     let d = parse_deployment(&reply.deployment_json)?;
@@ -348,11 +340,7 @@ pub async fn resolve(id: String, note: String, conn: &ConnArgs, out: Output) -> 
 pub async fn lock_queue(destination: String, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {
     let mut c = client(conn)?;
     let r = c
-        .call(|mut cl, timeout| {
-            let mut r = tonic::Request::new(ListDestinationsRequest {});
-            r.set_timeout(timeout);
-            async move { cl.list_destinations(r).await.map(|r| r.into_inner()) }
-        })
+        .unary(ListDestinationsRequest {}, |mut cl, r| async move { cl.list_destinations(r).await })
         .await?;
     let dest = r
         .destinations_json
@@ -365,11 +353,7 @@ pub async fn lock_queue(destination: String, conn: &ConnArgs, out: Output) -> Re
     for id in &ids {
         let req = GetDeploymentRequest { id: id.clone() };
         let reply = c
-            .call(|mut cl, timeout| {
-                let mut r = tonic::Request::new(req.clone());
-                r.set_timeout(timeout);
-                async move { cl.get_deployment(r).await.map(|r| r.into_inner()) }
-            })
+            .unary(req, |mut cl, r| async move { cl.get_deployment(r).await })
             .await?;
         list.push(parse_deployment(&reply.deployment_json)?);
     }
@@ -409,11 +393,7 @@ pub async fn rollback(a: RollbackArgs, conn: &ConnArgs, out: Output) -> Result<i
     let mut c = client(conn)?;
     let req = RollbackDeploymentRequest { id: a.id.clone(), to_release: a.to.unwrap_or_default(), timeout_ms: ms(a.timeout), request_id: request_id() };
     let reply = c
-        .call(|mut cl, timeout| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(timeout);
-            async move { cl.rollback_deployment(r).await.map(|r| r.into_inner()) }
-        })
+        .unary(req, |mut cl, r| async move { cl.rollback_deployment(r).await })
         .await
         .map_err(|e| failed(out, e))?;
     submitted(&mut c, reply, a.detach, out).await
@@ -430,11 +410,7 @@ pub async fn cancel(id: String, reason: Option<String>, wait: bool, conn: &ConnA
     let mut c = client(conn)?;
     let req = CancelDeploymentRequest { id: id.clone(), reason: reason.unwrap_or_default(), request_id: request_id() };
     let reply = c
-        .call(|mut cl, timeout| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(timeout);
-            async move { cl.cancel_deployment(r).await.map(|r| r.into_inner()) }
-        })
+        .unary(req, |mut cl, r| async move { cl.cancel_deployment(r).await })
         .await
         .map_err(|e| failed(out, e))?;
     let d = parse_deployment(&reply.deployment_json)?;
@@ -460,11 +436,7 @@ pub async fn cancel(id: String, reason: Option<String>, wait: bool, conn: &ConnA
 async fn list_deployments(c: &mut Client, app: &str, destination: &str, limit: u32) -> Result<Vec<String>, Exit> {
     let req = ListDeploymentsRequest { app: app.to_string(), destination: destination.to_string(), limit };
     let r = c
-        .call(|mut cl, timeout| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(timeout);
-            async move { cl.list_deployments(r).await.map(|r| r.into_inner()) }
-        })
+        .unary(req, |mut cl, r| async move { cl.list_deployments(r).await })
         .await?;
     Ok(r.deployments_json)
 }
@@ -529,11 +501,7 @@ pub async fn status(id: Option<String>, conn: &ConnArgs, out: Output) -> Result<
     };
     check_id(&id)?;
     let reply = c
-        .call(|mut cl, timeout| {
-            let mut r = tonic::Request::new(GetDeploymentRequest { id: id.clone() });
-            r.set_timeout(timeout);
-            async move { cl.get_deployment(r).await.map(|r| r.into_inner()) }
-        })
+        .unary(GetDeploymentRequest { id: id.clone() }, |mut cl, r| async move { cl.get_deployment(r).await })
         .await?;
     match out {
         Output::Json => println!("{}", reply.deployment_json),
@@ -781,11 +749,7 @@ pub async fn destinations(cmd: Option<DestinationsCmd>, conn: &ConnArgs, out: Ou
         DestinationsCmd::List => {
             let mut c = client(conn)?;
             let r = c
-                .call(|mut cl, timeout| {
-                    let mut r = tonic::Request::new(ListDestinationsRequest {});
-                    r.set_timeout(timeout);
-                    async move { cl.list_destinations(r).await.map(|r| r.into_inner()) }
-                })
+                .unary(ListDestinationsRequest {}, |mut cl, r| async move { cl.list_destinations(r).await })
                 .await?;
             print_destinations(&r.destinations_json, out)?;
         }
@@ -813,21 +777,13 @@ pub async fn destinations(cmd: Option<DestinationsCmd>, conn: &ConnArgs, out: Ou
 
 pub async fn apply_destinations(c: &mut Client, file_name: &str, text: &str) -> anyhow::Result<DestinationsReply> {
     let req = ApplyDestinationsRequest { destinations_yaml: text.to_string(), file_name: file_name.to_string(), request_id: request_id() };
-    c.call(|mut cl, timeout| {
-        let mut r = tonic::Request::new(req.clone());
-        r.set_timeout(timeout);
-        async move { cl.apply_destinations(r).await.map(|r| r.into_inner()) }
-    })
+    c.unary(req, |mut cl, r| async move { cl.apply_destinations(r).await })
     .await
 }
 
 pub async fn list_nodes(c: &mut Client) -> anyhow::Result<Vec<Value>> {
     let r = c
-        .call(|mut cl, timeout| {
-            let mut r = tonic::Request::new(ListNodesRequest {});
-            r.set_timeout(timeout);
-            async move { cl.list_nodes(r).await.map(|r| r.into_inner()) }
-        })
+        .unary(ListNodesRequest {}, |mut cl, r| async move { cl.list_nodes(r).await })
         .await?;
     r.nodes_json.iter().map(|j| serde_json::from_str(j).map_err(|e| anyhow::anyhow!("a coordinator sent a node record that is not JSON: {e}"))).collect()
 }
