@@ -770,3 +770,69 @@ impl Drop for TestSlot {
         SLOT_FREED.notify_one();
     }
 }
+
+// ------------------------------------------------------ failure injection
+//
+// Added for `tests/failures.rs`: signals to coordinators, the leader as
+// `fleetctl` reports it, and `fleetctl` runs that own what they need (so a
+// test can kill and restart coordinators while one is in progress).
+
+impl Cluster {
+    /// The pid of coordinator `id`, while its process runs.
+    pub fn pid_of(&self, id: u64) -> Option<u32> {
+        self.coords.get(&id)?.child.as_ref().map(|c| c.id())
+    }
+
+    /// Send `signal` (a name `kill` knows: `STOP`, `CONT`, `KILL` ...) to
+    /// coordinator `id`.
+    pub fn signal(&self, id: u64, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid_of(id).with_context(|| format!("coordinator {id} is not running"))?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .context("running kill")?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} (coordinator {id}) failed: {status}");
+        Ok(())
+    }
+
+    /// The leader's id as `fleetctl cluster status -o json` reports it.
+    pub async fn leader_id(&self) -> anyhow::Result<u64> {
+        let run = self.ctl(&["cluster", "status", "-o", "json"]).await?;
+        run.expect_code(0)?;
+        run.json()?["leader_id"].as_u64().with_context(|| format!("no leader in {run}"))
+    }
+
+    /// `fleetctl ARGS` as the operator in a task of its own: the returned
+    /// handle borrows nothing from the cluster.
+    pub fn spawn_ctl(&self, args: &[&str]) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<CtlRun>>> {
+        let ctx = self.context_file("operator")?;
+        let ctl = self.ctl.clone();
+        let cwd = self.path().to_path_buf();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Ok(tokio::spawn(async move {
+            let started = Instant::now();
+            let out = tokio::process::Command::new(&ctl)
+                .args(&args)
+                .env("FLEET_CONTEXT", &ctx)
+                .env_remove("FLEET_ADDR")
+                .env_remove("FLEET_CA")
+                .env_remove("FLEET_CERT")
+                .env_remove("FLEET_KEY")
+                .current_dir(&cwd)
+                .kill_on_drop(true)
+                .output()
+                .await
+                .context("running fleetctl")?;
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            Ok(CtlRun {
+                args,
+                code: out.status.code().unwrap_or(-1),
+                lines: json_values(&stdout),
+                stdout,
+                stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+                elapsed: started.elapsed(),
+            })
+        }))
+    }
+}

@@ -29,11 +29,27 @@ fn stat_cpu_ms(stat: &str) -> Option<f64> {
     Some((utime + stime) * 1000.0 / TICKS_PER_S)
 }
 
-pub fn sample(pid: u32) -> Sample {
-    let mut s = Sample::default();
-    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        s.cpu_ms = stat_cpu_ms(&stat).unwrap_or(0.0);
+/// Busy CPU ms of the whole machine (all cores, every process), from the
+/// first line of /proc/stat: everything but idle and iowait.
+pub fn machine_busy_ms() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return 0.0 };
+    let Some(line) = stat.lines().next() else { return 0.0 };
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 5 {
+        return 0.0;
     }
+    // user nice system idle iowait irq softirq steal (guest is inside user)
+    let busy: f64 = v.iter().take(8).sum::<f64>() - v[3] - v[4];
+    busy * 1000.0 / TICKS_PER_S
+}
+
+/// CPU ms of a process (all threads), cheap enough to sample often.
+pub fn cpu_ms(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| stat_cpu_ms(&s)).unwrap_or(0.0)
+}
+
+pub fn sample(pid: u32) -> Sample {
+    let mut s = Sample { cpu_ms: cpu_ms(pid), ..Sample::default() };
     if let Ok(io) = std::fs::read_to_string(format!("/proc/{pid}/io")) {
         for line in io.lines() {
             if let Some(v) = line.strip_prefix("write_bytes: ") {
@@ -81,6 +97,63 @@ pub fn delta(before: &Sample, after: &Sample) -> Delta {
         write_bytes: after.write_bytes.saturating_sub(before.write_bytes),
         wchar: after.wchar.saturating_sub(before.wchar),
         threads,
+    }
+}
+
+/// Samples the CPU of some processes every `every` on a thread, with the
+/// wall-clock time (Unix ms, the clock the step records use), so a phase's
+/// CPU can be cut to a time window found afterwards.
+pub struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(i64, Vec<f64>)>>,
+}
+
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Sampler {
+    /// The last value of every sample is the machine's busy CPU
+    /// ([`machine_busy_ms`]).
+    pub fn start(pids: Vec<u32>, every: std::time::Duration) -> Sampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            loop {
+                let mut v: Vec<f64> = pids.iter().map(|p| cpu_ms(*p)).collect();
+                v.push(machine_busy_ms());
+                out.push((unix_ms(), v));
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return out;
+                }
+                std::thread::sleep(every);
+            }
+        });
+        Sampler { stop, thread }
+    }
+
+    pub fn finish(self) -> Samples {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        Samples(self.thread.join().unwrap_or_default())
+    }
+}
+
+pub struct Samples(pub Vec<(i64, Vec<f64>)>);
+
+impl Samples {
+    /// CPU ms per process from the last sample at or before `from_ms` to
+    /// the first at or after `to_ms` (so the window is covered, plus at
+    /// most one sampling period on each side), and that span in ms.
+    pub fn window(&self, from_ms: i64, to_ms: i64) -> (Vec<f64>, i64) {
+        let v = &self.0;
+        if v.is_empty() {
+            return (vec![], 0);
+        }
+        let a = v.iter().rposition(|(t, _)| *t <= from_ms).unwrap_or(0);
+        let b = v.iter().position(|(t, _)| *t >= to_ms).unwrap_or(v.len() - 1);
+        let cpu = v[b].1.iter().zip(&v[a].1).map(|(x, y)| x - y).collect();
+        (cpu, v[b].0 - v[a].0)
     }
 }
 

@@ -46,16 +46,17 @@ pub struct Args {
     /// Single-destination deployments of `--steps` hooks (the median counts).
     #[arg(long, default_value_t = 3)]
     single_runs: usize,
-    /// Destinations deploying at once.
-    #[arg(long, default_value_t = 100)]
-    destinations: usize,
+    /// Destinations deploying at once; a comma-separated list runs the
+    /// concurrent phase once per value (the largest is the one the aim is about).
+    #[arg(long, value_delimiter = ',', default_value = "10,100")]
+    destinations: Vec<usize>,
     /// No-op steps of each of the concurrent deployments.
     #[arg(long, default_value_t = 50)]
     concurrent_steps: usize,
     /// Worker nodes the concurrent destinations are spread over (destination
     /// i selects node i mod K); a comma-separated list runs the concurrent
     /// phase once per value.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
     nodes: Vec<usize>,
     /// Lock operations of each floor measurement.
     #[arg(long, default_value_t = 1000)]
@@ -215,10 +216,6 @@ async fn commit_floor(cluster: &Cluster, ops: usize, tag: &str) -> anyhow::Resul
     Ok(lat)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -261,37 +258,76 @@ impl Procs {
     fn sample(&self) -> Vec<procstat::Sample> {
         self.list.iter().map(|(_, pid)| procstat::sample(*pid)).collect()
     }
-    /// Per-process CPU and writes between two samples, per step.
-    fn report(&self, phase: &str, before: &[procstat::Sample], after: &[procstat::Sample], steps: usize, wall: Duration) -> (Value, String) {
+    fn pids(&self) -> Vec<u32> {
+        self.list.iter().map(|(_, p)| *p).collect()
+    }
+    /// Per-process CPU within the hook windows (from the sampler), and disk
+    /// writes and the busiest threads over the whole phase, per hook step.
+    fn report(
+        &self,
+        phase: &str,
+        before: &[procstat::Sample],
+        after: &[procstat::Sample],
+        samples: &procstat::Samples,
+        windows: &[(i64, i64)],
+        steps: usize,
+    ) -> (Value, String) {
+        let mut cpu = vec![0.0; self.list.len() + 1];
+        let mut span_ms = 0i64;
+        for (from, to) in windows {
+            let (w, span) = samples.window(*from, *to);
+            for (c, x) in cpu.iter_mut().zip(w) {
+                *c += x;
+            }
+            span_ms += span;
+        }
         let mut rows = Vec::new();
         let mut md = String::new();
-        let mut total = 0.0;
+        let machine = cpu.pop().unwrap_or(0.0);
+        let total: f64 = cpu.iter().sum();
+        // Everything else on the machine: the demo app instances, and any
+        // other workload (which would make the numbers unreliable).
+        let others = (machine - total).max(0.0);
         for (i, (label, _)) in self.list.iter().enumerate() {
             let d = procstat::delta(&before[i], &after[i]);
-            total += d.cpu_ms;
             let mut top: Vec<(String, f64)> = d.threads.clone().into_iter().collect();
             top.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let top: Vec<String> = top.iter().take(3).map(|(n, v)| format!("{n} {:.0} ms", v)).collect();
+            let top: Vec<String> = top.iter().take(3).map(|(n, v)| format!("{n} {v:.0} ms")).collect();
             rows.push(json!({
                 "proc": label,
-                "cpu_ms": round3(d.cpu_ms),
-                "cpu_us_per_step": (d.cpu_ms * 1000.0 / steps as f64).round(),
+                "hook_window_cpu_ms": round3(cpu[i]),
+                "cpu_us_per_step": (cpu[i] * 1000.0 / steps as f64).round(),
+                "phase_cpu_ms": round3(d.cpu_ms),
                 "disk_write_bytes_per_step": d.write_bytes / steps as u64,
                 "write_syscall_bytes_per_step": d.wchar / steps as u64,
-                "top_threads": top,
+                "phase_top_threads": top,
             }));
             md.push_str(&format!(
                 "| {phase} | {label} | {:.0} | {:.0} | {:.1} | {} |\n",
-                d.cpu_ms,
-                d.cpu_ms * 1000.0 / steps as f64,
+                cpu[i],
+                cpu[i] * 1000.0 / steps as f64,
                 d.write_bytes as f64 / steps as f64 / 1024.0,
                 top.join(", ")
             ));
         }
-        let util = total / (ms(wall) * cores() as f64);
-        md.push_str(&format!("| {phase} | **all** | {total:.0} | {:.0} | | {:.0} % of {} cores over {:.2} s |\n", total * 1000.0 / steps as f64, util * 100.0, cores(), wall.as_secs_f64()));
-        let v = json!({"mode": "steps", "run": "cpu", "phase": phase, "steps": steps, "wall_s": round3(wall.as_secs_f64()),
-                       "cpu_utilization": round3(util), "procs": rows});
+        let util = total / (span_ms.max(1) as f64 * cores() as f64);
+        let others_util = others / (span_ms.max(1) as f64 * cores() as f64);
+        md.push_str(&format!(
+            "| {phase} | other processes | {others:.0} | {:.0} | | {:.0} % of {} cores (demo app instances; anything else running) |\n",
+            others * 1000.0 / steps as f64,
+            others_util * 100.0,
+            cores()
+        ));
+        md.push_str(&format!(
+            "| {phase} | **all** | {total:.0} | {:.0} | | {:.0} % of {} cores over {:.2} s of hook steps |\n",
+            total * 1000.0 / steps as f64,
+            util * 100.0,
+            cores(),
+            span_ms as f64 / 1000.0
+        ));
+        let v = json!({"mode": "steps", "run": "cpu", "phase": phase, "steps": steps, "hook_window_s": round3(span_ms as f64 / 1000.0),
+                       "cpu_utilization": round3(util), "other_processes_cpu_ms": round3(others),
+                       "other_processes_utilization": round3(others_util), "procs": rows});
         (v, md)
     }
 }
@@ -309,8 +345,9 @@ struct CoreCosts {
     record_encode_us: f64,
     /// Encoded size of the deployment, mean over the run of steps.
     encoded_bytes: f64,
-    /// `Deployment::clone` + `next()`: what the leader's scheduler does for
-    /// every active deployment every time it wakes (crates/coord/src/scheduler.rs).
+    /// `Deployment::clone` + `next()` + drop: what the leader's scheduler
+    /// does for every active deployment every time it wakes
+    /// (crates/coord/src/scheduler.rs `run`: `active_deployments().cloned()`).
     clone_next_us: f64,
 }
 
@@ -358,6 +395,7 @@ fn core_costs(d: &Value) -> anyhow::Result<CoreCosts> {
             let t = Instant::now();
             let c = std::hint::black_box(dep.clone());
             std::hint::black_box(c.next());
+            drop(c);
             clone_total += t.elapsed();
         }
         anyhow::ensure!(dep.state == DeployState::Succeeded, "the replay ended {}", dep.state);
@@ -368,6 +406,62 @@ fn core_costs(d: &Value) -> anyhow::Result<CoreCosts> {
         encoded_bytes: bytes as f64 / n,
         clone_next_us: clone_total.as_secs_f64() * 1e6 / n,
     })
+}
+
+/// What fleet-node does before it sends each result (agent.rs `finish` →
+/// `write_journal` → util.rs `write_atomic`): re-serialize the last 200
+/// results and rewrite the journal (temp file, fsync, rename, fsync of the
+/// directory). Timed on a copy of the node's own journal, in its data dir.
+/// Returns (journal bytes, p50 ms of the file work, p50 ms of the JSON).
+fn journal_cost(node: &Node) -> anyhow::Result<(usize, f64, f64)> {
+    use std::io::Write;
+    let bytes = std::fs::read(node.data_dir.join("results.json")).context("the node's result journal")?;
+    let parsed: Value = serde_json::from_slice(&bytes)?;
+    let dir = node.data_dir.clone();
+    let path = dir.join("bench-journal-probe.json");
+    let tmp = dir.join(".bench-journal-probe.json.tmp");
+    let (mut files, mut encode) = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        let t = Instant::now();
+        let b = serde_json::to_vec(&parsed)?;
+        encode.push(t.elapsed());
+        let t = Instant::now();
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&b)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        files.push(t.elapsed());
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok((bytes.len(), percentile(files, 0.5), percentile(encode, 0.5)))
+}
+
+/// p50 of append + fdatasync on the cluster's disk, by append size: a
+/// commit's fsync also flushes the state-machine batch written since the
+/// previous one (store/sm.rs), whose size grows with the deployment.
+fn fsync_by_size(dir: &std::path::Path) -> anyhow::Result<Vec<(usize, f64)>> {
+    use std::io::Write;
+    let sizes = [128usize, 16 * 1024, 64 * 1024];
+    let paths: Vec<_> = sizes.iter().map(|s| dir.join(format!("fsync-size-probe-{s}"))).collect();
+    let mut files = paths.iter().map(|p| std::fs::OpenOptions::new().create(true).append(true).open(p)).collect::<Result<Vec<_>, _>>()?;
+    let mut lat = vec![Vec::new(); sizes.len()];
+    // Interleaved, so that anything else using the disk hits every size alike.
+    for _ in 0..300 {
+        for (i, size) in sizes.iter().enumerate() {
+            let buf = vec![7u8; *size];
+            let t = Instant::now();
+            files[i].write_all(&buf)?;
+            files[i].sync_data()?;
+            lat[i].push(t.elapsed());
+        }
+    }
+    drop(files);
+    for p in &paths {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(sizes.iter().zip(lat).map(|(s, l)| (*s, percentile(l, 0.5))).collect())
 }
 
 /// One lock op every 50 ms while `stop` is false: commit latency under load.
@@ -429,30 +523,43 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         cluster.wait_nodes_connected(&names).await?;
         let mut dests = String::from("destinations:\n  - { name: single, selector: { slot: \"0\" } }\n  - { name: warm, selector: { slot: \"0\" } }\n");
-        for &k in &args.nodes {
-            for i in 0..args.destinations {
-                dests.push_str(&format!("  - {{ name: k{k}-b{i}, selector: {{ slot: \"{}\" }} }}\n", i % k.max(1)));
+        for &n in &args.destinations {
+            for &k in &args.nodes {
+                for i in 0..n {
+                    dests.push_str(&format!("  - {{ name: d{n}k{k}-b{i}, selector: {{ slot: \"{}\" }} }}\n", i % k.max(1)));
+                }
             }
         }
         cluster.apply_destinations(&dests).await?;
         let mut c = cluster.client("operator")?;
 
-        // ---- floor before
+        // ---- floor before, with what one commit costs in CPU
+        let procs = Procs::of(&cluster, &nodes).await?;
+        let cpu0 = procs.sample();
+        let sampler = procstat::Sampler::start(procs.pids(), Duration::from_millis(20));
+        let from = procstat::unix_ms();
         let before = commit_floor(&cluster, args.floor_ops, "before").await?;
+        let to = procstat::unix_ms();
+        let samples = sampler.finish();
+        let cpu1 = procs.sample();
         let floor_before = percentile(before.clone(), 0.5);
         println!("{}", json!({"mode": "steps", "run": "commit_floor", "when": "before", "ops": before.len(),
                               "p50_ms": round3(floor_before), "p99_ms": round3(percentile(before, 0.99))}));
+        let (cpu_floor, md_floor) = procs.report("1 lock op (commit floor)", &cpu0, &cpu1, &samples, &[(from, to)], args.floor_ops);
+        println!("{cpu_floor}");
+        let fsyncs = fsync_by_size(cluster.path())?;
+        println!("{}", json!({"mode": "steps", "run": "fdatasync_by_append_size",
+            "p50_ms": fsyncs.iter().map(|(b, ms)| json!({"bytes": b, "p50_ms": round3(*ms)})).collect::<Vec<_>>()}));
 
         // ---- warm-up (first instance start, first stream use)
         let id = submit(&mut c, &manifest("warm", "w1", "warm", 10)).await?;
         wait_terminal(&mut c, &[id], 0, args.phase_timeout).await?;
 
         // ---- one destination
-        let procs = Procs::of(&cluster, &nodes).await?;
         let mut singles: Vec<StepTimes> = Vec::new();
         let mut single_values: Vec<Value> = Vec::new();
         let cpu0 = procs.sample();
-        let t0 = Instant::now();
+        let sampler = procstat::Sampler::start(procs.pids(), Duration::from_millis(20));
         for r in 0..args.single_runs.max(1) {
             let id = submit(&mut c, &manifest("single", &format!("r{r}"), "single", args.steps)).await?;
             let d = wait_terminal(&mut c, &[id], 0, args.phase_timeout).await?.remove(0);
@@ -463,11 +570,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             singles.push(st);
             single_values.push(d);
         }
-        let single_wall = t0.elapsed();
+        let samples = sampler.finish();
         let cpu1 = procs.sample();
         let single_hook_steps: usize = singles.iter().map(|s| s.hooks).sum();
         let single_span: f64 = singles.iter().map(|s| (s.last_finish_ms - s.first_start_ms) as f64).sum();
-        let (cpu_single, md_single) = procs.report("single", &cpu0, &cpu1, single_hook_steps, single_wall);
+        let windows: Vec<(i64, i64)> = singles.iter().map(|s| (s.first_start_ms, s.last_finish_ms)).collect();
+        let (cpu_single, md_single) = procs.report(&format!("1 dest, N={}", args.steps), &cpu0, &cpu1, &samples, &windows, single_hook_steps);
         println!("{cpu_single}");
         let single_med = median(&singles.iter().map(|s| s.per_step_ms).collect::<Vec<_>>());
 
@@ -508,11 +616,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
 
         // ---- many destinations at once
-        let mut md_cpu = md_single;
+        let mut md_cpu = md_floor + &md_single;
         let mut concurrent_values: Vec<Value> = Vec::new();
-        let mut probes: Vec<(usize, Vec<Duration>)> = Vec::new();
-        for &k in &args.nodes {
-            let n = args.destinations;
+        let mut probes: Vec<(usize, usize, Vec<Duration>)> = Vec::new();
+        let max_dests = args.destinations.iter().copied().max().unwrap_or(1);
+        let phases: Vec<(usize, usize)> = args.destinations.iter().flat_map(|&n| args.nodes.iter().map(move |&k| (n, k))).collect();
+        for &(n, k) in &phases {
             // One client (own connection) per submitter, connected and
             // pointed at the leader before the clock starts.
             let mut clients = Vec::with_capacity(n);
@@ -522,10 +631,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 clients.push(cl);
             }
             let manifests: Vec<String> =
-                (0..n).map(|i| manifest(&format!("k{k}-a{i}"), "r1", &format!("k{k}-b{i}"), args.concurrent_steps)).collect();
+                (0..n).map(|i| manifest(&format!("d{n}k{k}-a{i}"), "r1", &format!("d{n}k{k}-b{i}"), args.concurrent_steps)).collect();
             let stop = Arc::new(AtomicBool::new(false));
             let probe = if args.no_probe { None } else { Some(spawn_probe(&cluster, stop.clone())?) };
             let cpu0 = procs.sample();
+            let sampler = procstat::Sampler::start(procs.pids(), Duration::from_millis(20));
             let t0 = Instant::now();
             let gate = Arc::new(tokio::sync::Barrier::new(n));
             let mut tasks = Vec::new();
@@ -543,6 +653,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let submitted = t0.elapsed();
             let all = wait_terminal(&mut c, &ids, u64::from(probe.is_some()), args.phase_timeout).await?;
             let wall = t0.elapsed();
+            let samples = sampler.finish();
             let cpu1 = procs.sample();
             stop.store(true, Ordering::Relaxed);
             let probe_lat = match probe {
@@ -566,7 +677,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 "ratio_to_single_same_steps": round3(p50 / single_m.per_step_ms), "ratio_to_single_200": round3(p50 / single_med),
                 "ratio_to_commit_p50": round3(p50 / floor_before),
                 "probe_commit_p50_ms": round3(probe_p50), "probe_ops": probe_lat.len()}));
-            let (cpu, md) = procs.report(&format!("{n} dest, {k} node(s)"), &cpu0, &cpu1, total_steps, wall);
+            let (cpu, md) = procs.report(&format!("{n} dest, {k} node(s), N={}", args.concurrent_steps), &cpu0, &cpu1, &samples, &[(first, last)], total_steps);
             println!("{cpu}");
             md_cpu.push_str(&md);
             rows.push(Row {
@@ -582,8 +693,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 gap: quantile(&times.iter().map(|t| t.gap_mean_ms).collect::<Vec<_>>(), 0.5),
                 exec: quantile(&times.iter().map(|t| t.exec_mean_ms).collect::<Vec<_>>(), 0.5),
             });
-            probes.push((k, probe_lat));
-            if concurrent_values.is_empty() {
+            probes.push((n, k, probe_lat));
+            if n == max_dests && concurrent_values.is_empty() {
                 concurrent_values = all;
             }
         }
@@ -597,7 +708,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // ---- what fleet-core does per step, on this run's deployments
         let big = core_costs(single_values.last().context("no single run")?)?;
         let small = core_costs(concurrent_values.first().unwrap_or(&d))?;
-        let active = args.destinations as f64;
+        let active = max_dests as f64;
+        let (journal_bytes, journal_file_ms, journal_json_ms) = journal_cost(&nodes[0])?;
+        println!("{}", json!({"mode": "steps", "run": "node_journal", "journal_bytes": journal_bytes,
+            "write_fsync_rename_fsync_p50_ms": round3(journal_file_ms), "json_encode_p50_ms": round3(journal_json_ms)}));
         println!("{}", json!({"mode": "steps", "run": "core_costs", "steps": args.steps,
             "record_encode_us_per_step": round3(big.record_encode_us), "encoded_bytes_mean": big.encoded_bytes.round(),
             "clone_next_us_per_deployment": round3(big.clone_next_us)}));
@@ -609,9 +723,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         // ---- tables
         println!("\nmachine: {} cores; 3 coordinators (default Raft timings), release build", cores());
         println!("commit floor (1 client, lock acquire/release p50): before {floor_before:.3} ms, after {floor_after:.3} ms; physical: {physical}");
-        for (k, p) in &probes {
+        println!(
+            "append + fdatasync p50 by size: {}",
+            fsyncs.iter().map(|(b, ms)| format!("{} B {ms:.3} ms", b)).collect::<Vec<_>>().join(", ")
+        );
+        for (n, k, p) in &probes {
             if !p.is_empty() {
-                println!("commit latency during the concurrent run ({k} node(s)): p50 {:.3} ms, p99 {:.3} ms ({} probe ops)", percentile(p.clone(), 0.5), percentile(p.clone(), 0.99), p.len());
+                println!("commit latency during the concurrent run ({n} destinations, {k} node(s)): p50 {:.3} ms, p99 {:.3} ms ({} probe ops)", percentile(p.clone(), 0.5), percentile(p.clone(), 0.99), p.len());
             }
         }
         println!("\n| run | destinations | nodes | hooks each | per-step p50 ms | per-step p99 ms | gap ms | exec ms | steps/s | × commit p50 | × single (same N) |");
@@ -623,13 +741,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 r.single_ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "—".into())
             );
         }
-        println!("\n| phase | process | CPU ms | CPU µs/step | disk KiB/step | busiest threads |\n|---|---|---|---|---|---|");
+        println!("\n| phase | process | CPU ms (hook steps) | CPU µs/step | disk KiB/step (phase) | busiest threads (phase) |\n|---|---|---|---|---|---|");
         print!("{md_cpu}");
         println!("\n| fleet-core per step (in-process) | N={} | N={} |\n|---|---|---|", args.steps, args.concurrent_steps);
         println!("| `record` + re-encode deployment (state.rs `step_result`/`put_deployment`), µs | {:.1} | {:.1} |", big.record_encode_us, small.record_encode_us);
         println!("| encoded deployment, bytes (mean over the run) | {:.0} | {:.0} |", big.encoded_bytes, small.encoded_bytes);
-        println!("| clone + `next()` of one deployment (scheduler.rs, per active deployment per wake), µs | {:.1} | {:.1} |", big.clone_next_us, small.clone_next_us);
-        println!("| one scheduler pass with {} active deployments, µs | | {:.0} |", args.destinations, small.clone_next_us * active);
+        println!("| clone + `next()` + drop of one deployment (scheduler.rs, per active deployment per wake), µs | {:.1} | {:.1} |", big.clone_next_us, small.clone_next_us);
+        println!("| one scheduler pass with {max_dests} active deployments, µs | | {:.0} |", small.clone_next_us * active);
+        println!("\nfleet-node, per result before it is sent (agent.rs `write_journal`): journal of {journal_bytes} bytes, write + fsync + rename + fsync dir p50 {journal_file_ms:.3} ms, JSON encode p50 {journal_json_ms:.3} ms");
 
         let aim1 = single_med <= 1.5 * floor_before;
         println!("\naim: per-step ≤ 1.5 × commit p50: {:.3} ms vs {:.3} ms → {:.2}× — {}", single_med, floor_before, single_med / floor_before, if aim1 { "met" } else { "NOT met" });

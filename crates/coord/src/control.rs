@@ -230,7 +230,7 @@ impl Control for ControlService {
 
     async fn watch_deployment(&self, req: Request<GetDeploymentRequest>) -> Result<Response<WatchStream>, Status> {
         authorize(&req, Access::Read, "watch")?;
-        self.watch(req.into_inner().id).map(Response::new)
+        self.watch(req.into_inner().id).await.map(Response::new)
     }
 
     async fn cancel_deployment(&self, req: Request<CancelDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {

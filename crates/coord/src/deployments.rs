@@ -163,8 +163,22 @@ impl ControlService {
 
     /// The deployment now and after every change until it is terminal.
     /// Answered from this coordinator's applied state (any coordinator).
-    pub(crate) fn watch(&self, id: String) -> Result<tokio_stream::wrappers::ReceiverStream<Result<DeploymentReply, Status>>, Status> {
-        self.deployment_reply(&id)?;
+    pub(crate) async fn watch(&self, id: String) -> Result<tokio_stream::wrappers::ReceiverStream<Result<DeploymentReply, Status>>, Status> {
+        // This coordinator may be a little behind the one that acknowledged
+        // the submit: give it a moment to apply before saying "no such".
+        if self.deployment_reply(&id).is_err() {
+            let mut applied = self.state().applied_index();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while self.deployment_reply(&id).is_err() {
+                if tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
+                    break;
+                }
+            }
+            if self.deployment_reply(&id).is_err() && self.leader_redirect_if_follower().is_ok() {
+                self.linearizable().await?;
+            }
+            self.deployment_reply(&id)?;
+        }
         let state = self.state().clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {

@@ -82,14 +82,14 @@ impl Worker for WorkerService {
         let conn_id = self.hub.connect(&node, tx, &hello.running, now_ms());
         tracing::info!(%node, running = hello.running.len(), "node connected");
 
-        let (raft, hub) = (self.raft.clone(), self.hub.clone());
+        let (raft, hub, state) = (self.raft.clone(), self.hub.clone(), self.state.clone());
         tokio::spawn(async move {
             loop {
                 match inbound.next().await {
                     Some(Ok(NodeMessage { msg: Some(node_message::Msg::Heartbeat(_)) })) => hub.seen(&node, now_ms()),
                     Some(Ok(NodeMessage { msg: Some(node_message::Msg::Result(r)) })) => {
                         hub.seen(&node, now_ms());
-                        handle_result(&raft, &hub, &node, r).await;
+                        handle_result(&raft, &hub, &state, &node, r).await;
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
@@ -107,7 +107,12 @@ impl Worker for WorkerService {
 }
 
 /// Commit one step result through Raft.
-async fn handle_result(raft: &Raft, hub: &Hub, node: &str, r: StepResult) {
+///
+/// A node re-sends its recent results on every new stream; results the
+/// state machine would refuse (stale token, epoch, step or attempt, or an
+/// ended deployment) are dropped here without a Raft entry, so a reconnect
+/// does not flood the log and the awaited result is not queued behind them.
+async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, r: StepResult) {
     let Some(key) = r.key else { return };
     let outcome = StepOutcome {
         step: key.step as usize,
@@ -124,6 +129,14 @@ async fn handle_result(raft: &Raft, hub: &Hub, node: &str, r: StepResult) {
         node: node.to_string(),
     };
     let work = WorkKey::of(&key);
+    let accepted = state.read(|a| {
+        a.state.deployment(&key.deployment).is_some_and(|d| d.clone().record(&outcome, crate::control::now_ms()).is_ok())
+    });
+    if !accepted {
+        tracing::debug!(%node, deployment = %key.deployment, step = key.step, "result not expected now; dropped");
+        hub.finished(&work);
+        return;
+    }
     // A result the node sends again (after a reconnect) is applied once.
     let id = format!(
         "step/{}/{}/{}/{}/{}/{}",

@@ -133,6 +133,16 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Auth => "auth",
+            ErrorClass::Resource => "resource",
+            ErrorClass::Invalid => "invalid",
+            ErrorClass::Aborted => "aborted",
+        }
+    }
+
     pub fn parse(s: &str) -> ErrorClass {
         match s {
             "transient" => ErrorClass::Transient,
@@ -166,6 +176,9 @@ pub struct StepRecord {
     pub output: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Class of the last error (transient, auth, resource, invalid, aborted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<ErrorClass>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -186,6 +199,7 @@ impl StepRecord {
             not_before_ms: None,
             output: None,
             error: None,
+            error_class: None,
             started_ms: None,
             finished_ms: None,
             undo_started_ms: None,
@@ -278,6 +292,15 @@ pub struct StepOutcome {
     pub node: String,
 }
 
+/// A deterministic seed for a retry's jitter (FNV-1a of id, step, attempt).
+fn jitter_seed(id: &str, step: usize, attempt: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes().chain(step.to_le_bytes()).chain(attempt.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 impl Deployment {
     pub fn label(&self) -> String {
         format!("{}@{} → {}", self.app, self.release, self.destination)
@@ -356,6 +379,9 @@ impl Deployment {
         let class = r.class.unwrap_or(ErrorClass::Invalid);
         let max = step.plan.retry.max_attempts;
         let error_text = || r.error.clone().unwrap_or_else(|| "the step failed without a message".into());
+        if !r.ok {
+            step.error_class = Some(class);
+        }
         if !r.undo {
             step.started_ms = Some(r.started_ms);
             step.finished_ms = Some(r.finished_ms);
@@ -367,14 +393,14 @@ impl Deployment {
             } else if class.retryable() && r.attempt < max && self.state == DeployState::Running {
                 step.attempt += 1;
                 step.error = Some(error_text());
-                step.not_before_ms = Some(at_ms + step.plan.retry.backoff_before(step.attempt) as i64);
+                step.not_before_ms = Some(at_ms + step.plan.retry.backoff_with_jitter(step.attempt, jitter_seed(&self.id, r.step, step.attempt)) as i64);
                 return Ok(self.state);
             } else {
                 step.status = StepStatus::Failed;
                 step.error = Some(error_text());
                 step.not_before_ms = None;
                 if self.state == DeployState::Running {
-                    let reason = format!("step {} ({}) failed: {}", r.step + 1, step.plan.name, error_text());
+                    let reason = format!("step {} ({}) failed ({} error): {}", r.step + 1, step.plan.name, class.as_str(), error_text());
                     self.transition(DeployState::Compensating, at_ms, reason, &actor)?;
                 }
             }
@@ -387,7 +413,7 @@ impl Deployment {
             } else if class.retryable() && r.attempt < max.max(3) {
                 step.undo_attempt += 1;
                 step.error = Some(error_text());
-                step.not_before_ms = Some(at_ms + step.plan.retry.backoff_before(step.undo_attempt) as i64);
+                step.not_before_ms = Some(at_ms + step.plan.retry.backoff_with_jitter(step.undo_attempt, jitter_seed(&self.id, r.step, step.undo_attempt + 1000)) as i64);
                 return Ok(self.state);
             } else {
                 step.status = StepStatus::UndoFailed;
@@ -509,6 +535,19 @@ impl Deployment {
             reason: format!("node {node} lost ({why}); {what}; assignment epoch is now {}", self.epoch),
             actor: "coordinator".into(),
         });
+        // Skipping is for a server that vanished while others carry the
+        // release; when no node is left, nothing was deployed: that is a
+        // failure, never a success.
+        let lost: Vec<String> = self.skipped_nodes().into_iter().map(str::to_string).collect();
+        let any_left = self.steps.iter().any(|s| !lost.contains(&s.plan.node));
+        if !any_left && self.state == DeployState::Running {
+            let reason = format!("every node of this deployment was lost ({}); nothing was deployed", lost.join(", "));
+            self.transition(DeployState::Compensating, at_ms, reason, "coordinator")?;
+            for s in self.steps.iter_mut().filter(|s| s.status == StepStatus::Done && s.plan.reversible) {
+                s.status = StepStatus::Skipped;
+                s.error = Some(format!("not undone: node {} was lost", s.plan.node));
+            }
+        }
         self.settle(at_ms, "coordinator")?;
         Ok(true)
     }
@@ -768,6 +807,20 @@ mod tests {
         assert!(d.events.last().unwrap().reason.contains("n1"));
         assert_eq!(d.steps.iter().filter(|s| s.status == StepStatus::Skipped).count(), 3);
         assert!(!d.node_lost("n2", 5, "x").unwrap(), "nothing left to skip");
+    }
+
+    #[test]
+    fn losing_every_node_is_a_failure_not_a_success() {
+        use DeployState::*;
+        let mut d = started(&["n1", "n2"]);
+        let w = d.next().unwrap();
+        d.record(&result(w, true, None), 1).unwrap();
+        d.node_lost("n1", 2, "silent").unwrap();
+        assert_eq!(d.state, Running, "n2 still carries the release");
+        d.node_lost("n2", 3, "silent").unwrap();
+        assert_eq!(d.state, Failed);
+        assert!(d.events.iter().any(|e| e.reason.contains("nothing was deployed")));
+        assert_eq!(d.exit_code(), Some(3));
     }
 
     #[test]

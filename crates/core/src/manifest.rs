@@ -182,6 +182,20 @@ impl RetryPolicy {
         }
         b.min(5 * 60 * 1000) as u64
     }
+
+    /// The backoff with jitter: between 75 % and 100 % of it, picked by
+    /// `seed` (a hash of the deployment, step and attempt), so retries of
+    /// many deployments do not move in lockstep, while every replica of
+    /// the state machine computes the same value.
+    pub fn backoff_with_jitter(&self, attempt: u32, seed: u64) -> u64 {
+        let b = self.backoff_before(attempt);
+        // splitmix64: a well-mixed 64-bit value from the seed.
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        b - (b / 4) * (z % 1001) / 1000
+    }
 }
 
 /// A manifest after validation, with defaults filled in and the release and
@@ -578,5 +592,8 @@ health:
     fn backoff_grows_by_the_multiplier() {
         let p = RetryPolicy { max_attempts: 5, backoff_ms: 100, multiplier_pct: 200 };
         assert_eq!([2, 3, 4].map(|a| p.backoff_before(a)), [100, 200, 400]);
+        let jittered: std::collections::BTreeSet<u64> = (0..50).map(|seed| p.backoff_with_jitter(3, seed)).collect();
+        assert!(jittered.iter().all(|b| (150..=200).contains(b)), "{jittered:?}");
+        assert!(jittered.len() > 10, "jitter spreads retries: {jittered:?}");
     }
 }

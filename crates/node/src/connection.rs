@@ -21,7 +21,7 @@ const LEADER_METADATA: &str = "fleet-leader";
 /// Longest pause between connection attempts (plus jitter).
 const MAX_BACKOFF: Duration = Duration::from_millis(1000);
 /// How long to wait for the coordinator to answer the stream / Welcome.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Connector {
     pub identity: NodeIdentity,
@@ -77,8 +77,10 @@ impl Connector {
                     last_error.clear();
                     backoff = Duration::from_millis(50);
                     failed_in_round = 0;
-                    // Try the same coordinator first (it redirects if it
-                    // is no longer the leader), after a short pause.
+                    // Try the next coordinator first: the old leader may be
+                    // dead or frozen, and any other answers at once (it
+                    // redirects to the new leader).
+                    idx = (idx + 1) % self.addrs.len();
                     tokio::time::sleep(jitter(backoff)).await;
                     continue;
                 }

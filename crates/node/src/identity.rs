@@ -75,9 +75,11 @@ impl NodeIdentity {
             .map_err(|e| IdentityError::Tls { reason: error_chain(&e) })?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
-            // Notice a coordinator that vanished without closing the stream.
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
+            // Notice a coordinator that vanished (or froze) without closing
+            // the stream within ~2 s: well inside the leader's 5 s node
+            // lease, so a failover does not make healthy nodes look lost.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(1))
             .keep_alive_while_idle(true);
         Ok(endpoint.connect_lazy())
     }

@@ -877,8 +877,15 @@ impl Inner {
             return Ok((true, log));
         }
         let how = proc::describe_exit(&status);
+        let next = match status.code() {
+            Some(75) => "Exit 75 (EX_TEMPFAIL) means a temporary failure: it is retried with backoff per the manifest's `retry:`",
+            Some(77) => {
+                "Exit 77 (EX_NOPERM) means a credential or permission was refused: check the credentials the command uses on this node (keys, tokens, file permissions); it is not retried"
+            }
+            _ => "Fix the command or the node, then deploy again",
+        };
         let msg = format!(
-            "the {what} command `{script}` {how}; last lines of its output ({}):\n{}\nFix the command or the node, then deploy again",
+            "the {what} command `{script}` {how}; last lines of its output ({}):\n{}\n{next}",
             log.display(),
             indent(&tail(&log, 15))
         );
