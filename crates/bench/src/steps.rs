@@ -64,6 +64,10 @@ pub struct Args {
     /// Skip the lock probe during the concurrent phase.
     #[arg(long)]
     no_probe: bool,
+    /// Profile the leader with `perf record` during the largest concurrent
+    /// phase and print where its CPU went (perturbs that phase's numbers).
+    #[arg(long)]
+    perf: bool,
     /// Give up on a phase after this long.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     phase_timeout: Duration,
@@ -464,6 +468,57 @@ fn fsync_by_size(dir: &std::path::Path) -> anyhow::Result<Vec<(usize, f64)>> {
     Ok(sizes.iter().zip(lat).map(|(s, l)| (*s, percentile(l, 0.5))).collect())
 }
 
+/// `perf record` of one process (DWARF call graphs, so inlined Rust frames
+/// are attributed), stopped with SIGINT.
+struct Perf {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+fn perf_start(pid: u32, out: std::path::PathBuf) -> anyhow::Result<Perf> {
+    let child = std::process::Command::new("perf")
+        .args(["record", "-F", "299", "--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting `perf record` (apt-get install linux-perf)")?;
+    Ok(Perf { child, out })
+}
+
+/// Share of the profiled process's samples spent in (under) each of the
+/// functions that matter for a step.
+fn perf_stop(mut p: Perf) -> anyhow::Result<Vec<(String, f64)>> {
+    std::process::Command::new("kill").args(["-INT", &p.child.id().to_string()]).status()?;
+    p.child.wait()?;
+    let out = std::process::Command::new("perf")
+        .args(["report", "--children", "--stdio", "--sort", "symbol", "-g", "none", "-i"])
+        .arg(&p.out)
+        .output()
+        .context("perf report")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let wanted = [
+        ("scheduler loop (scheduler.rs `run`)", "fleet_coord::scheduler::run::{{closure}}"),
+        ("  state read lock held: clone of every active deployment", "fleet_coord::store::sm::StateReader::read"),
+        ("  `Deployment::clone`", "<fleet_core::deploy::Deployment as core::clone::Clone>::clone"),
+        ("  drop of the clones", "core::ptr::drop_in_place<fleet_core::deploy::Deployment>"),
+        ("state machine apply (openraft sm worker → store/sm.rs)", "openraft::core::sm::worker::Worker<C,SM>::do_spawn::{{closure}}"),
+        ("Raft core loop (openraft)", "openraft::core::raft_core::RaftCore<C,N,LS,SM>::runtime_loop::{{closure}}::{{closure}}"),
+        ("replication to followers (openraft)", "openraft::replication::"),
+        ("log flusher thread: WAL fsync (store/log.rs)", "fleet_coord::store::log::flusher"),
+        ("node work streams (worker.rs)", "fleet_coord::worker::"),
+        ("gRPC server (h2)", "h2::server::"),
+    ];
+    let mut found = Vec::new();
+    for (label, needle) in wanted {
+        let line = text.lines().find(|l| !l.starts_with('#') && l.contains(needle));
+        let pct = line.and_then(|l| l.split_whitespace().next()).and_then(|p| p.trim_end_matches('%').parse::<f64>().ok());
+        found.push((label.to_string(), pct.unwrap_or(0.0)));
+    }
+    let _ = std::fs::remove_file(&p.out);
+    Ok(found)
+}
+
 /// One lock op every 50 ms while `stop` is false: commit latency under load.
 fn spawn_probe(cluster: &Cluster, stop: Arc<AtomicBool>) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<Vec<Duration>>>> {
     let mut c = cluster.client("operator")?;
@@ -619,6 +674,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let mut md_cpu = md_floor + &md_single;
         let mut concurrent_values: Vec<Value> = Vec::new();
         let mut probes: Vec<(usize, usize, Vec<Duration>)> = Vec::new();
+        let mut md_perf = String::new();
         let max_dests = args.destinations.iter().copied().max().unwrap_or(1);
         let phases: Vec<(usize, usize)> = args.destinations.iter().flat_map(|&n| args.nodes.iter().map(move |&k| (n, k))).collect();
         for &(n, k) in &phases {
@@ -634,6 +690,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 (0..n).map(|i| manifest(&format!("d{n}k{k}-a{i}"), "r1", &format!("d{n}k{k}-b{i}"), args.concurrent_steps)).collect();
             let stop = Arc::new(AtomicBool::new(false));
             let probe = if args.no_probe { None } else { Some(spawn_probe(&cluster, stop.clone())?) };
+            let profile = args.perf && n == max_dests && k == args.nodes[0];
+            let perf = if profile {
+                let leader = procs.list.iter().find(|(l, _)| l.starts_with("leader")).map(|(_, p)| *p).context("no leader")?;
+                Some(perf_start(leader, cluster.path().join("perf-leader.data"))?)
+            } else {
+                None
+            };
             let cpu0 = procs.sample();
             let sampler = procstat::Sampler::start(procs.pids(), Duration::from_millis(20));
             let t0 = Instant::now();
@@ -655,6 +718,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let wall = t0.elapsed();
             let samples = sampler.finish();
             let cpu1 = procs.sample();
+            if let Some(p) = perf {
+                let shares = perf_stop(p)?;
+                println!("{}", json!({"mode": "steps", "run": "leader_profile", "destinations": n, "nodes": k,
+                    "share_of_leader_samples_pct": shares.iter().map(|(l, v)| json!({"what": l.trim(), "pct": v})).collect::<Vec<_>>()}));
+                md_perf = format!("\nleader CPU profile (perf, {n} destinations, {k} node(s); this phase ran under perf):\n\n| where (inclusive) | % of leader samples |\n|---|---|\n");
+                for (l, v) in &shares {
+                    md_perf.push_str(&format!("| {} | {v:.1} |\n", l.replace("  ", "↳ ")));
+                }
+            }
             stop.store(true, Ordering::Relaxed);
             let probe_lat = match probe {
                 Some(p) => p.await??,
@@ -748,6 +820,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("| encoded deployment, bytes (mean over the run) | {:.0} | {:.0} |", big.encoded_bytes, small.encoded_bytes);
         println!("| clone + `next()` + drop of one deployment (scheduler.rs, per active deployment per wake), µs | {:.1} | {:.1} |", big.clone_next_us, small.clone_next_us);
         println!("| one scheduler pass with {max_dests} active deployments, µs | | {:.0} |", small.clone_next_us * active);
+        print!("{md_perf}");
         println!("\nfleet-node, per result before it is sent (agent.rs `write_journal`): journal of {journal_bytes} bytes, write + fsync + rename + fsync dir p50 {journal_file_ms:.3} ms, JSON encode p50 {journal_json_ms:.3} ms");
 
         let aim1 = single_med <= 1.5 * floor_before;

@@ -438,6 +438,8 @@ mod tests {
             previous_release: Some("v1".into()),
             rollback_of: None,
             timed_out: false,
+            lock_wait_until_ms: None,
+            resolved: None,
             steps: vec![],
             events: vec![Event { at_ms: 0, from: None, to: DeployState::Queued, reason: "submitted".into(), actor: "alice".into() }],
         }
