@@ -329,6 +329,13 @@ impl Procs {
             cores(),
             span_ms as f64 / 1000.0
         ));
+        if others_util > 0.10 {
+            eprintln!(
+                "WARNING: other processes used {:.0} % of the {} cores during `{phase}`: something else is running on this machine; its numbers are not reliable",
+                others_util * 100.0,
+                cores()
+            );
+        }
         let v = json!({"mode": "steps", "run": "cpu", "phase": phase, "steps": steps, "hook_window_s": round3(span_ms as f64 / 1000.0),
                        "cpu_utilization": round3(util), "other_processes_cpu_ms": round3(others),
                        "other_processes_utilization": round3(others_util), "procs": rows});
