@@ -172,7 +172,7 @@ async fn fleet_run(cluster: &Cluster, clients: usize, duration: Duration) -> any
             let mut i = 0u64;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     acquire(&mut c, &dest, "bench", &format!("b{clients}-{k}-{i}")).await?;
                 } else {
                     release(&mut c, &dest, &format!("b{clients}-{k}-{i}")).await?;

@@ -152,7 +152,7 @@ async fn submit(c: &mut Client, yaml: &str) -> anyhow::Result<String> {
 async fn get_deployment(c: &mut Client, id: &str) -> anyhow::Result<Value> {
     let reply = c
         .call(|mut cl, _| {
-            let req = GetDeploymentRequest { id: id.to_string(), ..Default::default() };
+            let req = GetDeploymentRequest { id: id.to_string() };
             async move { cl.get_deployment(req).await.map(|r| r.into_inner()) }
         })
         .await?;
@@ -509,7 +509,8 @@ fn perf_stop(mut p: Perf) -> anyhow::Result<Vec<(String, f64)>> {
         ("  state read lock held: clone of every active deployment", "fleet_coord::store::sm::StateReader::read"),
         ("  `Deployment::clone`", "<fleet_core::deploy::Deployment as core::clone::Clone>::clone"),
         ("  drop of the clones", "core::ptr::drop_in_place<fleet_core::deploy::Deployment>"),
-        ("state machine apply (openraft sm worker → store/sm.rs)", "openraft::core::sm::worker::Worker<C,SM>::do_spawn::{{closure}}"),
+        ("state machine worker (openraft → store/sm.rs apply)", "openraft::core::sm::worker::"),
+        ("  `State::apply` (fleet-core)", "fleet_core::state::State::apply"),
         ("Raft core loop (openraft)", "openraft::core::raft_core::RaftCore<C,N,LS,SM>::runtime_loop::{{closure}}::{{closure}}"),
         ("replication to followers (openraft)", "openraft::replication::"),
         ("log flusher thread: WAL fsync (store/log.rs)", "fleet_coord::store::log::flusher"),
@@ -536,7 +537,7 @@ fn spawn_probe(cluster: &Cluster, stop: Arc<AtomicBool>) -> anyhow::Result<tokio
         release(&mut c, "probe", "probe-warm-r").await?;
         while !stop.load(Ordering::Relaxed) {
             let t = Instant::now();
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 acquire(&mut c, "probe", "bench", &format!("probe-{i}")).await?;
             } else {
                 release(&mut c, "probe", &format!("probe-{i}")).await?;
