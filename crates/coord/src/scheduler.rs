@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_core::deploy::{DeployState, Deployment, ErrorClass, StepOutcome};
+
 use fleet_core::Command;
 use fleet_proto::{leader_message, Abort, LeaderMessage, StepAssignment, StepKey};
 use openraft::ServerState;
@@ -37,14 +38,16 @@ pub fn spawn(raft: Raft, state: StateReader, hub: Arc<Hub>) -> tokio::task::Join
 
 async fn run(raft: Raft, state: StateReader, hub: Arc<Hub>) {
     let mut applied = state.applied_index();
-    let mut metrics = raft.metrics();
+    // Leadership is read on each wake, not waited on: openraft publishes
+    // metrics on every turn of its loop, and waking on each would make the
+    // scheduler spin.
+    let metrics = raft.metrics();
     let mut leading = false;
     let mut leader_since_ms = 0i64;
     let mut proposed: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::select! {
             r = applied.changed() => if r.is_err() { return },
-            r = metrics.changed() => if r.is_err() { return },
             _ = hub.changed.notified() => {}
             _ = tokio::time::sleep(TICK) => {}
         }
@@ -63,14 +66,20 @@ async fn run(raft: Raft, state: StateReader, hub: Arc<Hub>) {
             leading = true;
             leader_since_ms = now_ms();
         }
-        let active: Vec<Deployment> = state.read(|a| a.state.active_deployments().cloned().collect());
-        let ids: HashSet<String> = active.iter().map(|d| d.id.clone()).collect();
-        hub.retain_deployments(&ids);
-        proposed.retain(|k, at| ids.iter().any(|id| k.starts_with(id.as_str())) && at.elapsed() < REPROPOSE_AFTER * 10);
+        // Decide under the state's read lock, without copying deployments:
+        // everything `tick` does is non-blocking (channel sends, spawned
+        // proposals).
         let now = now_ms();
-        for d in &active {
-            tick(&raft, &hub, d, now, leader_since_ms, &mut proposed);
-        }
+        let ids: HashSet<String> = state.read(|a| {
+            let mut ids = HashSet::new();
+            for d in a.state.active_deployments() {
+                ids.insert(d.id.clone());
+                tick(&raft, &hub, d, now, leader_since_ms, &mut proposed);
+            }
+            ids
+        });
+        hub.retain_deployments(&ids);
+        proposed.retain(|k, at| ids.iter().any(|id| k.starts_with(&format!("{id}/"))) && at.elapsed() < REPROPOSE_AFTER * 10);
     }
 }
 

@@ -89,7 +89,10 @@ impl Worker for WorkerService {
                     Some(Ok(NodeMessage { msg: Some(node_message::Msg::Heartbeat(_)) })) => hub.seen(&node, now_ms()),
                     Some(Ok(NodeMessage { msg: Some(node_message::Msg::Result(r)) })) => {
                         hub.seen(&node, now_ms());
-                        handle_result(&raft, &hub, &state, &node, r).await;
+                        // Concurrently: results of different deployments
+                        // are independent, and group commit batches them.
+                        let (raft, hub, state, node) = (raft.clone(), hub.clone(), state.clone(), node.clone());
+                        tokio::spawn(async move { handle_result(&raft, &hub, &state, &node, r).await });
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
