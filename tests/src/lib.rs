@@ -1,3 +1,4 @@
 
 pub mod harness;
+pub mod values;
 pub mod linearizability;

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
+use fleet_tests::values::{event_at, kind, status, steps, transitions};
 use fleet_tests::harness::{
     eventually, http_get, http_get_path, pid_alive, pid_exists, port_refused, release_of, CtlRun, Fleet,
 };
@@ -50,19 +51,6 @@ async fn deploy(f: &Fleet, m: &std::path::Path, args: &[&str], want: i32) -> any
     Ok(run)
 }
 
-fn steps(d: &Value) -> &[Value] {
-    d["steps"].as_array().map(Vec::as_slice).unwrap_or(&[])
-}
-
-/// `start_instance`, `health_check`, `switch_route`, `stop_old`, `command`.
-fn kind(step: &Value) -> &str {
-    step["action"]["kind"].as_str().unwrap_or("?")
-}
-
-fn status(step: &Value) -> &str {
-    step["status"].as_str().unwrap_or("?")
-}
-
 /// A step's output (a JSON string in the Deployment) as JSON.
 fn output(step: &Value) -> anyhow::Result<Value> {
     let text = step["output"].as_str().with_context(|| format!("step has no output: {step}"))?;
@@ -91,19 +79,6 @@ fn route(d: &Value, node: &str) -> anyhow::Result<String> {
     let s = &steps(d)[step_index(d, "switch_route", node)?];
     let out = output(s)?;
     out["route"].as_str().map(str::to_string).with_context(|| format!("switch output has no route: {out}"))
-}
-
-/// The `to` of every event, in order.
-fn transitions(d: &Value) -> Vec<String> {
-    d["events"].as_array().map(|e| e.iter().map(|e| e["to"].as_str().unwrap_or("?").to_string()).collect()).unwrap_or_default()
-}
-
-fn event_at(d: &Value, to: &str) -> anyhow::Result<i64> {
-    d["events"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["to"] == to))
-        .and_then(|e| e["at_ms"].as_i64())
-        .with_context(|| format!("{} has no `{to}` event: {:?}", d["id"], transitions(d)))
 }
 
 /// `d42` → 42.

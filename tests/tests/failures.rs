@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use fleet_tests::harness::{eventually, CtlRun, Fleet};
+use fleet_tests::values::{event, event_at, kind, status, steps, transitions};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::Value;
@@ -53,34 +54,6 @@ fn yaml_list(items: &[&str]) -> String {
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-fn steps(d: &Value) -> &[Value] {
-    d["steps"].as_array().map(Vec::as_slice).unwrap_or(&[])
-}
-
-fn kind(step: &Value) -> &str {
-    step["action"]["kind"].as_str().unwrap_or("?")
-}
-
-fn status(step: &Value) -> &str {
-    step["status"].as_str().unwrap_or("?")
-}
-
-/// The `to` of every event, in order.
-fn transitions(d: &Value) -> Vec<String> {
-    d["events"].as_array().map(|e| e.iter().map(|e| e["to"].as_str().unwrap_or("?").to_string()).collect()).unwrap_or_default()
-}
-
-fn event<'a>(d: &'a Value, to: &str) -> anyhow::Result<&'a Value> {
-    d["events"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["to"] == to))
-        .with_context(|| format!("{} has no `{to}` event: {:?}", d["id"], transitions(d)))
-}
-
-fn event_at(d: &Value, to: &str) -> anyhow::Result<i64> {
-    event(d, to)?["at_ms"].as_i64().context("event without at_ms")
 }
 
 fn id_of(d: &Value) -> String {
