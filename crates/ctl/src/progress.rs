@@ -331,7 +331,19 @@ pub fn summary(d: &Deployment) -> (String, Option<String>) {
     match d.state {
         DeployState::Succeeded => {
             let what = if let Some(of) = &d.rollback_of { format!(" (rollback of {of})") } else { String::new() };
-            (format!("{id} succeeded in {took}: {}@{} is live on {}{what}", d.app, d.release, d.destination), None)
+            let mut lost: Vec<&str> =
+                d.steps.iter().filter(|s| s.status == StepStatus::Skipped).map(|s| s.plan.node.as_str()).collect();
+            lost.sort_unstable();
+            lost.dedup();
+            let next = (!lost.is_empty()).then(|| {
+                format!(
+                    "node(s) {} were lost during the deployment and did not get {}; `fleetctl nodes` shows when they are back, then deploy again",
+                    lost.join(", "),
+                    d.release
+                )
+            });
+            let line = format!("{id} succeeded in {took}: {}@{} is live on {}{what}", d.app, d.release, d.destination);
+            (if lost.is_empty() { line } else { format!("{line}, except on {}", lost.join(", ")) }, next)
         }
         DeployState::Failed => {
             let cause = why(DeployState::Compensating).unwrap_or_else(|| "a step failed".into());
