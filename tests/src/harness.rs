@@ -568,28 +568,7 @@ impl Cluster {
     /// Run the real `fleetctl` binary as `cert`, without blocking the runtime.
     pub async fn ctl_as(&self, cert: &str, args: &[&str]) -> anyhow::Result<CtlRun> {
         let ctx = self.context_file(cert)?;
-        let started = Instant::now();
-        let out = tokio::process::Command::new(&self.ctl)
-            .args(args)
-            .env("FLEET_CONTEXT", &ctx)
-            .env_remove("FLEET_ADDR")
-            .env_remove("FLEET_CA")
-            .env_remove("FLEET_CERT")
-            .env_remove("FLEET_KEY")
-            .current_dir(self.path())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .context("running fleetctl")?;
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        Ok(CtlRun {
-            args: args.iter().map(|s| s.to_string()).collect(),
-            code: out.status.code().unwrap_or(-1),
-            lines: json_values(&stdout),
-            stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-            elapsed: started.elapsed(),
-        })
+        run_fleetctl(&self.ctl, &ctx, self.path(), args.iter().map(|s| s.to_string()).collect()).await
     }
 
     /// `fleetctl` as the operator.
@@ -810,29 +789,33 @@ impl Cluster {
         let ctl = self.ctl.clone();
         let cwd = self.path().to_path_buf();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Ok(tokio::spawn(async move {
-            let started = Instant::now();
-            let out = tokio::process::Command::new(&ctl)
-                .args(&args)
-                .env("FLEET_CONTEXT", &ctx)
-                .env_remove("FLEET_ADDR")
-                .env_remove("FLEET_CA")
-                .env_remove("FLEET_CERT")
-                .env_remove("FLEET_KEY")
-                .current_dir(&cwd)
-                .kill_on_drop(true)
-                .output()
-                .await
-                .context("running fleetctl")?;
-            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-            Ok(CtlRun {
-                args,
-                code: out.status.code().unwrap_or(-1),
-                lines: json_values(&stdout),
-                stdout,
-                stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-                elapsed: started.elapsed(),
-            })
-        }))
+        Ok(tokio::spawn(async move { run_fleetctl(&ctl, &ctx, &cwd, args).await }))
     }
+}
+
+/// Run `fleetctl ARGS` with context file `ctx` in `cwd`, the connection
+/// environment cleared so only the context counts.
+async fn run_fleetctl(ctl: &Path, ctx: &Path, cwd: &Path, args: Vec<String>) -> anyhow::Result<CtlRun> {
+    let started = Instant::now();
+    let out = tokio::process::Command::new(ctl)
+        .args(&args)
+        .env("FLEET_CONTEXT", ctx)
+        .env_remove("FLEET_ADDR")
+        .env_remove("FLEET_CA")
+        .env_remove("FLEET_CERT")
+        .env_remove("FLEET_KEY")
+        .current_dir(cwd)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("running fleetctl")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    Ok(CtlRun {
+        args,
+        code: out.status.code().unwrap_or(-1),
+        lines: json_values(&stdout),
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+        elapsed: started.elapsed(),
+    })
 }

@@ -112,8 +112,8 @@ impl Worker for WorkerService {
 /// Commit one step result through Raft.
 ///
 /// A node re-sends its recent results on every new stream; results the
-/// state machine would refuse (stale token, epoch, step or attempt, or an
-/// ended deployment) are dropped here without a Raft entry, so a reconnect
+/// state machine would refuse (`Deployment::check`: stale token, epoch,
+/// step or attempt, or an ended deployment) are dropped here without a Raft entry, so a reconnect
 /// does not flood the log and the awaited result is not queued behind them.
 async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, r: StepResult) {
     let Some(key) = r.key else { return };
@@ -133,7 +133,7 @@ async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, 
     };
     let work = WorkKey::of(&key);
     let accepted = state.read(|a| {
-        a.state.deployment(&key.deployment).is_some_and(|d| d.clone().record(&outcome, crate::control::now_ms()).is_ok())
+        a.state.deployment(&key.deployment).is_some_and(|d| d.check(&outcome).is_ok())
     });
     if !accepted {
         tracing::debug!(%node, deployment = %key.deployment, step = key.step, "result not expected now; dropped");

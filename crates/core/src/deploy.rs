@@ -348,10 +348,9 @@ impl Deployment {
         self.steps.iter().position(|s| !s.status.settled_forward()).filter(|i| self.steps[*i].status == StepStatus::Pending)
     }
 
-    /// Record one step result. Returns the state reached (which may be
-    /// terminal). Stale results (other token, epoch, step or attempt) are
-    /// refused and change nothing.
-    pub fn record(&mut self, r: &StepOutcome, at_ms: i64) -> Result<DeployState, DeployError> {
+    /// Would [`Deployment::record`] accept this result? (Token, epoch,
+    /// step and attempt must be the ones the engine expects now.)
+    pub fn check(&self, r: &StepOutcome) -> Result<(), DeployError> {
         let stale = |why: String| DeployError::Stale { id: self.id.clone(), why };
         if self.token != Some(r.token) {
             return Err(stale(format!("token {} is not the deployment's {:?}", r.token, self.token)));
@@ -374,6 +373,14 @@ impl Deployment {
         if w.step != r.step || w.attempt != r.attempt {
             return Err(stale(format!("expected step {} attempt {}, got step {} attempt {}", w.step, w.attempt, r.step, r.attempt)));
         }
+        Ok(())
+    }
+
+    /// Record one step result. Returns the state reached (which may be
+    /// terminal). Stale results (other token, epoch, step or attempt) are
+    /// refused and change nothing.
+    pub fn record(&mut self, r: &StepOutcome, at_ms: i64) -> Result<DeployState, DeployError> {
+        self.check(r)?;
         let actor = r.node.clone();
         let step = &mut self.steps[r.step];
         let class = r.class.unwrap_or(ErrorClass::Invalid);
