@@ -13,6 +13,8 @@
 //! queued → superseded
 //! ```
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -109,6 +111,10 @@ pub enum StepStatus {
     Skipped,
 }
 
+/// Live nodes per destination (what the state machine's membership says
+/// now): the input of [`Deployment::node_lost`] and [`Deployment::resync`].
+pub type LiveNodes = BTreeMap<String, Vec<String>>;
+
 impl StepStatus {
     /// Nothing more will happen to this step going forward.
     fn settled_forward(self) -> bool {
@@ -171,6 +177,10 @@ pub struct StepRecord {
     /// Earliest time the next attempt may start (backoff).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before_ms: Option<i64>,
+    /// Handed over from a lost node while it may have been running there:
+    /// the next node runs the step's check before running it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check_first: bool,
     /// Output of the forward run (JSON), which its undo needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
@@ -197,6 +207,7 @@ impl StepRecord {
             attempt: 1,
             undo_attempt: 1,
             not_before_ms: None,
+            check_first: false,
             output: None,
             error: None,
             error_class: None,
@@ -303,7 +314,21 @@ fn jitter_seed(id: &str, step: usize, attempt: u32) -> u64 {
 
 impl Deployment {
     pub fn label(&self) -> String {
-        format!("{}@{} → {}", self.app, self.release, self.destination)
+        format!("{}@{} → {}", self.app, self.release, self.destinations().join(" + "))
+    }
+
+    /// Every destination it deploys to (several for a stack).
+    pub fn destinations(&self) -> &[String] {
+        self.spec.destinations()
+    }
+
+    /// The destination a step works on (records from before stacks have
+    /// none: the deployment's only one).
+    pub fn step_destination(&self, step: usize) -> &str {
+        match self.steps.get(step).map(|s| s.plan.destination.as_str()) {
+            Some(d) if !d.is_empty() => d,
+            _ => &self.destination,
+        }
     }
 
     /// Move to `to`, appending an event; refuses transitions the lifecycle
@@ -383,6 +408,7 @@ impl Deployment {
         self.check(r)?;
         let actor = r.node.clone();
         let step = &mut self.steps[r.step];
+        step.check_first = false;
         let class = r.class.unwrap_or(ErrorClass::Invalid);
         let max = step.plan.retry.max_attempts;
         let error_text = || r.error.clone().unwrap_or_else(|| "the step failed without a message".into());
@@ -511,48 +537,115 @@ impl Deployment {
         self.next().map(|w| self.steps[w.step].plan.node.as_str())
     }
 
-    /// `node` missed its heartbeat lease: skip what is left for it (forward
-    /// steps not done, undos not done), bump the epoch so anything it still
-    /// reports is refused, and carry on with the other nodes. Returns false
-    /// when nothing here involved that node.
-    pub fn node_lost(&mut self, node: &str, at_ms: i64, why: &str) -> Result<bool, DeployError> {
+    /// `node` missed its heartbeat lease. `live` is every destination's
+    /// live nodes now (without `node`). What was left for it is handed
+    /// over: a movable step (command destinations) goes to another live
+    /// node of its destination, which runs its check first; a node-bound
+    /// step (process destinations) is skipped, since a vanished server is
+    /// gone, not a failed step. The epoch is bumped so anything the lost
+    /// node still reports is refused. Returns false when nothing here
+    /// involved that node.
+    pub fn node_lost(&mut self, node: &str, at_ms: i64, why: &str, live: &LiveNodes) -> Result<bool, DeployError> {
+        if self.state.is_terminal() || self.token.is_none() || !self.steps.iter().any(|s| s.plan.node == node) {
+            return Ok(false);
+        }
+        let cause = format!("node {node} lost ({why})");
+        self.hand_over(&cause, at_ms, live)
+    }
+
+    /// Re-sync with the destinations' membership (after a `resource`
+    /// error: the target changed): work left for nodes that are no longer
+    /// live or selected is handed over or skipped as for a lost node.
+    pub fn resync(&mut self, at_ms: i64, live: &LiveNodes) -> Result<bool, DeployError> {
         if self.state.is_terminal() || self.token.is_none() {
             return Ok(false);
         }
+        self.hand_over("re-synced the destination membership after a resource error", at_ms, live)
+    }
+
+    fn is_live(live: &LiveNodes, destination: &str, node: &str) -> bool {
+        live.get(destination).is_some_and(|ns| ns.iter().any(|n| n == node))
+    }
+
+    /// Move or skip the work of nodes that are not live; see [`Deployment::node_lost`].
+    fn hand_over(&mut self, cause: &str, at_ms: i64, live: &LiveNodes) -> Result<bool, DeployError> {
         let undoing = matches!(self.state, DeployState::Compensating | DeployState::Cancelling) && self.pending_forward_step().is_none();
-        let mut touched = false;
-        for s in self.steps.iter_mut().filter(|s| s.plan.node == node) {
-            let skip = if undoing { s.status == StepStatus::Done && s.plan.reversible } else { s.status == StepStatus::Pending };
-            if skip {
-                s.status = StepStatus::Skipped;
-                s.not_before_ms = None;
-                s.error = Some(format!("skipped: node {node} was lost ({why})"));
-                touched = true;
+        let current = if undoing { self.next().map(|w| w.step) } else { self.steps.iter().position(|s| !s.status.settled_forward()) };
+        let mut moved: Vec<String> = vec![];
+        let mut skipped = 0usize;
+        let mut stranded: Vec<String> = vec![];
+        for i in 0..self.steps.len() {
+            let dest = self.step_destination(i).to_string();
+            let s = &mut self.steps[i];
+            let affected = if undoing { s.status == StepStatus::Done && s.plan.reversible } else { s.status == StepStatus::Pending };
+            if !affected || Self::is_live(live, &dest, &s.plan.node) {
+                continue;
+            }
+            let from = s.plan.node.clone();
+            let to = if s.plan.movable { live.get(&dest).and_then(|ns| ns.first()).cloned() } else { None };
+            s.not_before_ms = None;
+            match to {
+                Some(to) => {
+                    s.check_first = !undoing && current == Some(i);
+                    moved.push(format!("`{}` from {from} to {to}{}", s.plan.name, if s.check_first { " (check first)" } else { "" }));
+                    s.plan.node = to;
+                }
+                None => {
+                    s.status = StepStatus::Skipped;
+                    s.check_first = false;
+                    s.error = Some(if undoing {
+                        format!("not undone: node {from} is gone ({cause})")
+                    } else {
+                        format!("skipped: node {from} is gone ({cause})")
+                    });
+                    skipped += 1;
+                    if s.plan.movable {
+                        stranded.push(format!("`{}` of {dest}", s.plan.name));
+                    }
+                }
             }
         }
-        if !touched {
+        if moved.is_empty() && skipped == 0 {
             return Ok(false);
         }
         self.epoch += 1;
-        let what = if undoing { "its completed steps could not be undone there" } else { "its remaining steps are skipped" };
+        let mut what = vec![];
+        if !moved.is_empty() {
+            what.push(format!("handed over {}", moved.join(", ")));
+        }
+        if skipped > 0 {
+            what.push(if undoing { format!("{skipped} completed step(s) could not be undone there") } else { format!("{skipped} step(s) skipped") });
+        }
         self.events.push(Event {
             at_ms,
             from: Some(self.state),
             to: self.state,
-            reason: format!("node {node} lost ({why}); {what}; assignment epoch is now {}", self.epoch),
+            reason: format!("{cause}; {}; assignment epoch is now {}", what.join("; "), self.epoch),
             actor: "coordinator".into(),
         });
         // Skipping is for a server that vanished while others carry the
-        // release; when no node is left, nothing was deployed: that is a
-        // failure, never a success.
-        let lost: Vec<String> = self.skipped_nodes().into_iter().map(str::to_string).collect();
-        let any_left = self.steps.iter().any(|s| !lost.contains(&s.plan.node));
-        if !any_left && self.state == DeployState::Running {
-            let reason = format!("every node of this deployment was lost ({}); nothing was deployed", lost.join(", "));
-            self.transition(DeployState::Compensating, at_ms, reason, "coordinator")?;
-            for s in self.steps.iter_mut().filter(|s| s.status == StepStatus::Done && s.plan.reversible) {
-                s.status = StepStatus::Skipped;
-                s.error = Some(format!("not undone: node {} was lost", s.plan.node));
+        // release. When a destination has no node left, or a step that
+        // must run somewhere has nowhere to go, the release cannot be
+        // complete: that is a failure (undone as a whole), never a success.
+        if self.state == DeployState::Running {
+            let lost: BTreeSet<&str> = self.skipped_nodes().into_iter().collect();
+            let bare: Vec<&String> = self
+                .destinations()
+                .iter()
+                .filter(|d| !(0..self.steps.len()).any(|i| self.step_destination(i) == d.as_str() && !lost.contains(self.steps[i].plan.node.as_str())))
+                .collect();
+            let reason = if !stranded.is_empty() {
+                Some(format!("no live node is left to run {}; start a node the destination selects, then deploy again", stranded.join(", ")))
+            } else if !bare.is_empty() {
+                let names: Vec<&str> = bare.iter().map(|d| d.as_str()).collect();
+                Some(format!("every node of {} was lost; nothing was deployed there", names.join(", ")))
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let reason = if self.destinations().len() > 1 { format!("{reason}; the stack is undone as a whole") } else { reason };
+                self.transition(DeployState::Compensating, at_ms, reason, "coordinator")?;
+                self.hand_over(cause, at_ms, live)?;
             }
         }
         self.settle(at_ms, "coordinator")?;
@@ -609,7 +702,7 @@ mod tests {
         )
         .unwrap();
         let nodes: Vec<String> = nodes.iter().map(|s| s.to_string()).collect();
-        let steps = plan(&spec, &nodes).into_iter().map(StepRecord::new).collect();
+        let steps = plan(&spec, "d", &nodes).into_iter().map(StepRecord::new).collect();
         Deployment {
             id: "d1".into(),
             app: "web".into(),
@@ -630,6 +723,11 @@ mod tests {
             steps,
             events: vec![],
         }
+    }
+
+    /// Destination `d` has these live nodes.
+    fn live(nodes: &[&str]) -> LiveNodes {
+        [("d".to_string(), nodes.iter().map(|s| s.to_string()).collect())].into()
     }
 
     fn started(nodes: &[&str]) -> Deployment {
@@ -799,7 +897,7 @@ mod tests {
         d.record(&result(w, true, None), 1).unwrap();
         let in_flight = d.next().unwrap();
         assert_eq!(d.node_needed(), Some("n1"));
-        assert!(d.node_lost("n1", 2, "no heartbeat for 5s").unwrap());
+        assert!(d.node_lost("n1", 2, "no heartbeat for 5s", &live(&["n2"])).unwrap());
         assert_eq!(d.epoch, 2);
         // A late result from n1 (old epoch) is refused.
         assert!(d.record(&result(in_flight, true, None), 3).is_err());
@@ -813,7 +911,7 @@ mod tests {
         assert_eq!(d.state, Succeeded);
         assert!(d.events.last().unwrap().reason.contains("n1"));
         assert_eq!(d.steps.iter().filter(|s| s.status == StepStatus::Skipped).count(), 3);
-        assert!(!d.node_lost("n2", 5, "x").unwrap(), "nothing left to skip");
+        assert!(!d.node_lost("n2", 5, "x", &live(&[])).unwrap(), "nothing left to skip");
     }
 
     #[test]
@@ -822,9 +920,9 @@ mod tests {
         let mut d = started(&["n1", "n2"]);
         let w = d.next().unwrap();
         d.record(&result(w, true, None), 1).unwrap();
-        d.node_lost("n1", 2, "silent").unwrap();
+        d.node_lost("n1", 2, "silent", &live(&["n2"])).unwrap();
         assert_eq!(d.state, Running, "n2 still carries the release");
-        d.node_lost("n2", 3, "silent").unwrap();
+        d.node_lost("n2", 3, "silent", &live(&[])).unwrap();
         assert_eq!(d.state, Failed);
         assert!(d.events.iter().any(|e| e.reason.contains("nothing was deployed")));
         assert_eq!(d.exit_code(), Some(3));
@@ -844,9 +942,96 @@ mod tests {
         let u = d.next().unwrap(); // undo start on n2
         d.record(&result(u, true, None), 3).unwrap();
         assert_eq!(d.node_needed(), Some("n1"));
-        assert!(d.node_lost("n1", 4, "no heartbeat").unwrap());
+        assert!(d.node_lost("n1", 4, "no heartbeat", &live(&["n2"])).unwrap());
         assert_eq!(d.state, Failed);
         assert!(d.events.last().unwrap().reason.contains("except on lost node(s) n1"));
+    }
+
+    /// A command deployment (movable steps) on n1, n2 and n3 live.
+    fn command_deployment(irreversible_second: bool) -> Deployment {
+        let text = format!(
+            "app: infra\nrelease: v1\ndestination: d\nretry: {{ max_attempts: 1 }}\nsteps:\n  - {{ name: a, run: ra, undo: ua }}\n  - {{ name: b, run: rb{} }}\n  - {{ name: c, run: rc, undo: uc }}\n",
+            if irreversible_second { ", irreversible: true" } else { ", undo: ub" }
+        );
+        let mut d = deployment(&["n1"]);
+        d.spec = parse_manifest("f", &text, &Overrides::default()).unwrap();
+        d.steps = plan(&d.spec, "d", &["n1".into(), "n2".into()]).into_iter().map(StepRecord::new).collect();
+        d.token = Some(7);
+        d.transition(DeployState::Running, 1, "lock granted", "leader").unwrap();
+        d
+    }
+
+    #[test]
+    fn movable_steps_are_handed_over_with_a_new_epoch_and_checked_first() {
+        use DeployState::*;
+        let mut d = command_deployment(false);
+        assert!(d.steps.iter().all(|s| s.plan.node == "n1" && s.plan.movable));
+        let w = d.next().unwrap();
+        d.record(&result(w, true, None), 1).unwrap(); // a done on n1
+        let in_flight = d.next().unwrap(); // b in flight on n1
+        assert!(d.node_lost("n1", 2, "no heartbeat for 5s", &live(&["n2", "n3"])).unwrap());
+        assert_eq!(d.epoch, 2);
+        assert_eq!(d.state, Running, "the work goes on elsewhere");
+        // Everything not done moves to the first live node; only the step
+        // that may have been running there is checked first.
+        let nodes: Vec<(&str, bool)> = d.steps.iter().map(|s| (s.plan.node.as_str(), s.check_first)).collect();
+        assert_eq!(nodes, [("n1", false), ("n2", true), ("n2", false)]);
+        assert!(d.steps.iter().all(|s| s.status != StepStatus::Skipped));
+        assert!(d.events.last().unwrap().reason.contains("handed over `b` from n1 to n2 (check first)"));
+        // The late result from n1 (old epoch) changes nothing.
+        assert!(d.record(&result(in_flight, true, None), 3).is_err());
+        assert_eq!(d.node_needed(), Some("n2"));
+        let mut r = result(d.next().unwrap(), true, None);
+        r.epoch = 2;
+        d.record(&r, 4).unwrap();
+        assert!(!d.steps[1].check_first, "recorded: the flag is spent");
+        // c fails on n2 → compensation; a's undo (done on n1, lost) moves too.
+        let mut r = result(d.next().unwrap(), false, Some(ErrorClass::Invalid));
+        r.epoch = 2;
+        d.record(&r, 5).unwrap();
+        assert_eq!(d.state, Compensating);
+        let u = d.next().unwrap();
+        assert_eq!((u.step, u.undo, d.steps[u.step].plan.node.as_str()), (1, true, "n2"));
+        let mut r = result(u, true, None);
+        r.epoch = 2;
+        d.record(&r, 6).unwrap();
+        assert_eq!(d.node_needed(), Some("n1"), "a was done on n1");
+        assert!(d.resync(7, &live(&["n3"])).unwrap(), "n1 and n2 gone: a's undo goes to n3");
+        assert_eq!((d.node_needed(), d.epoch), (Some("n3"), 3));
+        let mut r = result(d.next().unwrap(), true, None);
+        r.epoch = 3;
+        d.record(&r, 8).unwrap();
+        assert_eq!(d.state, Failed);
+    }
+
+    #[test]
+    fn a_movable_step_with_nowhere_to_go_fails_the_deployment() {
+        use DeployState::*;
+        let mut d = command_deployment(false);
+        let w = d.next().unwrap();
+        d.record(&result(w, true, None), 1).unwrap();
+        assert!(d.node_lost("n1", 2, "silent", &live(&[])).unwrap());
+        assert_eq!(d.state, Failed, "nothing can run b or c, and a's undo has no node either");
+        assert!(d.events.iter().any(|e| e.reason.contains("no live node is left to run")));
+        assert_eq!(d.steps[0].status, StepStatus::Skipped);
+    }
+
+    #[test]
+    fn a_failure_after_an_irreversible_step_needs_a_human() {
+        use DeployState::*;
+        let mut d = command_deployment(true);
+        for _ in 0..2 {
+            let w = d.next().unwrap();
+            d.record(&result(w, true, None), 1).unwrap();
+        }
+        let w = d.next().unwrap(); // c fails
+        d.record(&result(w, false, Some(ErrorClass::Invalid)), 2).unwrap();
+        assert_eq!(d.state, CompensationFailed, "b cannot be undone, so a is not undone blindly either");
+        assert_eq!(d.steps[0].status, StepStatus::Done);
+        assert!(d.events.last().unwrap().reason.contains("irreversible"));
+        assert!(d.keeps_destination());
+        d.resolve(3, "checked by hand", "alice").unwrap();
+        assert!(!d.keeps_destination());
     }
 
     #[test]

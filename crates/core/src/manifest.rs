@@ -44,6 +44,29 @@ impl ManifestError {
     }
 }
 
+/// A command destination's step as written in `fleet.yaml` (`steps:`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    pub name: String,
+    /// Shell command (`sh -c`) that does the step.
+    pub run: String,
+    /// Shell command that reverses it (absent: nothing to undo).
+    #[serde(default)]
+    pub undo: Option<String>,
+    /// Shell command that exits 0 when the step is already done; run before
+    /// `run` (always, and in particular when a step is handed to another
+    /// node after its first one was lost).
+    #[serde(default)]
+    pub check: Option<String>,
+    /// Once done, a later failure never undoes it (a migration, a DNS
+    /// cut-over): the deployment ends `compensation_failed` for a human.
+    #[serde(default)]
+    pub irreversible: bool,
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
 /// `fleet.yaml` as written by the user.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,20 +74,28 @@ pub struct Manifest {
     pub app: String,
     #[serde(default)]
     pub release: Option<String>,
-    /// One destination; `destinations` is accepted as a one-element list.
+    /// One destination, or `destinations:` for a stack (several
+    /// destinations deployed as one saga: all their locks are taken in one
+    /// step, and it succeeds or is undone as a whole).
     #[serde(default)]
     pub destination: Option<String>,
     #[serde(default)]
     pub destinations: Vec<String>,
-    /// How to run one instance of the release (argv). `{release}` and
-    /// `{port}` are replaced; the instance also gets `PORT` and
-    /// `FLEET_RELEASE` in its environment.
+    /// How to run one instance of the release (argv), for `process`
+    /// destinations. `{release}` and `{port}` are replaced; the instance
+    /// also gets `PORT` and `FLEET_RELEASE` in its environment.
+    #[serde(default)]
     pub run: Vec<String>,
+    /// The steps of a `command` destination (terraform, ansible, compose,
+    /// scripts), instead of `run` and `health`.
+    #[serde(default)]
+    pub steps: Vec<StepSpec>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub strategy: Strategy,
-    pub health: HealthSpec,
+    #[serde(default)]
+    pub health: Option<HealthSpec>,
     #[serde(default)]
     pub hooks: Hooks,
     #[serde(default)]
@@ -198,17 +229,58 @@ impl RetryPolicy {
     }
 }
 
+/// A validated command step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandStep {
+    pub name: String,
+    pub run: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undo: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    #[serde(default)]
+    pub irreversible: bool,
+    pub timeout_ms: u64,
+}
+
+/// What a manifest deploys: a supervised process (`run` + `health`) or a
+/// list of command steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Process,
+    Command,
+}
+
+impl Kind {
+    /// The destination adapter that runs this kind.
+    pub fn adapter(self) -> &'static str {
+        match self {
+            Kind::Process => "process",
+            Kind::Command => "command",
+        }
+    }
+}
+
 /// A manifest after validation, with defaults filled in and the release and
 /// destination decided. This is what a deployment records and plans from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spec {
     pub app: String,
     pub release: String,
+    /// The first (for most deployments the only) destination.
     pub destination: String,
+    /// Every destination of a stack, `destination` first; empty for one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stack: Vec<String>,
     pub run: Vec<String>,
+    /// Command steps (for `command` destinations); empty for `process`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<CommandStep>,
     pub env: BTreeMap<String, String>,
     pub max_unavailable: u32,
-    pub health: HealthCheck,
+    /// Absent for command manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
     pub pre_hooks: Vec<String>,
     pub post_hooks: Vec<String>,
     pub retry: RetryPolicy,
@@ -217,6 +289,28 @@ pub struct Spec {
     pub port: u16,
     pub drain_ms: u64,
 }
+
+impl Spec {
+    /// Every destination, in order.
+    pub fn destinations(&self) -> &[String] {
+        if self.stack.is_empty() {
+            std::slice::from_ref(&self.destination)
+        } else {
+            &self.stack
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        if self.steps.is_empty() {
+            Kind::Process
+        } else {
+            Kind::Command
+        }
+    }
+}
+
+/// Most destinations one stack may span.
+pub const MAX_STACK: usize = 16;
 
 pub const DEFAULT_DEPLOY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(5 * 60);
@@ -266,25 +360,45 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
     })?;
     validate_name("release", &release).map_err(|e| err("release", e.to_string()))?;
 
-    let mut dests: Vec<String> = if !o.destinations.is_empty() {
+    let dests: Vec<String> = if !o.destinations.is_empty() {
         o.destinations.clone()
     } else {
         m.destination.iter().cloned().chain(m.destinations.iter().cloned()).collect()
     };
-    dests.dedup();
-    let destination = match dests.as_slice() {
-        [] => return Err(err("destination", "missing; set `destination:` or pass `--destination D`".into())),
-        [one] => one.clone(),
-        _ => {
+    let field = if dests.len() > 1 { "destinations" } else { "destination" };
+    if dests.is_empty() {
+        return Err(err("destination", "missing; set `destination:` (or `destinations:` for a stack) or pass `--destination D`".into()));
+    }
+    if dests.len() > MAX_STACK {
+        return Err(err(field, format!("{} destinations; a stack spans at most {MAX_STACK}", dests.len())));
+    }
+    for (i, d) in dests.iter().enumerate() {
+        validate_name("destination", d).map_err(|e| err(field, e.to_string()))?;
+        if dests[..i].contains(d) {
+            return Err(err(field, format!("`{d}` is listed twice")));
+        }
+    }
+    let destination = dests[0].clone();
+    let stack = if dests.len() > 1 { dests } else { vec![] };
+
+    let (kind, health) = match (m.steps.is_empty(), &m.health) {
+        (true, Some(h)) => (Kind::Process, Some(validate_health(file, h)?)),
+        (true, None) => {
             return Err(err(
-                "destinations",
-                format!("{} destinations given; deploy to one destination per `fleetctl deploy`", dests.len()),
+                "health",
+                "missing; give `health:` (how to tell a new instance is up), or `steps:` for a command destination".into(),
+            ))
+        }
+        (false, None) if m.run.is_empty() => (Kind::Command, None),
+        (false, _) => {
+            return Err(err(
+                "steps",
+                "a manifest has either `run:` and `health:` (a process destination) or `steps:` (a command destination), not both".into(),
             ))
         }
     };
-    validate_name("destination", &destination).map_err(|e| err("destination", e.to_string()))?;
 
-    if m.run.is_empty() || m.run[0].trim().is_empty() {
+    if kind == Kind::Process && (m.run.is_empty() || m.run[0].trim().is_empty()) {
         return Err(err("run", "empty; give the command that starts one instance, e.g. [\"./server\", \"--port\", \"{port}\"]".into()));
     }
     if m.run.len() > MAX_ARGS {
@@ -309,7 +423,6 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
         return Err(err("strategy.max_unavailable", "must be at least 1".into()));
     }
 
-    let health = validate_health(file, &m.health)?;
 
     let retry_max = m.retry.max_attempts.unwrap_or(3);
     if retry_max == 0 || retry_max > 100 {
@@ -340,12 +453,48 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
     for (i, h) in m.hooks.post.iter().enumerate() {
         validate_text("hook", h, 4096).map_err(|e| err(&format!("hooks.post[{i}]"), e.to_string()))?;
     }
+    if m.steps.len() > MAX_ARGS {
+        return Err(err("steps", format!("{} steps; at most {MAX_ARGS}", m.steps.len())));
+    }
+    let mut steps = Vec::with_capacity(m.steps.len());
+    for (i, st) in m.steps.iter().enumerate() {
+        let at = |f: &str| format!("steps[{i}].{f}");
+        validate_name("step name", &st.name).map_err(|e| err(&at("name"), e.to_string()))?;
+        if m.steps[..i].iter().any(|o| o.name == st.name) {
+            return Err(err(&at("name"), format!("`{}` is used by two steps; step names must be unique", st.name)));
+        }
+        if st.run.trim().is_empty() {
+            return Err(err(&at("run"), "empty; give the shell command that does this step".into()));
+        }
+        for (f, v) in [("run", Some(&st.run)), ("undo", st.undo.as_ref()), ("check", st.check.as_ref())] {
+            if let Some(v) = v {
+                validate_text("command", v, 16 * 1024).map_err(|e| err(&at(f), e.to_string()))?;
+            }
+        }
+        if st.irreversible && st.undo.is_some() {
+            return Err(err(&at("undo"), "an irreversible step has no undo; drop `undo:` or `irreversible: true`".into()));
+        }
+        let timeout_ms = duration_ms(file, &at("timeout"), st.timeout.as_deref(), step_timeout_ms)?;
+        if timeout_ms == 0 {
+            return Err(err(&at("timeout"), "must be longer than zero".into()));
+        }
+        steps.push(CommandStep {
+            name: st.name.clone(),
+            run: st.run.clone(),
+            undo: st.undo.clone(),
+            check: st.check.clone(),
+            irreversible: st.irreversible,
+            timeout_ms,
+        });
+    }
 
     Ok(Spec {
         app: m.app,
         release,
         destination,
+        stack,
         run: m.run,
+        steps,
         env: m.env,
         max_unavailable,
         health,
@@ -435,7 +584,9 @@ pub enum QueuePolicy {
 #[serde(deny_unknown_fields)]
 pub struct Destination {
     pub name: String,
-    /// Only `process` for now.
+    /// `process` (supervised local processes on every selected node) or
+    /// `command` (the manifest's `steps:`, each run once on one selected
+    /// node, handed to another if that node is lost).
     #[serde(default = "default_adapter")]
     pub adapter: String,
     /// Worker nodes whose labels include all of these run the deployment.
@@ -455,7 +606,7 @@ struct DestinationsFile {
     destinations: Vec<Destination>,
 }
 
-pub const ADAPTERS: &[&str] = &["process"];
+pub const ADAPTERS: &[&str] = &["process", "command"];
 
 /// Parse and validate a destinations file.
 pub fn parse_destinations(file: &str, text: &str) -> Result<Vec<Destination>, ManifestError> {
@@ -515,15 +666,36 @@ health:
   deadline: 20s
 "#;
 
+    const CMD: &str = "app: infra\nrelease: v3\ndestination: net\nsteps:\n  - { name: one, run: r1, undo: u1 }\n  - { name: two, run: r2, timeout: 5s }\n";
+
+    #[test]
+    fn stacks_and_command_manifests() {
+        let s = parse_manifest("fleet.yaml", &GOOD.replace("destination: staging", "destinations: [db, web]"), &Overrides::default()).unwrap();
+        assert_eq!((s.destination.as_str(), s.destinations()), ("db", &["db".to_string(), "web".to_string()][..]));
+        assert_eq!(s.kind(), Kind::Process);
+        let one = parse_manifest("fleet.yaml", GOOD, &Overrides::default()).unwrap();
+        assert_eq!(one.destinations(), &["staging".to_string()][..]);
+        assert!(one.stack.is_empty());
+        let o = Overrides { destinations: vec!["x".into(), "y".into()], ..Overrides::default() };
+        assert_eq!(parse_manifest("fleet.yaml", GOOD, &o).unwrap().stack, ["x", "y"]);
+        let c = parse_manifest("fleet.yaml", CMD, &Overrides::default()).unwrap();
+        assert_eq!(c.kind(), Kind::Command);
+        assert!(c.health.is_none() && c.run.is_empty());
+        assert_eq!(c.steps[1].timeout_ms, 5000);
+        assert_eq!(c.steps[0].timeout_ms, c.step_timeout_ms);
+        assert_eq!(c.steps[0].undo.as_deref(), Some("u1"));
+    }
+
     #[test]
     fn a_good_manifest_gets_defaults() {
         let s = parse_manifest("fleet.yaml", GOOD, &Overrides::default()).unwrap();
         assert_eq!(s.app, "web");
         assert_eq!(s.release, "v1");
         assert_eq!(s.destination, "staging");
-        assert_eq!(s.health.interval_ms, 200);
-        assert_eq!(s.health.healthy_threshold, 2);
-        assert_eq!(s.health.probe, Probe::Http { path: "/healthz".into() });
+        let h = s.health.as_ref().unwrap();
+        assert_eq!(h.interval_ms, 200);
+        assert_eq!(h.healthy_threshold, 2);
+        assert_eq!(h.probe, Probe::Http { path: "/healthz".into() });
         assert_eq!(s.max_unavailable, 1);
         assert_eq!(s.retry.max_attempts, 3);
         assert_eq!(s.timeout_ms, DEFAULT_DEPLOY_TIMEOUT.as_millis() as u64);
@@ -552,6 +724,15 @@ health:
             (GOOD.replace("destination: staging\n", ""), "destination", "missing"),
             (GOOD.replace("healthy_threshold: 2", "healthy_threshold: -2"), "health.healthy_threshold", "expected u32"),
             (GOOD.replace("GREETING", "1BAD"), "env.1BAD", "variable name"),
+            (GOOD.replace("destination: staging", "destinations: [a, b, a]"), "destinations", "listed twice"),
+            (GOOD.replace("destination: staging", "destinations: [a, \"B C\"]"), "destinations", "character"),
+            (GOOD.replace("health:", "steps: [{ name: x, run: y }]\nhealth:"), "steps", "not both"),
+            (GOOD.replace("release: v1", "release: v1\nsteps: [{ name: x, run: y }]").replace("run: [\"fleet-demo-app\", \"--release\", \"{release}\"]\n", ""), "steps", "not both"),
+            (CMD.replace("undo: u1", "undo: u1, irreversible: true"), "steps[0].undo", "irreversible"),
+            (CMD.replace("name: two", "name: one"), "steps[1].name", "unique"),
+            (CMD.replace("run: r2", "run: \" \""), "steps[1].run", "empty"),
+            (CMD.replace("timeout: 5s", "timeout: -5s"), "steps[1].timeout", "negative"),
+            (CMD.replace("timeout: 5s", "timeout: 5s, colour: x"), "steps[1].colour", "unknown field"),
             ("".into(), ".", "empty"),
             ("app: [".into(), "app", "line"),
         ];

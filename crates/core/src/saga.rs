@@ -13,12 +13,22 @@
 //! `start` stops the new instance and frees its port, undo of `switch`
 //! points the route back at the previous instance, undo of `stop old`
 //! starts the previous release again on its old port.
+//!
+//! For the `command` adapter the manifest's `steps:` run in order, each on
+//! one node of the destination (the first selected one). Such steps are
+//! *movable*: when their node is lost they are handed to another node of
+//! the destination (with the assignment epoch bumped), which runs the
+//! step's `check` before running it again. Process steps belong to their
+//! node: a lost node's are skipped, never moved.
+//!
+//! A stack (several destinations) is planned destination by destination,
+//! in the manifest's order, into one saga.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{HealthCheck, RetryPolicy, Spec};
+use crate::manifest::{HealthCheck, Kind, RetryPolicy, Spec};
 
 /// What a node executes for one step. This is the contract between the
 /// leader and `fleet-node` (sent as JSON in `StepAssignment.action_json`).
@@ -64,6 +74,13 @@ pub struct StepPlan {
     pub name: String,
     /// The worker node that runs it.
     pub node: String,
+    /// The destination it works on (a stack has several).
+    #[serde(default)]
+    pub destination: String,
+    /// Any node of the destination may run it: when its node is lost it
+    /// is handed to another instead of skipped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub movable: bool,
     pub action: StepAction,
     /// `false`: once done, a later failure is never undone blindly.
     pub reversible: bool,
@@ -74,12 +91,57 @@ pub struct StepPlan {
 /// Extra time a step's timeout allows beyond the health-check deadline.
 const HEALTH_STEP_SLACK_MS: u64 = 5_000;
 
-/// Plan a deployment of `spec` to `nodes` (sorted, non-empty).
-pub fn plan(spec: &Spec, nodes: &[String]) -> Vec<StepPlan> {
+/// Plan the part of a deployment of `spec` that goes to `destination`,
+/// whose selected nodes are `nodes` (sorted, non-empty).
+pub fn plan(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPlan> {
+    match spec.kind() {
+        Kind::Process => plan_process(spec, destination, nodes),
+        Kind::Command => plan_command(spec, destination, nodes),
+    }
+}
+
+/// Command steps, each once, on the destination's first node; movable.
+fn plan_command(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPlan> {
+    let Some(node) = nodes.first() else { return vec![] };
+    let multi = spec.destinations().len() > 1;
+    let on = |what: &str| if multi { format!("{what} on {destination}") } else { what.to_string() };
+    let step = |name: String, action: StepAction, reversible: bool, timeout_ms: u64| StepPlan {
+        name,
+        node: node.clone(),
+        destination: destination.to_string(),
+        movable: true,
+        action,
+        reversible,
+        timeout_ms,
+        retry: spec.retry.clone(),
+    };
+    let hook = |which: &str, hooks: &[String]| -> Vec<StepPlan> {
+        hooks
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let action = StepAction::Command { run: h.clone(), undo: None, check: None };
+                step(on(&format!("{which}-hook {}", i + 1)), action, true, spec.step_timeout_ms)
+            })
+            .collect()
+    };
+    let mut steps = hook("pre", &spec.pre_hooks);
+    for c in &spec.steps {
+        let action = StepAction::Command { run: c.run.clone(), undo: c.undo.clone(), check: c.check.clone() };
+        steps.push(step(on(&c.name), action, !c.irreversible, c.timeout_ms));
+    }
+    steps.extend(hook("post", &spec.post_hooks));
+    steps
+}
+
+fn plan_process(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPlan> {
+    let Some(health) = spec.health.clone() else { return vec![] };
     let mut steps = Vec::new();
     let step = |name: String, node: &str, action: StepAction, timeout_ms: u64, retry: RetryPolicy| StepPlan {
         name,
         node: node.to_string(),
+        destination: destination.to_string(),
+        movable: false,
         action,
         reversible: true,
         timeout_ms,
@@ -120,8 +182,8 @@ pub fn plan(spec: &Spec, nodes: &[String]) -> Vec<StepPlan> {
             steps.push(step(
                 format!("health-check {label} on {node}"),
                 node,
-                StepAction::HealthCheck { app: spec.app.clone(), release: spec.release.clone(), check: spec.health.clone() },
-                spec.health.deadline_ms + HEALTH_STEP_SLACK_MS,
+                StepAction::HealthCheck { app: spec.app.clone(), release: spec.release.clone(), check: health.clone() },
+                health.deadline_ms + HEALTH_STEP_SLACK_MS,
                 once.clone(),
             ));
         }
@@ -186,7 +248,7 @@ mod tests {
             ),
         ];
         for (extra, nodes, want) in cases {
-            let got = plan(&spec(extra), &nodes);
+            let got = plan(&spec(extra), "d", &nodes);
             assert_eq!(names(&got), want, "manifest extra: {extra:?}");
             assert!(got.iter().all(|s| s.reversible && s.timeout_ms > 0));
         }
@@ -194,9 +256,26 @@ mod tests {
 
     #[test]
     fn health_step_is_not_retried_and_outlives_its_deadline() {
-        let steps = plan(&spec(""), &["a".into()]);
+        let steps = plan(&spec(""), "d", &["a".into()]);
         let h = &steps[1];
         assert_eq!(h.retry.max_attempts, 1);
         assert!(h.timeout_ms > 10_000);
+    }
+
+    #[test]
+    fn command_steps_run_once_on_the_first_node_and_are_movable() {
+        let text = "app: infra\nrelease: v7\ndestination: net\nhooks: { pre: [\"echo pre\"] }\nsteps:\n  - { name: plan, run: \"tf plan\" }\n  - { name: apply, run: \"tf apply\", undo: \"tf destroy\", check: \"test -f done\", timeout: 2s }\n  - { name: migrate, run: \"./migrate\", irreversible: true }\n";
+        let spec = parse_manifest("f", text, &Overrides::default()).unwrap();
+        let got = plan(&spec, "net", &["b".into(), "c".into()]);
+        // (name, node, reversible, timeout)
+        let want = [("pre-hook 1", "b", true, spec.step_timeout_ms), ("plan", "b", true, spec.step_timeout_ms), ("apply", "b", true, 2000), ("migrate", "b", false, spec.step_timeout_ms)];
+        assert_eq!(got.len(), want.len());
+        for (s, (name, node, reversible, timeout)) in got.iter().zip(want) {
+            assert_eq!((s.name.as_str(), s.node.as_str(), s.reversible, s.timeout_ms), (name, node, reversible, timeout));
+            assert!(s.movable && s.destination == "net");
+        }
+        assert_eq!(got[2].action, StepAction::Command { run: "tf apply".into(), undo: Some("tf destroy".into()), check: Some("test -f done".into()) });
+        // Process steps are never movable.
+        assert!(plan(&super::tests::spec(""), "d", &["a".into()]).iter().all(|s| !s.movable && s.destination == "d"));
     }
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::command::{Command, LockView, Request, Response};
-use crate::deploy::{DeployState, Deployment, StepOutcome, StepRecord};
+use crate::deploy::{DeployState, Deployment, ErrorClass, LiveNodes, StepOutcome, StepRecord};
 use crate::manifest::{selects, validate_destination, validate_label, Destination, QueuePolicy, Spec};
 use crate::names::{validate_name, validate_text, MAX_REASON_LEN};
 use crate::saga::plan;
@@ -204,7 +204,18 @@ impl State {
         self.deployments
             .values()
             .rev()
-            .find(|d| d.app == app && d.destination == destination && d.state == DeployState::Succeeded)
+            .find(|d| d.app == app && d.destinations().iter().any(|x| x == destination) && d.state == DeployState::Succeeded)
+    }
+
+    /// Live nodes of each of `destinations`.
+    pub fn live_nodes(&self, destinations: &[String]) -> LiveNodes {
+        destinations.iter().map(|d| (d.clone(), self.nodes_for(d))).collect()
+    }
+
+    /// The saga of `spec` planned against the current membership: every
+    /// destination in order (what a grant plans, and what a dry run shows).
+    pub fn plan(&self, spec: &Spec) -> Vec<StepRecord> {
+        spec.destinations().iter().flat_map(|dest| plan(spec, dest, &self.nodes_for(dest))).map(StepRecord::new).collect()
     }
 
     pub fn lock(&self, destination: &str) -> Option<&LockView> {
@@ -233,7 +244,7 @@ impl State {
             Command::ReleaseLock { destination, holder } => {
                 let r = self.release(destination, holder, &mut changes);
                 if matches!(r, Response::Released { .. }) {
-                    self.pump(destination, index, req.at_ms, &mut changes);
+                    self.pump(std::slice::from_ref(destination), index, req.at_ms, &mut changes);
                 }
                 r
             }
@@ -361,41 +372,62 @@ impl State {
         reason: &str,
         changes: &mut Vec<Change>,
     ) -> Response {
-        let Some(dest) = self.destinations.get(&spec.destination).cloned() else {
-            return Response::Invalid {
-                reason: format!(
-                    "unknown destination `{}`; `fleetctl destinations` lists the known ones and `fleetctl destinations apply -f FILE` adds one",
-                    spec.destination
-                ),
+        let dests: Vec<String> = spec.destinations().to_vec();
+        for name in &dests {
+            let Some(dest) = self.destinations.get(name) else {
+                return Response::Invalid {
+                    reason: format!(
+                        "unknown destination `{name}`; `fleetctl destinations` lists the known ones and `fleetctl destinations apply -f FILE` adds one"
+                    ),
+                };
             };
-        };
-        if self.nodes_for(&dest.name).is_empty() {
-            return Response::Invalid {
-                reason: format!(
-                    "no worker node matches destination `{}` (selector {:?}); start a node with those labels (`fleet-node --label KEY=VALUE`) or change the destination's selector; `fleetctl nodes` lists the nodes",
-                    dest.name, dest.selector
-                ),
-            };
+            let want = spec.kind().adapter();
+            if dest.adapter != want {
+                return Response::Invalid {
+                    reason: format!(
+                        "destination `{name}` uses the `{}` adapter, but this manifest is for `{want}` ({}); deploy it to a `{want}` destination",
+                        dest.adapter,
+                        if want == "command" { "it has `steps:`" } else { "it has `run:` and `health:`" }
+                    ),
+                };
+            }
+            if self.nodes_for(name).is_empty() {
+                return Response::Invalid {
+                    reason: format!(
+                        "no worker node matches destination `{name}` (selector {:?}); start a node with those labels (`fleet-node --label KEY=VALUE`) or change the destination's selector; `fleetctl nodes` lists the nodes",
+                        dest.selector
+                    ),
+                };
+            }
         }
-        let busy = self.locks.contains_key(&dest.name) || self.queues.get(&dest.name).is_some_and(|q| !q.is_empty());
-        if dest.queue == QueuePolicy::Reject && busy {
-            let by = self.locks.get(&dest.name).map(|l| l.holder.clone()).unwrap_or_else(|| "a queued deployment".into());
-            return Response::Rejected {
-                reason: format!(
-                    "destination `{}` is busy (held by {by}) and its queue policy is `reject`; retry when `fleetctl lock status {}` shows it free",
-                    dest.name, dest.name
-                ),
-            };
+        for name in &dests {
+            let busy = self.locks.contains_key(name) || self.queues.get(name).is_some_and(|q| !q.is_empty());
+            if self.destinations[name].queue == QueuePolicy::Reject && busy {
+                let by = self.locks.get(name).map(|l| l.holder.clone()).unwrap_or_else(|| "a queued deployment".into());
+                return Response::Rejected {
+                    reason: format!(
+                        "destination `{name}` is busy (held by {by}) and its queue policy is `reject`; retry when `fleetctl lock status {name}` shows it free"
+                    ),
+                };
+            }
         }
         let id = format!("d{index}");
-        if dest.queue == QueuePolicy::Coalesce {
-            let waiting: Vec<u64> = self.queues.get(&dest.name).map(|q| q.iter().copied().collect()).unwrap_or_default();
+        // Coalesce: a queued deployment of the same app to the same
+        // destinations is replaced by this one.
+        for name in &dests {
+            if self.destinations[name].queue != QueuePolicy::Coalesce {
+                continue;
+            }
+            let waiting: Vec<u64> = self.queues.get(name).map(|q| q.iter().copied().collect()).unwrap_or_default();
             for n in waiting {
                 let Some(d) = self.deployments.get_mut(&n) else { continue };
-                if d.state == DeployState::Queued && d.app == spec.app {
+                if d.state == DeployState::Queued && d.app == spec.app && d.destinations() == dests.as_slice() {
                     let why = format!("superseded by {id} (queue policy `coalesce`)");
                     if d.transition(DeployState::Superseded, at_ms, why, actor).is_ok() {
-                        self.queues.entry(dest.name.clone()).or_default().retain(|x| *x != n);
+                        for q in &dests {
+                            self.queues.entry(q.clone()).or_default().retain(|x| *x != n);
+                            self.put_queue(q, changes);
+                        }
                         self.put_deployment(n, changes);
                     }
                 }
@@ -429,10 +461,14 @@ impl State {
             }],
         };
         self.deployments.insert(index, d);
-        self.queues.entry(dest.name.clone()).or_default().push_back(index);
-        self.put_queue(&dest.name, changes);
+        // One apply enqueues it on every destination: queue order is the
+        // log order everywhere, so two stacks can never wait on each other.
+        for name in &dests {
+            self.queues.entry(name.clone()).or_default().push_back(index);
+            self.put_queue(name, changes);
+        }
         self.put_deployment(index, changes);
-        self.pump(&dest.name, index, at_ms, changes);
+        self.pump(&dests, index, at_ms, changes);
         let state = self.deployments[&index].state;
         Response::Deployment { id, state }
     }
@@ -456,7 +492,7 @@ impl State {
             .deployments
             .iter()
             .rev()
-            .filter(|(n, d)| d.app == of.app && d.destination == of.destination && d.state == DeployState::Succeeded && {
+            .filter(|(n, d)| d.app == of.app && d.destinations() == of.destinations() && d.state == DeployState::Succeeded && {
                 match to {
                     Some(r) => d.release == r,
                     None => **n < of_n && d.release != of.release,
@@ -518,10 +554,20 @@ impl State {
         let Some(n) = deployment_number(id).filter(|n| self.deployments.contains_key(n)) else {
             return Response::NotFound { what: format!("deployment `{id}`") };
         };
+        let live = (!outcome.ok && outcome.class == Some(ErrorClass::Resource)).then(|| self.live_nodes(self.deployments[&n].destinations()));
         let d = self.deployments.get_mut(&n).expect("checked above");
         match d.record(outcome, at_ms) {
             Err(e) => Response::Stale { reason: e.to_string() },
             Ok(state) => {
+                // A resource error means the target changed under us:
+                // re-sync with the membership before the retry runs.
+                let state = match live {
+                    Some(live) => {
+                        let _ = d.resync(at_ms, &live);
+                        d.state
+                    }
+                    None => state,
+                };
                 self.put_deployment(n, changes);
                 self.after_progress(n, index, at_ms, changes);
                 Response::Deployment { id: id.to_string(), state }
@@ -558,66 +604,91 @@ impl State {
         if !d.state.is_terminal() {
             return;
         }
-        let dest = d.destination.clone();
+        let dests = d.destinations().to_vec();
         let keeps_lock = d.keeps_destination();
-        if let Some(q) = self.queues.get_mut(&dest) {
-            if !keeps_lock {
+        if keeps_lock {
+            return;
+        }
+        let holder = format!("{DEPLOYMENT_HOLDER_PREFIX}d{n}");
+        for dest in &dests {
+            if let Some(q) = self.queues.get_mut(dest) {
                 q.retain(|x| *x != n);
             }
+            self.put_queue(dest, changes);
+            if self.locks.get(dest).is_some_and(|l| l.holder == holder) {
+                self.locks.remove(dest);
+                changes.push(Change { key: format!("{LOCK_PREFIX}{dest}"), value: None });
+            }
         }
-        self.put_queue(&dest, changes);
-        let holder = format!("{DEPLOYMENT_HOLDER_PREFIX}d{n}");
-        if !keeps_lock && self.locks.get(&dest).is_some_and(|l| l.holder == holder) {
-            self.locks.remove(&dest);
-            changes.push(Change { key: format!("{LOCK_PREFIX}{dest}"), value: None });
-        }
-        self.pump(&dest, index, at_ms, changes);
+        self.pump(&dests, index, at_ms, changes);
     }
 
-    /// Start the head of `destination`'s queue if the lock is free.
-    fn pump(&mut self, destination: &str, index: u64, at_ms: i64, changes: &mut Vec<Change>) {
-        loop {
-            if self.locks.contains_key(destination) {
-                return;
-            }
-            let Some(&n) = self.queues.get(destination).and_then(|q| q.front()) else { return };
-            let nodes = self.nodes_for(destination);
-            let previous = self.deployments.get(&n).and_then(|d| self.current_release(&d.app, destination)).map(|p| p.release.clone());
-            let d = self.deployments.get_mut(&n).expect("queued deployments exist");
-            if d.state != DeployState::Queued {
-                // Defensive: only queued deployments wait in a queue.
-                self.queues.get_mut(destination).map(|q| q.pop_front());
-                self.put_queue(destination, changes);
+    /// Start what can start now on `destinations`: a queue head whose
+    /// every destination is free and has it at the head too is granted all
+    /// its locks in this one apply (fencing token = this entry's index).
+    fn pump(&mut self, destinations: &[String], index: u64, at_ms: i64, changes: &mut Vec<Change>) {
+        let mut todo: Vec<String> = destinations.to_vec();
+        while let Some(destination) = todo.pop() {
+            if self.locks.contains_key(&destination) {
                 continue;
             }
+            let Some(&n) = self.queues.get(&destination).and_then(|q| q.front()) else { continue };
+            let Some(d) = self.deployments.get(&n) else {
+                self.queues.get_mut(&destination).map(|q| q.pop_front());
+                self.put_queue(&destination, changes);
+                todo.push(destination);
+                continue;
+            };
+            if d.state != DeployState::Queued {
+                // Defensive: only queued deployments wait in a queue.
+                self.queues.get_mut(&destination).map(|q| q.pop_front());
+                self.put_queue(&destination, changes);
+                todo.push(destination);
+                continue;
+            }
+            let dests = d.destinations().to_vec();
+            let ready = dests.iter().all(|x| !self.locks.contains_key(x) && self.queues.get(x).and_then(|q| q.front()) == Some(&n));
+            if !ready {
+                // It waits for another of its destinations; that one's
+                // release pumps it.
+                continue;
+            }
+            let steps = self.plan(&d.spec);
+            let previous = self.current_release(&d.app, &d.destination).map(|p| p.release.clone());
+            let bare: Vec<String> = dests.iter().filter(|x| self.nodes_for(x).is_empty()).cloned().collect();
+            let d = self.deployments.get_mut(&n).expect("looked up above");
+            d.token = Some(index);
+            d.previous_release = previous;
+            d.steps = steps;
+            let node_count: BTreeSet<&str> = d.steps.iter().map(|s| s.plan.node.as_str()).collect();
+            let what = if dests.len() > 1 { format!("{} destination locks granted in one step", dests.len()) } else { "destination lock granted".into() };
+            let reason = format!("{what} (fencing token {index}) on {} node(s)", node_count.len());
+            let _ = d.transition(DeployState::Running, at_ms, reason, "coordinator");
+            if !bare.is_empty() {
+                let why = format!("no worker node matches destination `{}` any more; start one, then deploy again", bare.join("`, `"));
+                let _ = d.transition(DeployState::Compensating, at_ms, why, "coordinator");
+                let _ = d.settle(at_ms, "coordinator");
+            }
+            let ended = d.state.is_terminal();
             let lock = LockView {
-                destination: destination.to_string(),
+                destination: String::new(),
                 holder: format!("{DEPLOYMENT_HOLDER_PREFIX}{}", d.id),
                 reason: format!("deploy {}@{}", d.app, d.release),
                 since_ms: at_ms,
                 fencing_token: index,
             };
-            d.token = Some(index);
-            d.previous_release = previous;
-            d.steps = plan(&d.spec, &nodes).into_iter().map(StepRecord::new).collect();
-            let reason = format!("destination lock granted (fencing token {index}) on {} node(s)", nodes.len());
-            let _ = d.transition(DeployState::Running, at_ms, reason, "coordinator");
-            if nodes.is_empty() {
-                let why = format!("no worker node matches destination `{destination}` any more; start one, then deploy again");
-                let _ = d.transition(DeployState::Compensating, at_ms, why, "coordinator");
-                let _ = d.settle(at_ms, "coordinator");
-            }
-            let ended = d.state.is_terminal();
-            changes.push(Change { key: format!("{LOCK_PREFIX}{destination}"), value: Some(encode(&lock)) });
-            self.locks.insert(destination.to_string(), lock);
             self.put_deployment(n, changes);
-            if !ended {
-                return;
+            for x in &dests {
+                if ended {
+                    self.queues.get_mut(x).map(|q| q.pop_front());
+                    self.put_queue(x, changes);
+                    todo.push(x.clone());
+                } else {
+                    let lock = LockView { destination: x.clone(), ..lock.clone() };
+                    changes.push(Change { key: format!("{LOCK_PREFIX}{x}"), value: Some(encode(&lock)) });
+                    self.locks.insert(x.clone(), lock);
+                }
             }
-            self.queues.get_mut(destination).map(|q| q.pop_front());
-            self.put_queue(destination, changes);
-            self.locks.remove(destination);
-            changes.push(Change { key: format!("{LOCK_PREFIX}{destination}"), value: None });
         }
     }
 
@@ -632,8 +703,9 @@ impl State {
         }
         let active: Vec<u64> = self.deployments.iter().filter(|(_, d)| !d.state.is_terminal()).map(|(n, _)| *n).collect();
         for n in active {
+            let live = self.live_nodes(self.deployments[&n].destinations());
             let d = self.deployments.get_mut(&n).expect("listed above");
-            if let Ok(true) = d.node_lost(node, at_ms, why) {
+            if let Ok(true) = d.node_lost(node, at_ms, why, &live) {
                 self.put_deployment(n, changes);
                 self.after_progress(n, index, at_ms, changes);
             }
@@ -1028,6 +1100,126 @@ mod tests {
             assert_eq!(first, again);
             assert_ne!(first, other, "keys are scoped by the caller");
             assert_eq!(w.s.deployments().count(), 2);
+        }
+
+        fn stack(app: &str, release: &str, dests: &[&str]) -> Command {
+            let text = format!(
+                "app: {app}\nrelease: {release}\ndestinations: [{}]\nrun: [srv]\nhealth: {{ tcp: true }}\n",
+                dests.join(", ")
+            );
+            let spec = parse_manifest("f", &text, &Overrides::default()).unwrap();
+            Command::SubmitDeployment { spec, actor: "op".into(), lock_wait_ms: None, idempotency_key: None }
+        }
+
+        #[test]
+        fn stacks_take_every_lock_in_one_apply_and_never_deadlock() {
+            use DeployState::*;
+            let mut w = World::new(&[("a", QueuePolicy::Queue), ("b", QueuePolicy::Queue), ("c", QueuePolicy::Queue)]);
+            let s1 = id_of(&w.apply(stack("web", "v1", &["a", "b"])));
+            // The same two destinations in the other order: a classic
+            // deadlock for one-lock-at-a-time acquisition.
+            let s2 = id_of(&w.apply(stack("web", "v2", &["b", "a"])));
+            let single = id_of(&w.submit("api", "v1", "a"));
+            let other = id_of(&w.submit("api", "v1", "c"));
+            assert_eq!([&s1, &s2, &single, &other].map(|i| w.state_of(i)), [Running, Queued, Queued, Running]);
+            let t1 = w.s.deployment(&s1).unwrap().token.unwrap();
+            assert_eq!((w.s.lock("a").unwrap().fencing_token, w.s.lock("b").unwrap().fencing_token), (t1, t1), "one grant, one token");
+            let d1 = w.s.deployment(&s1).unwrap();
+            let per_dest: BTreeSet<&str> = d1.steps.iter().map(|s| s.plan.destination.as_str()).collect();
+            assert_eq!(per_dest, ["a", "b"].into(), "the saga covers both destinations");
+            assert_eq!(w.s.queue("a"), vec![s1.clone(), s2.clone(), single.clone()]);
+            assert_eq!(w.s.queue("b"), vec![s1.clone(), s2.clone()]);
+            w.finish(&s1);
+            assert_eq!((w.state_of(&s1), w.state_of(&s2), w.state_of(&single)), (Succeeded, Running, Queued));
+            let t2 = w.s.deployment(&s2).unwrap().token.unwrap();
+            assert!(t2 > t1);
+            assert_eq!((w.s.lock("a").unwrap().fencing_token, w.s.lock("b").unwrap().fencing_token), (t2, t2));
+            w.finish(&s2);
+            assert_eq!(w.state_of(&single), Running);
+            assert!(w.s.lock("b").is_none(), "a stack that ends frees every destination");
+            assert_eq!(w.s.current_release("web", "b").unwrap().id, s2);
+        }
+
+        #[test]
+        fn a_stack_waits_for_its_busiest_destination_and_is_refused_as_a_whole() {
+            use DeployState::*;
+            let mut w = World::new(&[("a", QueuePolicy::Queue), ("b", QueuePolicy::Queue), ("r", QueuePolicy::Reject)]);
+            w.apply(acquire("b", "alice"));
+            let s1 = id_of(&w.apply(stack("web", "v1", &["a", "b"])));
+            assert_eq!(w.state_of(&s1), Queued);
+            assert!(w.s.lock("a").is_none(), "no lock is taken until all can be");
+            w.apply(release("b", "alice"));
+            assert_eq!(w.state_of(&s1), Running, "the release of the last one grants them all");
+            // A busy `reject` destination refuses the whole stack; nothing is created.
+            let before = w.s.deployments().count();
+            w.apply(acquire("r", "bob"));
+            assert!(matches!(w.apply(stack("web", "v2", &["c0", "r"])), Response::Invalid { .. }), "unknown destination");
+            assert!(matches!(w.apply(stack("web", "v2", &["a", "r"])), Response::Rejected { .. }));
+            assert_eq!(w.s.deployments().count(), before);
+            assert_eq!(w.s.queue("a"), vec![s1.clone()]);
+            // A failure anywhere undoes the stack everywhere.
+            report(&mut w, &s1, true); // start on a
+            report(&mut w, &s1, false); // health on a fails
+            while w.s.deployment(&s1).unwrap().next().is_some() {
+                report(&mut w, &s1, true);
+            }
+            assert_eq!(w.state_of(&s1), Failed);
+            assert!(w.s.lock("a").is_none() && w.s.lock("b").is_none());
+        }
+
+        #[test]
+        fn the_manifest_kind_must_match_the_destination_adapter() {
+            let mut w = World::new(&[("p", QueuePolicy::Queue)]);
+            w.apply(Command::PutDestinations {
+                destinations: vec![Destination {
+                    name: "cmd".into(),
+                    adapter: "command".into(),
+                    selector: [("env".to_string(), "t".to_string())].into(),
+                    queue: QueuePolicy::Queue,
+                }],
+            });
+            let text = "app: infra\nrelease: v1\ndestination: DEST\nsteps:\n  - { name: apply, run: \"tf apply\" }\n";
+            let command = |dest: &str| Command::SubmitDeployment {
+                spec: parse_manifest("f", &text.replace("DEST", dest), &Overrides::default()).unwrap(),
+                actor: "op".into(),
+                lock_wait_ms: None,
+                idempotency_key: None,
+            };
+            assert!(matches!(w.apply(command("p")), Response::Invalid { reason } if reason.contains("`process` adapter")));
+            assert!(matches!(w.submit("web", "v1", "cmd"), Response::Invalid { reason } if reason.contains("`command` adapter")));
+            let id = id_of(&w.apply(command("cmd")));
+            let d = w.s.deployment(&id).unwrap();
+            assert_eq!(d.state, DeployState::Running);
+            assert_eq!(d.steps.len(), 1);
+            assert!(d.steps[0].plan.movable);
+        }
+
+        #[test]
+        fn a_resource_error_resyncs_before_the_retry() {
+            let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+            let id = id_of(&w.submit("web", "v1", "a"));
+            // n1's labels change: it is no longer selected by `a`.
+            w.apply(Command::RegisterNode { id: "n1".into(), labels: [("env".to_string(), "other".to_string())].into() });
+            let d = w.s.deployment(&id).unwrap().clone();
+            let n = d.next().unwrap();
+            let outcome = StepOutcome {
+                step: n.step,
+                undo: false,
+                attempt: n.attempt,
+                token: d.token.unwrap(),
+                epoch: d.epoch,
+                ok: false,
+                output: None,
+                error: Some("port taken".into()),
+                class: Some(crate::deploy::ErrorClass::Resource),
+                started_ms: 0,
+                finished_ms: 0,
+                node: "n1".into(),
+            };
+            w.apply(Command::StepResult { deployment: id.clone(), outcome });
+            let d = w.s.deployment(&id).unwrap();
+            assert!(d.events.iter().any(|e| e.reason.contains("re-synced")), "{:?}", d.events);
+            assert_eq!(d.state, DeployState::Failed, "its only node left the destination: nothing can be deployed");
         }
 
         #[test]
