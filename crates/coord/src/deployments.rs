@@ -39,7 +39,7 @@ pub fn destination_view(s: &State, name: &str) -> Option<Value> {
     let mut v = serde_json::to_value(d).ok()?;
     let mut current = serde_json::Map::new();
     for dep in s.deployments() {
-        if dep.destination == name && dep.state == fleet_core::deploy::DeployState::Succeeded {
+        if dep.destinations().iter().any(|x| x == name) && dep.state == fleet_core::deploy::DeployState::Succeeded {
             current.insert(dep.app.clone(), Value::String(dep.release.clone()));
         }
     }
@@ -118,8 +118,7 @@ impl ControlService {
                     let mut d = copy.deployment(&id).cloned().ok_or_else(|| Status::internal("dry run lost its deployment"))?;
                     if d.steps.is_empty() {
                         // Queued behind another deployment: plan as it would be planned now.
-                        let nodes = copy.nodes_for(&d.destination);
-                        d.steps = fleet_core::saga::plan(&d.spec, &nodes).into_iter().map(fleet_core::deploy::StepRecord::new).collect();
+                        d.steps = copy.plan(&d.spec);
                     }
                     d.id = "dry-run".into();
                     Ok(DeploymentReply { deployment_json: to_json(&d)?, applied_index: index - 1 })
@@ -149,7 +148,7 @@ impl ControlService {
         self.state().read(|a| {
             let mut out = Vec::new();
             for d in a.state.deployments().rev() {
-                if (!r.app.is_empty() && d.app != r.app) || (!r.destination.is_empty() && d.destination != r.destination) {
+                if (!r.app.is_empty() && d.app != r.app) || (!r.destination.is_empty() && !d.destinations().contains(&r.destination)) {
                     continue;
                 }
                 out.push(to_json(d)?);

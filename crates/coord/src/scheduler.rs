@@ -132,7 +132,10 @@ fn tick(raft: &Raft, hub: &Arc<Hub>, d: &Deployment, now: i64, leader_since_ms: 
     if d.state == DeployState::Queued && d.lock_wait_until_ms.is_some_and(|t| now > t) {
         if once(proposed, format!("{}/lock-wait", d.id)) {
             let waited = humantime::format_duration(Duration::from_millis((d.lock_wait_until_ms.unwrap_or(now) - d.submitted_ms).max(0) as u64));
-            let reason = format!("waited {waited} (--lock-wait) for the destination lock; `fleetctl lock status {}` shows who holds it", d.destination);
+            let reason = format!(
+                "waited {waited} (--lock-wait) for the destination lock; `fleetctl lock status {}` shows who holds it",
+                d.destinations().join("`, `fleetctl lock status ")
+            );
             let command = Command::CancelDeployment { id: d.id.clone(), reason, actor: "coordinator".into(), timed_out: true };
             spawn_proposal(raft, hub, Some(format!("coordinator/lock-wait/{}", d.id)), command);
         }
@@ -213,12 +216,13 @@ fn tick(raft: &Raft, hub: &Arc<Hub>, d: &Deployment, now: i64, leader_since_ms: 
     };
     let assign = StepAssignment {
         key: Some(key),
-        destination: d.destination.clone(),
+        destination: d.step_destination(w.step).to_string(),
         app: d.app.clone(),
         release: d.release.clone(),
         action_json,
         run_output_json: if w.undo { s.output.clone().unwrap_or_default() } else { String::new() },
         timeout_ms: s.plan.timeout_ms,
+        check_first: s.check_first && !w.undo,
     };
     let msg = LeaderMessage { msg: Some(leader_message::Msg::Assign(assign)) };
     if hub.send(&s.plan.node, msg, Some(work), now) {

@@ -15,7 +15,7 @@ use fleet_core::auth::Access;
 use fleet_core::deploy::{ErrorClass, StepOutcome};
 use fleet_core::{Command, Response as Outcome};
 use fleet_proto::worker_server::Worker;
-use fleet_proto::{leader_message, node_message, LeaderMessage, NodeMessage, StepResult, Welcome};
+use fleet_proto::{leader_message, node_message, Forget, LeaderMessage, NodeMessage, StepResult, Welcome};
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -79,6 +79,13 @@ impl Worker for WorkerService {
             })),
         };
         tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("node went away"))?;
+        // Before any new work: tell the node what it no longer owns.
+        let forgets = self.state.read(|a| forgets_for(&a.state, &node, &hello.running));
+        for f in forgets {
+            tracing::info!(%node, deployment = %f.deployment, destination = %f.destination, reason = %f.reason, "telling the node to forget stale work");
+            let msg = LeaderMessage { msg: Some(leader_message::Msg::Forget(f)) };
+            tx.send(Ok(msg)).await.map_err(|_| Status::cancelled("node went away"))?;
+        }
         let conn_id = self.hub.connect(&node, tx, &hello.running, now_ms());
         tracing::info!(%node, running = hello.running.len(), "node connected");
 
@@ -107,6 +114,49 @@ impl Worker for WorkerService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// How many recent deployments a reconnecting node is checked against.
+const FORGET_LOOKBACK: usize = 500;
+
+/// What a node that says Hello no longer owns: deployments in which its
+/// steps were skipped (it was presumed lost, or left the destination, and
+/// the saga went on without it), and deployments of steps it reports
+/// running that are stale (ended, another token, an older epoch).
+pub fn forgets_for(state: &fleet_core::state::State, node: &str, running: &[fleet_proto::StepKey]) -> Vec<Forget> {
+    let mut out: Vec<Forget> = Vec::new();
+    let mut add = |d: &fleet_core::deploy::Deployment, destination: &str, reason: String| {
+        if out.iter().any(|f| f.deployment == d.id && f.destination == destination) {
+            return;
+        }
+        out.push(Forget {
+            deployment: d.id.clone(),
+            destination: destination.to_string(),
+            token: d.token.unwrap_or(0),
+            epoch: d.epoch,
+            reason,
+        });
+    };
+    for d in state.deployments().rev().take(FORGET_LOOKBACK) {
+        if d.token.is_none() {
+            continue;
+        }
+        for (i, s) in d.steps.iter().enumerate() {
+            if s.plan.node == node && s.status == fleet_core::deploy::StepStatus::Skipped {
+                let why = format!("{} went on without this node ({}); its steps here were skipped", d.id, d.state);
+                add(d, d.step_destination(i), why);
+            }
+        }
+    }
+    for k in running {
+        let Some(d) = state.deployment(&k.deployment) else { continue };
+        let stale = d.state.is_terminal() || d.token != Some(k.token) || k.epoch < d.epoch;
+        if stale {
+            let why = format!("step {} of {} is stale (deployment {}, epoch {} now)", k.step + 1, d.id, d.state, d.epoch);
+            add(d, d.step_destination(k.step as usize), why);
+        }
+    }
+    out
 }
 
 /// Commit one step result through Raft.

@@ -24,6 +24,11 @@ one on the same destination (one at a time, always), plans it into steps — nod
 release next to the old one, health-check it, switch the route, stop the old one — and runs them on the \
 destination's worker nodes. If a step fails, every completed step is undone in reverse order.
 
+Several destinations (--destination twice, or `destinations: [a, b]`) make a stack: one saga that takes \
+every destination's lock in one step (so two stacks never deadlock) and succeeds or is undone as a whole. \
+A `command` destination runs the manifest's `steps:` (terraform, ansible, compose, scripts) once each on \
+one of its nodes; if that node dies mid-step, the step moves to another node, which runs its `check` first.
+
 Unless --detach is given, fleetctl follows the deployment until it ends: progress bars on a terminal, one \
 plain line per change otherwise, and with -o json one JSON object per line: \
 {\"type\":\"submitted\",...}, {\"type\":\"transition\",...} per lifecycle change, {\"type\":\"step\",...} per \
@@ -60,9 +65,21 @@ A fleet.yaml:
   #           retry: { max_attempts: 3, backoff: 500ms }
   #           timeout: 30m   step_timeout: 5m   port: 8080   drain: 5s
 
+A fleet.yaml for a `command` destination (instead of run: and health:):
+
+  app: network
+  release: v7
+  destination: infra
+  steps:
+    - { name: plan,  run: \"terraform plan -out tf.plan\" }
+    - { name: apply, run: \"terraform apply tf.plan\", check: \"./applied v7\", undo: \"./restore v6\", timeout: 20m }
+    - { name: migrate, run: \"./migrate\", irreversible: true }   # never undone: a failure after it needs a human
+  # commands exit 75 for a temporary failure (retried), 77 for a refused credential (fails at once)
+
 Examples:
   fleetctl deploy                                   # ./fleet.yaml; follow it to the end
   fleetctl deploy -f web.yaml --release v3 --destination prod --timeout 15m
+  fleetctl deploy --destination db --destination web  # a stack: both or neither
   id=$(fleetctl deploy --detach) && fleetctl watch \"$id\"
   fleetctl deploy -o json | jq -c 'select(.type == \"result\")'
   fleetctl rollback d12                             # back to the release before d12";
@@ -72,7 +89,8 @@ pub struct DeployArgs {
     /// The manifest to deploy.
     #[arg(short = 'f', long = "file", value_name = "FILE", default_value = "fleet.yaml")]
     file: PathBuf,
-    /// Deploy to this destination instead of the manifest's `destination:`.
+    /// Deploy to this destination instead of the manifest's `destination:`;
+    /// repeat it for a stack (all or nothing, locks taken together).
     #[arg(long = "destination", value_name = "D")]
     destinations: Vec<String>,
     /// Deploy this release instead of the manifest's `release:`.
@@ -297,7 +315,7 @@ fn print_plan(reply: &DeploymentReply, out: Output) -> Result<i32, Exit> {
         println!("{}", json!({"type": "plan", "deployment": d}));
         return Ok(exit::OK);
     }
-    println!("plan for {}@{} → {} (dry run: nothing was submitted)", d.app, d.release, d.destination);
+    println!("plan for {}@{} → {} (dry run: nothing was submitted)", d.app, d.release, d.destinations().join(" + "));
     let rows: Vec<Vec<String>> = d
         .steps
         .iter()
@@ -331,7 +349,7 @@ pub async fn resolve(id: String, note: String, conn: &ConnArgs, out: Output) -> 
     let d = parse_deployment(&reply.deployment_json)?;
     match out {
         Output::Json => println!("{}", serde_json::to_string(&d).expect("deployments serialize")),
-        Output::Text => println!("{id} resolved; destination {} is free for the next deployment", d.destination),
+        Output::Text => println!("{id} resolved; destination(s) {} free for the next deployment", d.destinations().join(", ")),
     }
     Ok(exit::OK)
 }
@@ -459,7 +477,7 @@ fn deployment_rows(list: &[Deployment]) -> Vec<Vec<String>> {
                 Some((i, undo, _)) => format!("{} [{}{}/{}]", d.state, if undo { "undo " } else { "" }, i + 1, d.steps.len()),
                 None => d.state.to_string(),
             };
-            vec![d.id.clone(), d.app.clone(), d.release.clone(), d.destination.clone(), state, ago(now - d.submitted_ms), d.submitted_by.clone()]
+            vec![d.id.clone(), d.app.clone(), d.release.clone(), d.destinations().join(","), state, ago(now - d.submitted_ms), d.submitted_by.clone()]
         })
         .collect()
 }
@@ -535,9 +553,9 @@ fn print_detail(d: &Deployment) {
         println!("deadline   {} ({when})", since(d.deadline_ms));
     }
     match d.token {
-        Some(t) if d.state.holds_lock() => println!("lock       {} held with fencing token {t}, epoch {}", d.destination, d.epoch),
-        Some(t) => println!("lock       {} released (it was held with fencing token {t})", d.destination),
-        None if d.state == DeployState::Queued => println!("lock       waiting for {}", d.destination),
+        Some(t) if d.state.holds_lock() => println!("lock       {} held with fencing token {t}, epoch {}", d.destinations().join(", "), d.epoch),
+        Some(t) => println!("lock       {} released (it was held with fencing token {t})", d.destinations().join(", ")),
+        None if d.state == DeployState::Queued => println!("lock       waiting for {}", d.destinations().join(", ")),
         None => {}
     }
     if let Some(p) = &d.previous_release {
@@ -623,7 +641,7 @@ pub async fn history(app: Option<String>, destination: Option<String>, limit: u3
                 .iter()
                 .map(|d| {
                     json!({
-                        "id": d.id, "app": d.app, "release": d.release, "destination": d.destination,
+                        "id": d.id, "app": d.app, "release": d.release, "destination": d.destination, "destinations": d.destinations(),
                         "state": d.state, "exit_code": d.exit_code(), "timed_out": d.timed_out,
                         "submitted_by": d.submitted_by, "submitted_ms": d.submitted_ms, "ended_ms": ended(d),
                         "previous_release": d.previous_release, "rollback_of": d.rollback_of,
@@ -663,7 +681,7 @@ pub async fn history(app: Option<String>, destination: Option<String>, limit: u3
                         since(d.submitted_ms),
                         d.app.clone(),
                         d.release.clone(),
-                        d.destination.clone(),
+                        d.destinations().join(","),
                         outcome,
                         took,
                         note.join("; "),

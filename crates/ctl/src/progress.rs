@@ -342,14 +342,14 @@ pub fn summary(d: &Deployment) -> (String, Option<String>) {
                     d.release
                 )
             });
-            let line = format!("{id} succeeded in {took}: {}@{} is live on {}{what}", d.app, d.release, d.destination);
+            let line = format!("{id} succeeded in {took}: {}@{} is live on {}{what}", d.app, d.release, d.destinations().join(" + "));
             (if lost.is_empty() { line } else { format!("{line}, except on {}", lost.join(", ")) }, next)
         }
         DeployState::Failed => {
             let cause = why(DeployState::Compensating).unwrap_or_else(|| "a step failed".into());
             let live = match &d.previous_release {
-                Some(p) => format!("{}@{p} is still live on {}", d.app, d.destination),
-                None => format!("nothing of {} was left running on {}", d.app, d.destination),
+                Some(p) => format!("{}@{p} is still live on {}", d.app, d.destinations().join(" + ")),
+                None => format!("nothing of {} was left running on {}", d.app, d.destinations().join(" + ")),
             };
             (
                 format!("{id} failed: {cause}; {last_reason}"),
@@ -378,7 +378,7 @@ pub fn summary(d: &Deployment) -> (String, Option<String>) {
             format!("{id} needs a human: {last_reason}"),
             Some(format!(
                 "{} stays locked until then; `fleetctl status {id}` shows which undo failed and why",
-                d.destination
+                d.destinations().join(" + ")
             )),
         ),
         DeployState::Superseded => (
@@ -458,7 +458,7 @@ mod tests {
     }
 
     fn started(mut d: Deployment) -> Deployment {
-        d.steps = plan(&d.spec, &["n1".into(), "n2".into()]).into_iter().map(StepRecord::new).collect();
+        d.steps = plan(&d.spec, "staging", &["n1".into(), "n2".into()]).into_iter().map(StepRecord::new).collect();
         d.token = Some(41);
         d.transition(DeployState::Running, 10, "lock granted", "leader").unwrap();
         d

@@ -315,7 +315,7 @@ pub fn result_json(d: &Deployment, code: i32) -> serde_json::Value {
 pub fn submitted_json(d: &Deployment) -> serde_json::Value {
     json!({
         "type": "submitted", "id": d.id, "state": d.state, "app": d.app, "release": d.release,
-        "destination": d.destination, "rollback_of": d.rollback_of,
+        "destination": d.destination, "destinations": d.destinations(), "rollback_of": d.rollback_of,
     })
 }
 
