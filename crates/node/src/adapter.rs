@@ -78,7 +78,7 @@ pub fn class_name(class: ErrorClass) -> &'static str {
 
 /// Carries out step actions on this host.
 ///
-/// Futures returned by `run` and `undo` may be dropped at any await point
+/// Futures returned by `run`, `check` and `undo` may be dropped at any await point
 /// (timeout or abort); the agent then calls [`Adapter::cancelled`] so the
 /// adapter can remove what the interrupted call had started.
 pub trait Adapter: Send + Sync + 'static {
@@ -101,6 +101,29 @@ pub trait Adapter: Send + Sync + 'static {
     /// A `run` or `undo` of `action` was interrupted (timeout or abort):
     /// stop and remove whatever it had started.
     fn cancelled<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, ()>;
+
+    /// Is `action` already done on this host? Asked before `run` when the
+    /// step was handed over from a lost node (`StepAssignment.check_first`),
+    /// under the same timeout and abort as a run. `Some(output)` = done:
+    /// the step succeeds with `output` without running, so it must be what
+    /// a `run` would have returned (its undo is given it). `None` = not
+    /// done, or cannot tell: the agent runs it. An error counts as `None`.
+    /// The default cannot tell.
+    fn check<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, Result<Option<Value>, StepError>> {
+        let _ = (ctx, action);
+        Box::pin(async { Ok(None) })
+    }
+
+    /// This node no longer owns any work of the deployment that held
+    /// `token` on `destination` (`LeaderMessage.forget`): remove what its
+    /// steps left behind that serves nothing (never what serves traffic).
+    /// Returns a description of each thing removed; nothing left is an
+    /// empty list, so a repeated call is harmless. The default removes
+    /// nothing.
+    fn forget<'a>(&'a self, destination: &'a str, token: u64) -> BoxFuture<'a, Vec<String>> {
+        let _ = (destination, token);
+        Box::pin(async { Vec::new() })
+    }
 
     /// Advice appended to "the step timed out" for this action.
     fn timeout_hint(&self, action: &StepAction) -> String {

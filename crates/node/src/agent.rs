@@ -10,6 +10,13 @@
 //! * **Timeouts and aborts.** Every step runs under its `timeout_ms`; on
 //!   expiry or on `Abort` its future is dropped and the adapter removes what
 //!   it had started.
+//! * **Handover.** An assignment with `check_first` (a forward step taken
+//!   over from a lost node) asks the adapter's `check` first; when it says
+//!   the work is done, the step succeeds with its output without running
+//!   again (witness action `check`).
+//! * **Forget.** A `Forget` aborts what still runs for a deployment the
+//!   node no longer owns and lets the adapter remove what its steps left
+//!   behind.
 //! * **Witness.** One JSON line per finished action (see [`crate::witness`]).
 //!
 //! Results go out through an unbounded channel; the connection loop sends
@@ -27,7 +34,7 @@ use std::time::Duration;
 
 use fleet_core::deploy::ErrorClass;
 use fleet_core::saga::StepAction;
-use fleet_proto::{Abort, StepAssignment, StepKey, StepResult};
+use fleet_proto::{Abort, Forget, StepAssignment, StepKey, StepResult};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -305,6 +312,40 @@ impl Agent {
         }
     }
 
+    /// The node no longer owns any work of `f.deployment`: abort its
+    /// running steps of older epochs (they report `aborted`), then let the
+    /// adapter remove what its steps left behind (in a task; each removal
+    /// is logged). A repeated `Forget` finds nothing to do.
+    pub fn forget(&self, f: Forget) {
+        let why = if f.reason.is_empty() { "the leader says this node no longer owns the deployment".to_string() } else { f.reason.clone() };
+        let (stale, current): (Vec<KeyId>, Vec<KeyId>) = {
+            let s = self.steps();
+            s.running.keys().filter(|k| k.deployment == f.deployment).cloned().partition(|k| k.epoch < f.epoch)
+        };
+        for id in stale {
+            self.abort(Abort { key: Some(id.key()), reason: format!("forgotten: {why}") });
+        }
+        if let Some(step) = current.first() {
+            // The leader gave this node work of the deployment at the
+            // current epoch: what is staged may be that step's.
+            tracing::warn!(
+                deployment = %f.deployment, step = %step, epoch = f.epoch,
+                "Forget while a step of the current epoch runs here; nothing left behind is removed (the leader will send Forget again if it still applies)"
+            );
+            return;
+        }
+        let adapter = self.adapter.clone();
+        tokio::spawn(async move {
+            let removed = adapter.forget(&f.destination, f.token).await;
+            if removed.is_empty() {
+                tracing::debug!(deployment = %f.deployment, destination = %f.destination, token = f.token, "forgotten deployment left nothing behind here");
+            }
+            for what in removed {
+                tracing::info!(deployment = %f.deployment, destination = %f.destination, token = f.token, reason = %why, "removed what a forgotten deployment left behind: {what}");
+            }
+        });
+    }
+
     fn finish(&self, id: KeyId, r: StepResult) {
         {
             let mut s = self.steps();
@@ -377,12 +418,27 @@ impl Agent {
             }
         };
         tracing::info!(step = %id, action = action.verb(), app = %a.app, release = %a.release, "step started");
+        // Set when the check said the work is done (nothing was run).
+        let mut checked = false;
         let fut = async {
             if ctx.undo {
-                self.adapter.undo(&ctx, &action, run_output.as_ref()).await
-            } else {
-                self.adapter.run(&ctx, &action).await
+                return self.adapter.undo(&ctx, &action, run_output.as_ref()).await;
             }
+            if a.check_first {
+                match self.adapter.check(&ctx, &action).await {
+                    Ok(Some(out)) => {
+                        tracing::info!(step = %id, action = action.verb(), "step already done on this node per its check; not run again");
+                        checked = true;
+                        return Ok(out);
+                    }
+                    Ok(None) => tracing::info!(step = %id, action = action.verb(), "handed-over step not done here per its check; running it"),
+                    Err(e) => tracing::warn!(
+                        step = %id, action = action.verb(), class = class_name(e.class), error = %e.message,
+                        "the check of a handed-over step failed, so it is not known to be done; running it"
+                    ),
+                }
+            }
+            self.adapter.run(&ctx, &action).await
         };
         let aborted = async {
             match abort_rx.await {
@@ -432,7 +488,7 @@ impl Agent {
                 undo: key.undo,
                 attempt: key.attempt,
                 token: key.token,
-                action: action.verb().to_string(),
+                action: if checked { "check".to_string() } else { action.verb().to_string() },
                 start_ms: started_ms,
                 end_ms: finished_ms,
                 ok: outcome.is_ok(),

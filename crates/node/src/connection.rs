@@ -1,6 +1,6 @@
 //! The work stream: connect to a coordinator, follow the redirect to the
-//! leader, say `Hello`, then heartbeat, take assignments and aborts, and
-//! send results, until the stream breaks; then reconnect.
+//! leader, say `Hello`, then heartbeat, take assignments, aborts and
+//! forgets, and send results, until the stream breaks; then reconnect.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -152,6 +152,7 @@ impl Connector {
                     Ok(Some(m)) => match m.msg {
                         Some(leader_message::Msg::Assign(a)) => self.agent.assign(a),
                         Some(leader_message::Msg::Abort(a)) => self.agent.abort(a),
+                        Some(leader_message::Msg::Forget(f)) => self.agent.forget(f),
                         Some(leader_message::Msg::Welcome(w)) => {
                             let p = Duration::from_millis(w.heartbeat_ms.max(1));
                             if p != heartbeat.period() {

@@ -16,7 +16,8 @@ pub struct WitnessLine {
     pub undo: bool,
     pub attempt: u32,
     pub token: u64,
-    /// `start`, `health`, `switch`, `stop-old` or `command`.
+    /// `start`, `health`, `switch`, `stop-old` or `command`; `check` when a
+    /// handed-over step's check found it done and it was not run again.
     pub action: String,
     pub start_ms: i64,
     pub end_ms: i64,

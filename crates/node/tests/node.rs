@@ -449,6 +449,88 @@ async fn a_restarted_node_adopts_its_instances_and_route() {
     b.stop_all().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_of_a_command_runs_its_check_script_and_never_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _cleanup) = adapter(dir.path()).await;
+    let flag = dir.path().join("migrated");
+    let marker = dir.path().join("ran");
+    let action = StepAction::Command {
+        run: format!("touch {}", marker.display()),
+        undo: None,
+        check: Some(format!("test -e {}", flag.display())),
+    };
+    // Not done yet: the check exits 1.
+    assert_eq!(a.check(&ctx(1, 0, false), &action).await.unwrap(), None);
+    assert!(!marker.exists(), "check ran the command");
+
+    std::fs::write(&flag, "").unwrap();
+    let done = a.check(&ctx(1, 0, false), &action).await.unwrap().expect("the check exits 0: already done");
+    assert_eq!(done["ran"], false);
+    assert!(done["reason"].as_str().unwrap().contains("already done"), "{done}");
+    assert!(!marker.exists(), "check ran the command");
+
+    // No check script: cannot tell.
+    let unchecked = StepAction::Command { run: format!("touch {}", marker.display()), undo: None, check: None };
+    assert_eq!(a.check(&ctx(1, 0, false), &unchecked).await.unwrap(), None);
+    assert!(!marker.exists(), "check ran the command");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_of_a_start_finds_the_instance_started_with_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _cleanup) = adapter(dir.path()).await;
+    assert_eq!(a.check(&ctx(5, 0, false), &start("v2", &[])).await.unwrap(), None, "nothing started yet");
+
+    let out = a.run(&ctx(5, 0, false), &start("v2", &[])).await.unwrap();
+    let checked = a.check(&ctx(5, 0, false), &start("v2", &[])).await.unwrap().expect("started with this token");
+    assert_eq!(checked, out, "check answers what start returned");
+    assert_eq!(a.record("web").unwrap().staged.map(|s| s.pid), Some(pid_of(&out)), "check started nothing");
+
+    // Another deployment's token, another release, another action: not done.
+    assert_eq!(a.check(&ctx(6, 0, false), &start("v2", &[])).await.unwrap(), None);
+    assert_eq!(a.check(&ctx(5, 0, false), &start("v3", &[])).await.unwrap(), None);
+    assert_eq!(a.check(&ctx(5, 1, false), &health("v2", 1000)).await.unwrap(), None);
+
+    // The instance died: not done any more.
+    let pid = pid_of(&out);
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    eventually("v2 exited", Duration::from_secs(5), || async { !alive(pid) }).await;
+    assert_eq!(a.check(&ctx(5, 0, false), &start("v2", &[])).await.unwrap(), None);
+    a.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_stops_the_staged_instance_of_its_token_and_spares_the_active_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _cleanup) = adapter(dir.path()).await;
+    let v1 = deploy(&a, 1, "v1").await;
+    let route = route_port(&a);
+    let v2 = a.run(&ctx(2, 0, false), &start("v2", &[])).await.unwrap();
+    let (v2_pid, v2_port) = (pid_of(&v2), v2["port"].as_u64().unwrap() as u16);
+
+    // v1 serves the route with token 1: forgetting token 1 leaves it.
+    assert_eq!(a.forget("staging", 1).await, Vec::<String>::new());
+    assert_eq!(a.record("web").unwrap().active.map(|i| i.pid), Some(pid_of(&v1.start)));
+    assert!(alive(v2_pid), "forget of token 1 stopped the instance of token 2");
+
+    let removed = a.forget("staging", 2).await;
+    assert_eq!(removed, vec![format!("stopped staged web@v2 (pid {v2_pid}, port {v2_port})")]);
+    assert!(!alive(v2_pid), "v2 still runs after forget returned");
+    assert!(port_refuses(v2_port).await, "v2's port {v2_port} still answers");
+    let rec = a.record("web").unwrap();
+    assert!(rec.staged.is_none(), "{rec:?}");
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(dir.path().join("apps/web.json")).unwrap()).unwrap();
+    assert_eq!(on_disk["staged"], Value::Null);
+    assert_eq!(on_disk["active"]["release"], "v1");
+    assert!(alive(pid_of(&v1.start)));
+    assert_eq!(release_at(route).await.as_deref(), Some("v1"), "the route still serves v1");
+
+    // Again: nothing left to remove.
+    assert_eq!(a.forget("staging", 2).await, Vec::<String>::new());
+    a.stop_all().await;
+}
+
 // -------------------------------------------------------------------- agent
 
 struct Node {
@@ -495,7 +577,24 @@ fn assign(k: &StepKey, action: &StepAction, timeout_ms: u64) -> StepAssignment {
         action_json: serde_json::to_string(action).unwrap(),
         run_output_json: String::new(),
         timeout_ms,
+        check_first: false,
     }
+}
+
+/// `assign`, handed over from a lost node: epoch 2, check first.
+fn handed_over(k: &StepKey, action: &StepAction, timeout_ms: u64) -> StepAssignment {
+    let mut k = k.clone();
+    k.epoch = 2;
+    StepAssignment { check_first: true, ..assign(&k, action, timeout_ms) }
+}
+
+fn witness_lines(n: &Node) -> Vec<Value> {
+    std::fs::read_to_string(&n.witness).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// `apps/web.json` of the node's process adapter (Null while missing).
+fn web_state(n: &Node) -> Value {
+    std::fs::read(n.data.join("apps/web.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null)
 }
 
 fn command(run: &str) -> StepAction {
@@ -656,6 +755,105 @@ async fn an_abort_stops_a_running_step_and_reports_aborted() {
     let lines = std::fs::read_to_string(&n.witness).unwrap();
     let last: Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
     assert_eq!((last["action"].as_str(), last["ok"].as_bool()), (Some("start"), Some(false)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_over_step_whose_check_says_done_is_not_run_again() {
+    let mut n = node().await;
+    // A start on this node, then the same step handed over (epoch 2).
+    let k = key("d", 0, 3);
+    n.agent.assign(assign(&k, &start("v1", &[]), 60_000));
+    let first = next(&mut n).await;
+    assert!(first.ok, "{}", first.error);
+    n.agent.assign(handed_over(&k, &start("v1", &[]), 60_000));
+    let again = next(&mut n).await;
+    assert!(again.ok, "{}", again.error);
+    assert_eq!(again.key.as_ref().map(|k| k.epoch), Some(2));
+    let (out1, out2): (Value, Value) = (serde_json::from_str(&first.output_json).unwrap(), serde_json::from_str(&again.output_json).unwrap());
+    assert_eq!(out2, out1, "the check answers with the first start's output");
+    // A second run would have replaced the staged instance.
+    assert_eq!(web_state(&n)["staged"]["pid"].as_u64(), Some(pid_of(&out1) as u64));
+    assert!(alive(pid_of(&out1)));
+    assert_eq!(witness_lines(&n).last().unwrap()["action"], "check");
+
+    // A command whose check passes: not run, witnessed as `check`.
+    let marker = n.data.join("ran");
+    let flag = n.data.join("done");
+    let cmd = StepAction::Command {
+        run: format!("touch {}", marker.display()),
+        undo: Some(format!("touch {}", n.data.join("undone").display())),
+        check: Some(format!("test -e {}", flag.display())),
+    };
+    std::fs::write(&flag, "").unwrap();
+    n.agent.assign(handed_over(&key("d", 1, 3), &cmd, 10_000));
+    let r = next(&mut n).await;
+    assert!(r.ok, "{}", r.error);
+    assert_eq!(serde_json::from_str::<Value>(&r.output_json).unwrap()["ran"], false);
+    assert!(!marker.exists());
+    assert_eq!(witness_lines(&n).last().unwrap()["action"], "check");
+
+    // Its check fails: run as usual.
+    std::fs::remove_file(&flag).unwrap();
+    n.agent.assign(handed_over(&key("d", 2, 3), &cmd, 10_000));
+    let r = next(&mut n).await;
+    assert!(r.ok, "{}", r.error);
+    assert!(marker.exists(), "a handed-over step that is not done runs");
+    assert_eq!(witness_lines(&n).last().unwrap()["action"], "command");
+
+    // An undo is never skipped by a check (the check passes here).
+    std::fs::write(&flag, "").unwrap();
+    let mut uk = key("d", 1, 3);
+    uk.undo = true;
+    n.agent.assign(handed_over(&uk, &cmd, 10_000));
+    let r = next(&mut n).await;
+    assert!(r.ok, "{}", r.error);
+    assert!(n.data.join("undone").exists(), "the undo ran");
+    assert_eq!(witness_lines(&n).last().unwrap()["action"], "command");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_aborts_stale_steps_and_removes_the_staged_instance() {
+    let mut n = node().await;
+    n.agent.assign(assign(&key("d", 0, 4), &start("v1", &[]), 60_000));
+    let r = next(&mut n).await;
+    assert!(r.ok, "{}", r.error);
+    let staged = pid_of(&serde_json::from_str(&r.output_json).unwrap());
+
+    // A step of the deployment and one of another deployment still run.
+    let pidfile = n.data.join("pid");
+    let slow = StepAction::Command { run: format!("echo $$ > {}; exec sleep 30", pidfile.display()), undo: None, check: None };
+    let stale = key("d", 1, 4);
+    n.agent.assign(assign(&stale, &slow, 60_000));
+    let other = key("other", 0, 4);
+    n.agent.assign(assign(&other, &command("exec sleep 30"), 60_000));
+    eventually("the command started", Duration::from_secs(10), || async { pidfile.exists() }).await;
+
+    let forget = fleet_proto::Forget {
+        deployment: "d".into(),
+        destination: "staging".into(),
+        token: 4,
+        epoch: 2,
+        reason: "node-1 was presumed lost".into(),
+    };
+    n.agent.forget(forget.clone());
+    let r = next(&mut n).await;
+    assert_eq!(r.key.as_ref(), Some(&stale));
+    assert_eq!(r.error_class, "aborted");
+    assert!(r.error.contains("node-1 was presumed lost"), "{}", r.error);
+    let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    eventually("the aborted command was killed", Duration::from_secs(5), || async { !alive(pid) }).await;
+    eventually("the staged instance was removed", Duration::from_secs(10), || async {
+        web_state(&n)["staged"].is_null() && !alive(staged)
+    })
+    .await;
+    assert_eq!(n.agent.running(), vec![other.clone()], "another deployment's step is left alone");
+
+    // Again: nothing to abort, nothing reported.
+    n.agent.forget(forget);
+    assert!(tokio::time::timeout(Duration::from_millis(200), n.results.recv()).await.is_err());
+    assert_eq!(n.agent.running(), vec![other.clone()]);
+    n.agent.abort(Abort { key: Some(other), reason: String::new() });
+    assert_eq!(next(&mut n).await.error_class, "aborted");
 }
 
 #[test]

@@ -916,6 +916,58 @@ impl Inner {
         Ok(json!({"ran": true, "exit": 0, "log": log, "output": tail(&log, 10)}))
     }
 
+    /// Is the command already done? Its `check` script exiting 0 says so
+    /// (the same answer `run_command` gives when it skips the run).
+    async fn check_command(&self, ctx: &StepContext, check: &str) -> Option<Value> {
+        match self.command(ctx, check, "check").await {
+            Ok((_, log)) => Some(json!({"ran": false, "reason": format!("the check `{check}` exited 0 (already done)"), "log": log})),
+            Err(e) => {
+                tracing::debug!(step = %ctx.label(), error = %e.message, "the check says the command is not done");
+                None
+            }
+        }
+    }
+
+    /// Is `release` of `name` already started for this deployment? Yes
+    /// when the staged instance is that release, was started with this
+    /// token and still runs: the output is the one `start` returned.
+    async fn check_start(&self, ctx: &StepContext, name: &str, release: &str) -> Option<Value> {
+        let app = self.existing(name)?;
+        let _op = app.op.lock().await;
+        let st = app.lock();
+        let inst = st.rec.staged.as_ref().filter(|s| s.release == release && s.token == ctx.token)?;
+        let exited = st.procs.get(&inst.pid).is_some_and(|w| w.borrow().is_some());
+        if exited || !proc::alive(inst.pid, inst.proc_start) {
+            return None;
+        }
+        Some(json!({"port": inst.port, "pid": inst.pid, "release": inst.release}))
+    }
+
+    /// Stop every staged instance started with `token`: nothing routes to
+    /// it. Active (and retired) instances are left alone.
+    async fn forget(&self, token: u64) -> Vec<String> {
+        let apps: Vec<Arc<App>> = self.apps.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut removed = Vec::new();
+        for app in apps {
+            let _op = app.op.lock().await;
+            let staged = app.lock().rec.staged.clone();
+            let Some(inst) = staged.filter(|s| s.token == token) else { continue };
+            if let Err(e) = self.stop_instance(&app, &inst).await {
+                tracing::warn!(app = %app.name, error = %e, "could not stop a staged instance of a forgotten deployment; stop it by hand (kill its process group)");
+                continue;
+            }
+            let mut st = app.lock();
+            if st.rec.staged.as_ref().is_some_and(|s| s.same(&inst)) {
+                st.rec.staged = None;
+            }
+            if let Err(e) = self.persist(&st) {
+                tracing::warn!(app = %app.name, error = %e, "the stopped staged instance is still recorded; a restarted node forgets it as not running");
+            }
+            removed.push(format!("stopped staged {}", inst.label(&app.name)));
+        }
+        removed
+    }
+
     async fn cancelled_start(&self, ctx: &StepContext, name: &str, release: &str) {
         let Some(app) = self.existing(name) else { return };
         let _op = app.op.lock().await;
@@ -1064,6 +1116,24 @@ impl Adapter for ProcessAdapter {
                 StepAction::Command { undo: None, .. } => Ok(json!({"ran": false})),
             }
         })
+    }
+
+    fn check<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, Result<Option<Value>, StepError>> {
+        Box::pin(async move {
+            let i = &self.inner;
+            Ok(match action {
+                StepAction::Command { check: Some(script), .. } => i.check_command(ctx, script).await,
+                StepAction::StartInstance { app, release, .. } => i.check_start(ctx, app, release).await,
+                _ => None,
+            })
+        })
+    }
+
+    fn forget<'a>(&'a self, destination: &'a str, token: u64) -> BoxFuture<'a, Vec<String>> {
+        // Instances do not record their destination; the token (a log
+        // index) identifies the deployment on its own.
+        let _ = destination;
+        Box::pin(self.inner.forget(token))
     }
 
     fn cancelled<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, ()> {

@@ -130,7 +130,10 @@ pub struct Spawn<'a> {
     pub path_prepend: &'a [PathBuf],
     pub cwd: &'a Path,
     pub log: &'a Path,
-    /// Kill the child (not its group) when the `Child` is dropped.
+    /// Kill the child (not its group) when the `Child` is dropped, and
+    /// when the node itself dies (even by `kill -9`): a step's command
+    /// must not run on after its node is gone, since the leader hands the
+    /// step to another node once the lease is over.
     pub kill_on_drop: bool,
 }
 
@@ -165,6 +168,26 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<Child> {
         }
     }
     cmd.env("PATH", path);
+    if s.kill_on_drop {
+        let node = std::process::id() as libc::pid_t;
+        // SAFETY: between fork and exec only async-signal-safe calls
+        // (prctl, getppid) are made, and nothing is allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                // SIGKILL when the node's thread that forked us dies; the
+                // spawning threads are the runtime's workers, which live as
+                // long as the node does.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The node may have died before the prctl took effect.
+                if libc::getppid() != node {
+                    return Err(std::io::Error::other("fleet-node exited while starting the command"));
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.spawn()
 }
 
