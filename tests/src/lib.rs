@@ -1,4 +1,5 @@
 
+pub mod checks;
 pub mod harness;
 pub mod values;
 pub mod linearizability;

@@ -16,12 +16,13 @@
 //! `cargo build -p fleet-coord -p fleetctl -p fleet-node -p fleet-demo-app`.
 //! `FLEET_KEEP_TEST_DIR=1` keeps logs, data dirs and witness files.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use fleet_tests::harness::{eventually, CtlRun, Fleet};
+use fleet_tests::checks::{assert_witness_safe, instances, now_ms};
 use fleet_tests::values::{event, event_at, kind, status, steps, transitions};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -50,10 +51,6 @@ fn manifest(app: &str, destination: &str, extra: &str) -> String {
 /// Shell commands as a YAML flow list (a JSON string is a YAML string).
 fn yaml_list(items: &[&str]) -> String {
     serde_json::to_string(items).expect("strings serialize")
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn id_of(d: &Value) -> String {
@@ -135,34 +132,6 @@ async fn assert_no_process_matching(f: &Fleet, needle: &str) -> anyhow::Result<(
     .await
 }
 
-/// Invariant 1 and fencing, over every witness line there is: on each
-/// destination no two actions overlapped in time, no action carried a
-/// token lower than one already used there, and no step attempt (or
-/// undo attempt) was carried out twice.
-fn assert_witness_safe(witness: &[Value]) -> anyhow::Result<()> {
-    let mut by_dest: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    for l in witness {
-        by_dest.entry(l["destination"].as_str().unwrap_or("?").to_string()).or_default().push(l);
-    }
-    for (dest, mut lines) in by_dest {
-        lines.sort_by_key(|l| (l["start_ms"].as_i64().unwrap_or(0), l["end_ms"].as_i64().unwrap_or(0)));
-        for w in lines.windows(2) {
-            let (a, b) = (w[0], w[1]);
-            ensure!(a["end_ms"].as_i64() <= b["start_ms"].as_i64(), "two actions overlapped on destination {dest}:\n  {a}\n  {b}");
-            ensure!(
-                a["token"].as_u64() <= b["token"].as_u64(),
-                "an action with a lower token ran after a higher one on destination {dest}:\n  {a}\n  {b}"
-            );
-        }
-    }
-    let mut seen = BTreeSet::new();
-    for l in witness {
-        let key = (l["deployment"].to_string(), l["step"].to_string(), l["undo"].to_string(), l["attempt"].to_string());
-        ensure!(seen.insert(key), "a step attempt was carried out twice: {l}");
-    }
-    Ok(())
-}
-
 /// Every witness line of each deployment carries that deployment's token.
 fn assert_witness_tokens(witness: &[Value], deployments: &[&Value]) -> anyhow::Result<()> {
     for d in deployments {
@@ -171,18 +140,6 @@ fn assert_witness_tokens(witness: &[Value], deployments: &[&Value]) -> anyhow::R
         }
     }
     Ok(())
-}
-
-/// (node, pid) of the instance a deployment started on each node.
-fn instances(d: &Value) -> anyhow::Result<Vec<(String, u32)>> {
-    let mut out = vec![];
-    for s in steps(d).iter().filter(|s| kind(s) == "start_instance") {
-        let text = s["output"].as_str().with_context(|| format!("start step without output: {s}"))?;
-        let o: Value = serde_json::from_str(text)?;
-        let pid = o["pid"].as_u64().with_context(|| format!("start output without pid: {o}"))? as u32;
-        out.push((s["node"].as_str().unwrap_or("?").to_string(), pid));
-    }
-    Ok(out)
 }
 
 /// Each node runs exactly the instances `d` started there, nothing else.

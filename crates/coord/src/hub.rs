@@ -170,6 +170,18 @@ impl Hub {
         self.changed.notify_one();
     }
 
+    /// A stale result for `key` came from `node`: forget the work only if
+    /// it is `node`'s (after a hand-over the same step may be in flight on
+    /// its new node).
+    pub fn finished_by(&self, key: &WorkKey, node: &str) {
+        let mut g = self.lock();
+        if g.in_flight.get(key).is_some_and(|f| f.node == node) {
+            g.in_flight.remove(key);
+        }
+        drop(g);
+        self.changed.notify_one();
+    }
+
     /// Forget in-flight work of deployments that are no longer active.
     pub fn retain_deployments(&self, active: &std::collections::HashSet<String>) {
         self.lock().in_flight.retain(|k, _| active.contains(&k.deployment));

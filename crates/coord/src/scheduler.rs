@@ -204,8 +204,15 @@ fn tick(raft: &Raft, hub: &Arc<Hub>, d: &Deployment, now: i64, leader_since_ms: 
     let s = &d.steps[w.step];
     let key = step_key(d, w.step, w.undo, w.attempt);
     let work = WorkKey::of(&key);
-    if hub.in_flight(&work).is_some() {
-        return;
+    match hub.in_flight(&work) {
+        Some(f) if f.node == s.plan.node => return,
+        // Handed over from a lost node: what that node had is dead to us
+        // (its results carry the old epoch and are refused).
+        Some(f) => {
+            tracing::info!(deployment = %d.id, step = w.step, from = %f.node, to = %s.plan.node, "step handed over; sending it to its new node");
+            hub.finished(&work);
+        }
+        None => {}
     }
     let action_json = match serde_json::to_string(&s.plan.action) {
         Ok(j) => j,

@@ -187,7 +187,7 @@ async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, 
     });
     if !accepted {
         tracing::debug!(%node, deployment = %key.deployment, step = key.step, "result not expected now; dropped");
-        hub.finished(&work);
+        hub.finished_by(&work, node);
         return;
     }
     // A result the node sends again (after a reconnect) is applied once.
@@ -199,7 +199,7 @@ async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, 
     match propose(raft, Some(id), command).await {
         Ok((Outcome::Stale { reason }, _)) => {
             tracing::info!(%node, deployment = %key.deployment, step = key.step, %reason, "stale step result ignored");
-            hub.finished(&work);
+            hub.finished_by(&work, node);
         }
         Ok(_) => hub.finished(&work),
         // Not the leader any more: the node sends it again to the next one.
