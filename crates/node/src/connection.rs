@@ -20,6 +20,12 @@ use crate::util::now_ms;
 const LEADER_METADATA: &str = "fleet-leader";
 /// Longest pause between connection attempts (plus jitter).
 const MAX_BACKOFF: Duration = Duration::from_millis(1000);
+/// Longest pause for a while after a stream broke: an election is likely
+/// under way, and the saga waits for this node to find the new leader, so
+/// it asks often (a refused attempt costs a follower next to nothing).
+const ELECTION_BACKOFF: Duration = Duration::from_millis(100);
+/// How long after a broken stream `ELECTION_BACKOFF` applies.
+const ELECTION_WINDOW: Duration = Duration::from_secs(10);
 /// How long to wait for the coordinator to answer the stream / Welcome.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -50,6 +56,7 @@ impl Connector {
         let mut backoff = Duration::from_millis(50);
         let mut failed_in_round = 0usize;
         let mut last_error = String::new();
+        let mut broke_at: Option<tokio::time::Instant> = None;
         loop {
             let addr = redirect.take().unwrap_or_else(|| self.addrs[idx].clone());
             match self.session(&addr, &mut results).await {
@@ -77,6 +84,7 @@ impl Connector {
                     last_error.clear();
                     backoff = Duration::from_millis(50);
                     failed_in_round = 0;
+                    broke_at = Some(tokio::time::Instant::now());
                     // Try the next coordinator first: the old leader may be
                     // dead or frozen, and any other answers at once (it
                     // redirects to the new leader).
@@ -89,7 +97,8 @@ impl Connector {
             idx = (idx + 1) % self.addrs.len();
             if failed_in_round >= self.addrs.len() {
                 tokio::time::sleep(jitter(backoff)).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                let electing = broke_at.is_some_and(|t| t.elapsed() < ELECTION_WINDOW);
+                backoff = (backoff * 2).min(if electing { ELECTION_BACKOFF } else { MAX_BACKOFF });
                 failed_in_round = 0;
             }
         }
