@@ -89,7 +89,7 @@ impl ControlService {
         }
         let id = self.scoped(&actor, &r.request_id);
         let command = Command::SubmitDeployment {
-            spec,
+            spec: Box::new(spec),
             actor,
             lock_wait_ms: (r.lock_wait_ms > 0).then_some(r.lock_wait_ms),
             idempotency_key,
@@ -111,7 +111,7 @@ impl ControlService {
             let req = fleet_core::Request {
                 request_id: None,
                 at_ms: crate::control::now_ms(),
-                command: Command::SubmitDeployment { spec, actor, lock_wait_ms: None, idempotency_key: None },
+                command: Command::SubmitDeployment { spec: Box::new(spec), actor, lock_wait_ms: None, idempotency_key: None },
             };
             match copy.apply(index, &req).0 {
                 Outcome::Deployment { id, .. } => {

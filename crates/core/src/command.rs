@@ -33,7 +33,8 @@ pub enum Command {
     ReleaseLock { destination: String, holder: Holder },
     /// Queue a deployment of a validated manifest.
     SubmitDeployment {
-        spec: Spec,
+        /// Boxed: a spec is far larger than every other command.
+        spec: Box<Spec>,
         actor: Holder,
         /// Cancel (timed out) if the lock is not granted within this long.
         #[serde(default, skip_serializing_if = "Option::is_none")]

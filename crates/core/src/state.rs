@@ -253,7 +253,7 @@ impl State {
                 match idem.as_ref().and_then(|k| self.idempotency.get(k)).and_then(|n| self.deployments.get(n)) {
                     Some(d) => Response::Deployment { id: d.id.clone(), state: d.state },
                     None => {
-                        let r = self.submit(index, req.at_ms, spec.clone(), actor, None, "submitted", &mut changes);
+                        let r = self.submit(index, req.at_ms, (**spec).clone(), actor, None, "submitted", &mut changes);
                         if let Response::Deployment { .. } = &r {
                             if let Some(d) = self.deployments.get_mut(&index) {
                                 if d.state == DeployState::Queued {
@@ -910,7 +910,7 @@ mod tests {
                 r
             }
             fn submit(&mut self, app: &str, release: &str, dest: &str) -> Response {
-                self.apply(Command::SubmitDeployment { spec: spec(app, release, dest), actor: "op".into(), lock_wait_ms: None, idempotency_key: None })
+                self.apply(Command::SubmitDeployment { spec: Box::new(spec(app, release, dest)), actor: "op".into(), lock_wait_ms: None, idempotency_key: None })
             }
             fn state_of(&self, id: &str) -> DeployState {
                 self.s.deployment(id).unwrap().state
@@ -1088,7 +1088,7 @@ mod tests {
             let mut w = World::new(&[("a", QueuePolicy::Queue)]);
             let submit = |w: &mut World, actor: &str| {
                 w.apply(Command::SubmitDeployment {
-                    spec: spec("web", "v1", "a"),
+                    spec: Box::new(spec("web", "v1", "a")),
                     actor: actor.into(),
                     lock_wait_ms: None,
                     idempotency_key: Some("ci-42".into()),
@@ -1108,7 +1108,7 @@ mod tests {
                 dests.join(", ")
             );
             let spec = parse_manifest("f", &text, &Overrides::default()).unwrap();
-            Command::SubmitDeployment { spec, actor: "op".into(), lock_wait_ms: None, idempotency_key: None }
+            Command::SubmitDeployment { spec: Box::new(spec), actor: "op".into(), lock_wait_ms: None, idempotency_key: None }
         }
 
         #[test]
@@ -1180,7 +1180,7 @@ mod tests {
             });
             let text = "app: infra\nrelease: v1\ndestination: DEST\nsteps:\n  - { name: apply, run: \"tf apply\" }\n";
             let command = |dest: &str| Command::SubmitDeployment {
-                spec: parse_manifest("f", &text.replace("DEST", dest), &Overrides::default()).unwrap(),
+                spec: Box::new(parse_manifest("f", &text.replace("DEST", dest), &Overrides::default()).unwrap()),
                 actor: "op".into(),
                 lock_wait_ms: None,
                 idempotency_key: None,
