@@ -627,6 +627,17 @@ impl Deployment {
         // release. When a destination has no node left, or a step that
         // must run somewhere has nowhere to go, the release cannot be
         // complete: that is a failure (undone as a whole), never a success.
+        // A command destination's change lives outside the node: an undo
+        // with no node left to run it is not "undone", a human must look.
+        if undoing && !stranded.is_empty() {
+            let reason = format!(
+                "no live node is left to undo {}; the change it made is still in place: a human must check the destination, then run `fleetctl resolve {}`",
+                stranded.join(", "),
+                self.id
+            );
+            self.transition(DeployState::CompensationFailed, at_ms, reason, "coordinator")?;
+            return Ok(true);
+        }
         if self.state == DeployState::Running {
             let lost: BTreeSet<&str> = self.skipped_nodes().into_iter().collect();
             let bare: Vec<&String> = self
@@ -1011,9 +1022,11 @@ mod tests {
         let w = d.next().unwrap();
         d.record(&result(w, true, None), 1).unwrap();
         assert!(d.node_lost("n1", 2, "silent", &live(&[])).unwrap());
-        assert_eq!(d.state, Failed, "nothing can run b or c, and a's undo has no node either");
+        assert_eq!(d.state, CompensationFailed, "nothing can run b or c, and a's undo has no node either: a human must look");
         assert!(d.events.iter().any(|e| e.reason.contains("no live node is left to run")));
+        assert!(d.events.last().unwrap().reason.contains("no live node is left to undo `a` of d"));
         assert_eq!(d.steps[0].status, StepStatus::Skipped);
+        assert!(d.keeps_destination(), "the destination stays locked until resolved");
     }
 
     #[test]

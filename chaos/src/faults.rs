@@ -1,0 +1,218 @@
+//! The faults a round injects, and how the harness brings the cluster back
+//! afterwards. Every recovery waits on a condition (a new leader, a lease
+//! passed, the deployment moved on), never on a fixed time; the only fixed
+//! sleep is the length of a SIGSTOP, which *is* the fault.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _};
+use fleet_tests::checks::now_ms;
+use fleet_tests::harness::{eventually, CtlRun, Fleet};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use crate::scenario::{is_terminal, SETTLE};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// `kill -9` of the Raft leader; restarted once the survivors elected a new one.
+    LeaderKill,
+    /// SIGSTOP of the leader for 1.5–3 s (past the election timeout,
+    /// inside the nodes' 5 s lease), then SIGCONT: a stale leader wakes up.
+    LeaderStop,
+    /// `kill -9` of a follower; restarted once the deployment made progress without it.
+    FollowerKill,
+    /// `kill -9` of a worker node running this deployment; restarted once
+    /// the leader presumed it lost (lease passed) and the deployment moved
+    /// on, or the deployment ended.
+    NodeKill,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 4] = [FaultKind::LeaderKill, FaultKind::LeaderStop, FaultKind::FollowerKill, FaultKind::NodeKill];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::LeaderKill => "kill -9 leader",
+            FaultKind::LeaderStop => "SIGSTOP leader",
+            FaultKind::FollowerKill => "kill -9 follower",
+            FaultKind::NodeKill => "kill -9 node",
+        }
+    }
+}
+
+/// A fault as drawn from the seeded generator, before anything happened:
+/// every random choice is made up front so that the sequence of draws, and
+/// so the whole run, depends only on the seed.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultPlan {
+    pub kind: FaultKind,
+    /// Picks the follower or node (modulo how many there are).
+    pub pick: usize,
+    /// How long a SIGSTOP lasts.
+    pub stop_for: Duration,
+}
+
+/// What was done.
+#[derive(Debug, Clone, Serialize)]
+pub struct Injected {
+    pub kind: FaultKind,
+    /// `coordinator 2`, `node-3` ...
+    pub target: String,
+    /// Wall clock of the fault (comparable with witness and event times).
+    pub at_ms: i64,
+    /// What the recovery saw, for the report.
+    pub detail: String,
+}
+
+/// Inject `plan` into deployment `id` (whose `watch` is `watcher`), with
+/// `nodes` the workers its steps run on, and bring the cluster back.
+pub async fn inject(
+    f: &mut Fleet,
+    plan: &FaultPlan,
+    id: &str,
+    nodes: &[&str],
+    watcher: &JoinHandle<anyhow::Result<CtlRun>>,
+) -> anyhow::Result<Injected> {
+    match plan.kind {
+        FaultKind::LeaderKill => leader_kill(f).await,
+        FaultKind::LeaderStop => leader_stop(f, plan.stop_for).await,
+        FaultKind::FollowerKill => follower_kill(f, plan.pick, id, watcher).await,
+        FaultKind::NodeKill => node_kill(f, nodes[plan.pick % nodes.len()], id, watcher).await,
+    }
+}
+
+async fn leader_kill(f: &mut Fleet) -> anyhow::Result<Injected> {
+    let leader = f.cluster.leader_id().await?;
+    let at_ms = now_ms();
+    let killed = Instant::now();
+    f.cluster.kill9(leader)?;
+    // A crashed process does not come back within an election timeout:
+    // restart it only once the survivors have a leader.
+    let (new_leader, _) = new_leader_without(f, leader, "a new leader among the survivors of the kill").await?;
+    let elected = killed.elapsed();
+    f.cluster.restart(leader).with_context(|| format!("restarting coordinator {leader}"))?;
+    Ok(Injected {
+        kind: FaultKind::LeaderKill,
+        target: format!("coordinator {leader}"),
+        at_ms,
+        detail: format!("coordinator {new_leader} led {} ms after the kill; {leader} restarted", elected.as_millis()),
+    })
+}
+
+async fn leader_stop(f: &mut Fleet, stop_for: Duration) -> anyhow::Result<Injected> {
+    let leader = f.cluster.leader_id().await?;
+    let at_ms = now_ms();
+    let stopped = Instant::now();
+    f.cluster.signal(leader, "STOP")?;
+    // Whatever happens while it is stopped, wake it before reporting.
+    let elected = new_leader_without(f, leader, "a new leader while the old one is stopped").await;
+    if let Some(left) = stop_for.checked_sub(stopped.elapsed()) {
+        tokio::time::sleep(left).await; // the length of the fault, not a wait for anything
+    }
+    let paused = stopped.elapsed();
+    let woke = f.cluster.signal(leader, "CONT");
+    let (new_leader, after) = elected?;
+    woke?;
+    // The woken coordinator learns that it no longer leads.
+    eventually(&format!("coordinator {leader} to follow a new leader after SIGCONT"), SETTLE, || async {
+        let s = f.cluster.local_status(leader).await?;
+        Ok((s.leader_id != 0 && s.leader_id != leader).then_some(()))
+    })
+    .await?;
+    Ok(Injected {
+        kind: FaultKind::LeaderStop,
+        target: format!("coordinator {leader}"),
+        at_ms,
+        detail: format!("stopped {} ms; coordinator {new_leader} led {} ms after the stop", paused.as_millis(), after.as_millis()),
+    })
+}
+
+async fn follower_kill(f: &mut Fleet, pick: usize, id: &str, watcher: &JoinHandle<anyhow::Result<CtlRun>>) -> anyhow::Result<Injected> {
+    let leader = f.cluster.leader_id().await?;
+    let followers: Vec<u64> = f.cluster.coords.keys().copied().filter(|c| *c != leader).collect();
+    ensure!(!followers.is_empty(), "no follower to kill: coordinators {:?}", f.cluster.coords.keys().collect::<Vec<_>>());
+    let victim = followers[pick % followers.len()];
+    let at_ms = now_ms();
+    f.cluster.kill9(victim)?;
+    // The two survivors are a majority: the deployment must go on without
+    // it. Restart it once it has (an action started and finished after the
+    // kill), or once the deployment is over.
+    let how = eventually(&format!("{id} to make progress with coordinator {victim} dead"), SETTLE, || async {
+        if watcher.is_finished() {
+            return Ok(Some("the deployment ended".to_string()));
+        }
+        let next = f.witness().into_iter().filter(|l| l["start_ms"].as_i64().unwrap_or(0) >= at_ms).min_by_key(|l| l["start_ms"].as_i64());
+        Ok(next.map(|l| format!("an action finished {} ms after the kill", l["end_ms"].as_i64().unwrap_or(0) - at_ms)))
+    })
+    .await?;
+    f.cluster.restart(victim).with_context(|| format!("restarting coordinator {victim}"))?;
+    Ok(Injected {
+        kind: FaultKind::FollowerKill,
+        target: format!("coordinator {victim}"),
+        at_ms,
+        detail: format!("leader {leader} kept leading; {how}; {victim} restarted"),
+    })
+}
+
+async fn node_kill(f: &mut Fleet, victim: &str, id: &str, watcher: &JoinHandle<anyhow::Result<CtlRun>>) -> anyhow::Result<Injected> {
+    let before = f.cluster.deployment(id).await?;
+    let epoch = before["epoch"].as_u64().unwrap_or(0);
+    let idx = f.nodes.iter().position(|n| n.name == victim).with_context(|| format!("no node {victim}"))?;
+    let at_ms = now_ms();
+    f.nodes[idx].kill9()?;
+    // Restart it only after its lease has certainly passed: the leader lists
+    // it as lost and the deployment has moved on (its record changed after
+    // the kill), or the deployment has ended. A quicker return would only
+    // test a reconnect.
+    let how = eventually(&format!("{victim} to be presumed lost and {id} to move on, or {id} to end"), SETTLE, || async {
+        let d = f.cluster.deployment(id).await?;
+        let state = d["state"].as_str().unwrap_or("?");
+        if is_terminal(state) {
+            return Ok(Some(format!("{id} ended {state} before the node was restarted")));
+        }
+        if watcher.is_finished() {
+            return Ok(Some(format!("the watch of {id} returned before the node was restarted")));
+        }
+        let nodes = f.cluster.nodes_json().await?;
+        let lost = nodes.iter().any(|n| n["id"] == victim && n["connected"] == false && n["lost_ms"].is_i64());
+        let moved = moved_on_since(&d, epoch, at_ms);
+        Ok((lost && moved).then(|| {
+            let skipped = d["steps"].as_array().map(|s| s.iter().filter(|s| s["node"] == victim && s["status"] == "skipped").count());
+            format!("presumed lost {} ms after the kill; epoch {epoch} → {}; {} of its steps skipped", now_ms() - at_ms, d["epoch"], skipped.unwrap_or(0))
+        }))
+    })
+    .await?;
+    f.nodes[idx].restart().with_context(|| format!("restarting {victim}"))?;
+    Ok(Injected { kind: FaultKind::NodeKill, target: victim.to_string(), at_ms, detail: format!("{how}; restarted") })
+}
+
+/// Has the deployment's record changed since `at_ms`: a new epoch, an
+/// event, or a step (or undo) finished after it?
+fn moved_on_since(d: &Value, epoch: u64, at_ms: i64) -> bool {
+    let after = |v: &Value| v.as_i64().is_some_and(|t| t >= at_ms);
+    d["epoch"].as_u64().unwrap_or(0) > epoch
+        || d["events"].as_array().is_some_and(|e| e.iter().any(|e| after(&e["at_ms"])))
+        || d["steps"].as_array().is_some_and(|s| s.iter().any(|s| after(&s["finished_ms"]) || after(&s["undo_finished_ms"])))
+}
+
+/// The first leader other than `old` that any other coordinator reports,
+/// and how long after the call it was seen.
+async fn new_leader_without(f: &Fleet, old: u64, what: &str) -> anyhow::Result<(u64, Duration)> {
+    let began = Instant::now();
+    let others: BTreeSet<u64> = f.cluster.coords.keys().copied().filter(|c| *c != old).collect();
+    eventually(what, Duration::from_secs(20), || async {
+        for id in &others {
+            if let Ok(s) = f.cluster.local_status(*id).await {
+                if s.leader_id != 0 && s.leader_id != old {
+                    return Ok(Some((s.leader_id, began.elapsed())));
+                }
+            }
+        }
+        Ok(None)
+    })
+    .await
+}

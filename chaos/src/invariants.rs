@@ -1,0 +1,285 @@
+//! The invariants a chaos run checks (numbered as in the crate docs and
+//! README), each failing with a [`Broken`] that says which one and where.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use fleet_tests::checks::{assert_witness_safe, instances};
+use fleet_tests::harness::{eventually, Fleet};
+use fleet_tests::values::{kind, status, steps};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::faults::FaultKind;
+use crate::report::RoundLine;
+use crate::scenario::{is_terminal, Kind, OPS_NODE};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Invariant {
+    /// 1. Every submitted deployment is listed and ended in a terminal state.
+    NoneLostAllEnded,
+    /// 2. Witness: no overlap on a destination, tokens never go back, no
+    ///    step attempt twice, every action carries its deployment's token.
+    WitnessSafe,
+    /// 3. `watch`'s exit code matches the deployment's final state.
+    ExitCodes,
+    /// 4. No lock held at the end; each node runs only the instances of the
+    ///    last succeeded deployment that switched its route there.
+    NoLocksNoOrphans,
+    /// 5. A deployment that did not succeed was failed by an injected fault
+    ///    that may fail it (the loss of `ops`' only node).
+    FailuresExplained,
+    /// Not a DESIGN.md invariant: the cluster did not recover from a fault
+    /// within the harness's bound (no leader, a node never lost or never
+    /// back, a watch that never returned). Also a bug, of liveness.
+    Recovery,
+}
+
+impl Invariant {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Invariant::NoneLostAllEnded => "invariant 1 (no deployment lost, every one ended)",
+            Invariant::WitnessSafe => "invariant 2 (witness: no overlap, tokens never go back, no attempt twice)",
+            Invariant::ExitCodes => "invariant 3 (watch exit code = final state)",
+            Invariant::NoLocksNoOrphans => "invariant 4 (no lock held, no orphaned instance)",
+            Invariant::FailuresExplained => "invariant 5 (every failure caused by an injected fault)",
+            Invariant::Recovery => "recovery (the cluster did not come back from a fault in time)",
+        }
+    }
+}
+
+/// An invariant that does not hold, and the evidence.
+#[derive(Debug)]
+pub struct Broken {
+    pub invariant: Invariant,
+    pub what: String,
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} broken: {}", self.invariant.describe(), self.what)
+    }
+}
+
+impl std::error::Error for Broken {}
+
+fn broken(invariant: Invariant, what: impl Into<String>) -> anyhow::Error {
+    Broken { invariant, what: what.into() }.into()
+}
+
+macro_rules! holds {
+    ($inv:expr, $cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(broken($inv, format!($($msg)+)));
+        }
+    };
+}
+
+/// The exit code `fleetctl watch` must return for a deployment in `d`'s state.
+pub fn expected_exit(d: &Value) -> Option<i32> {
+    match d["state"].as_str()? {
+        "succeeded" => Some(0),
+        "failed" => Some(3),
+        "cancelled" if d["timed_out"] == true => Some(5),
+        "cancelled" | "superseded" => Some(4),
+        "compensation_failed" => Some(6),
+        _ => None,
+    }
+}
+
+/// Invariant 3 for one round: `code` is `watch`'s exit status, `result` its
+/// `{"type":"result"}` line.
+pub fn exit_code_matches(line: &RoundLine, code: i32, result: &Value) -> anyhow::Result<()> {
+    let d = &result["deployment"];
+    let want = expected_exit(d);
+    holds!(
+        Invariant::ExitCodes,
+        want == Some(code),
+        "round {}: `watch {}` exited {code}, but the deployment ended {} (timed_out {}): expected {want:?}",
+        line.round,
+        line.deployment,
+        d["state"],
+        d["timed_out"]
+    );
+    holds!(
+        Invariant::ExitCodes,
+        result["exit_code"].as_i64() == Some(code as i64) && result["state"] == d["state"],
+        "round {}: `watch {}` exited {code} but its result line says exit_code {} state {}",
+        line.round,
+        line.deployment,
+        result["exit_code"],
+        result["state"]
+    );
+    Ok(())
+}
+
+/// Invariant 5 for one round: `None` when it succeeded, else why its
+/// failure is acceptable, else [`Broken`].
+pub fn failure_explained(line: &RoundLine, d: &Value) -> anyhow::Result<Option<String>> {
+    if line.state == "succeeded" {
+        return Ok(None);
+    }
+    // `ops` has one node: when it is presumed lost mid-deploy, what is left
+    // has nowhere to run and the deployment is compensated (exit 3).
+    let lost_ops_node = line.kind == Kind::Command && line.fault.kind == FaultKind::NodeKill && line.fault.target == OPS_NODE;
+    let failed_after_fault = d["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["to"] == "compensating"))
+        .and_then(|e| e["at_ms"].as_i64())
+        .is_some_and(|t| t >= line.fault.at_ms);
+    if lost_ops_node && line.state == "failed" && line.watch_exit == 3 && failed_after_fault {
+        return Ok(Some(format!("{OPS_NODE}, the only node of `ops`, was lost mid-deploy")));
+    }
+    let reasons: Vec<String> =
+        d["events"].as_array().map(|e| e.iter().map(|e| format!("{} → {}: {}", e["from"], e["to"], e["reason"])).collect()).unwrap_or_default();
+    let failed_steps: Vec<String> = steps(d)
+        .iter()
+        .filter(|s| !matches!(status(s), "done" | "pending" | "undone" | "skipped"))
+        .map(|s| format!("{} on {}: {} ({})", s["name"], s["node"], status(s), s["error"]))
+        .collect();
+    Err(broken(
+        Invariant::FailuresExplained,
+        format!(
+            "round {}: {} ({}) ended {} (exit {}) after `{}` of {} at action {} +{} ms; only the loss of {OPS_NODE} during a \
+             command deployment may fail one.\n  events: {reasons:#?}\n  failed steps: {failed_steps:#?}",
+            line.round,
+            line.deployment,
+            line.kind.name(),
+            line.state,
+            line.watch_exit,
+            line.fault.kind.name(),
+            line.fault.target,
+            line.after_actions,
+            line.extra_ms
+        ),
+    ))
+}
+
+/// Invariant 4 for a command deployment: its `apply` step leaves
+/// `<marks>/<id>.applied` and its undo removes it, so the mark must exist
+/// exactly when the deployment succeeded. A deployment that ended failed
+/// (exit 3: "failed and cleanly rolled back") with the mark still there
+/// left its change in place.
+pub fn command_undone(line: &RoundLine, d: &Value, marks: &std::path::Path) -> anyhow::Result<()> {
+    if line.kind != Kind::Command {
+        return Ok(());
+    }
+    let mark = marks.join(format!("{}.applied", line.deployment));
+    let applied = mark.exists();
+    let succeeded = line.state == "succeeded";
+    let steps: Vec<String> = steps(d)
+        .iter()
+        .map(|s| format!("{} on {}: {} (attempt {}, undo attempt {})", s["name"], s["node"], status(s), s["attempt"], s["undo_attempt"]))
+        .collect();
+    let events: Vec<String> =
+        d["events"].as_array().map(|e| e.iter().map(|e| format!("{} → {}: {}", e["from"], e["to"], e["reason"])).collect()).unwrap_or_default();
+    holds!(
+        Invariant::NoLocksNoOrphans,
+        applied == succeeded,
+        "round {}: {} (command, `{}` of {}) ended {} (exit {}) but {} {}: {}\n  steps: {steps:#?}\n  events: {events:#?}",
+        line.round,
+        line.deployment,
+        line.fault.kind.name(),
+        line.fault.target,
+        line.state,
+        line.watch_exit,
+        mark.display(),
+        if applied { "exists" } else { "does not exist" },
+        if applied { "its `apply` step's change was never undone" } else { "the change of a succeeded `apply` is gone" },
+    );
+    Ok(())
+}
+
+/// Invariant 2 over every witness line so far, plus: every action carried
+/// the token of the deployment it belongs to.
+pub fn witness_safe(f: &Fleet, tokens: &BTreeMap<String, Value>) -> anyhow::Result<()> {
+    let witness = f.witness();
+    assert_witness_safe(&witness).map_err(|e| broken(Invariant::WitnessSafe, format!("{e:#}")))?;
+    for l in &witness {
+        let Some(token) = l["deployment"].as_str().and_then(|id| tokens.get(id)) else { continue };
+        holds!(Invariant::WitnessSafe, l["token"] == *token, "an action of {} carried token {}, the deployment's is {token}: {l}", l["deployment"], l["token"]);
+    }
+    Ok(())
+}
+
+/// Invariant 1: `ids` are all listed, and nothing listed is still active.
+/// Returns the final record of every listed deployment.
+pub async fn none_lost(f: &Fleet, ids: &[String]) -> anyhow::Result<BTreeMap<String, Value>> {
+    let run = f.cluster.ctl(&["list", "--limit", "1000", "-o", "json"]).await?;
+    run.expect_code(0)?;
+    let listed: BTreeMap<String, String> =
+        run.lines.iter().filter_map(|d| Some((d["id"].as_str()?.to_string(), d["state"].as_str().unwrap_or("?").to_string()))).collect();
+    let missing: Vec<&String> = ids.iter().filter(|id| !listed.contains_key(*id)).collect();
+    holds!(Invariant::NoneLostAllEnded, missing.is_empty(), "submitted but not listed by `fleetctl list`: {missing:?} (listed: {listed:?})");
+    let mut finals = BTreeMap::new();
+    for id in listed.keys() {
+        let d = f.cluster.deployment(id).await?;
+        let state = d["state"].as_str().unwrap_or("?");
+        holds!(Invariant::NoneLostAllEnded, is_terminal(state), "{id} is still {state} after every watch returned: {}", d["events"]);
+        finals.insert(id.clone(), d);
+    }
+    Ok(finals)
+}
+
+/// Invariant 4: no destination lock is held, and every node runs exactly
+/// the instances of the last succeeded deployment that switched its route
+/// there (per destination and app). A node that was lost may still hold a
+/// staged instance until it reconnects and is told to forget: polled.
+pub async fn no_locks_no_orphans(f: &Fleet, finals: &BTreeMap<String, Value>) -> anyhow::Result<()> {
+    let run = f.cluster.ctl(&["lock", "status", "-o", "json"]).await?;
+    run.expect_code(0)?;
+    let locks = run.json()?;
+    let held = locks["locks"].as_array().cloned().unwrap_or_default();
+    holds!(Invariant::NoLocksNoOrphans, locks["locks"].is_array() && held.is_empty(), "locks still held at the end: {locks}");
+
+    let want = expected_instances(finals)?;
+    let outcome = eventually("every node to run only the instances of its last succeeded deployments", Duration::from_secs(30), || async {
+        let mut wrong = vec![];
+        for n in &f.nodes {
+            let expected = want.get(&n.name).cloned().unwrap_or_default();
+            let running = n.processes();
+            let pids: BTreeSet<u32> = running.iter().map(|(p, _)| *p).collect();
+            if pids != expected.keys().copied().collect::<BTreeSet<u32>>() {
+                let orphans: Vec<&(u32, String)> = running.iter().filter(|(p, _)| !expected.contains_key(p)).collect();
+                let gone: Vec<String> = expected.iter().filter(|(p, _)| !pids.contains(p)).map(|(p, why)| format!("{p} ({why})")).collect();
+                wrong.push(format!(
+                    "{}: runs {orphans:?} that no succeeded deployment's record accounts for (orphans); \
+                     does not run {gone:?} that the record says serve there (missing)",
+                    n.name
+                ));
+            }
+        }
+        anyhow::ensure!(wrong.is_empty(), "{}", wrong.join("\n  "));
+        Ok(Some(()))
+    })
+    .await;
+    outcome.map_err(|e| broken(Invariant::NoLocksNoOrphans, format!("{e:#}")))
+}
+
+/// node → pid → which deployment's instance it is.
+fn expected_instances(finals: &BTreeMap<String, Value>) -> anyhow::Result<BTreeMap<String, BTreeMap<u32, String>>> {
+    let mut succeeded: Vec<&Value> = finals.values().filter(|d| d["state"] == "succeeded").collect();
+    succeeded.sort_by_key(|d| d["token"].as_u64());
+    // (node, destination, app) → (pid, why); later (higher token) wins.
+    let mut live: BTreeMap<(String, String, String), (u32, String)> = BTreeMap::new();
+    for d in succeeded {
+        for sw in steps(d).iter().filter(|s| kind(s) == "switch_route" && status(s) == "done") {
+            let (node, dest, app) = (&sw["node"], &sw["destination"], &sw["action"]["app"]);
+            let start = steps(d)
+                .iter()
+                .find(|s| kind(s) == "start_instance" && status(s) == "done" && s["node"] == *node && s["destination"] == *dest)
+                .ok_or_else(|| broken(Invariant::NoLocksNoOrphans, format!("{}: route switched on {node} without a done start step", d["id"])))?;
+            let one = json!({ "steps": [start] });
+            for (node, pid) in instances(&one)? {
+                let why = format!("{} {}@{} on {}", d["id"], app.as_str().unwrap_or("?"), d["release"].as_str().unwrap_or("?"), dest.as_str().unwrap_or("?"));
+                live.insert((node, dest.as_str().unwrap_or("?").to_string(), app.as_str().unwrap_or("?").to_string()), (pid, why));
+            }
+        }
+    }
+    let mut out: BTreeMap<String, BTreeMap<u32, String>> = BTreeMap::new();
+    for ((node, _, _), (pid, why)) in live {
+        out.entry(node).or_default().insert(pid, why);
+    }
+    Ok(out)
+}
