@@ -159,7 +159,12 @@ async fn kill9_every_coordinator_loses_no_acknowledged_write() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread")]
 async fn learner_catches_up_through_snapshot_then_membership_changes_while_serving() -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(3, &[FAST_RAFT, &["--snapshot-logs", "200"]].concat()).await?;
+    // 15 KiB entries in batches take longer than FAST_RAFT's 50 ms
+    // heartbeat (which openraft also uses as the AppendEntries timeout) on
+    // a loaded 2-core machine, and the replication timeouts then cause
+    // elections: this test is about snapshots and membership, not speed.
+    let raft = ["--heartbeat-ms", "150", "--election-timeout-ms", "1000", "--snapshot-logs", "200"];
+    let mut cluster = Cluster::start(3, &raft).await?;
 
     // At least 10 MB of state: 700 locks with 15 KB reasons, from 8 clients.
     let reason = "x".repeat(15 * 1024);
