@@ -558,16 +558,13 @@ impl State {
         let d = self.deployments.get_mut(&n).expect("checked above");
         match d.record(outcome, at_ms) {
             Err(e) => Response::Stale { reason: e.to_string() },
-            Ok(state) => {
+            Ok(_) => {
                 // A resource error means the target changed under us:
                 // re-sync with the membership before the retry runs.
-                let state = match live {
-                    Some(live) => {
-                        let _ = d.resync(at_ms, &live);
-                        d.state
-                    }
-                    None => state,
-                };
+                if let Some(live) = live {
+                    let _ = d.resync(at_ms, &live);
+                }
+                let state = d.state;
                 self.put_deployment(n, changes);
                 self.after_progress(n, index, at_ms, changes);
                 Response::Deployment { id: id.to_string(), state }
