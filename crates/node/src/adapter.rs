@@ -65,17 +65,6 @@ impl StepError {
     }
 }
 
-/// The wire name of an error class (`StepResult.error_class`).
-pub fn class_name(class: ErrorClass) -> &'static str {
-    match class {
-        ErrorClass::Transient => "transient",
-        ErrorClass::Auth => "auth",
-        ErrorClass::Resource => "resource",
-        ErrorClass::Invalid => "invalid",
-        ErrorClass::Aborted => "aborted",
-    }
-}
-
 /// Carries out step actions on this host.
 ///
 /// Futures returned by `run`, `check` and `undo` may be dropped at any await point

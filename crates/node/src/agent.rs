@@ -34,14 +34,16 @@ use std::time::Duration;
 
 use fleet_core::deploy::ErrorClass;
 use fleet_core::saga::StepAction;
+use fleet_net::now_ms;
+use fleet_net::wire::{class_from_wire, class_to_wire};
 use fleet_proto::{Abort, Forget, StepAssignment, StepKey, StepResult};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::adapter::{class_name, Adapter, StepContext, StepError};
+use crate::adapter::{Adapter, StepContext, StepError};
 use crate::fencing::{Fencing, Verdict};
-use crate::util::{human, now_ms, write_atomic};
+use crate::util::{human, write_atomic};
 use crate::witness::{Witness, WitnessLine};
 
 /// Results re-sent on every new stream.
@@ -119,9 +121,26 @@ struct Journaled {
     ok: bool,
     output_json: String,
     error: String,
-    error_class: String,
+    /// `None` on success. Journals written before the class became an enum
+    /// on the wire hold its name, or `""` on success: both still read.
+    #[serde(default, deserialize_with = "class_or_empty")]
+    error_class: Option<ErrorClass>,
     started_ms: i64,
     finished_ms: i64,
+}
+
+/// An optional error class, where `""` (an old journal's success) is none.
+fn class_or_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ErrorClass>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.is_empty() => Ok(None),
+        Some(s) => ErrorClass::deserialize(serde::de::value::StringDeserializer::<D::Error>::new(s)).map(Some),
+    }
+}
+
+/// The wire value of a result's class: unset on success.
+fn class_wire(class: Option<ErrorClass>) -> i32 {
+    class.map_or(fleet_proto::ErrorClass::Unspecified as i32, |c| class_to_wire(c) as i32)
 }
 
 impl Journaled {
@@ -137,7 +156,7 @@ impl Journaled {
             ok: r.ok,
             output_json: r.output_json.clone(),
             error: r.error.clone(),
-            error_class: r.error_class.clone(),
+            error_class: if r.ok { None } else { class_from_wire(r.error_class).ok() },
             started_ms: r.started_ms,
             finished_ms: r.finished_ms,
         })
@@ -155,7 +174,7 @@ impl Journaled {
             ok: self.ok,
             output_json: self.output_json,
             error: self.error,
-            error_class: self.error_class,
+            error_class: class_wire(self.error_class),
             started_ms: self.started_ms,
             finished_ms: self.finished_ms,
         }
@@ -269,7 +288,7 @@ impl Agent {
             ok: false,
             output_json: String::new(),
             error,
-            error_class: class_name(class).into(),
+            error_class: class_wire(Some(class)),
             started_ms: now,
             finished_ms: now,
         };
@@ -317,7 +336,8 @@ impl Agent {
     /// adapter remove what its steps left behind (in a task; each removal
     /// is logged). A repeated `Forget` finds nothing to do.
     pub fn forget(&self, f: Forget) {
-        let why = if f.reason.is_empty() { "the leader says this node no longer owns the deployment".to_string() } else { f.reason.clone() };
+        let why =
+            if f.reason.is_empty() { "the leader says this node no longer owns the deployment".to_string() } else { f.reason.clone() };
         let (stale, current): (Vec<KeyId>, Vec<KeyId>) = {
             let s = self.steps();
             s.running.keys().filter(|k| k.deployment == f.deployment).cloned().partition(|k| k.epoch < f.epoch)
@@ -431,9 +451,11 @@ impl Agent {
                         checked = true;
                         return Ok(out);
                     }
-                    Ok(None) => tracing::info!(step = %id, action = action.verb(), "handed-over step not done here per its check; running it"),
+                    Ok(None) => {
+                        tracing::info!(step = %id, action = action.verb(), "handed-over step not done here per its check; running it")
+                    }
                     Err(e) => tracing::warn!(
-                        step = %id, action = action.verb(), class = class_name(e.class), error = %e.message,
+                        step = %id, action = action.verb(), class = ?e.class, error = %e.message,
                         "the check of a handed-over step failed, so it is not known to be done; running it"
                     ),
                 }
@@ -468,16 +490,13 @@ impl Agent {
             Outcome::Aborted(reason) => {
                 self.adapter.cancelled(&ctx, &action).await;
                 let why = if reason.is_empty() { String::new() } else { format!(" ({reason})") };
-                Err(StepError::new(
-                    ErrorClass::Aborted,
-                    format!("{} was aborted by the leader{why} and stopped", describe(&action)),
-                ))
+                Err(StepError::new(ErrorClass::Aborted, format!("{} was aborted by the leader{why} and stopped", describe(&action))))
             }
         };
         let finished_ms = now_ms();
         match &outcome {
             Ok(_) => tracing::info!(step = %id, action = action.verb(), ms = finished_ms - started_ms, "step succeeded"),
-            Err(e) => tracing::warn!(step = %id, action = action.verb(), class = class_name(e.class), error = %e.message, "step failed"),
+            Err(e) => tracing::warn!(step = %id, action = action.verb(), class = ?e.class, error = %e.message, "step failed"),
         }
         if let Some(w) = &self.witness {
             let line = WitnessLine {
@@ -519,7 +538,7 @@ fn result(key: &StepKey, r: Result<Value, StepError>, started_ms: i64, finished_
             ok: true,
             output_json: v.to_string(),
             error: String::new(),
-            error_class: String::new(),
+            error_class: class_wire(None),
             started_ms,
             finished_ms,
         },
@@ -528,7 +547,7 @@ fn result(key: &StepKey, r: Result<Value, StepError>, started_ms: i64, finished_
             ok: false,
             output_json: String::new(),
             error: e.message,
-            error_class: class_name(e.class).into(),
+            error_class: class_wire(Some(e.class)),
             started_ms,
             finished_ms,
         },

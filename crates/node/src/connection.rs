@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_net::{now_ms, LEADER_METADATA};
 use fleet_proto::worker_client::WorkerClient;
 use fleet_proto::{leader_message, node_message, Heartbeat, Hello, NodeMessage, StepResult};
 use tokio::sync::mpsc;
@@ -14,10 +15,7 @@ use tonic::{Code, Status};
 
 use crate::agent::{Agent, RESEND};
 use crate::identity::NodeIdentity;
-use crate::util::now_ms;
 
-/// Metadata key of the leader's address in a follower's UNAVAILABLE answer.
-const LEADER_METADATA: &str = "fleet-leader";
 /// Longest pause between connection attempts (plus jitter).
 const MAX_BACKOFF: Duration = Duration::from_millis(1000);
 /// Longest pause for a while after a stream broke: an election is likely
@@ -135,12 +133,7 @@ impl Connector {
             },
         };
         if self.print {
-            println!(
-                "fleet-node {} connected to leader {} at {addr} (term {})",
-                self.agent.node(),
-                welcome.leader_id,
-                welcome.term
-            );
+            println!("fleet-node {} connected to leader {} at {addr} (term {})", self.agent.node(), welcome.leader_id, welcome.term);
         }
         tracing::info!(%addr, leader = welcome.leader_id, term = welcome.term, heartbeat_ms = welcome.heartbeat_ms, "connected");
 

@@ -170,10 +170,8 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
 async fn run(args: Args, identity: NodeIdentity, witness: Option<Witness>) -> anyhow::Result<()> {
     let node = identity.node_id.clone();
     for addr in &args.coord {
-        match identity.channel(addr) {
-            Ok(_) => {}
-            Err(e @ fleet_node::identity::IdentityError::BadAddr { .. }) => usage(format_args!("--coord: {e}")),
-            Err(e) => usage(e),
+        if let Err(e) = identity.channel(addr) {
+            usage(e);
         }
     }
     let _lock = lock_data_dir(&args.data_dir)?;

@@ -1,13 +1,9 @@
-//! Small helpers: clocks, durable file writes, log tails.
+//! Small helpers: durable file writes, log tails, durations as people
+//! write them. (The wall clock is `fleet_net::now_ms`.)
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Unix milliseconds now.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+use std::time::Duration;
 
 /// Write `bytes` to `path` so that a crash leaves either the old or the new
 /// contents: write a temporary file beside it, fsync it, rename it over

@@ -19,7 +19,7 @@ use fleet_node::agent::Agent;
 use fleet_node::fencing::Fencing;
 use fleet_node::process::{ProcessAdapter, ProcessConfig};
 use fleet_node::witness::Witness;
-use fleet_proto::{Abort, StepAssignment, StepKey, StepResult};
+use fleet_proto::{Abort, ErrorClass as WireClass, StepAssignment, StepKey, StepResult};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -142,9 +142,7 @@ struct Deployed {
 async fn deploy(a: &ProcessAdapter, token: u64, release: &str) -> Deployed {
     let run = |step: u32, action: StepAction| {
         let a = a.clone();
-        async move {
-            a.run(&ctx(token, step, false), &action).await.unwrap_or_else(|e| panic!("{} of {release}: {e}", action.verb()))
-        }
+        async move { a.run(&ctx(token, step, false), &action).await.unwrap_or_else(|e| panic!("{} of {release}: {e}", action.verb())) }
     };
     let start = run(0, start(release, &[])).await;
     run(1, health(release, 10_000)).await;
@@ -160,9 +158,11 @@ async fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| {
-        std::io::Error::other(format!("not an HTTP answer: {text:?}"))
-    })?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
 }
@@ -455,11 +455,8 @@ async fn check_of_a_command_runs_its_check_script_and_never_the_command() {
     let (a, _cleanup) = adapter(dir.path()).await;
     let flag = dir.path().join("migrated");
     let marker = dir.path().join("ran");
-    let action = StepAction::Command {
-        run: format!("touch {}", marker.display()),
-        undo: None,
-        check: Some(format!("test -e {}", flag.display())),
-    };
+    let action =
+        StepAction::Command { run: format!("touch {}", marker.display()), undo: None, check: Some(format!("test -e {}", flag.display())) };
     // Not done yet: the check exits 1.
     assert_eq!(a.check(&ctx(1, 0, false), &action).await.unwrap(), None);
     assert!(!marker.exists(), "check ran the command");
@@ -637,7 +634,7 @@ async fn commands_run_once_per_key_and_report_failures() {
     n.agent.assign(assign(&k3, &command("echo disk is full >&2; exit 4"), 10_000));
     let r = next(&mut n).await;
     assert!(!r.ok);
-    assert_eq!(r.error_class, "invalid");
+    assert_eq!(r.error_class, WireClass::Invalid as i32);
     assert!(r.error.contains("exited with status 4") && r.error.contains("disk is full"), "{}", r.error);
 
     // Undo runs the undo command.
@@ -684,7 +681,7 @@ async fn stale_fencing_tokens_are_refused_and_remembered() {
     n.agent.assign(assign(&key("old", 0, 5), &command(&format!("touch {}", marker.display())), 10_000));
     let r = next(&mut n).await;
     assert!(!r.ok);
-    assert_eq!(r.error_class, "invalid");
+    assert_eq!(r.error_class, WireClass::Invalid as i32);
     assert_eq!(
         r.error,
         "stale fencing token 5 < highest seen 7 for destination staging; this step belongs to a deployment that no longer holds the lock"
@@ -707,7 +704,7 @@ async fn a_step_that_times_out_is_killed_and_reported_transient() {
     n.agent.assign(assign(&k, &command(&run), 500));
     let r = next(&mut n).await;
     assert!(!r.ok);
-    assert_eq!(r.error_class, "transient");
+    assert_eq!(r.error_class, WireClass::Transient as i32);
     assert!(r.error.contains("timed out after 500ms"), "{}", r.error);
     let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     eventually("the command was killed", Duration::from_secs(5), || async { !alive(pid) }).await;
@@ -729,7 +726,7 @@ async fn an_abort_stops_a_running_step_and_reports_aborted() {
     n.agent.abort(Abort { key: Some(k.clone()), reason: "deployment cancelled by alice".into() });
     let r = next(&mut n).await;
     assert!(!r.ok);
-    assert_eq!(r.error_class, "aborted");
+    assert_eq!(r.error_class, WireClass::Aborted as i32);
     assert!(r.error.contains("deployment cancelled by alice"), "{}", r.error);
     let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     eventually("the command was killed", Duration::from_secs(5), || async { !alive(pid) }).await;
@@ -739,16 +736,14 @@ async fn an_abort_stops_a_running_step_and_reports_aborted() {
     let k2 = key("d", 1, 1);
     n.agent.assign(assign(&k2, &start("v9", &[]), 120_000));
     let web_json = n.data.join("apps/web.json");
-    let state = || -> Value {
-        std::fs::read(&web_json).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null)
-    };
+    let state = || -> Value { std::fs::read(&web_json).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null) };
     eventually("v9 was staged", Duration::from_secs(10), || async { state()["staged"]["release"] == "v9" }).await;
     let pid = state()["staged"]["pid"].as_u64().unwrap() as u32;
     assert!(alive(pid));
     n.agent.abort(Abort { key: Some(k2.clone()), reason: String::new() });
     let r = next(&mut n).await;
     assert!(!r.ok);
-    assert_eq!(r.error_class, "aborted");
+    assert_eq!(r.error_class, WireClass::Aborted as i32);
     assert!(!alive(pid), "the aborted start's instance was stopped before the result");
     assert_eq!(state()["staged"], Value::Null, "the aborted start's instance is forgotten");
     // The witness line of the aborted start ends after its cleanup.
@@ -769,7 +764,8 @@ async fn a_handed_over_step_whose_check_says_done_is_not_run_again() {
     let again = next(&mut n).await;
     assert!(again.ok, "{}", again.error);
     assert_eq!(again.key.as_ref().map(|k| k.epoch), Some(2));
-    let (out1, out2): (Value, Value) = (serde_json::from_str(&first.output_json).unwrap(), serde_json::from_str(&again.output_json).unwrap());
+    let (out1, out2): (Value, Value) =
+        (serde_json::from_str(&first.output_json).unwrap(), serde_json::from_str(&again.output_json).unwrap());
     assert_eq!(out2, out1, "the check answers with the first start's output");
     // A second run would have replaced the staged instance.
     assert_eq!(web_state(&n)["staged"]["pid"].as_u64(), Some(pid_of(&out1) as u64));
@@ -838,7 +834,7 @@ async fn forget_aborts_stale_steps_and_removes_the_staged_instance() {
     n.agent.forget(forget.clone());
     let r = next(&mut n).await;
     assert_eq!(r.key.as_ref(), Some(&stale));
-    assert_eq!(r.error_class, "aborted");
+    assert_eq!(r.error_class, WireClass::Aborted as i32);
     assert!(r.error.contains("node-1 was presumed lost"), "{}", r.error);
     let pid: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     eventually("the aborted command was killed", Duration::from_secs(5), || async { !alive(pid) }).await;
@@ -853,7 +849,7 @@ async fn forget_aborts_stale_steps_and_removes_the_staged_instance() {
     assert!(tokio::time::timeout(Duration::from_millis(200), n.results.recv()).await.is_err());
     assert_eq!(n.agent.running(), vec![other.clone()]);
     n.agent.abort(Abort { key: Some(other), reason: String::new() });
-    assert_eq!(next(&mut n).await.error_class, "aborted");
+    assert_eq!(next(&mut n).await.error_class, WireClass::Aborted as i32);
 }
 
 #[test]
