@@ -104,8 +104,8 @@ impl RawConfig {
     /// Fill what the flags left out from the config file, if one is given.
     pub fn merge_file(self) -> Result<RawConfig, ConfigError> {
         let Some(path) = self.config.clone() else { return Ok(self) };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| ConfigError::File { file: path.clone(), reason: format!("cannot read it: {e}") })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| ConfigError::File { file: path.clone(), reason: format!("cannot read it: {e}") })?;
         let file: RawConfig = toml::from_str(&text)
             .map_err(|e| ConfigError::File { file: path.clone(), reason: format!("{e}; keys are the flag names, e.g. `data-dir`") })?;
         Ok(RawConfig {
@@ -131,9 +131,8 @@ impl RawConfig {
             return Err(field("id", "must be 1 or more"));
         }
         let listen_raw = self.listen.unwrap_or_else(|| "127.0.0.1:7400".to_string());
-        let listen: SocketAddr = listen_raw
-            .parse()
-            .map_err(|e| field("listen", format!("`{listen_raw}` is not IP:PORT ({e}); for example 0.0.0.0:7400")))?;
+        let listen: SocketAddr =
+            listen_raw.parse().map_err(|e| field("listen", format!("`{listen_raw}` is not IP:PORT ({e}); for example 0.0.0.0:7400")))?;
         if let Some(a) = &self.advertise {
             a.parse::<SocketAddr>().map_err(|e| field("advertise", format!("`{a}` is not IP:PORT ({e})")))?;
         }

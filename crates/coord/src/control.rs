@@ -6,22 +6,21 @@
 //! still leads before answering).
 
 use std::collections::BTreeSet;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fleet_core::auth::Access;
-use fleet_core::{Command, LockView, Request as Cmd, Response as Outcome};
+use fleet_core::{Command, LockView, Response as Outcome};
 use fleet_proto::control_server::Control;
 use fleet_proto::*;
-use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+use openraft::error::RaftError;
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use tonic::{Request, Response, Status};
 
+use crate::propose::{leader_redirect_if_follower, propose, redirect, write_error};
 use crate::raft_types::{NodeId, Raft};
 use crate::store::sm::StateReader;
 use crate::tls::authorize;
 
-/// Metadata key carrying the leader's address on a redirect.
-pub const LEADER_METADATA: &str = "fleet-leader";
 /// The longest a lock acquire may wait on the server.
 const MAX_LOCK_WAIT: Duration = Duration::from_secs(3600);
 
@@ -118,59 +117,6 @@ impl ControlService {
 
     pub(crate) fn leader_redirect_if_follower(&self) -> Result<(), Status> {
         leader_redirect_if_follower(&self.raft)
-    }
-}
-
-/// `Ok` on the leader; a redirect to the leader elsewhere.
-pub(crate) fn leader_redirect_if_follower(raft: &Raft) -> Result<(), Status> {
-    let m = raft.metrics().borrow().clone();
-    if m.state == ServerState::Leader {
-        return Ok(());
-    }
-    let leader_node = m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).cloned());
-    Err(redirect(&ForwardToLeader { leader_id: m.current_leader, leader_node }))
-}
-
-/// Propose `command` through Raft on this coordinator (it must lead);
-/// answers what the state machine answered and the entry's log index.
-pub(crate) async fn propose(raft: &Raft, request_id: Option<String>, command: Command) -> Result<(Outcome, u64), Status> {
-    let req = Cmd { request_id, at_ms: now_ms(), command };
-    match raft.client_write(req).await {
-        Ok(r) => Ok((r.data, r.log_id.index)),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(redirect(&f)),
-        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),
-        Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("this coordinator stopped serving: {e}; use another address"))),
-    }
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-pub(crate) fn redirect(f: &ForwardToLeader<NodeId, BasicNode>) -> Status {
-    match &f.leader_node {
-        Some(node) => {
-            let mut s = Status::unavailable(format!(
-                "not the leader; the leader is coordinator {} at {}",
-                f.leader_id.map(|i| i.to_string()).unwrap_or_default(),
-                node.addr
-            ));
-            if let Ok(v) = node.addr.parse() {
-                s.metadata_mut().insert(LEADER_METADATA, v);
-            }
-            s
-        }
-        None => Status::unavailable("no leader is elected right now; retry in a moment (an election takes about a second)"),
-    }
-}
-
-fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Status {
-    match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => redirect(&f),
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-            Status::failed_precondition(format!("{e}; check `fleetctl cluster status` and try again"))
-        }
-        RaftError::Fatal(e) => Status::unavailable(format!("this coordinator stopped serving: {e}; use another address")),
     }
 }
 
@@ -334,10 +280,8 @@ impl Control for ControlService {
         } else {
             m.last_applied.map(|l| l.index).unwrap_or(0)
         };
-        let leader_addr = m
-            .current_leader
-            .and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()))
-            .unwrap_or_default();
+        let leader_addr =
+            m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())).unwrap_or_default();
         Ok(Response::new(ClusterStatusReply {
             cluster_id: self.cluster_id.clone(),
             leader_id: m.current_leader.unwrap_or(0),
@@ -381,11 +325,8 @@ impl Control for ControlService {
         authorize(&req, Access::Write, "cluster remove")?;
         let id = req.into_inner().id;
         let is_voter = self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
-        let change = if is_voter {
-            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
-        } else {
-            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
-        };
+        let change =
+            if is_voter { ChangeMembers::RemoveVoters(BTreeSet::from([id])) } else { ChangeMembers::RemoveNodes(BTreeSet::from([id])) };
         self.change_membership(change).await
     }
 }

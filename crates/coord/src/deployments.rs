@@ -15,7 +15,8 @@ use openraft::error::RaftError;
 use serde_json::{json, Value};
 use tonic::Status;
 
-use crate::control::{redirect, ControlService};
+use crate::control::ControlService;
+use crate::propose::redirect;
 
 const DEFAULT_LIST_LIMIT: usize = 50;
 
@@ -27,7 +28,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
 fn outcome_error(outcome: Outcome) -> Status {
     match outcome {
         Outcome::Invalid { reason } => Status::invalid_argument(reason),
-        Outcome::Rejected { reason } => Status::failed_precondition(format!("rejected: {reason}")),
+        Outcome::Rejected { reason } => fleet_net::wire::rejected(format!("rejected: {reason}")),
         Outcome::NotFound { what } => Status::not_found(format!("no {what}")),
         other => Status::internal(format!("unexpected answer from the state machine: {other:?}")),
     }
@@ -65,9 +66,10 @@ impl ControlService {
 
     fn deployment_reply(&self, id: &str) -> Result<DeploymentReply, Status> {
         self.state().read(|a| {
-            let d = a.state.deployment(id).ok_or_else(|| {
-                Status::not_found(format!("no deployment `{id}`; `fleetctl list` shows the deployments"))
-            })?;
+            let d = a
+                .state
+                .deployment(id)
+                .ok_or_else(|| Status::not_found(format!("no deployment `{id}`; `fleetctl list` shows the deployments")))?;
             Ok(DeploymentReply { deployment_json: to_json(d)?, applied_index: a.last_applied.map(|l| l.index).unwrap_or(0) })
         })
     }
@@ -110,7 +112,7 @@ impl ControlService {
             let index = a.last_applied.map(|l| l.index).unwrap_or(0) + 1;
             let req = fleet_core::Request {
                 request_id: None,
-                at_ms: crate::control::now_ms(),
+                at_ms: fleet_net::now_ms(),
                 command: Command::SubmitDeployment { spec: Box::new(spec), actor, lock_wait_ms: None, idempotency_key: None },
             };
             match copy.apply(index, &req).0 {
@@ -162,7 +164,10 @@ impl ControlService {
 
     /// The deployment now and after every change until it is terminal.
     /// Answered from this coordinator's applied state (any coordinator).
-    pub(crate) async fn watch(&self, id: String) -> Result<tokio_stream::wrappers::ReceiverStream<Result<DeploymentReply, Status>>, Status> {
+    pub(crate) async fn watch(
+        &self,
+        id: String,
+    ) -> Result<tokio_stream::wrappers::ReceiverStream<Result<DeploymentReply, Status>>, Status> {
         // This coordinator may be a little behind the one that acknowledged
         // the submit: give it a moment to apply before saying "no such".
         if self.deployment_reply(&id).is_err() {

@@ -96,7 +96,7 @@ impl Hub {
         let mut g = self.lock();
         if g.conns.get(node).is_some_and(|c| c.conn_id == conn_id) {
             g.conns.remove(node);
-            g.disconnected_at.insert(node.to_string(), crate::control::now_ms());
+            g.disconnected_at.insert(node.to_string(), fleet_net::now_ms());
         }
         drop(g);
         self.changed.notify_one();
@@ -119,21 +119,19 @@ impl Hub {
     pub fn liveness(&self, node: &str) -> Liveness {
         let g = self.lock();
         let c = g.conns.get(node);
-        Liveness {
-            connected: c.is_some(),
-            connected_ms: c.map(|c| c.connected_ms),
-            last_seen_ms: g.last_seen.get(node).copied(),
-        }
+        Liveness { connected: c.is_some(), connected_ms: c.map(|c| c.connected_ms), last_seen_ms: g.last_seen.get(node).copied() }
     }
 
-    /// How long `node` has not been heard from, counting from no earlier
-    /// than `since_ms` (when this coordinator became leader: nodes get a
-    /// full lease to reconnect after a failover).
-    pub fn silent_for(&self, node: &str, now_ms: i64, since_ms: i64) -> i64 {
+    /// When `node` was last known alive: its last message, or its stream
+    /// closing (`fleet_core::leader` decides when that is too long ago).
+    pub fn last_heard(&self, node: &str) -> Option<i64> {
         let g = self.lock();
-        let heard = g.last_seen.get(node).copied().unwrap_or(since_ms);
-        let heard = if g.conns.contains_key(node) { heard } else { heard.max(g.disconnected_at.get(node).copied().unwrap_or(heard)) };
-        now_ms - heard.max(since_ms)
+        let seen = g.last_seen.get(node).copied();
+        if g.conns.contains_key(node) {
+            seen
+        } else {
+            seen.max(g.disconnected_at.get(node).copied())
+        }
     }
 
     pub fn is_connected(&self, node: &str) -> bool {

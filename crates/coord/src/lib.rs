@@ -4,10 +4,12 @@
 //! * [`store`]: RocksDB log, vote and state machine; snapshots.
 //! * [`network`] / [`raft_service`]: Raft RPCs between coordinators.
 //! * [`control`] / [`deployments`]: the `Control` service `fleetctl` talks to.
+//! * [`propose`]: proposing through Raft, redirects to the leader.
 //! * [`worker`]: the `Worker` service nodes keep a work stream open to.
 //! * [`hub`]: the leader's memory of connected nodes and steps in flight.
 //! * [`scheduler`]: the leader's loop that turns saga state into node work.
-//! * [`tls`]: certificates and per-call role checks.
+//! * [`tls`]: per-call role checks on the caller's certificate (loading
+//!   certificates is `fleet_net::tls`).
 //! * [`server`]: wiring it together.
 
 pub mod config;
@@ -15,6 +17,7 @@ pub mod control;
 pub mod deployments;
 pub mod hub;
 pub mod network;
+pub mod propose;
 pub mod raft_service;
 pub mod raft_types;
 pub mod scheduler;

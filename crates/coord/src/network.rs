@@ -16,7 +16,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::raft_types::{NodeId, TypeConfig};
 use crate::tls::TlsMaterial;
@@ -39,12 +39,9 @@ impl Network {
 }
 
 /// Build a lazily connecting channel to `addr` ("host:port") over mTLS.
-pub fn channel(tls: &TlsMaterial, addr: &str) -> Result<Channel, tonic::transport::Error> {
-    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(['[', ']']);
-    Ok(Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls.client_config(host))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
+pub fn channel(tls: &TlsMaterial, addr: &str) -> Result<Channel, fleet_net::TlsError> {
+    Ok(tls
+        .endpoint(addr, CONNECT_TIMEOUT)?
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .connect_lazy())
@@ -112,8 +109,7 @@ impl PeerClient {
                 });
             }
         };
-        let result: Result<Resp, E> =
-            serde_json::from_slice(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<Resp, E> = serde_json::from_slice(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

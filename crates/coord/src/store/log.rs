@@ -150,8 +150,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
-        self.put_meta_sync(VOTE_KEY, vote)
-            .map_err(|e| StorageError::from(StorageIOError::write_vote(io_err(e))))
+        self.put_meta_sync(VOTE_KEY, vote).map_err(|e| StorageError::from(StorageIOError::write_vote(io_err(e))))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {

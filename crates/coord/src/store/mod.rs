@@ -76,12 +76,10 @@ pub fn open(path: &Path, cluster_id: &str, node_id: u64) -> Result<Arc<DB>, Open
     let identity_path = path.join(IDENTITY_FILE);
     let want = Identity { cluster_id: cluster_id.to_string(), node_id };
     if exists {
-        let raw = std::fs::read(&identity_path).map_err(|e| OpenError::BadIdentity {
-            path: path.to_path_buf(),
-            reason: format!("cannot read {IDENTITY_FILE}: {e}"),
-        })?;
-        let found: Identity = serde_json::from_slice(&raw)
-            .map_err(|e| OpenError::BadIdentity { path: path.to_path_buf(), reason: e.to_string() })?;
+        let raw = std::fs::read(&identity_path)
+            .map_err(|e| OpenError::BadIdentity { path: path.to_path_buf(), reason: format!("cannot read {IDENTITY_FILE}: {e}") })?;
+        let found: Identity =
+            serde_json::from_slice(&raw).map_err(|e| OpenError::BadIdentity { path: path.to_path_buf(), reason: e.to_string() })?;
         if found != want {
             return Err(OpenError::Mismatch {
                 path: path.to_path_buf(),

@@ -120,7 +120,6 @@ impl StateMachine {
         let meta: SnapshotMeta = serde_json::from_slice(meta).map_err(read_sm_err)?;
         Ok(Some((meta, data.to_vec())))
     }
-
 }
 
 /// Stage the snapshot (meta + data) in `batch`, so it can be served to a
