@@ -17,6 +17,8 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context};
 
+mod layering;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
         Some("deps") => ensure_build_deps(),
         Some("bench") => bench(&args[1..]),
         Some("lint") => lint(),
+        Some("layering") => check_layering(),
         _ => {
             eprintln!("usage: cargo xtask <demo|test|lint|deps|bench>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  lint  cargo fmt --check and clippy -D warnings on every crate (CI runs it)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. -- --duration 10s);\n        `bench -- steps` measures the per-step deployment overhead (e.g. -- steps --steps 200 --destinations 100)");
             return ExitCode::from(2);
@@ -169,7 +172,34 @@ fn lint() -> anyhow::Result<()> {
     ensure_build_deps()?;
     ensure_command("protoc", "protobuf-compiler")?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    check_layering()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+}
+
+/// No import cycle between the modules of one crate; fleet-core does no I/O.
+fn check_layering() -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for krate in ["crates/core", "crates/net", "crates/coord", "crates/node", "crates/ctl", "crates/docker", "tests", "chaos", "xtask"] {
+        let src = root().join(krate).join("src");
+        if !src.is_dir() {
+            continue;
+        }
+        let graph = layering::module_graph(&src).with_context(|| format!("reading {}", src.display()))?;
+        for cycle in layering::cycles(&graph) {
+            problems.push(format!(
+                "{krate}: modules {} import each other; move what they share into one of them or a new module",
+                cycle.join(" <-> ")
+            ));
+        }
+    }
+    for hit in layering::core_impurities(&root().join("crates/core/src"))? {
+        problems.push(format!("fleet-core must stay pure (no I/O, no tokio, no clocks): {hit}"));
+    }
+    if !problems.is_empty() {
+        bail!("layering:\n  {}", problems.join("\n  "));
+    }
+    eprintln!("layering: no module cycles; fleet-core is pure");
+    Ok(())
 }
 
 fn demo() -> anyhow::Result<()> {
