@@ -335,6 +335,7 @@ fn parse_yaml<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<
     if text.trim().is_empty() {
         return Err(ManifestError::new(file, ".", "the file is empty; see `fleetctl deploy --help` for an example"));
     }
+    check_bounds(text).map_err(|reason| ManifestError::new(file, ".", reason))?;
     let de = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -355,9 +356,11 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
     let err = |field: &str, reason: String| ManifestError::new(file, field, reason);
     validate_name("app", &m.app).map_err(|e| err("app", e.to_string()))?;
 
-    let release = o.release.clone().or(m.release.clone()).ok_or_else(|| {
-        err("release", "missing; set `release:` in the manifest or pass `--release R`".into())
-    })?;
+    let release = o
+        .release
+        .clone()
+        .or(m.release.clone())
+        .ok_or_else(|| err("release", "missing; set `release:` in the manifest or pass `--release R`".into()))?;
     validate_name("release", &release).map_err(|e| err("release", e.to_string()))?;
 
     let dests: Vec<String> = if !o.destinations.is_empty() {
@@ -423,7 +426,6 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
         return Err(err("strategy.max_unavailable", "must be at least 1".into()));
     }
 
-
     let retry_max = m.retry.max_attempts.unwrap_or(3);
     if retry_max == 0 || retry_max > 100 {
         return Err(err("retry.max_attempts", format!("{retry_max} is out of range; use 1 to 100 (1 = no retry)")));
@@ -441,8 +443,7 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
     if timeout_ms == 0 {
         return Err(err("timeout", "must be longer than zero".into()));
     }
-    let step_timeout_ms =
-        duration_ms(file, "step_timeout", m.step_timeout.as_deref(), DEFAULT_STEP_TIMEOUT.as_millis() as u64)?;
+    let step_timeout_ms = duration_ms(file, "step_timeout", m.step_timeout.as_deref(), DEFAULT_STEP_TIMEOUT.as_millis() as u64)?;
     if step_timeout_ms == 0 {
         return Err(err("step_timeout", "must be longer than zero".into()));
     }
@@ -558,9 +559,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 fn duration_ms(file: &str, field: &str, value: Option<&str>, default_ms: u64) -> Result<u64, ManifestError> {
     match value {
         None => Ok(default_ms),
-        Some(v) => parse_duration(v)
-            .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
-            .map_err(|reason| ManifestError::new(file, field, reason)),
+        Some(v) => {
+            parse_duration(v).map(|d| d.as_millis().min(u64::MAX as u128) as u64).map_err(|reason| ManifestError::new(file, field, reason))
+        }
     }
 }
 
@@ -648,8 +649,118 @@ pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// The largest manifest or destinations file accepted, in bytes.
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+/// The deepest nesting accepted (flow `[`/`{` plus indented blocks). Real
+/// manifests nest four or five levels.
+pub const MAX_NESTING: usize = 64;
+
+/// Bound size and nesting before the YAML parser sees the text: its time
+/// grows faster than linearly with depth, and the coordinator parses what
+/// any authenticated client sends. One pass over the bytes, no allocation
+/// beyond a stack of at most [`MAX_NESTING`] indents.
+pub fn check_bounds(text: &str) -> Result<(), String> {
+    if text.len() > MAX_DOCUMENT_BYTES {
+        return Err(format!(
+            "the document is {} bytes; at most {MAX_DOCUMENT_BYTES} are accepted. Split it, or move large values into files the steps read",
+            text.len()
+        ));
+    }
+    let too_deep = |line: usize| {
+        Err(format!("line {line}: nested more than {MAX_NESTING} levels deep; a manifest needs a handful. Flatten the structure"))
+    };
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let content = line.trim_start_matches([' ', '\t']);
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        // Block nesting: the stack of indents seen on the way in. List items
+        // (`- `) open a level too, at the indent of their content.
+        if flow == 0 {
+            let mut indent = line.len() - content.len();
+            let mut rest = content;
+            loop {
+                while indents.last().is_some_and(|&top| top > indent) {
+                    indents.pop();
+                }
+                if indents.last() != Some(&indent) {
+                    indents.push(indent);
+                }
+                if indents.len() > MAX_NESTING {
+                    return too_deep(n + 1);
+                }
+                match rest.strip_prefix("- ").or_else(|| (rest == "-").then_some("")) {
+                    Some(after) => {
+                        let skipped = rest.len() - after.trim_start().len();
+                        indent += skipped;
+                        rest = after.trim_start();
+                        if rest.is_empty() {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+        }
+        // Flow nesting, outside quoted strings and comments.
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        for c in content.chars() {
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '\'' | '"' => quote = Some(c),
+                    '#' if prev == ' ' || prev == '\t' => break,
+                    '[' | '{' => {
+                        flow += 1;
+                        if flow + indents.len() > MAX_NESTING {
+                            return too_deep(n + 1);
+                        }
+                    }
+                    ']' | '}' => flow = flow.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            prev = c;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn bounds_refuse_deep_or_huge_documents_and_accept_real_ones() {
+        let deep_flow = format!("app: {}x{}", "[".repeat(100_000), "]".repeat(100_000));
+        let deep_block: String = (0..200).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect();
+        let deep_list: String = (0..200).map(|i| format!("{}- \n", " ".repeat(i * 2))).collect();
+        let huge = format!("app: web\nenv: {{ A: \"{}\" }}\n", "x".repeat(MAX_DOCUMENT_BYTES));
+        let quoted = format!("app: web\nrelease: \"{}\"\n", "[".repeat(1000));
+        let commented = format!("app: web # {}\n", "{".repeat(1000));
+        let cases: [(&str, &str, bool); 7] = [
+            ("deep flow nesting", &deep_flow, false),
+            ("deep block nesting", &deep_block, false),
+            ("deep list nesting", &deep_list, false),
+            ("over the size bound", &huge, false),
+            ("brackets inside quotes", &quoted, true),
+            ("brackets inside a comment", &commented, true),
+            ("a real manifest", "app: web\nrelease: v1\nrun: [\"x\", \"{port}\"]\nenv: { A: b }\nhealth:\n  http: /healthz\nsteps:\n  - name: a\n    run: [\"true\"]\n", true),
+        ];
+        for (what, text, ok) in cases {
+            assert_eq!(check_bounds(text).is_ok(), ok, "{what}: {:?}", check_bounds(text));
+        }
+        // Through the parser: refused with the document named, before YAML.
+        let e = parse_manifest("fleet.yaml", &deep_flow, &Overrides::default()).unwrap_err();
+        assert_eq!((e.file.as_str(), e.field.as_str()), ("fleet.yaml", "."));
+        assert!(e.reason.contains("nested more than"), "{}", e.reason);
+        let e = parse_destinations("d.yaml", &deep_block).unwrap_err();
+        assert!(e.reason.contains("nested more than"), "{}", e.reason);
+    }
+
     use super::*;
 
     const GOOD: &str = r#"
@@ -670,7 +781,8 @@ health:
 
     #[test]
     fn stacks_and_command_manifests() {
-        let s = parse_manifest("fleet.yaml", &GOOD.replace("destination: staging", "destinations: [db, web]"), &Overrides::default()).unwrap();
+        let s =
+            parse_manifest("fleet.yaml", &GOOD.replace("destination: staging", "destinations: [db, web]"), &Overrides::default()).unwrap();
         assert_eq!((s.destination.as_str(), s.destinations()), ("db", &["db".to_string(), "web".to_string()][..]));
         assert_eq!(s.kind(), Kind::Process);
         let one = parse_manifest("fleet.yaml", GOOD, &Overrides::default()).unwrap();
@@ -727,7 +839,12 @@ health:
             (GOOD.replace("destination: staging", "destinations: [a, b, a]"), "destinations", "listed twice"),
             (GOOD.replace("destination: staging", "destinations: [a, \"B C\"]"), "destinations", "character"),
             (GOOD.replace("health:", "steps: [{ name: x, run: y }]\nhealth:"), "steps", "not both"),
-            (GOOD.replace("release: v1", "release: v1\nsteps: [{ name: x, run: y }]").replace("run: [\"fleet-demo-app\", \"--release\", \"{release}\"]\n", ""), "steps", "not both"),
+            (
+                GOOD.replace("release: v1", "release: v1\nsteps: [{ name: x, run: y }]")
+                    .replace("run: [\"fleet-demo-app\", \"--release\", \"{release}\"]\n", ""),
+                "steps",
+                "not both",
+            ),
             (CMD.replace("undo: u1", "undo: u1, irreversible: true"), "steps[0].undo", "irreversible"),
             (CMD.replace("name: two", "name: one"), "steps[1].name", "unique"),
             (CMD.replace("run: r2", "run: \" \""), "steps[1].run", "empty"),
