@@ -1,16 +1,41 @@
-//! The adapter interface: how a node carries out one [`StepAction`].
+//! The adapter interface: how a node carries out one [`StepAction`] on a
+//! target, and which adapter carries out which action.
 //!
-//! The agent ([`crate::agent`]) owns idempotency, fencing, timeouts, aborts
-//! and witness lines; an adapter only knows how to do (and undo) one action
-//! on this host. `process` (local supervised processes behind a TCP route)
-//! is the built-in one; a docker or kubernetes adapter implements the same
-//! trait.
+//! The agent ([`crate::agent`]) owns idempotency of assignments, fencing,
+//! timeouts, aborts and witness lines; an adapter only knows how to do,
+//! undo and check one action on its target. The target need not be this
+//! host: `process` supervises local processes and `command` runs shell
+//! commands here, but an adapter for a Docker engine, a Kubernetes API or
+//! a cloud API (EC2) implements the same trait against a remote API. So the
+//! trait speaks of steps, outputs and fencing tokens, never of pids or
+//! ports: what an adapter needs to find its work again goes in the JSON
+//! output of a step (given back to its undo) and on the target itself.
+//!
+//! DESIGN.md names the operations `discover`, `plan`, `run_step`,
+//! `undo_step`, `check_step` and `health`. Here they are
+//! [`Adapter::discover`], [`Adapter::run`], [`Adapter::undo`],
+//! [`Adapter::check`] and [`Adapter::health`]; `plan` is not a node
+//! operation: planning a saga is a pure function every coordinator must
+//! agree on, so it lives in `fleet_core::saga`, and the node only executes
+//! the steps it is given.
+//!
+//! **Construction.** An adapter is built once when the node starts, from
+//! the node's own settings (`ProcessAdapter::open(ProcessConfig)`,
+//! `CommandAdapter::new(CommandConfig)`; a Docker adapter would take the
+//! engine's socket, a cloud adapter its credentials). The trait has no
+//! constructor so that it stays object-safe ([`Adapters`] holds
+//! `Arc<dyn Adapter>`). Per-destination settings reach it with each step:
+//! [`StepContext::destination`] and the action itself. (A destination's
+//! adapter config, once the leader sends it, belongs in [`StepContext`].)
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_core::deploy::ErrorClass;
 use fleet_core::saga::StepAction;
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thiserror::Error;
 
@@ -24,10 +49,13 @@ pub struct StepContext {
     pub step: u32,
     pub attempt: u32,
     pub undo: bool,
-    /// Fencing token of the destination lock the deployment holds.
+    /// Fencing token of the destination lock the deployment holds. Tokens
+    /// only grow; an adapter passes it to the target wherever the target
+    /// can keep it (an environment variable, a label, an annotation, a
+    /// tag), so that a stale writer can be recognised there too.
     pub token: u64,
     /// The step's whole budget (the agent enforces it; adapters may use it
-    /// to word messages).
+    /// to word messages or to bound their own waits).
     pub timeout: Duration,
 }
 
@@ -63,23 +91,62 @@ impl StepError {
     pub fn resource(message: impl Into<String>) -> Self {
         StepError::new(ErrorClass::Resource, message)
     }
+    /// `adapter` cannot do `what` (yet): class `invalid`, never retried.
+    pub fn unsupported(adapter: &str, what: &str) -> Self {
+        StepError::invalid(format!("the `{adapter}` adapter does not support {what}"))
+    }
 }
 
-/// Carries out step actions on this host.
+/// A server an adapter found serving a destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Server {
+    /// Stable id on the target: a container id, a pod name, an instance id.
+    pub id: String,
+    /// Where it serves the app (HOST:PORT or URL), if it is known.
+    pub address: Option<String>,
+    /// The release it runs, if the target records it.
+    pub release: Option<String>,
+}
+
+/// Carries out step actions on one kind of target.
 ///
-/// Futures returned by `run`, `check` and `undo` may be dropped at any await point
-/// (timeout or abort); the agent then calls [`Adapter::cancelled`] so the
-/// adapter can remove what the interrupted call had started.
+/// Every method must keep these promises; the agent and the leader rely
+/// on them to make retries, hand-overs and compensation safe:
+///
+/// * **Idempotent per step.** The leader may send the same step again (a
+///   retry after a lost result, a hand-over after a lost node). `run` of an
+///   action that is already done on the target must not do it twice: it
+///   either finds it done and answers the same output, or does it again
+///   harmlessly. The agent never runs one step key twice on this node;
+///   adapters see repeats only across keys (attempts, epochs, nodes).
+/// * **Exact undo.** `undo` restores exactly what was there before the
+///   `run`, using the output `run` returned, and nothing else: undo of a
+///   start stops that instance, not "some instance of the app". Undoing
+///   something already gone succeeds.
+/// * **Fenced.** [`StepContext::token`] is the deployment's fencing token;
+///   pass it to the target where it can be kept, and never act on work
+///   recorded with a higher token as if it were this step's.
+/// * **Cancellable.** Futures returned by `run`, `undo` and `check` may be
+///   dropped at any await point (timeout or abort); the agent then calls
+///   [`Adapter::cancelled`], which removes what the interrupted call had
+///   started.
+/// * **Errors are classified.** `transient` is retried with backoff,
+///   `resource` after a re-sync, `auth` and `invalid` fail the step at
+///   once; the message says what happened and what to do next.
 pub trait Adapter: Send + Sync + 'static {
-    /// `process`, `docker`, ...
+    /// `process`, `command`, `docker`, ...: the name destinations use.
     fn name(&self) -> &'static str;
 
-    /// Do `action`; the output (JSON) is what its undo will be given.
+    /// Do `action` (DESIGN.md's `run_step`). The output (JSON) is recorded
+    /// by the leader and given to this step's undo, so it must name what
+    /// was created or changed precisely enough to reverse exactly that.
     fn run<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, Result<Value, StepError>>;
 
-    /// Reverse a completed `run` of `action`, given the output it returned
-    /// (`None` when the leader has none). Must be idempotent: undoing
-    /// something already gone succeeds.
+    /// Reverse a completed `run` of `action` (DESIGN.md's `undo_step`),
+    /// given the output it returned (`None` when the leader has none).
+    /// Must be idempotent: undoing something already gone succeeds. Must
+    /// refuse (class `invalid`, naming what to do first) rather than undo
+    /// something another deployment has changed since.
     fn undo<'a>(
         &'a self,
         ctx: &'a StepContext,
@@ -88,16 +155,18 @@ pub trait Adapter: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Value, StepError>>;
 
     /// A `run` or `undo` of `action` was interrupted (timeout or abort):
-    /// stop and remove whatever it had started.
+    /// stop and remove whatever it had started, so that nothing half-done
+    /// is left on the target. Never fails (it logs what it could not do).
     fn cancelled<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, ()>;
 
-    /// Is `action` already done on this host? Asked before `run` when the
-    /// step was handed over from a lost node (`StepAssignment.check_first`),
-    /// under the same timeout and abort as a run. `Some(output)` = done:
-    /// the step succeeds with `output` without running, so it must be what
-    /// a `run` would have returned (its undo is given it). `None` = not
-    /// done, or cannot tell: the agent runs it. An error counts as `None`.
-    /// The default cannot tell.
+    /// Is `action` already done on the target (DESIGN.md's `check_step`)?
+    /// Asked before `run` when the step was handed over from a lost node
+    /// (`StepAssignment.check_first`), under the same timeout and abort as
+    /// a run. `Some(output)` = done: the step succeeds with `output`
+    /// without running, so it must be what a `run` would have returned
+    /// (its undo is given it). `None` = not done, or cannot tell: the agent
+    /// runs it. An error counts as `None`. Must not change the target. The
+    /// default cannot tell.
     fn check<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, Result<Option<Value>, StepError>> {
         let _ = (ctx, action);
         Box::pin(async { Ok(None) })
@@ -106,17 +175,164 @@ pub trait Adapter: Send + Sync + 'static {
     /// This node no longer owns any work of the deployment that held
     /// `token` on `destination` (`LeaderMessage.forget`): remove what its
     /// steps left behind that serves nothing (never what serves traffic).
+    /// An API-backed adapter finds it by the token it tagged it with.
     /// Returns a description of each thing removed; nothing left is an
     /// empty list, so a repeated call is harmless. The default removes
-    /// nothing.
+    /// nothing (right for an adapter that leaves nothing staged).
     fn forget<'a>(&'a self, destination: &'a str, token: u64) -> BoxFuture<'a, Vec<String>> {
         let _ = (destination, token);
         Box::pin(async { Vec::new() })
+    }
+
+    /// The servers that serve `destination` on the target, as the target
+    /// reports them (for the leader's destination sync: servers found,
+    /// vanished, drifted). Read-only. The default says the adapter cannot
+    /// discover: none of the built-in adapters does yet (a `process`
+    /// destination's servers are its nodes; a `command` one has none).
+    fn discover<'a>(&'a self, destination: &'a str) -> BoxFuture<'a, Result<Vec<Server>, StepError>> {
+        let _ = destination;
+        let name = self.name();
+        Box::pin(async move { Err(StepError::unsupported(name, "discovering servers")) })
+    }
+
+    /// Is `server` of `destination` healthy, per the target? `Ok` when it
+    /// is; the error says why not. Read-only. The default says the adapter
+    /// cannot tell (the `process` adapter checks health as a step:
+    /// `StepAction::HealthCheck`).
+    fn health<'a>(&'a self, destination: &'a str, server: &'a Server) -> BoxFuture<'a, Result<(), StepError>> {
+        let _ = (destination, server);
+        let name = self.name();
+        Box::pin(async move { Err(StepError::unsupported(name, "health checks of servers")) })
     }
 
     /// Advice appended to "the step timed out" for this action.
     fn timeout_hint(&self, action: &StepAction) -> String {
         let _ = action;
         "check the node's log (stderr) and whether the manifest's `step_timeout` is long enough".to_string()
+    }
+}
+
+/// The adapter that carries out `action`.
+///
+/// Today the action's kind decides: the blue-green actions belong to
+/// `process`, and a `Command` to `command`, whatever the destination's
+/// adapter is (pre and post hooks of a `process` destination are
+/// `Command` actions too). An assignment does not name its destination's
+/// adapter yet; once two adapters share action kinds (a `docker` adapter
+/// starting instances), the leader must send it and the selection moves
+/// to it.
+pub fn adapter_for(action: &StepAction) -> &'static str {
+    match action {
+        StepAction::StartInstance { .. } | StepAction::HealthCheck { .. } | StepAction::SwitchRoute { .. } | StepAction::StopOld { .. } => {
+            "process"
+        }
+        StepAction::Command { .. } => "command",
+    }
+}
+
+/// The adapters this node has, by name.
+#[derive(Clone, Default)]
+pub struct Adapters {
+    by_name: BTreeMap<&'static str, Arc<dyn Adapter>>,
+}
+
+impl std::fmt::Debug for Adapters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.by_name.keys()).finish()
+    }
+}
+
+impl Adapters {
+    /// The given adapters; a later one replaces an earlier one of the same name.
+    pub fn new(list: impl IntoIterator<Item = Arc<dyn Adapter>>) -> Self {
+        Adapters { by_name: list.into_iter().map(|a| (a.name(), a)).collect() }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Adapter>> {
+        self.by_name.get(name)
+    }
+
+    /// The adapter that carries out `action` ([`adapter_for`]), or an
+    /// `invalid` error when this node does not have it.
+    pub fn for_action(&self, action: &StepAction) -> Result<&Arc<dyn Adapter>, StepError> {
+        let name = adapter_for(action);
+        self.get(name).ok_or_else(|| {
+            StepError::invalid(format!(
+                "this node has no `{name}` adapter (it has {:?}), so it cannot run a `{}` step; run a fleet-node that has it",
+                self.by_name.keys().collect::<Vec<_>>(),
+                action.verb()
+            ))
+        })
+    }
+
+    /// Every adapter, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Adapter>> {
+        self.by_name.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A scripted fake: answers every action with its own name.
+    struct Fake(&'static str);
+
+    impl Adapter for Fake {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn run<'a>(&'a self, _: &'a StepContext, _: &'a StepAction) -> BoxFuture<'a, Result<Value, StepError>> {
+            Box::pin(async move { Ok(json!(self.0)) })
+        }
+        fn undo<'a>(&'a self, _: &'a StepContext, _: &'a StepAction, _: Option<&'a Value>) -> BoxFuture<'a, Result<Value, StepError>> {
+            Box::pin(async move { Ok(json!(self.0)) })
+        }
+        fn cancelled<'a>(&'a self, _: &'a StepContext, _: &'a StepAction) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    fn fakes(names: &[&'static str]) -> Adapters {
+        Adapters::new(names.iter().map(|n| Arc::new(Fake(n)) as Arc<dyn Adapter>))
+    }
+
+    #[test]
+    fn commands_and_hooks_go_to_the_command_adapter_and_instances_to_process() {
+        let hook = StepAction::Command { run: "echo pre".into(), undo: None, check: None };
+        let start = StepAction::StartInstance { app: "web".into(), release: "v1".into(), run: vec![], env: BTreeMap::new() };
+        let stop = StepAction::StopOld { app: "web".into(), release: "v1".into(), drain_ms: 0 };
+        let all = fakes(&["process", "command"]);
+        assert_eq!(all.for_action(&hook).map(|a| a.name()), Ok("command"));
+        assert_eq!(all.for_action(&start).map(|a| a.name()), Ok("process"));
+        assert_eq!(all.for_action(&stop).map(|a| a.name()), Ok("process"));
+
+        // A node without the adapter refuses the step (invalid), naming it.
+        let err = fakes(&["process"]).for_action(&hook).map(|a| a.name()).unwrap_err();
+        assert_eq!(err.class, ErrorClass::Invalid);
+        assert!(err.message.contains("no `command` adapter"), "{}", err.message);
+    }
+
+    #[tokio::test]
+    async fn the_defaults_say_what_an_adapter_does_not_support() {
+        let fake = Fake("docker");
+        let err = fake.discover("web").await.unwrap_err();
+        assert_eq!((err.class, err.message.as_str()), (ErrorClass::Invalid, "the `docker` adapter does not support discovering servers"));
+        let server = Server { id: "c1".into(), address: None, release: None };
+        assert_eq!(fake.health("web", &server).await.unwrap_err().class, ErrorClass::Invalid);
+        let ctx = StepContext {
+            node: "n".into(),
+            destination: "web".into(),
+            deployment: "d".into(),
+            step: 0,
+            attempt: 1,
+            undo: false,
+            token: 1,
+            timeout: Duration::from_secs(1),
+        };
+        let hook = StepAction::Command { run: "true".into(), undo: None, check: None };
+        assert_eq!(fake.check(&ctx, &hook).await, Ok(None), "the default check cannot tell");
+        assert!(fake.forget("web", 1).await.is_empty(), "the default forget removes nothing");
     }
 }

@@ -1,4 +1,5 @@
-//! The agent: turns `StepAssignment`s into adapter calls and `StepResult`s.
+//! The agent: turns `StepAssignment`s into calls of the adapter that
+//! carries out each action ([`Adapters::for_action`]) and `StepResult`s.
 //!
 //! It owns the rules that hold whatever the adapter:
 //!
@@ -15,7 +16,7 @@
 //!   the work is done, the step succeeds with its output without running
 //!   again (witness action `check`).
 //! * **Forget.** A `Forget` aborts what still runs for a deployment the
-//!   node no longer owns and lets the adapter remove what its steps left
+//!   node no longer owns and lets every adapter remove what its steps left
 //!   behind.
 //! * **Witness.** One JSON line per finished action (see [`crate::witness`]).
 //!
@@ -41,7 +42,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::adapter::{Adapter, StepContext, StepError};
+use crate::adapter::{Adapters, StepContext, StepError};
 use crate::fencing::{Fencing, Verdict};
 use crate::util::{human, write_atomic};
 use crate::witness::{Witness, WitnessLine};
@@ -55,51 +56,40 @@ pub const JOURNAL_KEEP: usize = 200;
 /// Timeout of an assignment that names none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
-/// A step key as a map key (the protobuf type is not `Hash`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct KeyId {
-    pub deployment: String,
-    pub step: u32,
-    pub undo: bool,
-    pub attempt: u32,
-    pub token: u64,
-    pub epoch: u64,
-}
+/// The wire's [`StepKey`] as a map key: the one definition of a step key,
+/// with the `Eq` and `Hash` that prost does not derive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepId(pub StepKey);
 
-impl KeyId {
-    pub fn of(k: &StepKey) -> KeyId {
-        KeyId { deployment: k.deployment.clone(), step: k.step, undo: k.undo, attempt: k.attempt, token: k.token, epoch: k.epoch }
-    }
-    pub fn key(&self) -> StepKey {
-        StepKey {
-            deployment: self.deployment.clone(),
-            step: self.step,
-            undo: self.undo,
-            attempt: self.attempt,
-            token: self.token,
-            epoch: self.epoch,
-        }
+impl Eq for StepId {}
+
+impl std::hash::Hash for StepId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Every field, as `PartialEq` compares them.
+        let StepKey { deployment, step, undo, attempt, token, epoch } = &self.0;
+        (deployment, step, undo, attempt, token, epoch).hash(state);
     }
 }
 
-impl std::fmt::Display for KeyId {
+impl std::fmt::Display for StepId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}#{}{} attempt {}", self.deployment, self.step, if self.undo { "/undo" } else { "" }, self.attempt)
+        let k = &self.0;
+        write!(f, "{}#{}{} attempt {}", k.deployment, k.step, if k.undo { "/undo" } else { "" }, k.attempt)
     }
 }
 
 #[derive(Default)]
 struct Steps {
     /// Running steps and how to abort them.
-    running: HashMap<KeyId, (StepKey, Option<oneshot::Sender<String>>)>,
-    done: HashMap<KeyId, StepResult>,
+    running: HashMap<StepId, Option<oneshot::Sender<String>>>,
+    done: HashMap<StepId, StepResult>,
     /// Finish order of `done`, oldest first.
-    order: VecDeque<KeyId>,
+    order: VecDeque<StepId>,
 }
 
 pub struct Agent {
     node: String,
-    adapter: Arc<dyn Adapter>,
+    adapters: Adapters,
     fencing: Mutex<Fencing>,
     witness: Option<Witness>,
     steps: Mutex<Steps>,
@@ -193,7 +183,7 @@ impl Agent {
     /// loaded (and re-sent on the first stream).
     pub fn new(
         node: String,
-        adapter: Arc<dyn Adapter>,
+        adapters: Adapters,
         fencing: Fencing,
         witness: Option<Witness>,
         journal: Option<PathBuf>,
@@ -207,7 +197,7 @@ impl Agent {
                         for j in list {
                             let r = j.result();
                             if let Some(k) = &r.key {
-                                let id = KeyId::of(k);
+                                let id = StepId(k.clone());
                                 if steps.done.insert(id.clone(), r).is_none() {
                                     steps.order.push_back(id);
                                 }
@@ -222,7 +212,7 @@ impl Agent {
         }
         let agent = Agent {
             node,
-            adapter,
+            adapters,
             fencing: Mutex::new(fencing),
             witness,
             steps: Mutex::new(steps),
@@ -242,7 +232,7 @@ impl Agent {
 
     /// Keys of the steps running now (for `Hello.running`).
     pub fn running(&self) -> Vec<StepKey> {
-        self.steps().running.values().map(|(k, _)| k.clone()).collect()
+        self.steps().running.keys().map(|id| id.0.clone()).collect()
     }
 
     /// The results of the last `n` finished steps, oldest first.
@@ -254,7 +244,7 @@ impl Agent {
 
     /// The recorded result of a finished step.
     pub fn result_of(&self, key: &StepKey) -> Option<StepResult> {
-        self.steps().done.get(&KeyId::of(key)).cloned()
+        self.steps().done.get(&StepId(key.clone())).cloned()
     }
 
     /// Take an assignment: run it (in a task) unless it is a duplicate.
@@ -263,7 +253,7 @@ impl Agent {
             tracing::warn!("assignment without a step key ignored");
             return;
         };
-        let id = KeyId::of(&key);
+        let id = StepId(key.clone());
         let (abort_tx, abort_rx) = oneshot::channel();
         {
             let mut s = self.steps();
@@ -276,7 +266,7 @@ impl Agent {
                 let _ = self.results.send(r.clone());
                 return;
             }
-            s.running.insert(id.clone(), (key.clone(), Some(abort_tx)));
+            s.running.insert(id.clone(), Some(abort_tx));
         }
         let fenced = {
             let mut f = self.fencing.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,8 +310,8 @@ impl Agent {
     /// steps are left alone.
     pub fn abort(&self, a: Abort) {
         let Some(key) = a.key else { return };
-        let id = KeyId::of(&key);
-        let tx = self.steps().running.get_mut(&id).and_then(|(_, tx)| tx.take());
+        let id = StepId(key);
+        let tx = self.steps().running.get_mut(&id).and_then(Option::take);
         match tx {
             Some(tx) => {
                 tracing::info!(step = %id, reason = %a.reason, "aborting");
@@ -338,12 +328,12 @@ impl Agent {
     pub fn forget(&self, f: Forget) {
         let why =
             if f.reason.is_empty() { "the leader says this node no longer owns the deployment".to_string() } else { f.reason.clone() };
-        let (stale, current): (Vec<KeyId>, Vec<KeyId>) = {
+        let (stale, current): (Vec<StepId>, Vec<StepId>) = {
             let s = self.steps();
-            s.running.keys().filter(|k| k.deployment == f.deployment).cloned().partition(|k| k.epoch < f.epoch)
+            s.running.keys().filter(|k| k.0.deployment == f.deployment).cloned().partition(|k| k.0.epoch < f.epoch)
         };
         for id in stale {
-            self.abort(Abort { key: Some(id.key()), reason: format!("forgotten: {why}") });
+            self.abort(Abort { key: Some(id.0), reason: format!("forgotten: {why}") });
         }
         if let Some(step) = current.first() {
             // The leader gave this node work of the deployment at the
@@ -354,9 +344,14 @@ impl Agent {
             );
             return;
         }
-        let adapter = self.adapter.clone();
+        let adapters = self.adapters.clone();
+        // Detached: a forget is complete when it returns, and a node that
+        // stops meanwhile is sent the Forget again by the leader.
         tokio::spawn(async move {
-            let removed = adapter.forget(&f.destination, f.token).await;
+            let mut removed = Vec::new();
+            for adapter in adapters.iter() {
+                removed.extend(adapter.forget(&f.destination, f.token).await);
+            }
             if removed.is_empty() {
                 tracing::debug!(deployment = %f.deployment, destination = %f.destination, token = f.token, "forgotten deployment left nothing behind here");
             }
@@ -366,7 +361,7 @@ impl Agent {
         });
     }
 
-    fn finish(&self, id: KeyId, r: StepResult) {
+    fn finish(&self, id: StepId, r: StepResult) {
         {
             let mut s = self.steps();
             s.running.remove(&id);
@@ -399,7 +394,7 @@ impl Agent {
         }
     }
 
-    async fn execute(self: Arc<Self>, a: StepAssignment, key: StepKey, id: KeyId, abort_rx: oneshot::Receiver<String>) {
+    async fn execute(self: Arc<Self>, a: StepAssignment, key: StepKey, id: StepId, abort_rx: oneshot::Receiver<String>) {
         let started_ms = now_ms();
         let timeout = if a.timeout_ms == 0 { DEFAULT_TIMEOUT } else { Duration::from_millis(a.timeout_ms) };
         let ctx = StepContext {
@@ -437,15 +432,23 @@ impl Agent {
                 }
             }
         };
-        tracing::info!(step = %id, action = action.verb(), app = %a.app, release = %a.release, "step started");
+        let adapter = match self.adapters.for_action(&action) {
+            Ok(adapter) => adapter.clone(),
+            Err(err) => {
+                let r = result(&key, Err(err), started_ms, now_ms());
+                self.finish(id, r);
+                return;
+            }
+        };
+        tracing::info!(step = %id, action = action.verb(), adapter = adapter.name(), app = %a.app, release = %a.release, "step started");
         // Set when the check said the work is done (nothing was run).
         let mut checked = false;
         let fut = async {
             if ctx.undo {
-                return self.adapter.undo(&ctx, &action, run_output.as_ref()).await;
+                return adapter.undo(&ctx, &action, run_output.as_ref()).await;
             }
             if a.check_first {
-                match self.adapter.check(&ctx, &action).await {
+                match adapter.check(&ctx, &action).await {
                     Ok(Some(out)) => {
                         tracing::info!(step = %id, action = action.verb(), "step already done on this node per its check; not run again");
                         checked = true;
@@ -460,7 +463,7 @@ impl Agent {
                     ),
                 }
             }
-            self.adapter.run(&ctx, &action).await
+            adapter.run(&ctx, &action).await
         };
         let aborted = async {
             match abort_rx.await {
@@ -478,17 +481,17 @@ impl Agent {
         let outcome = match outcome {
             Outcome::Done(r) => r,
             Outcome::TimedOut => {
-                self.adapter.cancelled(&ctx, &action).await;
+                adapter.cancelled(&ctx, &action).await;
                 Err(StepError::transient(format!(
                     "{} {} timed out after {} and was stopped; {}",
                     if ctx.undo { "undo of" } else { "step" },
                     describe(&action),
                     human(timeout),
-                    self.adapter.timeout_hint(&action)
+                    adapter.timeout_hint(&action)
                 )))
             }
             Outcome::Aborted(reason) => {
-                self.adapter.cancelled(&ctx, &action).await;
+                adapter.cancelled(&ctx, &action).await;
                 let why = if reason.is_empty() { String::new() } else { format!(" ({reason})") };
                 Err(StepError::new(ErrorClass::Aborted, format!("{} was aborted by the leader{why} and stopped", describe(&action))))
             }
@@ -551,5 +554,36 @@ fn result(key: &StepKey, r: Result<Value, StepError>, started_ms: i64, finished_
             started_ms,
             finished_ms,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journaled(class: &str) -> String {
+        format!(
+            r#"{{"deployment":"d","step":1,"undo":false,"attempt":1,"token":3,"epoch":1,"ok":false,"output_json":"","error":"x","error_class":{class},"started_ms":1,"finished_ms":2}}"#
+        )
+    }
+
+    #[test]
+    fn the_journal_reads_old_class_names_and_writes_typed_classes() {
+        let old: Journaled = serde_json::from_str(&journaled(r#""resource""#)).unwrap();
+        assert_eq!(old.error_class, Some(ErrorClass::Resource));
+        assert_eq!(old.result().error_class, fleet_proto::ErrorClass::Resource as i32);
+        let old_ok: Journaled = serde_json::from_str(&journaled(r#""""#)).unwrap();
+        assert_eq!((old_ok.error_class, old_ok.result().error_class), (None, 0));
+        let new_ok: Journaled = serde_json::from_str(&journaled("null")).unwrap();
+        assert_eq!(new_ok.error_class, None);
+        // An unknown name is an error, never silently some class.
+        assert!(serde_json::from_str::<Journaled>(&journaled(r#""later""#)).is_err());
+
+        // What is written reads back to the same result.
+        let r = result(&StepKey::default(), Err(StepError::new(ErrorClass::Aborted, "stop")), 1, 2);
+        assert_eq!(r.error_class, fleet_proto::ErrorClass::Aborted as i32);
+        let text = serde_json::to_string(&Journaled::of(&r).unwrap()).unwrap();
+        assert!(text.contains(r#""error_class":"aborted""#), "{text}");
+        assert_eq!(serde_json::from_str::<Journaled>(&text).unwrap().result(), r);
     }
 }

@@ -15,7 +15,9 @@ use crate::util::write_atomic;
 
 #[derive(Debug, Error)]
 pub enum FencingError {
-    #[error("cannot read fencing tokens from {path}: {source}; fix or remove the file (removing it forgets which deployments lost their lock)")]
+    #[error(
+        "cannot read fencing tokens from {path}: {source}; fix or remove the file (removing it forgets which deployments lost their lock)"
+    )]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is not valid JSON of {{destination: token}}: {source}; fix or remove the file")]
     Parse { path: PathBuf, source: serde_json::Error },
@@ -28,7 +30,9 @@ pub enum FencingError {
 pub enum Verdict {
     Accept,
     /// Lower than `highest`, the highest seen for the destination.
-    Stale { highest: u64 },
+    Stale {
+        highest: u64,
+    },
 }
 
 #[derive(Debug)]

@@ -1,16 +1,21 @@
 //! `fleet-node`: the worker agent on each host.
 //!
 //! It keeps one mutually authenticated gRPC stream open to the Raft leader
-//! ([`connection`]), runs the steps the leader assigns ([`agent`]: timeouts,
-//! aborts, idempotency, fencing, witness lines) through an [`adapter`]; the
-//! built-in one is [`process`]: supervised local processes, blue-green,
-//! behind a TCP route on a stable port.
+//! ([`connection`], with the TLS identity of [`identity`]), runs the steps
+//! the leader assigns ([`agent`]: timeouts, aborts, idempotency, [`fencing`],
+//! [`witness`] lines) through the [`adapter`] that carries out each action.
+//! The built-in adapters are [`process`] (supervised local processes,
+//! blue-green, behind a TCP route on a stable port) and [`command`] (shell
+//! commands: the steps of `command` destinations, and every pre/post hook).
+//! [`proc`] is what both know of local child processes.
 
 pub mod adapter;
 pub mod agent;
+pub mod command;
 pub mod connection;
 pub mod fencing;
 pub mod identity;
+pub mod proc;
 pub mod process;
 pub mod util;
 pub mod witness;

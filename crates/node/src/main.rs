@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser};
+use fleet_node::adapter::{Adapter, Adapters};
 use fleet_node::agent::Agent;
+use fleet_node::command::{CommandAdapter, CommandConfig};
 use fleet_node::connection::Connector;
 use fleet_node::fencing::Fencing;
 use fleet_node::identity::NodeIdentity;
@@ -23,9 +25,10 @@ use fleet_node::witness::Witness;
 /// `fleetctl certs issue node NAME`); destinations select nodes by their
 /// labels.
 ///
-/// Steps run through the built-in `process` adapter: each release of an app
-/// runs as a supervised local process, blue-green, behind a TCP route on a
-/// stable 127.0.0.1 port. State lives in --data-dir: a restarted fleet-node
+/// Steps run through the built-in adapters. `process`: each release of an
+/// app runs as a supervised local process, blue-green, behind a TCP route
+/// on a stable 127.0.0.1 port. `command`: shell commands (`sh -c`), for the
+/// steps of `command` destinations and for pre/post hooks. State lives in --data-dir: a restarted fleet-node
 /// adopts the instances that still run and listens on the same route ports.
 /// Programs beside the fleet-node executable (such as `fleet-demo-app`) are
 /// found on PATH.
@@ -179,7 +182,9 @@ async fn run(args: Args, identity: NodeIdentity, witness: Option<Witness>) -> an
     let fencing = Fencing::open(&args.data_dir)?;
     let adopted = adapter.instances().len();
     let journal = Some(args.data_dir.join("results.json"));
-    let (agent, results) = Agent::new(node.clone(), Arc::new(adapter.clone()), fencing, witness, journal);
+    let process: Arc<dyn Adapter> = Arc::new(adapter.clone());
+    let command: Arc<dyn Adapter> = Arc::new(CommandAdapter::new(CommandConfig::new(&args.data_dir)));
+    let (agent, results) = Agent::new(node.clone(), Adapters::new([process, command]), fencing, witness, journal);
     let labels: BTreeMap<String, String> = args.labels.into_iter().collect();
     let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!(

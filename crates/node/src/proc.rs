@@ -11,6 +11,12 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+/// The directory of the running executable: programs installed beside
+/// `fleet-node` (such as `fleet-demo-app`) are found there.
+pub fn exe_dir() -> Option<PathBuf> {
+    std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf))
+}
+
 /// `None` while the process runs; then how it ended.
 pub type ExitWatch = watch::Receiver<Option<String>>;
 
@@ -104,10 +110,7 @@ pub fn resolve_program(program: &str, prepend: &[PathBuf]) -> Result<PathBuf, St
             return Ok(candidate);
         }
     }
-    Err(format!(
-        "`{program}` was not found in {}",
-        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":")
-    ))
+    Err(format!("`{program}` was not found in {}", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":")))
 }
 
 fn is_executable(p: &Path) -> bool {

@@ -59,6 +59,11 @@ pub fn human(d: Duration) -> String {
     }
 }
 
+/// `s` with every character that does not belong in a file name replaced.
+pub fn safe_file_part(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
+}
+
 /// Quote `text` as an indented block for a multi-line error message.
 pub fn indent(text: &str) -> String {
     if text.trim().is_empty() {

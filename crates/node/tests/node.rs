@@ -14,8 +14,9 @@ use std::time::Duration;
 use fleet_core::deploy::ErrorClass;
 use fleet_core::manifest::{HealthCheck, Probe};
 use fleet_core::saga::StepAction;
-use fleet_node::adapter::{Adapter, StepContext, StepError};
+use fleet_node::adapter::{Adapter, Adapters, StepContext, StepError};
 use fleet_node::agent::Agent;
+use fleet_node::command::{CommandAdapter, CommandConfig};
 use fleet_node::fencing::Fencing;
 use fleet_node::process::{ProcessAdapter, ProcessConfig};
 use fleet_node::witness::Witness;
@@ -86,6 +87,20 @@ async fn adapter(dir: &Path) -> (ProcessAdapter, Cleanup) {
 async fn adapter_with(cfg: ProcessConfig) -> (ProcessAdapter, Cleanup) {
     let a = ProcessAdapter::open(cfg).await.expect("open the process adapter");
     (a.clone(), Cleanup(a))
+}
+
+fn command_adapter(dir: &Path) -> CommandAdapter {
+    let mut cfg = CommandConfig::new(dir);
+    cfg.path_prepend = vec![demo_app_dir()];
+    CommandAdapter::new(cfg)
+}
+
+/// What fleet-node runs with: the process adapter and the command adapter
+/// on the same data dir.
+fn adapters(process: ProcessAdapter, dir: &Path) -> Adapters {
+    let process: Arc<dyn Adapter> = Arc::new(process);
+    let command: Arc<dyn Adapter> = Arc::new(command_adapter(dir));
+    Adapters::new([process, command])
 }
 
 fn ctx(token: u64, step: u32, undo: bool) -> StepContext {
@@ -452,7 +467,7 @@ async fn a_restarted_node_adopts_its_instances_and_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_of_a_command_runs_its_check_script_and_never_the_command() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, _cleanup) = adapter(dir.path()).await;
+    let a = command_adapter(dir.path());
     let flag = dir.path().join("migrated");
     let marker = dir.path().join("ran");
     let action =
@@ -553,7 +568,7 @@ async fn node_with(tune: impl FnOnce(&mut ProcessConfig)) -> Node {
     let witness = dir.path().join("witness.jsonl");
     let (agent, results) = Agent::new(
         "node-1".into(),
-        Arc::new(a),
+        adapters(a, &data),
         Fencing::open(&data).unwrap(),
         Some(Witness::open(&witness).unwrap()),
         Some(data.join("results.json")),
@@ -663,7 +678,7 @@ async fn commands_run_once_per_key_and_report_failures() {
     // answered, not run again.
     let (a2, _cleanup2) = adapter(&n.data).await;
     let journal = Some(n.data.join("results.json"));
-    let (agent2, mut results2) = Agent::new("node-1".into(), Arc::new(a2), Fencing::open(&n.data).unwrap(), None, journal);
+    let (agent2, mut results2) = Agent::new("node-1".into(), adapters(a2, &n.data), Fencing::open(&n.data).unwrap(), None, journal);
     assert_eq!(agent2.recent_results(100).len(), 4);
     agent2.assign(assign(&k, &command(&run), 10_000));
     let replayed = tokio::time::timeout(Duration::from_secs(20), results2.recv()).await.unwrap().unwrap();

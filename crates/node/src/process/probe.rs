@@ -11,7 +11,7 @@ use fleet_core::manifest::Probe;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::proc::{path_with, resolve_program, GroupGuard};
+use crate::proc::{path_with, resolve_program, GroupGuard};
 use crate::util::human;
 
 /// Run one probe of `port`, bounded by `timeout`.
@@ -39,10 +39,9 @@ fn substitute(argv: &[String], port: u16) -> Vec<String> {
 async fn run(probe: &Probe, port: u16, path_prepend: &[PathBuf], cwd: &Path) -> Result<(), String> {
     match probe {
         Probe::Http { path } => http_get(port, path).await,
-        Probe::Tcp => TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("TCP connect to 127.0.0.1:{port}: {e}")),
+        Probe::Tcp => {
+            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.map(|_| ()).map_err(|e| format!("TCP connect to 127.0.0.1:{port}: {e}"))
+        }
         Probe::Command { argv } => command(&substitute(argv, port), path_prepend, cwd).await,
     }
 }
@@ -101,6 +100,6 @@ async fn command(argv: &[String], path_prepend: &[PathBuf], cwd: &Path) -> Resul
         text = String::from_utf8_lossy(&out.stdout).trim().to_string();
     }
     let last = text.lines().last().unwrap_or("").chars().take(200).collect::<String>();
-    let how = super::proc::describe_exit(&out.status);
+    let how = crate::proc::describe_exit(&out.status);
     Err(if last.is_empty() { format!("{what} {how}") } else { format!("{what} {how}: {last}") })
 }

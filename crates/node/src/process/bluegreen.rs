@@ -1,0 +1,512 @@
+//! The blue-green steps on one node and their exact undos: `start` a new
+//! instance on a free port (staged), `health`-check it, `switch` the route
+//! to it (the previous active one is retired), `stop-old` the retired one;
+//! and `check` (is a start already done?), the clean-up of an interrupted
+//! start, and what `forget` removes (staged instances of a token).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_core::manifest::HealthCheck;
+use serde_json::{json, Value};
+
+use super::proxy::Route;
+use super::state::{persist_error, App, Instance};
+use super::{probe, Inner};
+use crate::adapter::{StepContext, StepError};
+use crate::proc;
+use crate::util::{human, indent, tail, write_atomic};
+
+fn check_name(field: &'static str, value: &str) -> Result<(), StepError> {
+    fleet_core::names::validate_name(field, value).map_err(|e| StepError::invalid(e.to_string()))
+}
+
+fn free_port() -> Result<u16, StepError> {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| {
+        StepError::resource(format!("cannot find a free port on 127.0.0.1: {e}; the node may be out of ports or file descriptors"))
+    })
+}
+
+fn substitute(argv: &[String], app: &str, release: &str, port: u16) -> Vec<String> {
+    argv.iter().map(|a| a.replace("{release}", release).replace("{port}", &port.to_string()).replace("{app}", app)).collect()
+}
+
+impl Inner {
+    pub(super) async fn start(
+        self: &Arc<Self>,
+        ctx: &StepContext,
+        name: &str,
+        release: &str,
+        run: &[String],
+        env: &BTreeMap<String, String>,
+    ) -> Result<Value, StepError> {
+        check_name("app", name)?;
+        check_name("release", release)?;
+        let app = self.app(name);
+        let _op = app.op.lock().await;
+        let leftover = app.lock().rec.staged.clone();
+        if let Some(old) = leftover {
+            tracing::info!(app = name, release = %old.release, pid = old.pid, "stopping a leftover staged instance before starting {release}");
+            self.stop_instance(&app, &old).await?;
+            let mut st = app.lock();
+            st.rec.staged = None;
+            self.persist(&st)?;
+        }
+        let port = free_port()?;
+        let tmpl = Instance {
+            release: release.to_string(),
+            port,
+            pid: 0,
+            argv: substitute(run, name, release, port),
+            env: env.clone(),
+            log: self.log_path(name, release, port),
+            token: ctx.token,
+            proc_start: None,
+        };
+        let (inst, mut exit) = {
+            let mut st = app.lock();
+            let inst = self.launch(name, &mut st, &tmpl)?;
+            st.rec.staged = Some(inst.clone());
+            if let Err(e) = self.persist(&st) {
+                proc::signal_group(inst.pid, libc::SIGKILL);
+                st.rec.staged = None;
+                return Err(e);
+            }
+            let exit = self.exit_watch(&mut st, &inst);
+            (inst, exit)
+        };
+        let token_path = self.cfg.data_dir.join("apps").join(format!("{name}.token"));
+        write_atomic(&token_path, format!("{}\n", ctx.token).as_bytes()).map_err(|e| persist_error(&token_path, e))?;
+        if let Some(how) = proc::wait_exit(&mut exit, self.cfg.exit_grace).await {
+            let mut st = app.lock();
+            if st.rec.staged.as_ref().is_some_and(|s| s.same(&inst)) {
+                st.rec.staged = None;
+                self.persist(&st)?;
+            }
+            st.procs.remove(&inst.pid);
+            return Err(StepError::invalid(format!(
+                "{name}@{release} {how} right after it started (`{}`); last lines of its log {}:\n{}\nFix the release or the manifest's `run`, then deploy again",
+                inst.argv.join(" "),
+                inst.log.display(),
+                indent(&tail(&inst.log, 15)),
+            )));
+        }
+        Ok(json!({"port": inst.port, "pid": inst.pid, "release": inst.release}))
+    }
+
+    pub(super) async fn undo_start(&self, name: &str, release: &str, output: Option<&Value>) -> Result<Value, StepError> {
+        let Some(app) = self.existing(name) else { return Ok(json!({"stopped": null})) };
+        let _op = app.op.lock().await;
+        let port = output.and_then(|o| o.get("port")).and_then(Value::as_u64).map(|p| p as u16);
+        let matches = |i: &Option<Instance>| i.as_ref().is_some_and(|i| i.release == release && port.is_none_or(|p| p == i.port));
+        let (slot, inst) = {
+            let st = app.lock();
+            if matches(&st.rec.active) {
+                let a = st.rec.active.clone().map(|a| a.label(name)).unwrap_or_default();
+                return Err(StepError::invalid(format!(
+                    "{a} is serving {name}'s route, so it is not stopped; undo the route switch first (the leader does this in order)"
+                )));
+            }
+            if matches(&st.rec.staged) {
+                ("staged", st.rec.staged.clone())
+            } else if matches(&st.rec.retired) {
+                ("retired", st.rec.retired.clone())
+            } else {
+                ("", None)
+            }
+        };
+        let Some(inst) = inst else { return Ok(json!({"stopped": null})) };
+        self.stop_instance(&app, &inst).await?;
+        let mut st = app.lock();
+        match slot {
+            "staged" => st.rec.staged = None,
+            _ => st.rec.retired = None,
+        }
+        self.persist(&st)?;
+        Ok(json!({"stopped": inst}))
+    }
+
+    pub(super) async fn health(&self, name: &str, release: &str, check: &HealthCheck) -> Result<Value, StepError> {
+        let app = self.existing(name).ok_or_else(|| not_started(name, release))?;
+        let _op = app.op.lock().await;
+        let (inst, mut exit) = {
+            let mut st = app.lock();
+            let inst = [&st.rec.staged, &st.rec.active]
+                .into_iter()
+                .flatten()
+                .find(|i| i.release == release)
+                .cloned()
+                .ok_or_else(|| not_started(name, release))?;
+            let exit = self.exit_watch(&mut st, &inst);
+            (inst, exit)
+        };
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(check.deadline_ms);
+        let timeout = Duration::from_millis(check.timeout_ms);
+        let mut interval = tokio::time::interval(Duration::from_millis(check.interval_ms.max(1)));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let exited = |how: String, inst: &Instance| {
+            StepError::invalid(format!(
+                "{name}@{release} {how} during its health check; the route was not switched. Last lines of its log {}:\n{}",
+                inst.log.display(),
+                indent(&tail(&inst.log, 15))
+            ))
+        };
+        let mut passes = 0u32;
+        let mut probes = 0u32;
+        let mut last = String::from("no probe finished");
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                how = exit.wait_for(|e| e.is_some()) => {
+                    let how = how.ok().and_then(|h| h.clone()).unwrap_or_else(|| "exited".into());
+                    return Err(exited(how, &inst));
+                }
+            }
+            let result = tokio::select! {
+                r = probe::probe(&check.probe, inst.port, timeout, &self.cfg.path_prepend, &self.cfg.data_dir) => r,
+                _ = tokio::time::sleep_until(deadline) => break,
+            };
+            probes += 1;
+            match result {
+                Ok(()) => {
+                    passes += 1;
+                    if passes >= check.healthy_threshold {
+                        return Ok(json!({
+                            "release": release, "port": inst.port, "pid": inst.pid,
+                            "probes": probes, "elapsed_ms": started.elapsed().as_millis() as u64,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    passes = 0;
+                    last = e;
+                }
+            }
+        }
+        if let Some(how) = exit.borrow().clone() {
+            return Err(exited(how, &inst));
+        }
+        let need = if check.healthy_threshold > 1 { format!(" {} times in a row", check.healthy_threshold) } else { String::new() };
+        Err(StepError::invalid(format!(
+            "{name}@{release} did not pass its health check{need} ({last}) within {}; the route was not switched. Its log is {}",
+            human(Duration::from_millis(check.deadline_ms)),
+            inst.log.display()
+        )))
+    }
+
+    pub(super) async fn switch(self: &Arc<Self>, name: &str, release: &str, port: u16) -> Result<Value, StepError> {
+        let app = self.existing(name).ok_or_else(|| not_started(name, release))?;
+        let _op = app.op.lock().await;
+        let (old_route, displaced, out) = {
+            let mut st = app.lock();
+            let target = match &st.rec.staged {
+                Some(s) if s.release == release => s.clone(),
+                _ => match &st.rec.active {
+                    // Already switched (a retry after a lost result).
+                    Some(a) if a.release == release && st.rec.staged.is_none() => {
+                        let route = st.route.as_ref().map(|r| r.port()).or(st.rec.route_port).unwrap_or(0);
+                        return Ok(json!({"route": format!("127.0.0.1:{route}"), "previous": st.rec.retired, "instance": a}));
+                    }
+                    _ => return Err(not_started(name, release)),
+                },
+            };
+            let exit = self.exit_watch(&mut st, &target);
+            if let Some(how) = exit.borrow().clone() {
+                return Err(StepError::invalid(format!(
+                    "{} {how} before the route could be switched to it; the route still points at the previous release. Its log is {}",
+                    target.label(name),
+                    target.log.display()
+                )));
+            }
+            let want = if port != 0 { port } else { st.rec.route_port.unwrap_or(0) };
+            let rebind = match &st.route {
+                None => true,
+                Some(r) => port != 0 && r.port() != port,
+            };
+            let mut old_route = None;
+            if rebind {
+                let r = Route::bind(name, want, self.conns.clone()).map_err(|e| {
+                    StepError::resource(format!(
+                        "cannot listen on 127.0.0.1:{want} for {name}'s route: {e}; free that port or set another `port:` in the manifest"
+                    ))
+                })?;
+                r.set_backend(Some(target.port));
+                if st.rec.route_port.is_some_and(|p| p != r.port()) {
+                    tracing::warn!(app = name, from = ?st.rec.route_port, to = r.port(), "the route moves to another port");
+                }
+                st.rec.route_port = Some(r.port());
+                old_route = st.route.replace(r);
+            } else if let Some(r) = &st.route {
+                r.set_backend(Some(target.port));
+            }
+            let route_port = st.route.as_ref().map(|r| r.port()).unwrap_or(want);
+            let displaced = st.rec.retired.take();
+            let previous = st.rec.active.take();
+            st.rec.retired = previous.clone();
+            st.rec.active = Some(target.clone());
+            st.rec.staged = None;
+            self.persist(&st)?;
+            tracing::info!(app = name, release, route = route_port, backend = target.port, "route switched");
+            (old_route, displaced, json!({"route": format!("127.0.0.1:{route_port}"), "previous": previous, "instance": target}))
+        };
+        if let Some(r) = old_route {
+            r.close().await;
+        }
+        if let Some(d) = displaced {
+            // A retired instance left by an earlier deployment that never
+            // stopped it: nothing routes to it any more.
+            tracing::info!(app = name, release = %d.release, pid = d.pid, "stopping an older retired instance");
+            self.conns.of(d.port).drained(self.cfg.stop_grace).await;
+            self.stop_instance(&app, &d).await?;
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn undo_switch(&self, name: &str, output: Option<&Value>) -> Result<Value, StepError> {
+        let Some(app) = self.existing(name) else { return Ok(json!({"active": null})) };
+        let parse = |k: &str| -> Result<Option<Instance>, StepError> {
+            match output.and_then(|o| o.get(k)) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+                    StepError::invalid(format!(
+                        "the switch step's recorded output has an unreadable `{k}` ({e}); the route was left as it is"
+                    ))
+                }),
+            }
+        };
+        let previous = parse("previous")?;
+        let Some(instance) = parse("instance")? else {
+            return Err(StepError::invalid("the switch step's recorded output names no instance; the route was left as it is"));
+        };
+        let _op = app.op.lock().await;
+        let closing = {
+            let mut st = app.lock();
+            let active = st.rec.active.clone();
+            let in_effect = active.as_ref().is_some_and(|a| a.same(&instance));
+            if !in_effect {
+                let undone = match (&active, &previous) {
+                    (Some(a), Some(p)) => a.same(p),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if undone {
+                    return Ok(json!({"active": active}));
+                }
+                return Err(StepError::invalid(format!(
+                    "{name}'s route now points at {}, not at {}@{}; another deployment changed it since, so it was left as it is",
+                    active.map(|a| a.label(name)).unwrap_or_else(|| "nothing".into()),
+                    instance.release,
+                    instance.port
+                )));
+            }
+            let current = active.unwrap_or(instance);
+            let mut closing = None;
+            match &previous {
+                Some(p) => {
+                    let back = st.rec.retired.clone().filter(|r| r.same(p));
+                    let Some(back) = back else {
+                        return Err(StepError::invalid(format!(
+                            "cannot point {name}'s route back at {}: that instance is not running any more; undo `stop-old` first (it starts it again)",
+                            p.label(name)
+                        )));
+                    };
+                    let exit = self.exit_watch(&mut st, &back);
+                    if let Some(how) = exit.borrow().clone() {
+                        return Err(StepError::invalid(format!(
+                            "cannot point {name}'s route back at {}: it {how}; undo `stop-old` first (it starts it again)",
+                            back.label(name)
+                        )));
+                    }
+                    match &st.route {
+                        Some(r) => r.set_backend(Some(back.port)),
+                        None => {
+                            let port = st.rec.route_port.unwrap_or(0);
+                            let r = Route::bind(name, port, self.conns.clone()).map_err(|e| {
+                                StepError::resource(format!("cannot listen on 127.0.0.1:{port} for {name}'s route: {e}; free that port"))
+                            })?;
+                            r.set_backend(Some(back.port));
+                            st.route = Some(r);
+                        }
+                    }
+                    st.rec.active = Some(back);
+                    st.rec.retired = None;
+                }
+                None => {
+                    closing = st.route.take();
+                    st.rec.active = None;
+                }
+            }
+            st.rec.staged = Some(current);
+            self.persist(&st)?;
+            tracing::info!(app = name, back_to = ?st.rec.active.as_ref().map(|a| &a.release), "route switched back");
+            closing
+        };
+        if let Some(r) = closing {
+            r.close().await;
+        }
+        let st = app.lock();
+        Ok(json!({"active": st.rec.active}))
+    }
+
+    pub(super) async fn stop_old(&self, name: &str, drain_ms: u64) -> Result<Value, StepError> {
+        let Some(app) = self.existing(name) else { return Ok(json!({"stopped": null})) };
+        let _op = app.op.lock().await;
+        let Some(old) = app.lock().rec.retired.clone() else { return Ok(json!({"stopped": null})) };
+        let open = self.conns.of(old.port).drained(Duration::from_millis(drain_ms)).await;
+        if open > 0 {
+            tracing::info!(app = name, release = %old.release, open, "connections still open after the drain time; stopping anyway");
+        }
+        self.stop_instance(&app, &old).await?;
+        let mut st = app.lock();
+        if st.rec.retired.as_ref().is_some_and(|r| r.same(&old)) {
+            st.rec.retired = None;
+        }
+        self.persist(&st)?;
+        Ok(json!({"stopped": old, "open_connections_cut": open}))
+    }
+
+    pub(super) async fn undo_stop_old(self: &Arc<Self>, name: &str, output: Option<&Value>) -> Result<Value, StepError> {
+        let stopped: Option<Instance> = match output.and_then(|o| o.get("stopped")) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
+                StepError::invalid(format!("the stop-old step's recorded output is unreadable ({e}); nothing was restarted"))
+            })?),
+        };
+        let Some(old) = stopped else { return Ok(json!({"restarted": null})) };
+        let app = self.app(name);
+        let _op = app.op.lock().await;
+        let (inst, mut exit) = {
+            let mut st = app.lock();
+            let existing = st.rec.retired.clone().filter(|r| r.same(&old));
+            let running = existing.filter(|r| {
+                let w = self.exit_watch(&mut st, r);
+                let up = w.borrow().is_none();
+                up
+            });
+            match running {
+                Some(r) => {
+                    let w = self.exit_watch(&mut st, &r);
+                    (r, w)
+                }
+                None => {
+                    let clash = [&st.rec.active, &st.rec.staged].into_iter().flatten().find(|i| i.port == old.port).cloned();
+                    if let Some(c) = clash {
+                        return Err(StepError::invalid(format!(
+                            "cannot start {name}@{} again on port {}: {} uses that port now",
+                            old.release,
+                            old.port,
+                            c.label(name)
+                        )));
+                    }
+                    let inst = self.launch(name, &mut st, &old)?;
+                    st.rec.retired = Some(inst.clone());
+                    self.persist(&st)?;
+                    let w = self.exit_watch(&mut st, &inst);
+                    (inst, w)
+                }
+            }
+        };
+        let deadline = tokio::time::Instant::now() + self.cfg.restore_wait;
+        let mut wait = Duration::from_millis(20);
+        loop {
+            if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, inst.port)).await.is_ok() {
+                return Ok(json!({"restarted": inst}));
+            }
+            if let Some(how) = exit.borrow().clone() {
+                let mut st = app.lock();
+                if st.rec.retired.as_ref().is_some_and(|r| r.same(&inst)) {
+                    st.rec.retired = None;
+                    self.persist(&st)?;
+                }
+                return Err(StepError::invalid(format!(
+                    "{name}@{} {how} when started again on port {}; last lines of its log {}:\n{}",
+                    inst.release,
+                    inst.port,
+                    inst.log.display(),
+                    indent(&tail(&inst.log, 15))
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StepError::transient(format!(
+                    "{} was started again but its port {} did not accept connections within {}; its log is {}",
+                    inst.label(name),
+                    inst.port,
+                    human(self.cfg.restore_wait),
+                    inst.log.display()
+                )));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = exit.changed() => {}
+            }
+            wait = (wait * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Is `release` of `name` already started for this deployment? Yes
+    /// when the staged instance is that release, was started with this
+    /// token and still runs: the output is the one `start` returned.
+    pub(super) async fn check_start(&self, ctx: &StepContext, name: &str, release: &str) -> Option<Value> {
+        let app = self.existing(name)?;
+        let _op = app.op.lock().await;
+        let st = app.lock();
+        let inst = st.rec.staged.as_ref().filter(|s| s.release == release && s.token == ctx.token)?;
+        let exited = st.procs.get(&inst.pid).is_some_and(|w| w.borrow().is_some());
+        if exited || !proc::alive(inst.pid, inst.proc_start) {
+            return None;
+        }
+        Some(json!({"port": inst.port, "pid": inst.pid, "release": inst.release}))
+    }
+
+    /// Stop every staged instance started with `token`: nothing routes to
+    /// it. Active (and retired) instances are left alone.
+    pub(super) async fn forget(&self, token: u64) -> Vec<String> {
+        let apps: Vec<Arc<App>> = self.apps.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut removed = Vec::new();
+        for app in apps {
+            let _op = app.op.lock().await;
+            let staged = app.lock().rec.staged.clone();
+            let Some(inst) = staged.filter(|s| s.token == token) else { continue };
+            if let Err(e) = self.stop_instance(&app, &inst).await {
+                tracing::warn!(app = %app.name, error = %e, "could not stop a staged instance of a forgotten deployment; stop it by hand (kill its process group)");
+                continue;
+            }
+            let mut st = app.lock();
+            if st.rec.staged.as_ref().is_some_and(|s| s.same(&inst)) {
+                st.rec.staged = None;
+            }
+            if let Err(e) = self.persist(&st) {
+                tracing::warn!(app = %app.name, error = %e, "the stopped staged instance is still recorded; a restarted node forgets it as not running");
+            }
+            removed.push(format!("stopped staged {}", inst.label(&app.name)));
+        }
+        removed
+    }
+
+    pub(super) async fn cancelled_start(&self, ctx: &StepContext, name: &str, release: &str) {
+        let Some(app) = self.existing(name) else { return };
+        let _op = app.op.lock().await;
+        let staged = app.lock().rec.staged.clone();
+        let Some(inst) = staged.filter(|s| s.release == release && s.token == ctx.token) else { return };
+        tracing::info!(app = name, release, pid = inst.pid, "stopping the instance an interrupted start left behind");
+        if let Err(e) = self.stop_instance(&app, &inst).await {
+            tracing::warn!(app = name, error = %e, "could not stop it");
+        }
+        let mut st = app.lock();
+        if st.rec.staged.as_ref().is_some_and(|s| s.same(&inst)) {
+            st.rec.staged = None;
+        }
+        if let Err(e) = self.persist(&st) {
+            tracing::warn!(app = name, error = %e, "could not record it");
+        }
+    }
+}
+fn not_started(app: &str, release: &str) -> StepError {
+    StepError::invalid(format!(
+        "no instance of {app}@{release} is running on this node (it was not started here, or it was stopped); the start step must run first"
+    ))
+}
