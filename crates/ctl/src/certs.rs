@@ -30,8 +30,8 @@ use anyhow::{anyhow, bail, Context as _};
 use fleet_core::auth::Role;
 use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, PublicKeyData as _, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PublicKeyData as _, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -60,8 +60,7 @@ pub fn init(dir: &Path, force: bool) -> anyhow::Result<Vec<PathBuf>> {
             ca_cert_path.display()
         );
     }
-    fs::create_dir_all(dir)
-        .map_err(|e| anyhow!("cannot create directory {}: {e}; check the path and its permissions", dir.display()))?;
+    fs::create_dir_all(dir).map_err(|e| anyhow!("cannot create directory {}: {e}; check the path and its permissions", dir.display()))?;
 
     let now = OffsetDateTime::now_utc();
     let ca_key = KeyPair::generate().context("generating the CA key")?;
@@ -102,8 +101,8 @@ pub fn issue(ca_dir: &Path, role: Role, name: &str, sans: &[String], out_dir: &P
         "run `fleetctl certs init --out {}` first, or point --ca-dir at the directory that holds {CA_CERT_FILE} and {CA_KEY_FILE}",
         ca_dir.display()
     );
-    let ca_key_pem = fs::read_to_string(&ca_key_path)
-        .map_err(|e| anyhow!("cannot read CA key {}: {e}; {init_hint}", ca_key_path.display()))?;
+    let ca_key_pem =
+        fs::read_to_string(&ca_key_path).map_err(|e| anyhow!("cannot read CA key {}: {e}; {init_hint}", ca_key_path.display()))?;
     let ca_cert_pem = fs::read_to_string(&ca_cert_path)
         .map_err(|e| anyhow!("cannot read CA certificate {}: {e}; {init_hint}", ca_cert_path.display()))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| {
@@ -189,8 +188,7 @@ fn sign_leaf(
 /// Same day and time `years` later (Feb 29 becomes Mar 1 when needed).
 fn add_years(t: OffsetDateTime, years: i32) -> OffsetDateTime {
     let year = t.year() + years;
-    t.replace_year(year)
-        .unwrap_or_else(|_| (t - Duration::days(1)).replace_year(year).expect("every year has Feb 28") + Duration::days(1))
+    t.replace_year(year).unwrap_or_else(|_| (t - Duration::days(1)).replace_year(year).expect("every year has Feb 28") + Duration::days(1))
 }
 
 fn validate_name(name: &str) -> anyhow::Result<()> {
@@ -256,10 +254,7 @@ fn check_ca_certificate(
     key_path: &Path,
 ) -> anyhow::Result<()> {
     let der = pem_certificate(ca_cert_pem).ok_or_else(|| {
-        anyhow!(
-            "CA certificate {} is not a PEM certificate; use the {CA_CERT_FILE} written by `fleetctl certs init`",
-            cert_path.display()
-        )
+        anyhow!("CA certificate {} is not a PEM certificate; use the {CA_CERT_FILE} written by `fleetctl certs init`", cert_path.display())
     })?;
     let (subject, spki) = subject_and_spki(&der).ok_or_else(|| {
         anyhow!(
@@ -406,9 +401,7 @@ impl Staging {
     fn add(&mut self, dest: &Path, contents: &[u8], secret: Secret) -> anyhow::Result<()> {
         let file_name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let tmp = dest.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-        let fail = |e: std::io::Error| {
-            anyhow!("cannot write {}: {e}; check that the directory exists and is writable", dest.display())
-        };
+        let fail = |e: std::io::Error| anyhow!("cannot write {}: {e}; check that the directory exists and is writable", dest.display());
         // A leftover from a crashed run could have other permissions.
         match fs::remove_file(&tmp) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
@@ -899,10 +892,14 @@ mod tests {
                 for (server_name, client_name) in [("coordinator", "operator"), ("coordinator", "coordinator"), ("node", "viewer")] {
                     for sni in [ip("127.0.0.1"), ServerName::try_from("localhost").unwrap()] {
                         let mut s = server(d, &d.join(format!("{server_name}.pem")), &d.join(format!("{server_name}-key.pem")), version);
-                        let mut c =
-                            client(d, &d.join(format!("{client_name}.pem")), &d.join(format!("{client_name}-key.pem")), version, sni.clone());
-                        handshake(&mut c, &mut s)
-                            .unwrap_or_else(|e| panic!("{version:?} {server_name} <- {client_name} as {sni:?}: {e}"));
+                        let mut c = client(
+                            d,
+                            &d.join(format!("{client_name}.pem")),
+                            &d.join(format!("{client_name}-key.pem")),
+                            version,
+                            sni.clone(),
+                        );
+                        handshake(&mut c, &mut s).unwrap_or_else(|e| panic!("{version:?} {server_name} <- {client_name} as {sni:?}: {e}"));
                         assert_eq!(s.protocol_version(), Some(version.version));
                         let peer = s.peer_certificates().expect("server saw the client certificate");
                         let leaf = parse(peer[0].as_ref());

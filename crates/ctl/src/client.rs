@@ -30,9 +30,11 @@ pub struct Context {
 
 impl Context {
     pub fn load(path: &Path) -> anyhow::Result<Context> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read context file {}; run `fleetctl dev up` or pass --addr/--ca/--cert/--key", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("context file {} is not valid JSON of {{addrs, ca, cert, key}}", path.display()))
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read context file {}; run `fleetctl dev up` or pass --addr/--ca/--cert/--key", path.display())
+        })?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("context file {} is not valid JSON of {{addrs, ca, cert, key}}", path.display()))
     }
 
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
@@ -40,7 +42,6 @@ impl Context {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
     }
 }
-
 
 pub struct Client {
     addrs: Vec<String>,
@@ -60,7 +61,8 @@ impl Client {
             bail!("no coordinator address; pass --addr HOST:PORT[,HOST:PORT...] or set FLEET_ADDR");
         }
         let read = |what: &str, p: &Path| {
-            std::fs::read(p).with_context(|| format!("cannot read {what} {}; set FLEET_CA/FLEET_CERT/FLEET_KEY or use a context file", p.display()))
+            std::fs::read(p)
+                .with_context(|| format!("cannot read {what} {}; set FLEET_CA/FLEET_CERT/FLEET_KEY or use a context file", p.display()))
         };
         Ok(Client {
             addrs: ctx.addrs.clone(),
@@ -134,7 +136,7 @@ impl Client {
         // Failures since the last pause: try every address once before
         // sleeping, so a dead leader costs one refused connection, not a backoff.
         let mut failed_in_round = 0usize;
-                loop {
+        loop {
             // Lock status of every lock can be large (reasons are up to 16 KiB each).
             let client = ControlClient::new(self.channel(&addr)?).max_decoding_message_size(MAX_REPLY_BYTES);
             // Bound every attempt here, whatever the caller set: a coordinator

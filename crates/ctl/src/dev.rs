@@ -133,13 +133,7 @@ pub fn tail_of(path: &Path, lines: usize) -> String {
 
 /// Is a process with this pid alive (signal 0)?
 pub fn alive(pid: u32) -> bool {
-    Command::new("kill")
-        .arg("-0")
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    Command::new("kill").arg("-0").arg(pid.to_string()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
 }
 
 /// SIGTERM, then SIGKILL after `grace`.
@@ -223,12 +217,7 @@ pub fn spawn_node(bin: &Path, spec: &NodeSpec) -> anyhow::Result<Child> {
 
 /// Is any process of process group `pgid` alive?
 fn group_alive(pgid: u32) -> bool {
-    Command::new("kill")
-        .args(["-0", "--", &format!("-{pgid}")])
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    Command::new("kill").args(["-0", "--", &format!("-{pgid}")]).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
 }
 
 /// Stop a process that leads its own process group (as [`spawn_node`]
@@ -272,7 +261,8 @@ pub fn node_instances(data_dir: &Path) -> Vec<u32> {
         if path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
         }
-        let Ok(rec) = std::fs::read_to_string(&path).map_err(anyhow::Error::from).and_then(|t| Ok(serde_json::from_str::<serde_json::Value>(&t)?))
+        let Ok(rec) =
+            std::fs::read_to_string(&path).map_err(anyhow::Error::from).and_then(|t| Ok(serde_json::from_str::<serde_json::Value>(&t)?))
         else {
             continue;
         };

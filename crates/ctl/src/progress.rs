@@ -6,10 +6,10 @@
 //! be tested without a cluster.
 
 use fleet_core::deploy::{DeployState, Deployment, StepRecord, StepStatus};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The state a step event reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepEventStatus {
     /// It is the step (or undo) the deployment runs now.
@@ -40,7 +40,7 @@ impl StepEventStatus {
 
 /// One thing that happened to a deployment, as `-o json` prints it (one
 /// object per line).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WatchEvent {
     /// A new line of the deployment's event log (a lifecycle transition).
@@ -84,7 +84,15 @@ fn span(start: Option<i64>, end: Option<i64>) -> Option<i64> {
     Some(end? - start?).filter(|d| *d >= 0)
 }
 
-fn step_event(d: &Deployment, i: usize, s: &StepRecord, undo: bool, status: StepEventStatus, attempt: u32, error: Option<String>) -> WatchEvent {
+fn step_event(
+    d: &Deployment,
+    i: usize,
+    s: &StepRecord,
+    undo: bool,
+    status: StepEventStatus,
+    attempt: u32,
+    error: Option<String>,
+) -> WatchEvent {
     let duration_ms = match (undo, status) {
         (_, StepEventStatus::Running) => None,
         (false, _) => span(s.started_ms, s.finished_ms),
@@ -131,7 +139,8 @@ pub fn diff(prev: Option<&Deployment>, next: &Deployment) -> Vec<WatchEvent> {
 
     for (i, s) in next.steps.iter().enumerate() {
         let before = prev.and_then(|p| p.steps.get(i));
-        let (was, was_attempt, was_undo_attempt) = before.map(|b| (b.status, b.attempt, b.undo_attempt)).unwrap_or((StepStatus::Pending, 1, 1));
+        let (was, was_attempt, was_undo_attempt) =
+            before.map(|b| (b.status, b.attempt, b.undo_attempt)).unwrap_or((StepStatus::Pending, 1, 1));
         let fwd_at = s.finished_ms.unwrap_or(unknown_time);
         let undo_at = s.undo_finished_ms.unwrap_or(unknown_time);
         let undone = matches!(s.status, StepStatus::Undone | StepStatus::UndoFailed);
@@ -140,7 +149,11 @@ pub fn diff(prev: Option<&Deployment>, next: &Deployment) -> Vec<WatchEvent> {
         if was == StepStatus::Pending && matches!(s.status, StepStatus::Done | StepStatus::Undone | StepStatus::UndoFailed) {
             timed.push((fwd_at, 0, step_event(next, i, s, false, StepEventStatus::Done, s.attempt, None)));
         } else if was != StepStatus::Skipped && s.status == StepStatus::Skipped {
-            timed.push((unknown_time, 0, step_event(next, i, s, was == StepStatus::Done, StepEventStatus::Skipped, s.attempt, s.error.clone())));
+            timed.push((
+                unknown_time,
+                0,
+                step_event(next, i, s, was == StepStatus::Done, StepEventStatus::Skipped, s.attempt, s.error.clone()),
+            ));
         } else if was == StepStatus::Pending && s.status == StepStatus::Failed {
             timed.push((fwd_at, 0, step_event(next, i, s, false, StepEventStatus::Failed, s.attempt, s.error.clone())));
         } else if s.status == StepStatus::Pending && s.attempt > was_attempt {
@@ -249,7 +262,8 @@ pub fn event_line(d: &Deployment, ev: &WatchEvent) -> String {
             format!("{} {}: {to} ({reason}, by {actor})", d.id, d.label())
         }
         WatchEvent::Transition { from: Some(from), to, reason, actor, .. } => {
-            let by = if *to == DeployState::Cancelling && !reason.contains(actor.as_str()) { format!(" (by {actor})") } else { String::new() };
+            let by =
+                if *to == DeployState::Cancelling && !reason.contains(actor.as_str()) { format!(" (by {actor})") } else { String::new() };
             format!("{} {from} → {to}: {}{by}", d.id, first_line(reason))
         }
     }
@@ -331,8 +345,7 @@ pub fn summary(d: &Deployment) -> (String, Option<String>) {
     match d.state {
         DeployState::Succeeded => {
             let what = if let Some(of) = &d.rollback_of { format!(" (rollback of {of})") } else { String::new() };
-            let mut lost: Vec<&str> =
-                d.steps.iter().filter(|s| s.status == StepStatus::Skipped).map(|s| s.plan.node.as_str()).collect();
+            let mut lost: Vec<&str> = d.steps.iter().filter(|s| s.status == StepStatus::Skipped).map(|s| s.plan.node.as_str()).collect();
             lost.sort_unstable();
             lost.dedup();
             let next = (!lost.is_empty()).then(|| {
@@ -381,10 +394,7 @@ pub fn summary(d: &Deployment) -> (String, Option<String>) {
                 d.destinations().join(" + ")
             )),
         ),
-        DeployState::Superseded => (
-            format!("{id} did not run: {last_reason}"),
-            None,
-        ),
+        DeployState::Superseded => (format!("{id} did not run: {last_reason}"), None),
         s => (format!("{id} is {s}"), Some(format!("`fleetctl watch {id}` follows it"))),
     }
 }
@@ -429,12 +439,9 @@ mod tests {
     /// A deployment of web@v2 to `staging` over nodes n1 and n2 (8 steps),
     /// queued at time 0.
     fn queued() -> Deployment {
-        let spec = parse_manifest(
-            "f",
-            "app: web\nrelease: v2\ndestination: staging\nrun: [srv]\nhealth: { tcp: true }\n",
-            &Overrides::default(),
-        )
-        .unwrap();
+        let spec =
+            parse_manifest("f", "app: web\nrelease: v2\ndestination: staging\nrun: [srv]\nhealth: { tcp: true }\n", &Overrides::default())
+                .unwrap();
         Deployment {
             id: "d12".into(),
             app: "web".into(),
@@ -568,7 +575,14 @@ mod tests {
                 "a step done and undone between two snapshots",
                 Some(&r1),
                 &fast,
-                vec!["S 2 done#1", "S 3 failed#1", "T running>compensating", "S 2 undo undone#1", "S 1 undo undone#1", "T compensating>failed"],
+                vec![
+                    "S 2 done#1",
+                    "S 3 failed#1",
+                    "T running>compensating",
+                    "S 2 undo undone#1",
+                    "S 1 undo undone#1",
+                    "T compensating>failed",
+                ],
             ),
             ("success", Some(&all_done), &succeeded, vec!["T running>succeeded"]),
         ];
@@ -622,10 +636,7 @@ mod tests {
         let r1 = done(started(queued()), 0, 300);
         assert_eq!(
             node_lines(&r1),
-            vec![
-                ("n1".to_string(), "[2/8] health-check web@v2 on n1 ... running".to_string()),
-                ("n2".to_string(), "waiting".to_string()),
-            ]
+            vec![("n1".to_string(), "[2/8] health-check web@v2 on n1 ... running".to_string()), ("n2".to_string(), "waiting".to_string()),]
         );
         let comp = undone(fail(done(r1, 1, 500), 2, 600, false), 1, 700);
         assert_eq!(node_lines(&comp)[0].1, "[1/8] undo start web@v2 on n1 ... undoing");
@@ -634,12 +645,10 @@ mod tests {
     #[test]
     fn summaries() {
         let r12 = done(done(started(queued()), 0, 300), 1, 500);
-        let failed = then(undone(undone(fail(r12, 2, 600, false), 1, 700), 0, 800), DeployState::Failed, 4200, "every completed step was undone");
+        let failed =
+            then(undone(undone(fail(r12, 2, 600, false), 1, 700), 0, 800), DeployState::Failed, 4200, "every completed step was undone");
         let (line, next) = summary(&failed);
-        assert_eq!(
-            line,
-            "d12 failed: step 3 (switch route to web@v2 on n1) failed: connection refused; every completed step was undone"
-        );
+        assert_eq!(line, "d12 failed: step 3 (switch route to web@v2 on n1) failed: connection refused; every completed step was undone");
         assert!(next.unwrap().starts_with("web@v1 is still live on staging."));
 
         let mut ok = started(queued());

@@ -3,18 +3,19 @@
 //! showing progress (bars on a terminal, plain lines, JSON lines).
 
 use std::io::IsTerminal as _;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use fleet_core::deploy::Deployment;
+use fleet_net::now_ms;
 use fleet_proto::{DeploymentReply, GetDeploymentRequest};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use serde_json::json;
 use tonic::codec::Streaming;
 use tonic::Code;
 
 use crate::client::{Client, ServerError};
 use crate::exit;
+use crate::output::{ErrorLine, Line, ResultLine, Submitted};
 use crate::progress::{current_work, diff, event_line, header, node_lines, summary, StepEventStatus, WatchEvent};
 
 /// How long a watch stream may stay silent before the watcher checks the
@@ -245,9 +246,10 @@ impl Renderer {
             Style::Bars => {
                 let bars = self.bars.get_or_insert_with(|| {
                     let multi = MultiProgress::new();
-                    let header = multi.add(ProgressBar::new_spinner().with_style(
-                        ProgressStyle::with_template("{spinner:.cyan} {msg} {elapsed:.dim}").expect("valid template"),
-                    ));
+                    let header = multi.add(
+                        ProgressBar::new_spinner()
+                            .with_style(ProgressStyle::with_template("{spinner:.cyan} {msg} {elapsed:.dim}").expect("valid template")),
+                    );
                     header.enable_steady_tick(Duration::from_millis(100));
                     Bars { multi, header, nodes: vec![] }
                 });
@@ -308,24 +310,22 @@ impl Renderer {
 
 /// `{"type":"result","id","state","exit_code","deployment"}`.
 pub fn result_json(d: &Deployment, code: i32) -> serde_json::Value {
-    json!({"type": "result", "id": d.id, "state": d.state, "exit_code": code, "deployment": d})
+    json_value(&Line::Result(Box::new(ResultLine::of(d, code))))
 }
 
 /// `{"type":"submitted","id","state",...}`.
 pub fn submitted_json(d: &Deployment) -> serde_json::Value {
-    json!({
-        "type": "submitted", "id": d.id, "state": d.state, "app": d.app, "release": d.release,
-        "destination": d.destination, "destinations": d.destinations(), "rollback_of": d.rollback_of,
-    })
+    json_value(&Line::Submitted(Submitted::of(d)))
+}
+
+fn json_value(line: &Line) -> serde_json::Value {
+    // Every field is a string, number, bool, list or string-keyed map.
+    serde_json::to_value(line).unwrap_or_default()
 }
 
 /// The exit code of an ended deployment (DESIGN.md).
 pub fn exit_code(d: &Deployment) -> i32 {
     d.exit_code().map(i32::from).unwrap_or(exit::CLUSTER)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Follow deployment `id` until it ends and return its exit code. `seed`
@@ -381,7 +381,7 @@ pub async fn follow(client: &mut Client, id: &str, seed: Option<(Deployment, u64
                 out.clear();
                 if style == Style::Json {
                     let code = crate::client::exit_code_of(&e);
-                    println!("{}", json!({"type": "error", "id": id, "exit_code": code, "message": format!("{e:#}")}));
+                    println!("{}", json_value(&Line::Error(ErrorLine::failed(code, Some(id), format!("{e:#}")))));
                 }
                 return Err(e);
             }

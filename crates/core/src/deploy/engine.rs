@@ -1,0 +1,159 @@
+//! The saga engine: from the recorded state alone, which step (or undo)
+//! runs next, and recording what a node reported.
+
+use super::{jitter_seed, DeployError, DeployState, Deployment, ErrorClass, StepOutcome, StepStatus, Work};
+
+impl Deployment {
+    /// The engine: what runs next, from the recorded state only.
+    pub fn next(&self) -> Option<Work> {
+        match self.state {
+            DeployState::Running => {
+                let (i, s) = self.steps.iter().enumerate().find(|(_, s)| !s.status.settled_forward())?;
+                (s.status == StepStatus::Pending).then_some(Work {
+                    step: i,
+                    undo: false,
+                    attempt: s.attempt,
+                    not_before_ms: s.not_before_ms,
+                })
+            }
+            DeployState::Compensating | DeployState::Cancelling => {
+                if self.pending_forward_step().is_some() {
+                    // Its result is awaited first: never undo while a step may run.
+                    return None;
+                }
+                let (i, s) = self.steps.iter().enumerate().rev().find(|(_, s)| s.status == StepStatus::Done)?;
+                s.plan.reversible.then_some(Work { step: i, undo: true, attempt: s.undo_attempt, not_before_ms: s.not_before_ms })
+            }
+            _ => None,
+        }
+    }
+
+    /// The forward step that may be in flight on a node while the
+    /// deployment is being cancelled (its result is still awaited).
+    pub fn pending_forward_step(&self) -> Option<usize> {
+        if !matches!(self.state, DeployState::Running | DeployState::Cancelling) || self.token.is_none() {
+            return None;
+        }
+        if self.steps.iter().any(|s| matches!(s.status, StepStatus::Failed | StepStatus::Undone | StepStatus::UndoFailed)) {
+            return None;
+        }
+        self.steps.iter().position(|s| !s.status.settled_forward()).filter(|i| self.steps[*i].status == StepStatus::Pending)
+    }
+
+    /// The fencing rule, the one staleness test for work of a deployment
+    /// (a result being recorded, a step a returning node still runs): it
+    /// belongs to the current assignment only when it carries the
+    /// deployment's lock token and its current epoch. Any other token or
+    /// epoch, older or not, is stale.
+    pub fn fence(&self, token: u64, epoch: u64) -> Result<(), DeployError> {
+        let stale = |why: String| DeployError::Stale { id: self.id.clone(), why };
+        if self.token != Some(token) {
+            return Err(stale(format!("token {token} is not the deployment's {:?}", self.token)));
+        }
+        if self.epoch != epoch {
+            return Err(stale(format!("epoch {epoch} is not the current {}", self.epoch)));
+        }
+        Ok(())
+    }
+
+    /// Would [`Deployment::record`] accept this result? (It must pass
+    /// [`Deployment::fence`], and its step and attempt must be the ones the
+    /// engine expects now.)
+    pub fn check(&self, r: &StepOutcome) -> Result<(), DeployError> {
+        self.fence(r.token, r.epoch)?;
+        let stale = |why: String| DeployError::Stale { id: self.id.clone(), why };
+        let expected = if r.undo {
+            self.next().filter(|w| w.undo)
+        } else if self.state == DeployState::Cancelling {
+            // A forward step that was in flight when cancel arrived.
+            self.pending_forward_step().map(|i| Work { step: i, undo: false, attempt: self.steps[i].attempt, not_before_ms: None })
+        } else {
+            self.next().filter(|w| !w.undo)
+        };
+        let Some(w) = expected else {
+            return Err(stale(format!("no {} is expected in state {}", if r.undo { "undo" } else { "step" }, self.state)));
+        };
+        if w.step != r.step || w.attempt != r.attempt {
+            return Err(stale(format!("expected step {} attempt {}, got step {} attempt {}", w.step, w.attempt, r.step, r.attempt)));
+        }
+        Ok(())
+    }
+
+    /// Record one step result. Returns the state reached (which may be
+    /// terminal). Stale results (other token, epoch, step or attempt) are
+    /// refused and change nothing.
+    pub fn record(&mut self, r: &StepOutcome, at_ms: i64) -> Result<DeployState, DeployError> {
+        self.check(r)?;
+        let actor = r.node.clone();
+        let step = &mut self.steps[r.step];
+        step.check_first = false;
+        let class = r.class.unwrap_or(ErrorClass::Invalid);
+        let max = step.plan.retry.max_attempts;
+        let error_text = || r.error.clone().unwrap_or_else(|| "the step failed without a message".into());
+        if !r.ok {
+            step.error_class = Some(class);
+        }
+        if !r.undo {
+            step.started_ms = Some(r.started_ms);
+            step.finished_ms = Some(r.finished_ms);
+            if r.ok {
+                step.status = StepStatus::Done;
+                step.output = r.output.clone();
+                step.error = None;
+                step.not_before_ms = None;
+            } else if class.retryable() && r.attempt < max && self.state == DeployState::Running {
+                step.attempt += 1;
+                step.error = Some(error_text());
+                step.not_before_ms =
+                    Some(at_ms + step.plan.retry.backoff_with_jitter(step.attempt, jitter_seed(&self.id, r.step, step.attempt)) as i64);
+                return Ok(self.state);
+            } else {
+                step.status = StepStatus::Failed;
+                step.error = Some(error_text());
+                step.not_before_ms = None;
+                if self.state == DeployState::Running {
+                    let reason = format!("step {} ({}) failed ({} error): {}", r.step + 1, step.plan.name, class.as_str(), error_text());
+                    self.transition(DeployState::Compensating, at_ms, reason, &actor)?;
+                }
+            }
+        } else {
+            step.undo_started_ms = Some(r.started_ms);
+            step.undo_finished_ms = Some(r.finished_ms);
+            if r.ok {
+                step.status = StepStatus::Undone;
+                step.not_before_ms = None;
+            } else if class.retryable() && r.attempt < max.max(3) {
+                step.undo_attempt += 1;
+                step.error = Some(error_text());
+                step.not_before_ms = Some(
+                    at_ms
+                        + step.plan.retry.backoff_with_jitter(step.undo_attempt, jitter_seed(&self.id, r.step, step.undo_attempt + 1000))
+                            as i64,
+                );
+                return Ok(self.state);
+            } else {
+                step.status = StepStatus::UndoFailed;
+                step.error = Some(error_text());
+                let reason = format!(
+                    "undo of step {} ({}) failed: {}; a human must check the destination, then run `fleetctl resolve {}`",
+                    r.step + 1,
+                    step.plan.name,
+                    error_text(),
+                    self.id
+                );
+                self.transition(DeployState::CompensationFailed, at_ms, reason, &actor)?;
+                return Ok(self.state);
+            }
+        }
+        self.settle(at_ms, &actor)?;
+        Ok(self.state)
+    }
+
+    /// The node that the next piece of work (or the step in flight) needs.
+    pub fn node_needed(&self) -> Option<&str> {
+        if let Some(i) = self.pending_forward_step().filter(|_| self.state == DeployState::Cancelling) {
+            return Some(&self.steps[i].plan.node);
+        }
+        self.next().map(|w| self.steps[w.step].plan.node.as_str())
+    }
+}

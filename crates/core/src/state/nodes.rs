@@ -1,0 +1,66 @@
+//! Membership: worker nodes registering and being presumed lost, and the
+//! destinations that select them.
+
+use std::collections::BTreeMap;
+
+use super::{Ctx, NodeRecord, State, DEST_PREFIX, NODE_PREFIX};
+use crate::command::Response;
+use crate::manifest::{validate_destination, validate_label, Destination};
+use crate::names::validate_name;
+
+impl State {
+    /// The leader presumed `node` dead: what was left for it in every
+    /// active deployment is handed over or skipped.
+    pub(super) fn node_lost(&mut self, cx: &mut Ctx, node: &str, why: &str) -> Response {
+        let Some(rec) = self.nodes.get_mut(node) else {
+            return Response::NotFound { what: format!("node `{node}`") };
+        };
+        if rec.lost_ms.is_none() {
+            rec.lost_ms = Some(cx.at_ms);
+            let rec = rec.clone();
+            cx.put(format!("{NODE_PREFIX}{node}"), &rec);
+        }
+        let active: Vec<u64> = self.deployments.iter().filter(|(_, d)| !d.state.is_terminal()).map(|(n, _)| *n).collect();
+        for n in active {
+            let live = self.live_nodes(self.deployments[&n].destinations());
+            let d = self.deployments.get_mut(&n).expect("listed above");
+            if let Ok(true) = d.node_lost(node, cx.at_ms, why, &live) {
+                self.put_deployment(cx, n);
+                self.after_progress(cx, n);
+            }
+        }
+        Response::Done
+    }
+
+    pub(super) fn register_node(&mut self, cx: &mut Ctx, id: &str, labels: &BTreeMap<String, String>) -> Response {
+        if let Err(e) = validate_name("node id", id) {
+            return Response::Invalid { reason: e.to_string() };
+        }
+        for (k, v) in labels {
+            if let Err(reason) = validate_label(k, v) {
+                return Response::Invalid { reason };
+            }
+        }
+        let registered_ms = self.nodes.get(id).map(|n| n.registered_ms).unwrap_or(cx.at_ms);
+        if self.nodes.get(id).is_some_and(|n| &n.labels == labels && n.lost_ms.is_none()) {
+            return Response::Done;
+        }
+        let rec = NodeRecord { id: id.to_string(), labels: labels.clone(), registered_ms, updated_ms: cx.at_ms, lost_ms: None };
+        cx.put(format!("{NODE_PREFIX}{id}"), &rec);
+        self.nodes.insert(id.to_string(), rec);
+        Response::Done
+    }
+
+    pub(super) fn put_destinations(&mut self, cx: &mut Ctx, list: &[Destination]) -> Response {
+        for d in list {
+            if let Err((field, reason)) = validate_destination(d) {
+                return Response::Invalid { reason: format!("destination `{}`: {field}: {reason}", d.name) };
+            }
+        }
+        for d in list {
+            cx.put(format!("{DEST_PREFIX}{}", d.name), d);
+            self.destinations.insert(d.name.clone(), d.clone());
+        }
+        Response::Done
+    }
+}

@@ -1,0 +1,473 @@
+use super::*;
+use crate::manifest::QueuePolicy;
+
+fn req(id: Option<&str>, at_ms: i64, command: Command) -> Request {
+    Request { request_id: id.map(str::to_string), at_ms, command }
+}
+fn acquire(dest: &str, holder: &str) -> Command {
+    Command::AcquireLock { destination: dest.into(), holder: holder.into(), reason: "r".into() }
+}
+fn release(dest: &str, holder: &str) -> Command {
+    Command::ReleaseLock { destination: dest.into(), holder: holder.into() }
+}
+
+/// What kind of answer a step must produce.
+#[derive(Debug, PartialEq)]
+enum Want {
+    Granted(u64),
+    Held(&'static str),
+    Released,
+    NotHeld,
+    NotOwner(&'static str),
+    Invalid,
+}
+
+fn kind(r: &Response) -> Want {
+    match r {
+        Response::Granted { lock } => Want::Granted(lock.fencing_token),
+        Response::Held { lock } => Want::Held(Box::leak(lock.holder.clone().into_boxed_str())),
+        Response::Released { .. } => Want::Released,
+        Response::NotHeld { .. } => Want::NotHeld,
+        Response::NotOwner { lock } => Want::NotOwner(Box::leak(lock.holder.clone().into_boxed_str())),
+        Response::Invalid { .. } => Want::Invalid,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn lock_table() {
+    // (log index, command, expected answer), applied in order to one state.
+    let steps: Vec<(u64, Command, Want)> = vec![
+        (1, acquire("web", "alice"), Want::Granted(1)),
+        (2, acquire("web", "alice"), Want::Granted(1)), // idempotent for the holder
+        (3, acquire("web", "bob"), Want::Held("alice")),
+        (4, release("web", "bob"), Want::NotOwner("alice")),
+        (5, release("db", "bob"), Want::NotHeld),
+        (6, release("web", "alice"), Want::Released),
+        (7, release("web", "alice"), Want::NotHeld),
+        (8, acquire("web", "bob"), Want::Granted(8)), // token = index of the grant
+        (9, acquire("Bad Name", "bob"), Want::Invalid),
+        (10, acquire("db", ""), Want::Invalid),
+        (11, acquire("db", "alice"), Want::Granted(11)),
+    ];
+    let mut s = State::default();
+    for (index, cmd, want) in steps {
+        let (got, _) = s.apply(index, &req(None, 0, cmd.clone()));
+        assert_eq!(kind(&got), want, "index {index}: {cmd:?}");
+    }
+    assert_eq!(s.locks().count(), 2);
+}
+
+#[test]
+fn request_ids_apply_once() {
+    let mut s = State::default();
+    let (first, _) = s.apply(1, &req(Some("c1-1"), 0, acquire("web", "alice")));
+    let (_, _) = s.apply(2, &req(Some("c1-2"), 0, release("web", "alice")));
+    // The retried acquire must not re-grant the lock that was released since.
+    let (again, changes) = s.apply(3, &req(Some("c1-1"), 0, acquire("web", "alice")));
+    assert_eq!(first, again);
+    assert!(changes.is_empty());
+    assert!(s.lock("web").is_none());
+}
+
+#[test]
+fn dedup_entries_expire_after_ttl() {
+    let mut s = State::default();
+    s.apply(1, &req(Some("old"), 0, acquire("web", "alice")));
+    let (_, changes) = s.apply(2, &req(Some("new"), DEDUP_TTL_MS, release("web", "alice")));
+    assert!(changes.iter().any(|c| c.key == "dedup/old" && c.value.is_none()));
+    assert!(!s.dedup.contains_key("old"));
+    assert!(s.dedup.contains_key("new"));
+}
+
+#[test]
+fn changes_replayed_into_load_rebuild_the_same_state() {
+    let mut s = State::default();
+    let mut kv: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let cmds = [acquire("a", "x"), acquire("b", "y"), release("a", "x"), acquire("c", "x")];
+    for (i, c) in cmds.into_iter().enumerate() {
+        let (_, changes) = s.apply(i as u64 + 1, &req(Some(&format!("r{i}")), 5, c));
+        for ch in changes {
+            match ch.value {
+                Some(v) => kv.insert(ch.key, v),
+                None => kv.remove(&ch.key),
+            };
+        }
+    }
+    assert_eq!(State::load(kv.clone()).unwrap(), s);
+    assert_eq!(State::load(s.dump()).unwrap(), s);
+    assert!(State::load([("nope/x", b"{}")]).is_err());
+}
+
+mod deployments {
+    use super::*;
+    use crate::deploy::{StepOutcome, StepStatus};
+    use crate::manifest::{parse_manifest, Overrides};
+
+    fn spec(app: &str, release: &str, dest: &str) -> Spec {
+        let text = format!("app: {app}\nrelease: {release}\ndestination: {dest}\nrun: [srv]\nhealth: {{ tcp: true }}\n");
+        parse_manifest("f", &text, &Overrides::default()).unwrap()
+    }
+
+    struct World {
+        s: State,
+        index: u64,
+        /// What a coordinator would have persisted from the changes.
+        kv: BTreeMap<String, Vec<u8>>,
+    }
+
+    impl World {
+        fn new(policies: &[(&str, QueuePolicy)]) -> World {
+            let mut w = World { s: State::default(), index: 0, kv: BTreeMap::new() };
+            let labels: BTreeMap<String, String> = [("env".to_string(), "t".to_string())].into();
+            w.apply(Command::RegisterNode { id: "n1".into(), labels });
+            let destinations = policies
+                .iter()
+                .map(|(name, queue)| Destination {
+                    name: name.to_string(),
+                    adapter: "process".into(),
+                    selector: [("env".to_string(), "t".to_string())].into(),
+                    queue: *queue,
+                })
+                .collect();
+            w.apply(Command::PutDestinations { destinations });
+            w
+        }
+        fn apply(&mut self, c: Command) -> Response {
+            self.index += 1;
+            let (r, changes) = self.s.apply(self.index, &req(None, self.index as i64, c));
+            for ch in changes {
+                match ch.value {
+                    Some(v) => self.kv.insert(ch.key, v),
+                    None => self.kv.remove(&ch.key),
+                };
+            }
+            r
+        }
+        fn submit(&mut self, app: &str, release: &str, dest: &str) -> Response {
+            self.apply(Command::SubmitDeployment {
+                spec: Box::new(spec(app, release, dest)),
+                actor: "op".into(),
+                lock_wait_ms: None,
+                idempotency_key: None,
+            })
+        }
+        fn state_of(&self, id: &str) -> DeployState {
+            self.s.deployment(id).unwrap().state
+        }
+        /// Complete every step of the running deployment `id`.
+        fn finish(&mut self, id: &str) {
+            loop {
+                let d = self.s.deployment(id).unwrap().clone();
+                let Some(w) = d.next() else { break };
+                let outcome = StepOutcome {
+                    step: w.step,
+                    undo: w.undo,
+                    attempt: w.attempt,
+                    token: d.token.unwrap(),
+                    epoch: d.epoch,
+                    ok: true,
+                    output: Some("{}".into()),
+                    error: None,
+                    class: None,
+                    started_ms: 0,
+                    finished_ms: 0,
+                    node: "n1".into(),
+                };
+                self.apply(Command::StepResult { deployment: id.into(), outcome });
+            }
+        }
+    }
+
+    fn id_of(r: &Response) -> String {
+        match r {
+            Response::Deployment { id, .. } => id.clone(),
+            other => panic!("expected a deployment, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fifo_queue_grants_in_submission_order_with_growing_tokens() {
+        use DeployState::*;
+        let mut w = World::new(&[("a", QueuePolicy::Queue), ("b", QueuePolicy::Queue)]);
+        let a1 = id_of(&w.submit("web", "v1", "a"));
+        let a2 = id_of(&w.submit("web", "v2", "a"));
+        let a3 = id_of(&w.submit("api", "v1", "a"));
+        let b1 = id_of(&w.submit("web", "v1", "b"));
+        assert_eq!([a1.as_str(), a2.as_str(), a3.as_str()].map(|i| w.state_of(i)), [Running, Queued, Queued]);
+        assert_eq!(w.state_of(&b1), Running, "another destination does not wait");
+        assert_eq!(w.s.queue("a"), vec![a1.clone(), a2.clone(), a3.clone()]);
+        let t1 = w.s.deployment(&a1).unwrap().token.unwrap();
+        w.finish(&a1);
+        assert_eq!(w.state_of(&a1), Succeeded);
+        assert_eq!(w.state_of(&a2), Running, "the next in line starts in the same apply");
+        let t2 = w.s.deployment(&a2).unwrap().token.unwrap();
+        assert!(t2 > t1);
+        assert_eq!(w.s.lock("a").unwrap().fencing_token, t2);
+        assert_eq!(w.s.deployment(&a2).unwrap().previous_release.as_deref(), Some("v1"));
+        w.finish(&a2);
+        w.finish(&a3);
+        assert!(w.s.lock("a").is_none());
+        assert!(w.s.queue("a").is_empty());
+    }
+
+    #[test]
+    fn policies_and_validation_at_submit() {
+        use DeployState::*;
+        let mut w = World::new(&[("r", QueuePolicy::Reject), ("c", QueuePolicy::Coalesce)]);
+        let r1 = id_of(&w.submit("web", "v1", "r"));
+        assert!(matches!(w.submit("web", "v2", "r"), Response::Rejected { .. }), "busy under reject");
+        w.finish(&r1);
+        assert!(matches!(w.submit("web", "v2", "r"), Response::Deployment { .. }), "free again");
+
+        let c1 = id_of(&w.submit("web", "v1", "c"));
+        let c2 = id_of(&w.submit("web", "v2", "c"));
+        let c3 = id_of(&w.submit("web", "v3", "c"));
+        assert_eq!([&c1, &c2, &c3].map(|i| w.state_of(i)), [Running, Superseded, Queued]);
+
+        assert!(matches!(w.submit("web", "v1", "nowhere"), Response::Invalid { reason } if reason.contains("unknown destination")));
+        // A destination no node matches is refused at submit, not left hanging.
+        w.apply(Command::PutDestinations {
+            destinations: vec![Destination {
+                name: "empty".into(),
+                adapter: "process".into(),
+                selector: [("env".to_string(), "none".to_string())].into(),
+                queue: QueuePolicy::Queue,
+            }],
+        });
+        assert!(matches!(w.submit("web", "v1", "empty"), Response::Invalid { reason } if reason.contains("no worker node")));
+    }
+
+    #[test]
+    fn manual_lock_and_deployments_share_the_queue() {
+        use DeployState::*;
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        w.apply(acquire("a", "alice"));
+        let d = id_of(&w.submit("web", "v1", "a"));
+        assert_eq!(w.state_of(&d), Queued, "waits for the maintenance lock");
+        // Nobody but its holder may release a deployment's lock.
+        assert!(matches!(w.apply(release("a", "alice")), Response::Released { .. }));
+        assert_eq!(w.state_of(&d), Running);
+        assert!(matches!(w.apply(release("a", "alice")), Response::NotOwner { .. }));
+        assert!(matches!(w.apply(acquire("a", "bob")), Response::Held { .. }));
+    }
+
+    #[test]
+    fn cancel_and_rollback() {
+        use DeployState::*;
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let v1 = id_of(&w.submit("web", "v1", "a"));
+        w.finish(&v1);
+        let v2 = id_of(&w.submit("web", "v2", "a"));
+        w.finish(&v2);
+        let v3 = id_of(&w.submit("web", "v3", "a"));
+        let queued = id_of(&w.submit("web", "v4", "a"));
+        let r = w.apply(Command::CancelDeployment { id: queued.clone(), reason: "no".into(), actor: "op".into(), timed_out: false });
+        assert!(matches!(r, Response::Deployment { state: Cancelled, .. }));
+        assert!(!w.s.queue("a").contains(&queued));
+        // Rollback of v2 goes to v1 (the release before it), queued behind v3.
+        let rb = id_of(&w.apply(Command::RollbackDeployment { id: v2.clone(), to_release: None, timeout_ms: None, actor: "op".into() }));
+        let d = w.s.deployment(&rb).unwrap();
+        assert_eq!((d.release.as_str(), d.rollback_of.as_deref(), d.state), ("v1", Some(v2.as_str()), Queued));
+        w.finish(&v3);
+        w.finish(&rb);
+        assert_eq!(w.s.current_release("web", "a").unwrap().release, "v1");
+        let none = w.apply(Command::RollbackDeployment { id: v1.clone(), to_release: None, timeout_ms: None, actor: "op".into() });
+        assert!(matches!(none, Response::Rejected { .. }), "nothing before v1");
+        let missing = w.apply(Command::RollbackDeployment { id: v1, to_release: Some("v9".into()), timeout_ms: None, actor: "op".into() });
+        assert!(matches!(missing, Response::Rejected { .. }));
+        assert!(w.s.deployment(&rb).unwrap().steps.iter().all(|s| s.status == StepStatus::Done));
+    }
+
+    /// Report one outcome for whatever `id` needs next.
+    fn report(w: &mut World, id: &str, ok: bool) {
+        let d = w.s.deployment(id).unwrap().clone();
+        let n = d.next().expect("work to do");
+        let outcome = StepOutcome {
+            step: n.step,
+            undo: n.undo,
+            attempt: n.attempt,
+            token: d.token.unwrap(),
+            epoch: d.epoch,
+            ok,
+            output: None,
+            error: (!ok).then(|| "boom".into()),
+            class: (!ok).then_some(crate::deploy::ErrorClass::Invalid),
+            started_ms: 0,
+            finished_ms: 0,
+            node: "n1".into(),
+        };
+        w.apply(Command::StepResult { deployment: id.into(), outcome });
+    }
+
+    #[test]
+    fn compensation_failed_keeps_the_destination_until_resolved() {
+        use DeployState::*;
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let d = id_of(&w.submit("web", "v1", "a"));
+        let next = id_of(&w.submit("web", "v2", "a"));
+        report(&mut w, &d, true); // start
+        report(&mut w, &d, false); // health fails → compensating
+        report(&mut w, &d, false); // undo of start fails for good
+        assert_eq!(w.state_of(&d), CompensationFailed);
+        assert_eq!(w.state_of(&next), Queued, "a human must look before anything else runs there");
+        assert!(w.s.lock("a").is_some());
+        let empty = w.apply(Command::ResolveDeployment { id: d.clone(), note: " ".into(), actor: "alice".into() });
+        assert!(matches!(empty, Response::Invalid { .. }), "a note is required");
+        let ok = w.apply(Command::ResolveDeployment { id: d.clone(), note: "killed it by hand".into(), actor: "alice".into() });
+        assert!(matches!(ok, Response::Deployment { state: CompensationFailed, .. }));
+        assert_eq!(w.state_of(&next), Running, "resolving frees the destination for the next in line");
+        let last = w.s.deployment(&d).unwrap().events.last().unwrap().clone();
+        assert!(last.reason.contains("killed it by hand") && last.actor == "alice");
+        let again = w.apply(Command::ResolveDeployment { id: d, note: "x".into(), actor: "alice".into() });
+        assert!(matches!(again, Response::Rejected { .. }));
+    }
+
+    #[test]
+    fn idempotency_keys_answer_with_the_same_deployment() {
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let submit = |w: &mut World, actor: &str| {
+            w.apply(Command::SubmitDeployment {
+                spec: Box::new(spec("web", "v1", "a")),
+                actor: actor.into(),
+                lock_wait_ms: None,
+                idempotency_key: Some("ci-42".into()),
+            })
+        };
+        let first = id_of(&submit(&mut w, "ci"));
+        let again = id_of(&submit(&mut w, "ci"));
+        let other = id_of(&submit(&mut w, "someone-else"));
+        assert_eq!(first, again);
+        assert_ne!(first, other, "keys are scoped by the caller");
+        assert_eq!(w.s.deployments().count(), 2);
+    }
+
+    fn stack(app: &str, release: &str, dests: &[&str]) -> Command {
+        let text = format!("app: {app}\nrelease: {release}\ndestinations: [{}]\nrun: [srv]\nhealth: {{ tcp: true }}\n", dests.join(", "));
+        let spec = parse_manifest("f", &text, &Overrides::default()).unwrap();
+        Command::SubmitDeployment { spec: Box::new(spec), actor: "op".into(), lock_wait_ms: None, idempotency_key: None }
+    }
+
+    #[test]
+    fn stacks_take_every_lock_in_one_apply_and_never_deadlock() {
+        use DeployState::*;
+        let mut w = World::new(&[("a", QueuePolicy::Queue), ("b", QueuePolicy::Queue), ("c", QueuePolicy::Queue)]);
+        let s1 = id_of(&w.apply(stack("web", "v1", &["a", "b"])));
+        // The same two destinations in the other order: a classic
+        // deadlock for one-lock-at-a-time acquisition.
+        let s2 = id_of(&w.apply(stack("web", "v2", &["b", "a"])));
+        let single = id_of(&w.submit("api", "v1", "a"));
+        let other = id_of(&w.submit("api", "v1", "c"));
+        assert_eq!([&s1, &s2, &single, &other].map(|i| w.state_of(i)), [Running, Queued, Queued, Running]);
+        let t1 = w.s.deployment(&s1).unwrap().token.unwrap();
+        assert_eq!((w.s.lock("a").unwrap().fencing_token, w.s.lock("b").unwrap().fencing_token), (t1, t1), "one grant, one token");
+        let d1 = w.s.deployment(&s1).unwrap();
+        let per_dest: BTreeSet<&str> = d1.steps.iter().map(|s| s.plan.destination.as_str()).collect();
+        assert_eq!(per_dest, ["a", "b"].into(), "the saga covers both destinations");
+        assert_eq!(w.s.queue("a"), vec![s1.clone(), s2.clone(), single.clone()]);
+        assert_eq!(w.s.queue("b"), vec![s1.clone(), s2.clone()]);
+        w.finish(&s1);
+        assert_eq!((w.state_of(&s1), w.state_of(&s2), w.state_of(&single)), (Succeeded, Running, Queued));
+        let t2 = w.s.deployment(&s2).unwrap().token.unwrap();
+        assert!(t2 > t1);
+        assert_eq!((w.s.lock("a").unwrap().fencing_token, w.s.lock("b").unwrap().fencing_token), (t2, t2));
+        w.finish(&s2);
+        assert_eq!(w.state_of(&single), Running);
+        assert!(w.s.lock("b").is_none(), "a stack that ends frees every destination");
+        assert_eq!(w.s.current_release("web", "b").unwrap().id, s2);
+    }
+
+    #[test]
+    fn a_stack_waits_for_its_busiest_destination_and_is_refused_as_a_whole() {
+        use DeployState::*;
+        let mut w = World::new(&[("a", QueuePolicy::Queue), ("b", QueuePolicy::Queue), ("r", QueuePolicy::Reject)]);
+        w.apply(acquire("b", "alice"));
+        let s1 = id_of(&w.apply(stack("web", "v1", &["a", "b"])));
+        assert_eq!(w.state_of(&s1), Queued);
+        assert!(w.s.lock("a").is_none(), "no lock is taken until all can be");
+        w.apply(release("b", "alice"));
+        assert_eq!(w.state_of(&s1), Running, "the release of the last one grants them all");
+        // A busy `reject` destination refuses the whole stack; nothing is created.
+        let before = w.s.deployments().count();
+        w.apply(acquire("r", "bob"));
+        assert!(matches!(w.apply(stack("web", "v2", &["c0", "r"])), Response::Invalid { .. }), "unknown destination");
+        assert!(matches!(w.apply(stack("web", "v2", &["a", "r"])), Response::Rejected { .. }));
+        assert_eq!(w.s.deployments().count(), before);
+        assert_eq!(w.s.queue("a"), vec![s1.clone()]);
+        // A failure anywhere undoes the stack everywhere.
+        report(&mut w, &s1, true); // start on a
+        report(&mut w, &s1, false); // health on a fails
+        while w.s.deployment(&s1).unwrap().next().is_some() {
+            report(&mut w, &s1, true);
+        }
+        assert_eq!(w.state_of(&s1), Failed);
+        assert!(w.s.lock("a").is_none() && w.s.lock("b").is_none());
+    }
+
+    #[test]
+    fn the_manifest_kind_must_match_the_destination_adapter() {
+        let mut w = World::new(&[("p", QueuePolicy::Queue)]);
+        w.apply(Command::PutDestinations {
+            destinations: vec![Destination {
+                name: "cmd".into(),
+                adapter: "command".into(),
+                selector: [("env".to_string(), "t".to_string())].into(),
+                queue: QueuePolicy::Queue,
+            }],
+        });
+        let text = "app: infra\nrelease: v1\ndestination: DEST\nsteps:\n  - { name: apply, run: \"tf apply\" }\n";
+        let command = |dest: &str| Command::SubmitDeployment {
+            spec: Box::new(parse_manifest("f", &text.replace("DEST", dest), &Overrides::default()).unwrap()),
+            actor: "op".into(),
+            lock_wait_ms: None,
+            idempotency_key: None,
+        };
+        assert!(matches!(w.apply(command("p")), Response::Invalid { reason } if reason.contains("`process` adapter")));
+        assert!(matches!(w.submit("web", "v1", "cmd"), Response::Invalid { reason } if reason.contains("`command` adapter")));
+        let id = id_of(&w.apply(command("cmd")));
+        let d = w.s.deployment(&id).unwrap();
+        assert_eq!(d.state, DeployState::Running);
+        assert_eq!(d.steps.len(), 1);
+        assert!(d.steps[0].plan.movable);
+    }
+
+    #[test]
+    fn a_resource_error_resyncs_before_the_retry() {
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let id = id_of(&w.submit("web", "v1", "a"));
+        // n1's labels change: it is no longer selected by `a`.
+        w.apply(Command::RegisterNode { id: "n1".into(), labels: [("env".to_string(), "other".to_string())].into() });
+        let d = w.s.deployment(&id).unwrap().clone();
+        let n = d.next().unwrap();
+        let outcome = StepOutcome {
+            step: n.step,
+            undo: false,
+            attempt: n.attempt,
+            token: d.token.unwrap(),
+            epoch: d.epoch,
+            ok: false,
+            output: None,
+            error: Some("port taken".into()),
+            class: Some(crate::deploy::ErrorClass::Resource),
+            started_ms: 0,
+            finished_ms: 0,
+            node: "n1".into(),
+        };
+        w.apply(Command::StepResult { deployment: id.clone(), outcome });
+        let d = w.s.deployment(&id).unwrap();
+        assert!(d.events.iter().any(|e| e.reason.contains("re-synced")), "{:?}", d.events);
+        assert_eq!(d.state, DeployState::Failed, "its only node left the destination: nothing can be deployed");
+    }
+
+    #[test]
+    fn snapshot_round_trip_with_deployments() {
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let d = id_of(&w.submit("web", "v1", "a"));
+        w.submit("web", "v2", "a");
+        w.finish(&d);
+        let cancelled = id_of(&w.submit("web", "v3", "a"));
+        w.apply(Command::CancelDeployment { id: cancelled, reason: "x".into(), actor: "op".into(), timed_out: true });
+        assert_eq!(State::load(w.s.dump()).unwrap(), w.s);
+        assert_eq!(State::load(w.kv.clone()).unwrap(), w.s, "the changes apply returned rebuild the same state");
+    }
+}
