@@ -1,28 +1,13 @@
-//! The witness file: one JSON line per adapter action, appended when the
-//! action ends. Tests read it to prove that no two actions on one
-//! destination overlapped in time.
+//! The witness file: one JSON line per adapter action
+//! ([`fleet_core::witness::WitnessLine`]), appended when the action ends.
+//! Tests read it to prove that no two actions on one destination
+//! overlapped in time.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct WitnessLine {
-    pub node: String,
-    pub destination: String,
-    pub deployment: String,
-    pub step: u32,
-    pub undo: bool,
-    pub attempt: u32,
-    pub token: u64,
-    /// `start`, `health`, `switch`, `stop-old` or `command`; `check` when a
-    /// handed-over step's check found it done and it was not run again.
-    pub action: String,
-    pub start_ms: i64,
-    pub end_ms: i64,
-    pub ok: bool,
-}
+/// The record, defined once in fleet-core for the node and every reader.
+pub use fleet_core::witness::WitnessLine;
 
 #[derive(Debug)]
 pub struct Witness {
@@ -47,5 +32,34 @@ impl Witness {
         let mut text = serde_json::to_string(line).map_err(std::io::Error::other)?;
         text.push('\n');
         (&self.file).write_all(text.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_node_writes_the_readers_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("witness.jsonl");
+        let w = Witness::open(&path).unwrap();
+        let line = WitnessLine {
+            node: "node-1".into(),
+            destination: "dev".into(),
+            deployment: "d1".into(),
+            step: 0,
+            undo: true,
+            attempt: 2,
+            token: 3,
+            action: "check".into(),
+            start_ms: 10,
+            end_ms: 20,
+            ok: false,
+        };
+        w.record(&line).unwrap();
+        w.record(&line).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(fleet_core::witness::parse(&text).unwrap(), vec![line.clone(), line]);
     }
 }
