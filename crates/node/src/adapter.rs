@@ -1,15 +1,16 @@
 //! The adapter interface: how a node carries out one [`StepAction`] on a
 //! target, and which adapter carries out which action.
 //!
-//! The agent ([`crate::agent`]) owns idempotency of assignments, fencing,
-//! timeouts, aborts and witness lines; an adapter only knows how to do,
-//! undo and check one action on its target. The target need not be this
-//! host: `process` supervises local processes and `command` runs shell
-//! commands here, but an adapter for a Docker engine, a Kubernetes API or
-//! a cloud API (EC2) implements the same trait against a remote API. So the
-//! trait speaks of steps, outputs and fencing tokens, never of pids or
-//! ports: what an adapter needs to find its work again goes in the JSON
-//! output of a step (given back to its undo) and on the target itself.
+//! The agent (the `agent` module, which uses this one) owns idempotency of
+//! assignments, fencing, timeouts, aborts and witness lines; an adapter
+//! only knows how to do, undo and check one action on its target. The
+//! target need not be this host: `process` supervises local processes and
+//! `command` runs shell commands here, but an adapter for a Docker engine,
+//! a Kubernetes API or a cloud API (EC2) implements the same trait against
+//! a remote API. So the trait speaks of steps, outputs and fencing tokens,
+//! never of pids or ports: what an adapter needs to find its work again
+//! goes in the JSON output of a step (given back to its undo) and on the
+//! target itself (tagged with the token).
 //!
 //! DESIGN.md names the operations `discover`, `plan`, `run_step`,
 //! `undo_step`, `check_step` and `health`. Here they are
