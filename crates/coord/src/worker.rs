@@ -2,8 +2,9 @@
 //! Raft leader.
 //!
 //! The node's id is its certificate's common name. On `Hello` the leader
-//! registers the node (a Raft command, only when its labels changed),
-//! records what it reports running, and from then on the scheduler sends it
+//! registers the node (a Raft command, only when its labels changed), tells
+//! it what it no longer owns (`fleet_core::leader::forgets`), records what
+//! it reports running, and from then on the scheduler sends it
 //! assignments on this stream. Each `StepResult` is proposed through Raft;
 //! the state machine refuses stale ones (token, epoch, step, attempt).
 
@@ -12,8 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_core::auth::Access;
-use fleet_core::deploy::{ErrorClass, StepOutcome};
+use fleet_core::deploy::StepOutcome;
+use fleet_core::leader;
 use fleet_core::{Command, Response as Outcome};
+use fleet_net::wire::class_from_wire;
 use fleet_proto::worker_server::Worker;
 use fleet_proto::{leader_message, node_message, Forget, LeaderMessage, NodeMessage, StepResult, Welcome};
 use futures::Stream;
@@ -21,11 +24,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::control::{leader_redirect_if_follower, now_ms, propose};
 use crate::hub::{Hub, WorkKey};
+use crate::propose::{leader_redirect_if_follower, propose};
 use crate::raft_types::Raft;
 use crate::store::sm::StateReader;
 use crate::tls::authorize;
+use fleet_net::now_ms;
 
 /// How often nodes heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
@@ -80,9 +84,11 @@ impl Worker for WorkerService {
         };
         tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("node went away"))?;
         // Before any new work: tell the node what it no longer owns.
-        let forgets = self.state.read(|a| forgets_for(&a.state, &node, &hello.running));
+        let running: Vec<leader::StepKey> = hello.running.iter().map(core_key).collect();
+        let forgets = self.state.read(|a| leader::forgets(&a.state, &node, &running));
         for f in forgets {
             tracing::info!(%node, deployment = %f.deployment, destination = %f.destination, reason = %f.reason, "telling the node to forget stale work");
+            let f = Forget { deployment: f.deployment, destination: f.destination, token: f.token, epoch: f.epoch, reason: f.reason };
             let msg = LeaderMessage { msg: Some(leader_message::Msg::Forget(f)) };
             tx.send(Ok(msg)).await.map_err(|_| Status::cancelled("node went away"))?;
         }
@@ -116,58 +122,35 @@ impl Worker for WorkerService {
     }
 }
 
-/// How many recent deployments a reconnecting node is checked against.
-const FORGET_LOOKBACK: usize = 500;
-
-/// What a node that says Hello no longer owns: deployments in which its
-/// steps were skipped (it was presumed lost, or left the destination, and
-/// the saga went on without it), and deployments of steps it reports
-/// running that are stale (ended, another token, an older epoch).
-pub fn forgets_for(state: &fleet_core::state::State, node: &str, running: &[fleet_proto::StepKey]) -> Vec<Forget> {
-    let mut out: Vec<Forget> = Vec::new();
-    let mut add = |d: &fleet_core::deploy::Deployment, destination: &str, reason: String| {
-        if out.iter().any(|f| f.deployment == d.id && f.destination == destination) {
-            return;
-        }
-        out.push(Forget {
-            deployment: d.id.clone(),
-            destination: destination.to_string(),
-            token: d.token.unwrap_or(0),
-            epoch: d.epoch,
-            reason,
-        });
-    };
-    for d in state.deployments().rev().take(FORGET_LOOKBACK) {
-        if d.token.is_none() {
-            continue;
-        }
-        for (i, s) in d.steps.iter().enumerate() {
-            if s.plan.node == node && s.status == fleet_core::deploy::StepStatus::Skipped {
-                let why = format!("{} went on without this node ({}); its steps here were skipped", d.id, d.state);
-                add(d, d.step_destination(i), why);
-            }
-        }
+fn core_key(k: &fleet_proto::StepKey) -> leader::StepKey {
+    leader::StepKey {
+        deployment: k.deployment.clone(),
+        step: k.step as usize,
+        undo: k.undo,
+        attempt: k.attempt,
+        token: k.token,
+        epoch: k.epoch,
     }
-    for k in running {
-        let Some(d) = state.deployment(&k.deployment) else { continue };
-        let stale = d.state.is_terminal() || d.token != Some(k.token) || k.epoch < d.epoch;
-        if stale {
-            let why = format!("step {} of {} is stale (deployment {}, epoch {} now)", k.step + 1, d.id, d.state, d.epoch);
-            add(d, d.step_destination(k.step as usize), why);
-        }
-    }
-    out
 }
 
 /// Commit one step result through Raft.
 ///
 /// A node re-sends its recent results on every new stream; results the
 /// state machine would refuse (`Deployment::check`: stale token, epoch,
-/// step or attempt, or an ended deployment) are dropped here without a Raft entry, so a reconnect
-/// does not flood the log and the awaited result is not queued behind them.
+/// step or attempt, or an ended deployment) are dropped here without a Raft
+/// entry, so a reconnect does not flood the log and the awaited result is
+/// not queued behind them.
+///
+/// A failure whose error class this coordinator does not know (unset, or
+/// added by a newer node) is refused, never guessed: the class decides the
+/// retry policy. It is logged and not proposed; the step stays in flight,
+/// so it is not sent again, and the node re-sends the result on its next
+/// stream, which a coordinator that knows the class records. Until then the
+/// deployment waits for that result.
 async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, r: StepResult) {
     let Some(key) = r.key else { return };
-    let outcome = StepOutcome {
+    let work = WorkKey::of(&key);
+    let mut outcome = StepOutcome {
         step: key.step as usize,
         undo: key.undo,
         attempt: key.attempt,
@@ -176,24 +159,35 @@ async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, 
         ok: r.ok,
         output: (!r.output_json.is_empty()).then_some(r.output_json),
         error: (!r.error.is_empty()).then_some(r.error),
-        class: (!r.ok).then(|| ErrorClass::parse(&r.error_class)),
+        class: None,
         started_ms: r.started_ms,
         finished_ms: r.finished_ms,
         node: node.to_string(),
     };
-    let work = WorkKey::of(&key);
-    let accepted = state.read(|a| {
-        a.state.deployment(&key.deployment).is_some_and(|d| d.check(&outcome).is_ok())
-    });
+    let accepted = state.read(|a| a.state.deployment(&key.deployment).is_some_and(|d| d.check(&outcome).is_ok()));
     if !accepted {
         tracing::debug!(%node, deployment = %key.deployment, step = key.step, "result not expected now; dropped");
         hub.finished_by(&work, node);
         return;
     }
+    if !r.ok {
+        match class_from_wire(r.error_class) {
+            Ok(class) => outcome.class = Some(class),
+            Err(e) => {
+                tracing::error!(%node, deployment = %key.deployment, step = key.step, error = %e, "failed step result refused");
+                return;
+            }
+        }
+    }
     // A result the node sends again (after a reconnect) is applied once.
     let id = format!(
         "step/{}/{}/{}/{}/{}/{}",
-        key.deployment, key.step, if key.undo { "undo" } else { "run" }, key.attempt, key.epoch, key.token
+        key.deployment,
+        key.step,
+        if key.undo { "undo" } else { "run" },
+        key.attempt,
+        key.epoch,
+        key.token
     );
     let command = Command::StepResult { deployment: key.deployment.clone(), outcome };
     match propose(raft, Some(id), command).await {

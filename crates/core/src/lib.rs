@@ -12,10 +12,14 @@
 //! * [`manifest`]: `fleet.yaml` and the destinations file, parsed and validated.
 //! * [`saga`]: the planner (manifest + nodes → ordered, undoable steps).
 //! * [`deploy`]: the deployment lifecycle and the saga engine.
+//! * [`leader`]: the Raft leader's rules (node leases, time limits, aborts,
+//!   what to send, what a returning node must forget) as actions that the
+//!   coordinator carries out.
 
 pub mod auth;
 pub mod command;
 pub mod deploy;
+pub mod leader;
 pub mod manifest;
 pub mod names;
 pub mod saga;

@@ -131,7 +131,9 @@ impl StepStatus {
     }
 }
 
-/// Error classes, which decide the retry policy.
+/// Error classes, which decide the retry policy. On the wire they are the
+/// proto enum (`fleet_net::wire` converts, refusing unknown values); the
+/// serde names are what the replicated state stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
@@ -155,16 +157,6 @@ impl ErrorClass {
             ErrorClass::Resource => "resource",
             ErrorClass::Invalid => "invalid",
             ErrorClass::Aborted => "aborted",
-        }
-    }
-
-    pub fn parse(s: &str) -> ErrorClass {
-        match s {
-            "transient" => ErrorClass::Transient,
-            "auth" => ErrorClass::Auth,
-            "resource" => ErrorClass::Resource,
-            "aborted" => ErrorClass::Aborted,
-            _ => ErrorClass::Invalid,
         }
     }
 

@@ -99,10 +99,11 @@ fn saga_scripts() {
     use DeployState::*;
     // (script of (ok, class) per executed work item, final state, executed work as (step, undo))
     type Script = Vec<(bool, Option<ErrorClass>)>;
+    type Order = Vec<(usize, bool)>;
     let ok = (true, None);
     let transient = (false, Some(ErrorClass::Transient));
     let invalid = (false, Some(ErrorClass::Invalid));
-    let cases: Vec<(&str, Script, DeployState, Vec<(usize, bool)>)> = vec![
+    let cases: Vec<(&str, Script, DeployState, Order)> = vec![
         ("all succeed", vec![ok; 4], Succeeded, vec![(0, false), (1, false), (2, false), (3, false)]),
         ("health fails: start undone", vec![ok, invalid, ok], Failed, vec![(0, false), (1, false), (0, true)]),
         (

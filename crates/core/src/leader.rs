@@ -1,0 +1,314 @@
+//! The leader's rules: what the Raft leader must do now, given the
+//! replicated state, the time and what it has observed of the nodes.
+//!
+//! The leader keeps a memory that is not replicated (which nodes are
+//! connected, when each was last heard from, which steps it sent where);
+//! the coordinator's scheduler and worker service read it through
+//! [`Observed`] and carry out the [`Action`]s decided here (sending on node
+//! streams, proposing through Raft). They decide nothing themselves:
+//!
+//! * [`due`] / [`due_for`]: on every scheduler tick, per active deployment,
+//!   at most one action, checked in this order: the node it needs missed
+//!   its lease (propose `NodeLost`); its lock wait is over (propose a
+//!   timed-out cancel); its deadline passed while queued or running
+//!   (propose a timed-out cancel; compensation is never cut short); it is
+//!   being cancelled with a forward step that may run (abort it on its
+//!   node, or record it as not run when it was never sent); else send the
+//!   next step or undo to its node.
+//! * [`forgets`]: when a node says hello, what it no longer owns.
+//!
+//! A [`Proposal`] carries a key naming the decision: the leader need not
+//! propose the same key again while an earlier proposal is under way
+//! (decisions are re-made every tick until the state machine reflects them).
+
+use std::time::Duration;
+
+use crate::command::Command;
+use crate::deploy::{DeployState, Deployment, ErrorClass, StepOutcome, StepStatus};
+use crate::saga::StepAction;
+use crate::state::State;
+
+/// A node not heard from for longer than this is presumed dead: its
+/// remaining steps are handed over or skipped, and it gets no new work
+/// until it registers again.
+pub const NODE_LEASE_MS: i64 = 5_000;
+
+/// How many recent deployments a node saying hello is checked against.
+pub const FORGET_LOOKBACK: usize = 500;
+
+/// The actor of what the leader decides on its own.
+pub const LEADER_ACTOR: &str = "coordinator";
+
+/// One attempt of one step (or undo) of a deployment, with the fencing it
+/// carries: what a node is sent, runs and reports.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StepKey {
+    pub deployment: String,
+    pub step: usize,
+    pub undo: bool,
+    pub attempt: u32,
+    pub token: u64,
+    pub epoch: u64,
+}
+
+/// A step the leader believes in flight on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub node: String,
+    /// The leader already told that node to abort it.
+    pub aborted: bool,
+}
+
+/// What the leader has observed of the nodes (its own memory, not
+/// replicated; a new leader starts with none).
+pub trait Observed {
+    /// When the leader last heard from `node`: its last message, or its
+    /// work stream closing. `None`: not since this coordinator leads.
+    fn last_heard_ms(&self, node: &str) -> Option<i64>;
+    /// Is `node`'s work stream open to this leader?
+    fn is_connected(&self, node: &str) -> bool;
+    /// Where this attempt (deployment, step, undo, attempt; the token and
+    /// epoch are not compared) is in flight, if anywhere.
+    fn in_flight(&self, key: &StepKey) -> Option<Sent>;
+}
+
+/// The time of a scheduler tick, and since when this coordinator leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    pub now_ms: i64,
+    pub leader_since_ms: i64,
+}
+
+/// What the leader must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Propose a command through Raft.
+    Propose(Proposal),
+    /// Tell `node` to stop running `key` (and remember it was told).
+    Abort { node: String, key: StepKey, reason: String },
+    /// Send a step (or undo) to its node (and remember it in flight).
+    Send(Assignment),
+}
+
+/// A command the leader proposes on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proposal {
+    /// Names the decision (it starts with `<deployment id>/`): proposing
+    /// the same key again while the first is under way is pointless.
+    pub key: String,
+    /// Raft request id: the state machine applies it at most once.
+    pub request_id: Option<String>,
+    pub command: Command,
+}
+
+/// A step (or undo) for a node to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub node: String,
+    pub key: StepKey,
+    pub destination: String,
+    pub app: String,
+    pub release: String,
+    pub action: StepAction,
+    /// Undo only: the output the forward run recorded.
+    pub run_output: Option<String>,
+    pub timeout_ms: u64,
+    /// Handed over while it may have run: run the action's check first.
+    pub check_first: bool,
+    /// The same attempt is remembered in flight on this other node (it was
+    /// handed over from there): that is dead to the leader now, since the
+    /// other node's results carry the old epoch and are refused.
+    pub handed_over_from: Option<String>,
+}
+
+/// Tell a node that it no longer owns a deployment's work on a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forget {
+    pub deployment: String,
+    pub destination: String,
+    /// The deployment's lock token (0 when it never got one).
+    pub token: u64,
+    /// The deployment's assignment epoch now.
+    pub epoch: u64,
+    pub reason: String,
+}
+
+/// How long `node` has been silent at `tick`: counted from when it was
+/// last heard from, but never from before this coordinator led (nodes get
+/// a full lease to reconnect after a failover).
+pub fn silence_ms(tick: Tick, last_heard_ms: Option<i64>) -> i64 {
+    let heard = last_heard_ms.unwrap_or(tick.leader_since_ms).max(tick.leader_since_ms);
+    tick.now_ms.saturating_sub(heard)
+}
+
+/// Has a node silent this long missed its lease?
+pub fn lease_expired(silence_ms: i64) -> bool {
+    silence_ms > NODE_LEASE_MS
+}
+
+/// Every action due now, over every active deployment.
+pub fn due(state: &State, tick: Tick, seen: &impl Observed) -> Vec<Action> {
+    state.active_deployments().filter_map(|d| due_for(d, tick, seen)).collect()
+}
+
+/// The action due now for deployment `d`, if any (see the module docs for
+/// the order in which the rules are checked).
+pub fn due_for(d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Action> {
+    if d.state.is_terminal() {
+        return None;
+    }
+    let now = tick.now_ms;
+
+    // Node lease: the node this deployment needs has been silent too long.
+    if let Some(node) = d.node_needed() {
+        let silent = silence_ms(tick, seen.last_heard_ms(node));
+        if lease_expired(silent) {
+            let why = format!("no heartbeat for {:.1}s", silent as f64 / 1000.0);
+            return Some(propose(format!("{}/lost/{node}", d.id), None, Command::NodeLost { node: node.to_string(), why }));
+        }
+    }
+
+    // Lock wait: a queued deployment gives up when its wait is over.
+    if let Some(until) = d.lock_wait_until_ms.filter(|t| d.state == DeployState::Queued && now > *t) {
+        let waited = humantime::format_duration(Duration::from_millis(until.saturating_sub(d.submitted_ms).max(0) as u64));
+        let reason = format!(
+            "waited {waited} (--lock-wait) for the destination lock; `fleetctl lock status {}` shows who holds it",
+            d.destinations().join("`, `fleetctl lock status ")
+        );
+        return Some(timed_out(d, "lock-wait", reason));
+    }
+
+    // Deadline: cancel and compensate; compensation itself is never cut short.
+    if now > d.deadline_ms && matches!(d.state, DeployState::Queued | DeployState::Running) {
+        let reason =
+            format!("deadline of {} passed; compensating what ran", humantime::format_duration(Duration::from_millis(d.spec.timeout_ms)));
+        return Some(timed_out(d, "deadline", reason));
+    }
+
+    // Cancelling: the forward step that may be in flight is stopped first.
+    if d.state == DeployState::Cancelling {
+        if let Some(i) = d.pending_forward_step() {
+            return stop_in_flight(d, i, tick, seen);
+        }
+    }
+
+    next_work(d, now, seen)
+}
+
+fn propose(key: String, request_id: Option<String>, command: Command) -> Action {
+    Action::Propose(Proposal { key, request_id, command })
+}
+
+/// Cancel `d` because a time limit (`what`) passed.
+fn timed_out(d: &Deployment, what: &str, reason: String) -> Action {
+    let command = Command::CancelDeployment { id: d.id.clone(), reason, actor: LEADER_ACTOR.into(), timed_out: true };
+    propose(format!("{}/{what}", d.id), Some(format!("{LEADER_ACTOR}/{what}/{}", d.id)), command)
+}
+
+fn key_of(d: &Deployment, step: usize, undo: bool, attempt: u32) -> StepKey {
+    StepKey { deployment: d.id.clone(), step, undo, attempt, token: d.token.unwrap_or(0), epoch: d.epoch }
+}
+
+/// A cancelled deployment's forward step `i` may still run: abort it where
+/// it runs; record it as not run when it was never sent (its node, which
+/// is connected, does not report it running); when its node is away, wait
+/// for the node to report (or to miss its lease).
+fn stop_in_flight(d: &Deployment, i: usize, tick: Tick, seen: &impl Observed) -> Option<Action> {
+    let s = d.steps.get(i)?;
+    let key = key_of(d, i, false, s.attempt);
+    match seen.in_flight(&key) {
+        Some(f) if !f.aborted => Some(Action::Abort { node: f.node, key, reason: "the deployment is being cancelled".into() }),
+        Some(_) => None,
+        None if seen.is_connected(&s.plan.node) => {
+            let outcome = StepOutcome {
+                step: i,
+                undo: false,
+                attempt: s.attempt,
+                token: key.token,
+                epoch: key.epoch,
+                ok: false,
+                output: None,
+                error: Some("cancelled before it started".into()),
+                class: Some(ErrorClass::Aborted),
+                started_ms: tick.now_ms,
+                finished_ms: tick.now_ms,
+                node: LEADER_ACTOR.into(),
+            };
+            Some(propose(format!("{}/abort/{i}/{}", d.id, s.attempt), None, Command::StepResult { deployment: d.id.clone(), outcome }))
+        }
+        None => None,
+    }
+}
+
+/// The engine's next step or undo, unless it waits for its backoff or is
+/// already in flight on its node.
+fn next_work(d: &Deployment, now: i64, seen: &impl Observed) -> Option<Action> {
+    let w = d.next()?;
+    if w.not_before_ms.is_some_and(|t| t > now) {
+        return None;
+    }
+    let s = d.steps.get(w.step)?;
+    let key = key_of(d, w.step, w.undo, w.attempt);
+    let handed_over_from = match seen.in_flight(&key) {
+        Some(f) if f.node == s.plan.node => return None,
+        Some(f) => Some(f.node),
+        None => None,
+    };
+    Some(Action::Send(Assignment {
+        node: s.plan.node.clone(),
+        destination: d.step_destination(w.step).to_string(),
+        app: d.app.clone(),
+        release: d.release.clone(),
+        action: s.plan.action.clone(),
+        run_output: if w.undo { s.output.clone() } else { None },
+        timeout_ms: s.plan.timeout_ms,
+        check_first: s.check_first && !w.undo,
+        handed_over_from,
+        key,
+    }))
+}
+
+/// What `node`, saying hello, no longer owns: deployments in which its
+/// steps were skipped (it was presumed lost, or left the destination, and
+/// the saga went on without it), and deployments of steps it reports
+/// running that are stale: the deployment ended, or the step fails
+/// [`Deployment::fence`] (another token or epoch). One forget per
+/// deployment and destination; the most recent [`FORGET_LOOKBACK`]
+/// deployments are checked for skipped steps.
+pub fn forgets(state: &State, node: &str, running: &[StepKey]) -> Vec<Forget> {
+    let mut out: Vec<Forget> = Vec::new();
+    let mut add = |d: &Deployment, destination: &str, reason: String| {
+        if out.iter().any(|f| f.deployment == d.id && f.destination == destination) {
+            return;
+        }
+        out.push(Forget {
+            deployment: d.id.clone(),
+            destination: destination.to_string(),
+            token: d.token.unwrap_or(0),
+            epoch: d.epoch,
+            reason,
+        });
+    };
+    for d in state.deployments().rev().take(FORGET_LOOKBACK) {
+        if d.token.is_none() {
+            continue;
+        }
+        for (i, s) in d.steps.iter().enumerate() {
+            if s.plan.node == node && s.status == StepStatus::Skipped {
+                let why = format!("{} went on without this node ({}); its steps here were skipped", d.id, d.state);
+                add(d, d.step_destination(i), why);
+            }
+        }
+    }
+    for k in running {
+        let Some(d) = state.deployment(&k.deployment) else { continue };
+        if d.state.is_terminal() || d.fence(k.token, k.epoch).is_err() {
+            let why = format!("step {} of {} is stale (deployment {}, epoch {} now)", k.step.saturating_add(1), d.id, d.state, d.epoch);
+            add(d, d.step_destination(k.step), why);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
