@@ -7,13 +7,13 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
+use fleet_core::deploy::{Deployment, StepStatus};
 use fleet_tests::checks::now_ms;
 use fleet_tests::harness::{eventually, CtlRun, Fleet};
 use serde::Serialize;
-use serde_json::Value;
 use tokio::task::JoinHandle;
 
-use crate::scenario::{is_terminal, SETTLE};
+use crate::scenario::SETTLE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -145,8 +145,8 @@ async fn follower_kill(f: &mut Fleet, pick: usize, id: &str, watcher: &JoinHandl
         if watcher.is_finished() {
             return Ok(Some("the deployment ended".to_string()));
         }
-        let next = f.witness().into_iter().filter(|l| l["start_ms"].as_i64().unwrap_or(0) >= at_ms).min_by_key(|l| l["start_ms"].as_i64());
-        Ok(next.map(|l| format!("an action finished {} ms after the kill", l["end_ms"].as_i64().unwrap_or(0) - at_ms)))
+        let next = f.witness()?.into_iter().filter(|l| l.start_ms >= at_ms).min_by_key(|l| l.start_ms);
+        Ok(next.map(|l| format!("an action finished {} ms after the kill", l.end_ms - at_ms)))
     })
     .await?;
     f.cluster.restart(victim).with_context(|| format!("restarting coordinator {victim}"))?;
@@ -160,7 +160,7 @@ async fn follower_kill(f: &mut Fleet, pick: usize, id: &str, watcher: &JoinHandl
 
 async fn node_kill(f: &mut Fleet, victim: &str, id: &str, watcher: &JoinHandle<anyhow::Result<CtlRun>>) -> anyhow::Result<Injected> {
     let before = f.cluster.deployment(id).await?;
-    let epoch = before["epoch"].as_u64().unwrap_or(0);
+    let epoch = before.epoch;
     let idx = f.nodes.iter().position(|n| n.name == victim).with_context(|| format!("no node {victim}"))?;
     let at_ms = now_ms();
     f.nodes[idx].kill9()?;
@@ -170,19 +170,19 @@ async fn node_kill(f: &mut Fleet, victim: &str, id: &str, watcher: &JoinHandle<a
     // test a reconnect.
     let how = eventually(&format!("{victim} to be presumed lost and {id} to move on, or {id} to end"), SETTLE, || async {
         let d = f.cluster.deployment(id).await?;
-        let state = d["state"].as_str().unwrap_or("?");
-        if is_terminal(state) {
+        let state = d.state;
+        if state.is_terminal() {
             return Ok(Some(format!("{id} ended {state} before the node was restarted")));
         }
         if watcher.is_finished() {
             return Ok(Some(format!("the watch of {id} returned before the node was restarted")));
         }
         let nodes = f.cluster.nodes_json().await?;
-        let lost = nodes.iter().any(|n| n["id"] == victim && n["connected"] == false && n["lost_ms"].is_i64());
+        let lost = nodes.iter().any(|n| n.id == victim && !n.connected && n.lost_ms.is_some());
         let moved = moved_on_since(&d, epoch, at_ms);
         Ok((lost && moved).then(|| {
-            let skipped = d["steps"].as_array().map(|s| s.iter().filter(|s| s["node"] == victim && s["status"] == "skipped").count());
-            format!("presumed lost {} ms after the kill; epoch {epoch} → {}; {} of its steps skipped", now_ms() - at_ms, d["epoch"], skipped.unwrap_or(0))
+            let skipped = d.steps.iter().filter(|s| s.plan.node == victim && s.status == StepStatus::Skipped).count();
+            format!("presumed lost {} ms after the kill; epoch {epoch} → {}; {skipped} of its steps skipped", now_ms() - at_ms, d.epoch)
         }))
     })
     .await?;
@@ -192,11 +192,11 @@ async fn node_kill(f: &mut Fleet, victim: &str, id: &str, watcher: &JoinHandle<a
 
 /// Has the deployment's record changed since `at_ms`: a new epoch, an
 /// event, or a step (or undo) finished after it?
-fn moved_on_since(d: &Value, epoch: u64, at_ms: i64) -> bool {
-    let after = |v: &Value| v.as_i64().is_some_and(|t| t >= at_ms);
-    d["epoch"].as_u64().unwrap_or(0) > epoch
-        || d["events"].as_array().is_some_and(|e| e.iter().any(|e| after(&e["at_ms"])))
-        || d["steps"].as_array().is_some_and(|s| s.iter().any(|s| after(&s["finished_ms"]) || after(&s["undo_finished_ms"])))
+fn moved_on_since(d: &Deployment, epoch: u64, at_ms: i64) -> bool {
+    let after = |t: Option<i64>| t.is_some_and(|t| t >= at_ms);
+    d.epoch > epoch
+        || d.events.iter().any(|e| e.at_ms >= at_ms)
+        || d.steps.iter().any(|s| after(s.finished_ms) || after(s.undo_finished_ms))
 }
 
 /// The first leader other than `old` that any other coordinator reports,

@@ -4,15 +4,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use fleet_tests::checks::{assert_witness_safe, instances};
+use fleet_core::deploy::{DeployState, Deployment};
+use fleet_tests::checks::assert_witness_safe;
 use fleet_tests::harness::{eventually, Fleet};
-use fleet_tests::values::{kind, status, steps};
+use fleet_tests::json::{LockStatusView, ResultLine, StartOutput};
+use fleet_tests::values::{app, kind, output, status, steps};
 use serde::Serialize;
-use serde_json::{json, Value};
 
 use crate::faults::FaultKind;
 use crate::report::RoundLine;
-use crate::scenario::{is_terminal, Kind, OPS_NODE};
+use crate::scenario::{Kind, OPS_NODE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,21 +78,21 @@ macro_rules! holds {
 }
 
 /// The exit code `fleetctl watch` must return for a deployment in `d`'s state.
-pub fn expected_exit(d: &Value) -> Option<i32> {
-    match d["state"].as_str()? {
-        "succeeded" => Some(0),
-        "failed" => Some(3),
-        "cancelled" if d["timed_out"] == true => Some(5),
-        "cancelled" | "superseded" => Some(4),
-        "compensation_failed" => Some(6),
+pub fn expected_exit(d: &Deployment) -> Option<i32> {
+    match d.state {
+        DeployState::Succeeded => Some(0),
+        DeployState::Failed => Some(3),
+        DeployState::Cancelled if d.timed_out => Some(5),
+        DeployState::Cancelled | DeployState::Superseded => Some(4),
+        DeployState::CompensationFailed => Some(6),
         _ => None,
     }
 }
 
 /// Invariant 3 for one round: `code` is `watch`'s exit status, `result` its
 /// `{"type":"result"}` line.
-pub fn exit_code_matches(line: &RoundLine, code: i32, result: &Value) -> anyhow::Result<()> {
-    let d = &result["deployment"];
+pub fn exit_code_matches(line: &RoundLine, code: i32, result: &ResultLine) -> anyhow::Result<()> {
+    let d = &result.deployment;
     let want = expected_exit(d);
     holds!(
         Invariant::ExitCodes,
@@ -99,44 +100,44 @@ pub fn exit_code_matches(line: &RoundLine, code: i32, result: &Value) -> anyhow:
         "round {}: `watch {}` exited {code}, but the deployment ended {} (timed_out {}): expected {want:?}",
         line.round,
         line.deployment,
-        d["state"],
-        d["timed_out"]
+        d.state,
+        d.timed_out
     );
     holds!(
         Invariant::ExitCodes,
-        result["exit_code"].as_i64() == Some(code as i64) && result["state"] == d["state"],
+        result.exit_code == code && result.state == d.state,
         "round {}: `watch {}` exited {code} but its result line says exit_code {} state {}",
         line.round,
         line.deployment,
-        result["exit_code"],
-        result["state"]
+        result.exit_code,
+        result.state
     );
     Ok(())
 }
 
+/// `from → to: reason` of every event, for the evidence.
+fn event_log(d: &Deployment) -> Vec<String> {
+    d.events.iter().map(|e| format!("{} → {}: {}", e.from.map(|f| f.as_str()).unwrap_or("(submitted)"), e.to, e.reason)).collect()
+}
+
 /// Invariant 5 for one round: `None` when it succeeded, else why its
 /// failure is acceptable, else [`Broken`].
-pub fn failure_explained(line: &RoundLine, d: &Value) -> anyhow::Result<Option<String>> {
-    if line.state == "succeeded" {
+pub fn failure_explained(line: &RoundLine, d: &Deployment) -> anyhow::Result<Option<String>> {
+    if line.state == DeployState::Succeeded {
         return Ok(None);
     }
     // `ops` has one node: when it is presumed lost mid-deploy, what is left
     // has nowhere to run and the deployment is compensated (exit 3).
     let lost_ops_node = line.kind == Kind::Command && line.fault.kind == FaultKind::NodeKill && line.fault.target == OPS_NODE;
-    let failed_after_fault = d["events"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["to"] == "compensating"))
-        .and_then(|e| e["at_ms"].as_i64())
-        .is_some_and(|t| t >= line.fault.at_ms);
-    if lost_ops_node && line.state == "failed" && line.watch_exit == 3 && failed_after_fault {
+    let failed_after_fault = d.events.iter().find(|e| e.to == DeployState::Compensating).is_some_and(|e| e.at_ms >= line.fault.at_ms);
+    if lost_ops_node && line.state == DeployState::Failed && line.watch_exit == 3 && failed_after_fault {
         return Ok(Some(format!("{OPS_NODE}, the only node of `ops`, was lost mid-deploy")));
     }
-    let reasons: Vec<String> =
-        d["events"].as_array().map(|e| e.iter().map(|e| format!("{} → {}: {}", e["from"], e["to"], e["reason"])).collect()).unwrap_or_default();
+    let reasons = event_log(d);
     let failed_steps: Vec<String> = steps(d)
         .iter()
         .filter(|s| !matches!(status(s), "done" | "pending" | "undone" | "skipped"))
-        .map(|s| format!("{} on {}: {} ({})", s["name"], s["node"], status(s), s["error"]))
+        .map(|s| format!("{} on {}: {} ({})", s.plan.name, s.plan.node, status(s), s.error.as_deref().unwrap_or("no error recorded")))
         .collect();
     Err(broken(
         Invariant::FailuresExplained,
@@ -161,19 +162,18 @@ pub fn failure_explained(line: &RoundLine, d: &Value) -> anyhow::Result<Option<S
 /// exactly when the deployment succeeded. A deployment that ended failed
 /// (exit 3: "failed and cleanly rolled back") with the mark still there
 /// left its change in place.
-pub fn command_undone(line: &RoundLine, d: &Value, marks: &std::path::Path) -> anyhow::Result<()> {
+pub fn command_undone(line: &RoundLine, d: &Deployment, marks: &std::path::Path) -> anyhow::Result<()> {
     if line.kind != Kind::Command {
         return Ok(());
     }
     let mark = marks.join(format!("{}.applied", line.deployment));
     let applied = mark.exists();
-    let succeeded = line.state == "succeeded";
+    let succeeded = line.state == DeployState::Succeeded;
     let steps: Vec<String> = steps(d)
         .iter()
-        .map(|s| format!("{} on {}: {} (attempt {}, undo attempt {})", s["name"], s["node"], status(s), s["attempt"], s["undo_attempt"]))
+        .map(|s| format!("{} on {}: {} (attempt {}, undo attempt {})", s.plan.name, s.plan.node, status(s), s.attempt, s.undo_attempt))
         .collect();
-    let events: Vec<String> =
-        d["events"].as_array().map(|e| e.iter().map(|e| format!("{} → {}: {}", e["from"], e["to"], e["reason"])).collect()).unwrap_or_default();
+    let events = event_log(d);
     holds!(
         Invariant::NoLocksNoOrphans,
         applied == succeeded,
@@ -191,32 +191,36 @@ pub fn command_undone(line: &RoundLine, d: &Value, marks: &std::path::Path) -> a
     Ok(())
 }
 
-/// Invariant 2 over every witness line so far, plus: every action carried
-/// the token of the deployment it belongs to.
-pub fn witness_safe(f: &Fleet, tokens: &BTreeMap<String, Value>) -> anyhow::Result<()> {
-    let witness = f.witness();
-    assert_witness_safe(&witness).map_err(|e| broken(Invariant::WitnessSafe, format!("{e:#}")))?;
-    for l in &witness {
-        let Some(token) = l["deployment"].as_str().and_then(|id| tokens.get(id)) else { continue };
-        holds!(Invariant::WitnessSafe, l["token"] == *token, "an action of {} carried token {}, the deployment's is {token}: {l}", l["deployment"], l["token"]);
-    }
-    Ok(())
+/// Invariant 2 over every witness line so far, plus: every action of one
+/// of `ended` carried the token of the deployment it belongs to.
+pub fn witness_safe(f: &Fleet, ended: &BTreeMap<String, Deployment>) -> anyhow::Result<()> {
+    let witness = f.witness().map_err(|e| broken(Invariant::WitnessSafe, format!("{e:#}")))?;
+    let ended: Vec<&Deployment> = ended.values().collect();
+    assert_witness_safe(&witness, &ended).map_err(|e| broken(Invariant::WitnessSafe, format!("{e:#}")))
 }
 
 /// Invariant 1: `ids` are all listed, and nothing listed is still active.
 /// Returns the final record of every listed deployment.
-pub async fn none_lost(f: &Fleet, ids: &[String]) -> anyhow::Result<BTreeMap<String, Value>> {
+pub async fn none_lost(f: &Fleet, ids: &[String]) -> anyhow::Result<BTreeMap<String, Deployment>> {
     let run = f.cluster.ctl(&["list", "--limit", "1000", "-o", "json"]).await?;
     run.expect_code(0)?;
-    let listed: BTreeMap<String, String> =
-        run.lines.iter().filter_map(|d| Some((d["id"].as_str()?.to_string(), d["state"].as_str().unwrap_or("?").to_string()))).collect();
+    let listed: BTreeMap<String, DeployState> = run.json::<Vec<Deployment>>()?.into_iter().map(|d| (d.id, d.state)).collect();
     let missing: Vec<&String> = ids.iter().filter(|id| !listed.contains_key(*id)).collect();
-    holds!(Invariant::NoneLostAllEnded, missing.is_empty(), "submitted but not listed by `fleetctl list`: {missing:?} (listed: {listed:?})");
+    holds!(
+        Invariant::NoneLostAllEnded,
+        missing.is_empty(),
+        "submitted but not listed by `fleetctl list`: {missing:?} (listed: {listed:?})"
+    );
     let mut finals = BTreeMap::new();
     for id in listed.keys() {
         let d = f.cluster.deployment(id).await?;
-        let state = d["state"].as_str().unwrap_or("?");
-        holds!(Invariant::NoneLostAllEnded, is_terminal(state), "{id} is still {state} after every watch returned: {}", d["events"]);
+        holds!(
+            Invariant::NoneLostAllEnded,
+            d.state.is_terminal(),
+            "{id} is still {} after every watch returned: {:#?}",
+            d.state,
+            event_log(&d)
+        );
         finals.insert(id.clone(), d);
     }
     Ok(finals)
@@ -226,12 +230,11 @@ pub async fn none_lost(f: &Fleet, ids: &[String]) -> anyhow::Result<BTreeMap<Str
 /// the instances of the last succeeded deployment that switched its route
 /// there (per destination and app). A node that was lost may still hold a
 /// staged instance until it reconnects and is told to forget: polled.
-pub async fn no_locks_no_orphans(f: &Fleet, finals: &BTreeMap<String, Value>) -> anyhow::Result<()> {
+pub async fn no_locks_no_orphans(f: &Fleet, finals: &BTreeMap<String, Deployment>) -> anyhow::Result<()> {
     let run = f.cluster.ctl(&["lock", "status", "-o", "json"]).await?;
     run.expect_code(0)?;
-    let locks = run.json()?;
-    let held = locks["locks"].as_array().cloned().unwrap_or_default();
-    holds!(Invariant::NoLocksNoOrphans, locks["locks"].is_array() && held.is_empty(), "locks still held at the end: {locks}");
+    let held = run.json::<LockStatusView>()?.locks;
+    holds!(Invariant::NoLocksNoOrphans, held.is_empty(), "locks still held at the end: {held:?}");
 
     let want = expected_instances(finals)?;
     let outcome = eventually("every node to run only the instances of its last succeeded deployments", Duration::from_secs(30), || async {
@@ -258,23 +261,24 @@ pub async fn no_locks_no_orphans(f: &Fleet, finals: &BTreeMap<String, Value>) ->
 }
 
 /// node → pid → which deployment's instance it is.
-fn expected_instances(finals: &BTreeMap<String, Value>) -> anyhow::Result<BTreeMap<String, BTreeMap<u32, String>>> {
-    let mut succeeded: Vec<&Value> = finals.values().filter(|d| d["state"] == "succeeded").collect();
-    succeeded.sort_by_key(|d| d["token"].as_u64());
+fn expected_instances(finals: &BTreeMap<String, Deployment>) -> anyhow::Result<BTreeMap<String, BTreeMap<u32, String>>> {
+    let mut succeeded: Vec<&Deployment> = finals.values().filter(|d| d.state == DeployState::Succeeded).collect();
+    succeeded.sort_by_key(|d| d.token);
     // (node, destination, app) → (pid, why); later (higher token) wins.
     let mut live: BTreeMap<(String, String, String), (u32, String)> = BTreeMap::new();
     for d in succeeded {
         for sw in steps(d).iter().filter(|s| kind(s) == "switch_route" && status(s) == "done") {
-            let (node, dest, app) = (&sw["node"], &sw["destination"], &sw["action"]["app"]);
+            let (node, dest) = (&sw.plan.node, &sw.plan.destination);
+            let app = app(sw).unwrap_or("?");
             let start = steps(d)
                 .iter()
-                .find(|s| kind(s) == "start_instance" && status(s) == "done" && s["node"] == *node && s["destination"] == *dest)
-                .ok_or_else(|| broken(Invariant::NoLocksNoOrphans, format!("{}: route switched on {node} without a done start step", d["id"])))?;
-            let one = json!({ "steps": [start] });
-            for (node, pid) in instances(&one)? {
-                let why = format!("{} {}@{} on {}", d["id"], app.as_str().unwrap_or("?"), d["release"].as_str().unwrap_or("?"), dest.as_str().unwrap_or("?"));
-                live.insert((node, dest.as_str().unwrap_or("?").to_string(), app.as_str().unwrap_or("?").to_string()), (pid, why));
-            }
+                .find(|s| kind(s) == "start_instance" && status(s) == "done" && s.plan.node == *node && s.plan.destination == *dest)
+                .ok_or_else(|| {
+                    broken(Invariant::NoLocksNoOrphans, format!("{}: route switched on {node} without a done start step", d.id))
+                })?;
+            let started: StartOutput = output(start)?;
+            let why = format!("{} {app}@{} on {dest}", d.id, d.release);
+            live.insert((node.clone(), dest.clone(), app.to_string()), (started.pid, why));
         }
     }
     let mut out: BTreeMap<String, BTreeMap<u32, String>> = BTreeMap::new();

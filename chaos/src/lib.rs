@@ -43,7 +43,6 @@ use anyhow::Context as _;
 use fleet_tests::harness::{eventually, CtlRun, Fleet};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
-use serde_json::Value;
 
 pub use faults::{FaultKind, Injected};
 pub use invariants::{Broken, Invariant};
@@ -51,7 +50,8 @@ pub use report::{Percentiles, Report, RoundLine};
 pub use scenario::Kind;
 
 use crate::faults::FaultPlan;
-use crate::scenario::{is_terminal, Manifests};
+use crate::scenario::Manifests;
+use fleet_core::deploy::Deployment;
 
 /// The seed `fleet-chaos` and the failure tests use unless told otherwise.
 pub const DEFAULT_SEED: u64 = 0xF1EE7;
@@ -121,7 +121,7 @@ pub async fn run(cfg: ChaosConfig) -> anyhow::Result<Report> {
         rng: StdRng::seed_from_u64(cfg.seed),
         report: Report { seed: cfg.seed, test_dir: fleet.cluster.path().display().to_string(), ..Report::default() },
         f: fleet,
-        tokens: BTreeMap::new(),
+        ended: BTreeMap::new(),
         round: None,
         cfg,
     };
@@ -154,8 +154,9 @@ struct Chaos {
     f: Fleet,
     rng: StdRng,
     report: Report,
-    /// Deployment id → its fencing token, for the witness check.
-    tokens: BTreeMap<String, Value>,
+    /// Every deployment a round followed to its end, by id (for the
+    /// witness check's tokens).
+    ended: BTreeMap<String, Deployment>,
     /// The round in progress (`None` once the final checks run).
     round: Option<usize>,
 }
@@ -198,7 +199,7 @@ impl Chaos {
         // fleetctl watch "$id"`), through every fault of the round.
         let watcher = self.f.cluster.spawn_ctl(&["watch", &id, "-o", "json"])?;
         let planned = self.f.cluster.deployment(&id).await?;
-        let n_steps = planned["steps"].as_array().map(Vec::len).unwrap_or(0);
+        let n_steps = planned.steps.len();
         // Every draw happens here, in a fixed order, whatever the timing.
         let after_actions = self.rng.random_range(0..n_steps.max(1));
         let extra_ms = self.rng.random_range(0..150u64);
@@ -210,14 +211,14 @@ impl Chaos {
 
         let f = &self.f;
         eventually(&format!("{id} to finish {after_actions} actions"), ROUND_BOUND, || async {
-            let done = f.witness().iter().filter(|l| l["deployment"] == id.as_str()).count();
+            let done = f.witness()?.iter().filter(|l| l.deployment == id).count();
             Ok((done >= after_actions || watcher.is_finished()).then_some(()))
         })
         .await?;
         tokio::time::sleep(Duration::from_millis(extra_ms)).await; // the random fault point, not a wait for anything
-        let fault = faults::inject(&mut self.f, &plan, &id, kind.nodes(), &watcher).await.with_context(|| {
-            format!("round {round}: injecting `{}` into {id} ({})", plan.kind.name(), kind.name())
-        })?;
+        let fault = faults::inject(&mut self.f, &plan, &id, kind.nodes(), &watcher)
+            .await
+            .with_context(|| format!("round {round}: injecting `{}` into {id} ({})", plan.kind.name(), kind.name()))?;
 
         let watched: CtlRun = tokio::time::timeout(ROUND_BOUND, watcher)
             .await
@@ -231,8 +232,8 @@ impl Chaos {
         let result = watched.result().map_err(|e| {
             anyhow::Error::from(Broken { invariant: Invariant::ExitCodes, what: format!("`watch {id}` printed no result line: {e:#}") })
         })?;
-        let d = result["deployment"].clone();
-        self.tokens.insert(id.clone(), d["token"].clone());
+        let d = result.deployment.clone();
+        self.ended.insert(id.clone(), d.clone());
         let line = RoundLine {
             round,
             kind,
@@ -240,27 +241,27 @@ impl Chaos {
             release,
             after_actions,
             extra_ms,
-            progress_ms: progress_after(&self.f, &d, fault.at_ms),
-            state: d["state"].as_str().unwrap_or("?").to_string(),
+            progress_ms: progress_after(&self.f, &d, fault.at_ms)?,
+            state: d.state,
             watch_exit: watched.code,
             fault,
             allowed: None,
         };
         self.report.rounds.push(line.clone());
-        if !is_terminal(&line.state) {
+        if !line.state.is_terminal() {
             return Err(Broken {
                 invariant: Invariant::NoneLostAllEnded,
                 what: format!("`watch {id}` returned (exit {}) while the deployment is {}", watched.code, line.state),
             }
             .into());
         }
-        invariants::exit_code_matches(&line, watched.code, result)?;
+        invariants::exit_code_matches(&line, watched.code, &result)?;
         invariants::command_undone(&line, &d, &manifests.marks)?;
         let allowed = invariants::failure_explained(&line, &d)?;
         if let Some(last) = self.report.rounds.last_mut() {
             last.allowed = allowed;
         }
-        invariants::witness_safe(&self.f, &self.tokens)
+        invariants::witness_safe(&self.f, &self.ended)
     }
 
     async fn final_checks(&mut self) -> anyhow::Result<()> {
@@ -274,8 +275,8 @@ impl Chaos {
         let text = serde_json::to_string_pretty(&finals).context("serializing the final deployments")?;
         std::fs::write(&dump, text).with_context(|| format!("writing {}", dump.display()))?;
         for r in &self.report.rounds {
-            let state = finals.get(&r.deployment).and_then(|d| d["state"].as_str()).unwrap_or("?");
-            if state != r.state {
+            let state = finals.get(&r.deployment).map(|d| d.state.as_str()).unwrap_or("not listed");
+            if state != r.state.as_str() {
                 return Err(Broken {
                     invariant: Invariant::NoneLostAllEnded,
                     what: format!("round {}: `watch {}` reported {}, `status` now says {state}", r.round, r.deployment, r.state),
@@ -283,19 +284,17 @@ impl Chaos {
                 .into());
             }
         }
-        let tokens = finals.iter().map(|(id, d)| (id.clone(), d["token"].clone())).collect();
-        invariants::witness_safe(&self.f, &tokens)?;
+        invariants::witness_safe(&self.f, &finals)?;
         invariants::no_locks_no_orphans(&self.f, &finals).await
     }
 }
 
 /// Fault → the end of the first adapter action (of any deployment) that
 /// started after it; if none did, the deployment's final commit after it.
-fn progress_after(f: &Fleet, d: &Value, at_ms: i64) -> Option<i64> {
-    let next = f.witness().into_iter().filter(|l| l["start_ms"].as_i64().unwrap_or(0) >= at_ms).min_by_key(|l| l["start_ms"].as_i64());
+fn progress_after(f: &Fleet, d: &Deployment, at_ms: i64) -> anyhow::Result<Option<i64>> {
+    let next = f.witness()?.into_iter().filter(|l| l.start_ms >= at_ms).min_by_key(|l| l.start_ms);
     if let Some(l) = next {
-        return l["end_ms"].as_i64().map(|e| e - at_ms);
+        return Ok(Some(l.end_ms - at_ms));
     }
-    let ended = d["events"].as_array().and_then(|e| e.last()).and_then(|e| e["at_ms"].as_i64())?;
-    (ended >= at_ms).then_some(ended - at_ms)
+    Ok(d.events.last().map(|e| e.at_ms).filter(|t| *t >= at_ms).map(|t| t - at_ms))
 }

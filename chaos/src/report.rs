@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use fleet_core::deploy::DeployState;
 use serde::Serialize;
 
 use crate::faults::{FaultKind, Injected};
@@ -26,7 +27,7 @@ pub struct RoundLine {
     /// deployment's final commit. `None`: the deployment had already ended.
     pub progress_ms: Option<i64>,
     /// Final state and the `watch` exit code.
-    pub state: String,
+    pub state: DeployState,
     pub watch_exit: i32,
     /// Why a deployment that did not succeed is acceptable (invariant 5).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,14 +89,25 @@ impl Report {
             .collect();
         self.outcomes.clear();
         for r in &self.rounds {
-            *self.outcomes.entry(r.state.clone()).or_default() += 1;
+            *self.outcomes.entry(r.state.as_str().to_string()).or_default() += 1;
         }
     }
 
     pub fn text(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "fleet-chaos: {} rounds, seed {:#x}, {:.1} s; test dir {}", self.rounds.len(), self.seed, self.elapsed_ms as f64 / 1000.0, self.test_dir);
-        let _ = writeln!(out, "{:>5}  {:<7}  {:<6}  {:<17} {:<13} {:<14} {:>9}  outcome", "round", "kind", "id", "fault", "target", "at", "progress");
+        let _ = writeln!(
+            out,
+            "fleet-chaos: {} rounds, seed {:#x}, {:.1} s; test dir {}",
+            self.rounds.len(),
+            self.seed,
+            self.elapsed_ms as f64 / 1000.0,
+            self.test_dir
+        );
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<7}  {:<6}  {:<17} {:<13} {:<14} {:>9}  outcome",
+            "round", "kind", "id", "fault", "target", "at", "progress"
+        );
         for r in &self.rounds {
             let progress = r.progress_ms.map(|p| format!("{p} ms")).unwrap_or_else(|| "ended".into());
             let allowed = r.allowed.as_deref().map(|a| format!(" (allowed: {a})")).unwrap_or_default();

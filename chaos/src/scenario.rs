@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use fleet_tests::harness::{eventually, Fleet};
+use fleet_tests::json::Line;
 use serde::Serialize;
-use serde_json::Value;
 
 pub const DEV_NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 pub const OPS_NODE: &str = "node-c";
@@ -127,7 +127,8 @@ impl Manifests {
         args.extend_from_slice(&["--release", release, "--timeout", DEADLINE, "--detach"]);
         let run = f.cluster.deploy(m, &args).await?;
         run.expect_code(0)?;
-        ensure!(run.lines.len() == 1 && run.lines[0]["type"] == "submitted", "--detach prints one `submitted` line: {run}");
+        let lines = run.lines()?;
+        ensure!(lines.len() == 1 && matches!(lines[0], Line::Submitted(_)), "--detach prints one `submitted` line: {run}");
         run.id()
     }
 }
@@ -136,11 +137,6 @@ pub async fn start() -> anyhow::Result<Fleet> {
     let nodes: Vec<(&str, &[(&str, &str)])> =
         vec![(DEV_NODES[0], DEV_LABELS), (DEV_NODES[1], DEV_LABELS), (DEV_NODES[2], EDGE_LABELS), (OPS_NODE, OPS_LABELS)];
     Fleet::start(&nodes, DESTINATIONS).await
-}
-
-/// Terminal deployment states (DESIGN.md's lifecycle).
-pub fn is_terminal(state: &str) -> bool {
-    matches!(state, "succeeded" | "failed" | "cancelled" | "superseded" | "compensation_failed")
 }
 
 /// Wait until the cluster is whole again: every coordinator follows the
@@ -158,8 +154,8 @@ pub async fn settle(f: &Fleet) -> anyhow::Result<()> {
     .await?;
     eventually("every node to be connected and not lost", SETTLE, || async {
         let nodes = f.cluster.nodes_json().await?;
-        let ok = |name: &&str| nodes.iter().any(|n| n["id"] == *name && n["connected"] == true && n["lost_ms"].is_null());
-        ensure!(ALL_NODES.iter().all(ok), "nodes: {}", Value::Array(nodes.clone()));
+        let ok = |name: &&str| nodes.iter().any(|n| n.id == *name && n.connected && n.lost_ms.is_none());
+        ensure!(ALL_NODES.iter().all(ok), "nodes: {nodes:?}");
         Ok(Some(()))
     })
     .await

@@ -1,55 +1,153 @@
-//! Checks shared by the failure tests: the witness invariants, the
-//! instances a deployment started, the wall clock.
+//! Checks shared by the failure tests and the chaos harness: the witness
+//! invariants, the instances a deployment started, the wall clock.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{ensure, Context as _};
-use serde_json::Value;
+use anyhow::ensure;
+use fleet_core::deploy::Deployment;
 
-use crate::values::{kind, steps};
+pub use fleet_core::witness::WitnessLine;
 
-/// Milliseconds since the epoch (to compare with event and witness times).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+use crate::json::StartOutput;
+use crate::values::{kind, output, steps};
+
+/// Milliseconds since the epoch (to compare with event and witness times):
+/// the cluster's one wall clock.
+pub use fleet_net::now_ms;
+
+/// The witness checker (DESIGN.md invariant 1 and fencing), over every
+/// witness line there is:
+/// * on each destination no two actions overlapped in time;
+/// * on each destination no action carried a token lower than one already
+///   used there;
+/// * no step attempt (or undo attempt) was carried out twice;
+/// * every action of one of `deployments` carried that deployment's fencing
+///   token (one that never got a token has no actions at all).
+pub fn assert_witness_safe(witness: &[WitnessLine], deployments: &[&Deployment]) -> anyhow::Result<()> {
+    let tokens: BTreeMap<&str, Option<u64>> = deployments.iter().map(|d| (d.id.as_str(), d.token)).collect();
+    check_witness(witness, &tokens)
 }
 
-
-/// Invariant 1 and fencing, over every witness line there is: on each
-/// destination no two actions overlapped in time, no action carried a
-/// token lower than one already used there, and no step attempt (or
-/// undo attempt) was carried out twice.
-pub fn assert_witness_safe(witness: &[Value]) -> anyhow::Result<()> {
-    let mut by_dest: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+/// [`assert_witness_safe`] with the tokens given as deployment id → token.
+fn check_witness(witness: &[WitnessLine], tokens: &BTreeMap<&str, Option<u64>>) -> anyhow::Result<()> {
+    let mut by_dest: BTreeMap<&str, Vec<&WitnessLine>> = BTreeMap::new();
     for l in witness {
-        by_dest.entry(l["destination"].as_str().unwrap_or("?").to_string()).or_default().push(l);
+        by_dest.entry(l.destination.as_str()).or_default().push(l);
     }
     for (dest, mut lines) in by_dest {
-        lines.sort_by_key(|l| (l["start_ms"].as_i64().unwrap_or(0), l["end_ms"].as_i64().unwrap_or(0)));
+        lines.sort_by_key(|l| (l.start_ms, l.end_ms));
         for w in lines.windows(2) {
             let (a, b) = (w[0], w[1]);
-            ensure!(a["end_ms"].as_i64() <= b["start_ms"].as_i64(), "two actions overlapped on destination {dest}:\n  {a}\n  {b}");
-            ensure!(
-                a["token"].as_u64() <= b["token"].as_u64(),
-                "an action with a lower token ran after a higher one on destination {dest}:\n  {a}\n  {b}"
-            );
+            ensure!(a.end_ms <= b.start_ms, "two actions overlapped on destination {dest}:\n  {a}\n  {b}");
+            ensure!(a.token <= b.token, "an action with a lower token ran after a higher one on destination {dest}:\n  {a}\n  {b}");
         }
     }
     let mut seen = BTreeSet::new();
     for l in witness {
-        let key = (l["deployment"].to_string(), l["step"].to_string(), l["undo"].to_string(), l["attempt"].to_string());
-        ensure!(seen.insert(key), "a step attempt was carried out twice: {l}");
+        ensure!(seen.insert((&l.deployment, l.step, l.undo, l.attempt)), "a step attempt was carried out twice: {l}");
+        if let Some(token) = tokens.get(l.deployment.as_str()) {
+            ensure!(
+                *token == Some(l.token),
+                "an action of {} carried token {}, the deployment's is {}: {l}",
+                l.deployment,
+                l.token,
+                token.map(|t| t.to_string()).unwrap_or_else(|| "none (it never got the lock)".into())
+            );
+        }
     }
     Ok(())
 }
 
 /// (node, pid) of the instance a deployment started on each node.
-pub fn instances(d: &Value) -> anyhow::Result<Vec<(String, u32)>> {
+pub fn instances(d: &Deployment) -> anyhow::Result<Vec<(String, u32)>> {
     let mut out = vec![];
     for s in steps(d).iter().filter(|s| kind(s) == "start_instance") {
-        let text = s["output"].as_str().with_context(|| format!("start step without output: {s}"))?;
-        let o: Value = serde_json::from_str(text)?;
-        let pid = o["pid"].as_u64().with_context(|| format!("start output without pid: {o}"))? as u32;
-        out.push((s["node"].as_str().unwrap_or("?").to_string(), pid));
+        let started: StartOutput = output(s)?;
+        out.push((s.plan.node.clone(), started.pid));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(dest: &str, dep: &str, step: u32, token: u64, start: i64, end: i64) -> WitnessLine {
+        WitnessLine {
+            node: "n".into(),
+            destination: dest.into(),
+            deployment: dep.into(),
+            step,
+            undo: false,
+            attempt: 1,
+            token,
+            action: "start".into(),
+            start_ms: start,
+            end_ms: end,
+            ok: true,
+        }
+    }
+
+    fn check(lines: &[WitnessLine], tokens: &[(&str, Option<u64>)]) -> anyhow::Result<()> {
+        check_witness(lines, &tokens.iter().copied().collect())
+    }
+
+    #[test]
+    fn a_good_witness_passes() {
+        // Back to back on one destination, tokens growing; overlapping
+        // across destinations; an undo of the same step is another attempt.
+        let mut undo = line("a", "d2", 0, 2, 15, 20);
+        undo.undo = true;
+        let good = [line("a", "d1", 0, 1, 0, 10), line("a", "d2", 0, 2, 10, 15), line("b", "d3", 0, 3, 5, 15), undo];
+        check(&good, &[("d1", Some(1)), ("d2", Some(2)), ("d3", Some(3))]).unwrap();
+        check(&good, &[]).unwrap();
+        check(&[], &[("d1", None)]).unwrap();
+    }
+
+    #[test]
+    fn an_overlap_fails() {
+        let e = check(&[line("a", "d2", 0, 2, 5, 15), line("a", "d1", 0, 1, 0, 10)], &[]).unwrap_err();
+        assert!(e.to_string().contains("overlapped on destination a"), "{e}");
+        // Overlapping by one millisecond is an overlap.
+        assert!(check(&[line("a", "d1", 0, 1, 0, 10), line("a", "d1", 1, 1, 9, 12)], &[]).is_err());
+    }
+
+    #[test]
+    fn a_token_going_back_fails() {
+        let e = check(&[line("a", "d2", 0, 2, 0, 10), line("a", "d1", 0, 1, 10, 15)], &[]).unwrap_err();
+        assert!(e.to_string().contains("lower token"), "{e}");
+    }
+
+    #[test]
+    fn an_attempt_twice_fails() {
+        let e = check(&[line("a", "d1", 0, 1, 0, 10), line("b", "d1", 0, 1, 10, 15)], &[]).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn a_foreign_token_fails() {
+        assert!(check(&[line("a", "d1", 0, 2, 0, 10)], &[("d1", Some(1))]).is_err());
+        // A deployment that never got the lock has no actions.
+        assert!(check(&[line("a", "d1", 0, 2, 0, 10)], &[("d1", None)]).is_err());
+    }
+
+    #[test]
+    fn a_witness_with_a_missing_field_fails() {
+        // Without `end_ms` the overlap check cannot run: reading the file fails.
+        let good = line("a", "d1", 0, 1, 0, 10).to_string();
+        let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+        v.as_object_mut().unwrap().remove("end_ms");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("witness.jsonl");
+        std::fs::write(&path, format!("{good}\n{v}\n")).unwrap();
+        let e = crate::harness::read_witness(&path).unwrap_err();
+        assert!(format!("{e:#}").contains("end_ms"), "{e:#}");
+        // A renamed field fails the same way.
+        std::fs::write(&path, format!("{}\n", good.replace("start_ms", "started_ms"))).unwrap();
+        assert!(crate::harness::read_witness(&path).is_err());
+        // The good line alone reads (and a missing file is an empty witness).
+        std::fs::write(&path, format!("{good}\n")).unwrap();
+        assert_eq!(crate::harness::read_witness(&path).unwrap().len(), 1);
+        assert!(crate::harness::read_witness(&dir.path().join("none")).unwrap().is_empty());
+    }
 }

@@ -8,9 +8,14 @@ use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use fleet_core::deploy::Deployment;
+use fleet_core::witness::WitnessLine;
 use fleet_proto::*;
 use fleetctl::client::{Client, Context};
 use fleetctl::dev::{self, CoordSpec};
+use serde::de::DeserializeOwned;
+
+use crate::json::{ClusterStatusView, Line, NodeRecord, ResultLine};
 
 /// Start-up and election settings for tests: fast, but with headroom for a
 /// loaded 2-core CI machine.
@@ -137,8 +142,7 @@ impl Cluster {
     /// Cluster status as answered by the leader (following redirects).
     pub async fn status(&self) -> anyhow::Result<ClusterStatusReply> {
         let mut c = self.client("operator")?;
-        c.call(|mut cl, _| async move { cl.cluster_status(ClusterStatusRequest { local: false }).await.map(|r| r.into_inner()) })
-            .await
+        c.call(|mut cl, _| async move { cl.cluster_status(ClusterStatusRequest { local: false }).await.map(|r| r.into_inner()) }).await
     }
 
     /// One coordinator's own view.
@@ -147,8 +151,7 @@ impl Cluster {
         ctx.addrs = vec![self.coords[&id].addr.clone()];
         let mut c = Client::new(&ctx)?;
         c.retry_for = Duration::from_secs(5);
-        c.call(|mut cl, _| async move { cl.cluster_status(ClusterStatusRequest { local: true }).await.map(|r| r.into_inner()) })
-            .await
+        c.call(|mut cl, _| async move { cl.cluster_status(ClusterStatusRequest { local: true }).await.map(|r| r.into_inner()) }).await
     }
 
     pub fn log_of(&self, id: u64) -> String {
@@ -234,41 +237,54 @@ pub struct CtlRun {
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
-    /// The JSON values printed on stdout: one per line, or the elements of
-    /// one JSON array.
-    pub lines: Vec<serde_json::Value>,
     pub elapsed: Duration,
 }
 
 impl CtlRun {
+    /// The lines `deploy`, `watch` or `rollback` printed with `-o json`,
+    /// typed. A line that is not one of fleetctl's JSON lines is an error.
+    pub fn lines(&self) -> anyhow::Result<Vec<Line>> {
+        self.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("stdout line `{l}` is not a fleetctl JSON line, in {self}")))
+            .collect()
+    }
+
     /// The `{"type":"result",...}` line of `deploy`, `watch` or `rollback`.
-    pub fn result(&self) -> anyhow::Result<&serde_json::Value> {
-        self.lines
-            .iter()
+    pub fn result(&self) -> anyhow::Result<ResultLine> {
+        self.lines()?
+            .into_iter()
             .rev()
-            .find(|l| l["type"] == "result")
+            .find_map(|l| match l {
+                Line::Result(r) => Some(*r),
+                _ => None,
+            })
             .with_context(|| format!("no result line in the output of {self}"))
     }
 
     /// The full Deployment of the result line.
-    pub fn deployment(&self) -> anyhow::Result<&serde_json::Value> {
-        Ok(&self.result()?["deployment"])
+    pub fn deployment(&self) -> anyhow::Result<Deployment> {
+        Ok(self.result()?.deployment)
     }
 
     /// The deployment id from a result or `submitted` line.
     pub fn id(&self) -> anyhow::Result<String> {
-        self.lines
-            .iter()
+        self.lines()?
+            .into_iter()
             .rev()
-            .find(|l| matches!(l["type"].as_str(), Some("result" | "submitted")))
-            .and_then(|l| l["id"].as_str())
-            .map(str::to_string)
+            .find_map(|l| match l {
+                Line::Result(r) => Some(r.id),
+                Line::Submitted(s) => Some(s.id),
+                _ => None,
+            })
             .with_context(|| format!("no deployment id in the output of {self}"))
     }
 
-    /// The only JSON value printed (`status`, `list`, `history` ...).
-    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
-        serde_json::from_str(self.stdout.trim()).with_context(|| format!("stdout is not one JSON document: {self}"))
+    /// The only JSON document printed (`status`, `list`, `history` ...), as `T`.
+    pub fn json<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
+        serde_json::from_str(self.stdout.trim())
+            .with_context(|| format!("stdout is not one JSON document of type {}: {self}", std::any::type_name::<T>()))
     }
 
     /// stdout and stderr together (error messages may be on either).
@@ -303,22 +319,6 @@ impl std::fmt::Display for CtlRun {
             clip(&self.stderr)
         )
     }
-}
-
-/// JSON values in a command's stdout: a single document (an array is
-/// flattened), else one document per line.
-pub fn json_values(stdout: &str) -> Vec<serde_json::Value> {
-    let t = stdout.trim();
-    if t.is_empty() {
-        return vec![];
-    }
-    if let Ok(v) = serde_json::from_str::<serde_json::Value>(t) {
-        return match v {
-            serde_json::Value::Array(a) => a,
-            other => vec![other],
-        };
-    }
-    t.lines().filter_map(|l| serde_json::from_str(l.trim()).ok()).collect()
 }
 
 /// A `fleet-node` process with its own certificate, data dir, witness file
@@ -380,9 +380,10 @@ impl Node {
         dev::tail_of(&self.log_file, lines)
     }
 
-    /// Every witness line written so far (a line still being written is skipped).
-    pub fn witness(&self) -> Vec<serde_json::Value> {
-        read_witness(&self.witness_file)
+    /// Every witness line written so far (a line still being written is
+    /// left out; a line that is not a witness record is an error).
+    pub fn witness(&self) -> anyhow::Result<Vec<WitnessLine>> {
+        read_witness(&self.witness_file).with_context(|| format!("the witness of node {}", self.name))
     }
 
     /// Processes this node started that are still alive (pid, command
@@ -407,10 +408,16 @@ impl Drop for Node {
     }
 }
 
-/// Witness lines of a file; a torn last line is skipped.
-pub fn read_witness(path: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+/// Witness lines of a file (none when it does not exist yet). A last line
+/// still being written is left out; any other line that is not a witness
+/// record is an error, never skipped.
+pub fn read_witness(path: &Path) -> anyhow::Result<Vec<WitnessLine>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    fleet_core::witness::parse(&text).with_context(|| format!("reading {}", path.display()))
 }
 
 /// Live (not zombie) processes whose environment carries `OWNER_ENV=dir`
@@ -592,21 +599,21 @@ impl Cluster {
     }
 
     /// `fleetctl nodes -o json`.
-    pub async fn nodes_json(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+    pub async fn nodes_json(&self) -> anyhow::Result<Vec<NodeRecord>> {
         let run = self.ctl(&["nodes", "-o", "json"]).await?;
         run.expect_code(0)?;
-        Ok(run.lines)
+        run.json()
     }
 
     /// Wait until the nodes named are registered and connected.
-    pub async fn wait_nodes_connected(&self, names: &[&str]) -> anyhow::Result<Vec<serde_json::Value>> {
+    pub async fn wait_nodes_connected(&self, names: &[&str]) -> anyhow::Result<Vec<NodeRecord>> {
         eventually(&format!("nodes {names:?} to connect"), Duration::from_secs(30), || async {
             let nodes = self.nodes_json().await?;
-            let connected = |n: &&str| nodes.iter().any(|v| v["id"] == *n && v["connected"] == true);
+            let connected = |n: &&str| nodes.iter().any(|v| v.id == *n && v.connected);
             if names.iter().all(connected) {
                 Ok(Some(nodes))
             } else {
-                anyhow::bail!("nodes: {}", serde_json::to_string(&nodes)?)
+                anyhow::bail!("nodes: {nodes:?}")
             }
         })
         .await
@@ -621,7 +628,7 @@ impl Cluster {
     }
 
     /// `fleetctl status ID -o json`: the Deployment.
-    pub async fn deployment(&self, id: &str) -> anyhow::Result<serde_json::Value> {
+    pub async fn deployment(&self, id: &str) -> anyhow::Result<Deployment> {
         let run = self.ctl(&["status", id, "-o", "json"]).await?;
         run.expect_code(0)?;
         run.json()
@@ -662,12 +669,9 @@ impl Fleet {
         let connected = fleet.cluster.wait_nodes_connected(&names).await.and_then(|listed| {
             // `fleetctl nodes` shows each node with the labels it was started with.
             for (name, labels) in nodes {
-                let v = listed.iter().find(|v| v["id"] == *name).context("listed above")?;
+                let v = listed.iter().find(|v| v.id == *name).context("listed above")?;
                 let want: BTreeMap<&str, &str> = labels.iter().copied().collect();
-                let got: BTreeMap<&str, &str> = v["labels"]
-                    .as_object()
-                    .map(|m| m.iter().filter_map(|(k, v)| Some((k.as_str(), v.as_str()?))).collect())
-                    .unwrap_or_default();
+                let got: BTreeMap<&str, &str> = v.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 anyhow::ensure!(got == want, "node {name} is listed with labels {got:?}, started with {want:?}");
             }
             Ok(())
@@ -687,8 +691,12 @@ impl Fleet {
     }
 
     /// Every node's witness lines.
-    pub fn witness(&self) -> Vec<serde_json::Value> {
-        self.nodes.iter().flat_map(|n| n.witness()).collect()
+    pub fn witness(&self) -> anyhow::Result<Vec<WitnessLine>> {
+        let mut all = vec![];
+        for n in &self.nodes {
+            all.extend(n.witness()?);
+        }
+        Ok(all)
     }
 
     /// Every node log's and coordinator log's tail.
@@ -766,11 +774,7 @@ impl Cluster {
     /// coordinator `id`.
     pub fn signal(&self, id: u64, signal: &str) -> anyhow::Result<()> {
         let pid = self.pid_of(id).with_context(|| format!("coordinator {id} is not running"))?;
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .context("running kill")?;
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().context("running kill")?;
         anyhow::ensure!(status.success(), "kill -{signal} {pid} (coordinator {id}) failed: {status}");
         Ok(())
     }
@@ -779,7 +783,7 @@ impl Cluster {
     pub async fn leader_id(&self) -> anyhow::Result<u64> {
         let run = self.ctl(&["cluster", "status", "-o", "json"]).await?;
         run.expect_code(0)?;
-        run.json()?["leader_id"].as_u64().with_context(|| format!("no leader in {run}"))
+        run.json::<ClusterStatusView>()?.leader_id.with_context(|| format!("no leader in {run}"))
     }
 
     /// `fleetctl ARGS` as the operator in a task of its own: the returned
@@ -813,7 +817,6 @@ async fn run_fleetctl(ctl: &Path, ctx: &Path, cwd: &Path, args: Vec<String>) -> 
     Ok(CtlRun {
         args,
         code: out.status.code().unwrap_or(-1),
-        lines: json_values(&stdout),
         stdout,
         stderr: String::from_utf8_lossy(&out.stderr).to_string(),
         elapsed: started.elapsed(),

@@ -1,5 +1,5 @@
-
 pub mod checks;
 pub mod harness;
-pub mod values;
+pub mod json;
 pub mod linearizability;
+pub mod values;

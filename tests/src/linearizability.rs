@@ -172,32 +172,18 @@ impl Op {
 /// no-op is indistinguishable from not taking effect, which the search models
 /// by never linearizing the operation.
 fn step(state: &LockState, op: &Op) -> Option<LockState> {
-    let free = LockState {
-        held: None,
-        max_token: state.max_token,
-    };
+    let free = LockState { held: None, max_token: state.max_token };
     match (op.kind, op.out) {
         (Kind::Acquire, Out::Granted(t)) => match state.held {
-            None if state.max_token.is_none_or(|m| t > m) => Some(LockState {
-                held: Some(Holding {
-                    holder: op.holder,
-                    token: t,
-                    tentative: false,
-                }),
-                max_token: Some(t),
-            }),
+            None if state.max_token.is_none_or(|m| t > m) => {
+                Some(LockState { held: Some(Holding { holder: op.holder, token: t, tentative: false }), max_token: Some(t) })
+            }
             None => None,
             Some(h) if h.holder == op.holder => {
                 if h.tentative {
                     // Binds the unobserved token of an unknown-outcome grant.
-                    (t >= h.token).then_some(LockState {
-                        held: Some(Holding {
-                            holder: op.holder,
-                            token: t,
-                            tentative: false,
-                        }),
-                        max_token: Some(t),
-                    })
+                    (t >= h.token)
+                        .then_some(LockState { held: Some(Holding { holder: op.holder, token: t, tentative: false }), max_token: Some(t) })
                 } else {
                     (h.token == t).then_some(*state)
                 }
@@ -214,14 +200,7 @@ fn step(state: &LockState, op: &Op) -> Option<LockState> {
                     None => 0,
                     Some(m) => m.checked_add(1)?,
                 };
-                Some(LockState {
-                    held: Some(Holding {
-                        holder: op.holder,
-                        token: lower,
-                        tentative: true,
-                    }),
-                    max_token: Some(lower),
-                })
+                Some(LockState { held: Some(Holding { holder: op.holder, token: lower, tentative: true }), max_token: Some(lower) })
             }
             Some(_) => None, // would be a no-op (re-acquire or Held)
         },
@@ -239,8 +218,7 @@ fn step(state: &LockState, op: &Op) -> Option<LockState> {
             _ => None, // would be a no-op (NotHeld or NotOwner)
         },
         // Outcomes of the other operation kind are rejected before the search.
-        (Kind::Acquire, Out::Released | Out::NotHeld | Out::NotOwner(_))
-        | (Kind::Release, Out::Granted(_) | Out::Held(_)) => None,
+        (Kind::Acquire, Out::Released | Out::NotHeld | Out::NotOwner(_)) | (Kind::Release, Out::Granted(_) | Out::Held(_)) => None,
     }
 }
 
@@ -261,26 +239,17 @@ fn describe(i: usize, e: &Event) -> String {
         Outcome::NotOwner { by } => format!("NotOwner(by {by:?})"),
         Outcome::Unknown => "Unknown".to_string(),
     };
-    let ret = if e.outcome == Outcome::Unknown {
-        "?".to_string()
-    } else {
-        e.returned_ns.to_string()
-    };
-    format!(
-        "#{i} client {} {op} -> {out} [invoked {}, returned {ret}]",
-        e.client, e.invoked_ns
-    )
+    let ret = if e.outcome == Outcome::Unknown { "?".to_string() } else { e.returned_ns.to_string() };
+    format!("#{i} client {} {op} -> {out} [invoked {}, returned {ret}]", e.client, e.invoked_ns)
 }
 
 fn describe_state(state: &LockState, names: &[String]) -> String {
     let name = |id: u32| names.get(id as usize).map_or("?", String::as_str);
     let held = match state.held {
         None => "free".to_string(),
-        Some(h) if h.tentative => format!(
-            "held by {:?} with an unobserved token >= {} (granted by an unknown-outcome acquire)",
-            name(h.holder),
-            h.token
-        ),
+        Some(h) if h.tentative => {
+            format!("held by {:?} with an unobserved token >= {} (granted by an unknown-outcome acquire)", name(h.holder), h.token)
+        }
         Some(h) => format!("held by {:?} with token {}", name(h.holder), h.token),
     };
     match state.max_token {
@@ -290,12 +259,7 @@ fn describe_state(state: &LockState, names: &[String]) -> String {
 }
 
 fn malformed(message: String, known_ops: usize) -> Violation {
-    Violation {
-        message: format!("malformed history: {message}"),
-        longest_prefix: Vec::new(),
-        unplaced: Vec::new(),
-        known_ops,
-    }
+    Violation { message: format!("malformed history: {message}"), longest_prefix: Vec::new(), unplaced: Vec::new(), known_ops }
 }
 
 // ---------------------------------------------------------------------------
@@ -333,15 +297,10 @@ impl UnknownClasses {
             });
             members[class].push((inv, i));
         }
-        let mut classes = UnknownClasses {
-            ops: Vec::with_capacity(members.len()),
-            invoked: Vec::with_capacity(members.len()),
-        };
+        let mut classes = UnknownClasses { ops: Vec::with_capacity(members.len()), invoked: Vec::with_capacity(members.len()) };
         for mut m in members {
             m.sort_unstable();
-            classes
-                .invoked
-                .push(m.iter().map(|&(inv, _)| inv).collect());
+            classes.invoked.push(m.iter().map(|&(inv, _)| inv).collect());
             classes.ops.push(m.into_iter().map(|(_, i)| i).collect());
         }
         classes
@@ -377,10 +336,7 @@ fn has_bit(bits: &[u64], index: usize) -> bool {
 /// Whether `set == base ∪ {index}` (with `index` not in `base`).
 fn equals_with_bit(set: &[u64], base: &[u64], index: usize) -> bool {
     let (word, bit) = (index / 64, 1u64 << (index % 64));
-    set.iter()
-        .zip(base)
-        .enumerate()
-        .all(|(w, (s, b))| *s == if w == word { b | bit } else { *b })
+    set.iter().zip(base).enumerate().all(|(w, (s, b))| *s == if w == word { b | bit } else { *b })
 }
 
 /// splitmix64: deterministic, well-mixed keys for Zobrist hashing.
@@ -442,24 +398,14 @@ impl Level {
     /// Adds the child of `parent` reached by `trail` (whose last step is the
     /// known operation linearized) in `state` with unknown counts `used`,
     /// unless it is dominated. `trails` receives `trail` when it is kept.
-    fn add(
-        &mut self,
-        t: &Tables<'_>,
-        parent: &Group,
-        state: LockState,
-        used: &[u32],
-        trail: Trail,
-        trails: &mut Vec<Trail>,
-    ) {
+    fn add(&mut self, t: &Tables<'_>, parent: &Group, state: LockState, used: &[u32], trail: Trail, trails: &mut Vec<Trail>) {
         let bit = t.bit[trail.steps[2]];
         let known_hash = parent.known_hash ^ t.zobrist[bit];
         let key = known_hash ^ state_hash(&state);
         let bucket = self.index.entry(key).or_default();
         let found = bucket.iter().copied().find(|&g| {
             let group = &self.groups[g];
-            group.state == state
-                && group.known_hash == known_hash
-                && equals_with_bit(&group.known, &parent.known, bit)
+            group.state == state && group.known_hash == known_hash && equals_with_bit(&group.known, &parent.known, bit)
         });
         let group = match found {
             Some(g) => &mut self.groups[g],
@@ -467,30 +413,15 @@ impl Level {
                 let mut known = parent.known.clone();
                 known[bit / 64] |= 1u64 << (bit % 64);
                 let mut call_pos = parent.call_pos;
-                while t
-                    .by_call
-                    .get(call_pos)
-                    .is_some_and(|&o| has_bit(&known, t.bit[o]))
-                {
+                while t.by_call.get(call_pos).is_some_and(|&o| has_bit(&known, t.bit[o])) {
                     call_pos += 1;
                 }
                 let mut ret_pos = parent.ret_pos;
-                while t
-                    .by_return
-                    .get(ret_pos)
-                    .is_some_and(|&o| has_bit(&known, t.bit[o]))
-                {
+                while t.by_return.get(ret_pos).is_some_and(|&o| has_bit(&known, t.bit[o])) {
                     ret_pos += 1;
                 }
                 bucket.push(self.groups.len());
-                self.groups.push(Group {
-                    known,
-                    known_hash,
-                    state,
-                    call_pos,
-                    ret_pos,
-                    members: Vec::new(),
-                });
+                self.groups.push(Group { known, known_hash, state, call_pos, ret_pos, members: Vec::new() });
                 let last = self.groups.len() - 1;
                 &mut self.groups[last]
             }
@@ -500,10 +431,7 @@ impl Level {
         }
         group.members.retain(|m| !dominated_by(&m.used, used));
         trails.push(trail);
-        group.members.push(Member {
-            used: used.into(),
-            trail: trails.len() - 1,
-        });
+        group.members.push(Member { used: used.into(), trail: trails.len() - 1 });
     }
 }
 
@@ -522,10 +450,7 @@ fn candidates(t: &Tables<'_>, group: &Group) -> (u128, Vec<usize>) {
     let first_return = t.by_return[group.ret_pos];
     let deadline = t.times[first_return].1;
     let mut out = vec![first_return];
-    for &op in t.by_call[group.call_pos..]
-        .iter()
-        .take_while(|&&o| t.times[o].0 <= deadline)
-    {
+    for &op in t.by_call[group.call_pos..].iter().take_while(|&&o| t.times[o].0 <= deadline) {
         if op != first_return && !has_bit(&group.known, t.bit[op]) {
             out.push(op);
         }
@@ -547,21 +472,12 @@ fn candidates(t: &Tables<'_>, group: &Group) -> (u128, Vec<usize>) {
 /// Blocks longer than two are never needed: their net effect is to free the
 /// lock, hand it to some holder, or both, and the shortest block doing that
 /// leaves the lowest highest-token.
-fn expand(
-    t: &Tables<'_>,
-    group: &Group,
-    member: &Member,
-    next: &mut Level,
-    trails: &mut Vec<Trail>,
-) {
+fn expand(t: &Tables<'_>, group: &Group, member: &Member, next: &mut Level, trails: &mut Vec<Trail>) {
     let (deadline, candidates) = candidates(t, group);
     let classes = t.unknown.ops.len();
     let mut used = member.used.to_vec();
     for op in candidates {
-        let trail = |steps| Trail {
-            parent: member.trail,
-            steps,
-        };
+        let trail = |steps| Trail { parent: member.trail, steps };
         if let Some(state) = step(&group.state, &t.ops[op]) {
             next.add(t, group, state, &used, trail([NIL, NIL, op]), trails);
             continue;
@@ -599,10 +515,7 @@ fn expand(
 /// Checks that `history` is linearizable with respect to the single-lock
 /// model described in the module documentation.
 pub fn check(history: &[Event]) -> Result<(), Violation> {
-    let known_ops = history
-        .iter()
-        .filter(|e| e.outcome != Outcome::Unknown)
-        .count();
+    let known_ops = history.iter().filter(|e| e.outcome != Outcome::Unknown).count();
 
     // Intern holder names and validate events.
     let mut names = Names::default();
@@ -621,27 +534,12 @@ pub fn check(history: &[Event]) -> Result<(), Violation> {
             (Outcome::NotHeld, Kind::Release) => Out::NotHeld,
             (Outcome::NotOwner { by }, Kind::Release) => Out::NotOwner(names.intern(by)),
             (Outcome::Unknown, _) => Out::Unknown,
-            _ => {
-                return Err(malformed(
-                    format!(
-                        "{}: this outcome is not a possible result of this operation",
-                        describe(i, e)
-                    ),
-                    known_ops,
-                ))
-            }
+            _ => return Err(malformed(format!("{}: this outcome is not a possible result of this operation", describe(i, e)), known_ops)),
         };
         if out != Out::Unknown && e.returned_ns < e.invoked_ns {
-            return Err(malformed(
-                format!("{}: returned before it was invoked", describe(i, e)),
-                known_ops,
-            ));
+            return Err(malformed(format!("{}: returned before it was invoked", describe(i, e)), known_ops));
         }
-        ops.push(Op {
-            kind,
-            holder: holder_id,
-            out,
-        });
+        ops.push(Op { kind, holder: holder_id, out });
         times.push((e.invoked_ns, e.returned_ns));
     }
     if known_ops == 0 {
@@ -661,15 +559,7 @@ pub fn check(history: &[Event]) -> Result<(), Violation> {
     by_call.sort_by_key(|&i| (times[i].0, i));
     by_return.sort_by_key(|&i| (times[i].1, i));
     let unknown = UnknownClasses::new(&ops, &times);
-    let tables = Tables {
-        ops: &ops,
-        times: &times,
-        by_call,
-        by_return,
-        bit,
-        zobrist,
-        unknown,
-    };
+    let tables = Tables { ops: &ops, times: &times, by_call, by_return, bit, zobrist, unknown };
 
     // Breadth-first over the number of linearized known operations: level
     // `n` holds every distinct configuration with `n` of them linearized.
@@ -681,10 +571,7 @@ pub fn check(history: &[Event]) -> Result<(), Violation> {
         state: LockState::default(),
         call_pos: 0,
         ret_pos: 0,
-        members: vec![Member {
-            used: vec![0; tables.unknown.ops.len()].into(),
-            trail: NIL,
-        }],
+        members: vec![Member { used: vec![0; tables.unknown.ops.len()].into(), trail: NIL }],
     });
     for _ in 0..known_ops {
         let mut next = Level::default();
@@ -694,12 +581,7 @@ pub fn check(history: &[Event]) -> Result<(), Violation> {
             }
         }
         if next.groups.is_empty() {
-            return Err(violation(
-                history,
-                &names.names,
-                known_ops,
-                stuck(&tables, &level, &trails),
-            ));
+            return Err(violation(history, &names.names, known_ops, stuck(&tables, &level, &trails)));
         }
         level = next;
     }
@@ -719,12 +601,7 @@ fn stuck(t: &Tables<'_>, level: &Level, trails: &[Trail]) -> Option<Best> {
     }
     prefix.reverse();
     let (_, unplaced) = candidates(t, group);
-    Some(Best {
-        prefix,
-        state: group.state,
-        deadline_op: unplaced[0],
-        unplaced,
-    })
+    Some(Best { prefix, state: group.state, deadline_op: unplaced[0], unplaced })
 }
 
 /// Holder names interned to small integers so model states are `Copy`.
@@ -746,28 +623,18 @@ impl<'a> Names<'a> {
     }
 }
 
-fn violation(
-    history: &[Event],
-    names: &[String],
-    known_ops: usize,
-    best: Option<Best>,
-) -> Violation {
+fn violation(history: &[Event], names: &[String], known_ops: usize, best: Option<Best>) -> Violation {
     const SHOW_PREFIX: usize = 12;
     let Some(best) = best else {
         return Violation {
-            message: "history is not linearizable (the search found no partial linearization)"
-                .to_string(),
+            message: "history is not linearizable (the search found no partial linearization)".to_string(),
             longest_prefix: Vec::new(),
             unplaced: Vec::new(),
             known_ops,
         };
     };
     let mut msg = String::new();
-    let prefix_known = best
-        .prefix
-        .iter()
-        .filter(|&&i| history[i].outcome != Outcome::Unknown)
-        .count();
+    let prefix_known = best.prefix.iter().filter(|&&i| history[i].outcome != Outcome::Unknown).count();
     msg.push_str(&format!(
         "history of {} operations ({known_ops} with a known outcome) is not linearizable \
          against the single-lock model.\n",
@@ -780,24 +647,15 @@ fn violation(
     ));
     let skip = best.prefix.len().saturating_sub(SHOW_PREFIX);
     if skip > 0 {
-        msg.push_str(&format!(
-            ", showing the last {SHOW_PREFIX}:\n  ... {skip} earlier\n"
-        ));
+        msg.push_str(&format!(", showing the last {SHOW_PREFIX}:\n  ... {skip} earlier\n"));
     } else {
         msg.push_str(":\n");
     }
     for &i in &best.prefix[skip..] {
-        let note = if history[i].outcome == Outcome::Unknown {
-            "  (took effect)"
-        } else {
-            ""
-        };
+        let note = if history[i].outcome == Outcome::Unknown { "  (took effect)" } else { "" };
         msg.push_str(&format!("  {}{note}\n", describe(i, &history[i])));
     }
-    msg.push_str(&format!(
-        "Lock state after it: {}.\n",
-        describe_state(&best.state, names)
-    ));
+    msg.push_str(&format!("Lock state after it: {}.\n", describe_state(&best.state, names)));
     let deadline = &history[best.deadline_op];
     msg.push_str(&format!(
         "Could not place next (operation #{} had to take effect before it returned at {}, but \
@@ -807,12 +665,7 @@ fn violation(
     for &i in &best.unplaced {
         msg.push_str(&format!("  {}\n", describe(i, &history[i])));
     }
-    Violation {
-        message: msg,
-        longest_prefix: best.prefix,
-        unplaced: best.unplaced,
-        known_ops,
-    }
+    Violation { message: msg, longest_prefix: best.prefix, unplaced: best.unplaced, known_ops }
 }
 
 /// Checks that fencing tokens only grow in real-time order: if a grant's
@@ -831,13 +684,9 @@ pub fn check_tokens_grow(history: &[Event]) -> Result<(), String> {
         .iter()
         .enumerate()
         .filter_map(|(index, e)| match (&e.op, &e.outcome) {
-            (LockOp::Acquire { holder }, Outcome::Granted { token }) => Some(Grant {
-                index,
-                holder: holder.as_str(),
-                token: *token,
-                invoked: e.invoked_ns,
-                returned: e.returned_ns,
-            }),
+            (LockOp::Acquire { holder }, Outcome::Granted { token }) => {
+                Some(Grant { index, holder: holder.as_str(), token: *token, invoked: e.invoked_ns, returned: e.returned_ns })
+            }
             _ => None,
         })
         .collect();
@@ -894,14 +743,10 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn acq(h: &str) -> LockOp {
-        LockOp::Acquire {
-            holder: h.to_string(),
-        }
+        LockOp::Acquire { holder: h.to_string() }
     }
     fn rel(h: &str) -> LockOp {
-        LockOp::Release {
-            holder: h.to_string(),
-        }
+        LockOp::Release { holder: h.to_string() }
     }
     fn granted(token: u64) -> Outcome {
         Outcome::Granted { token }
@@ -913,13 +758,7 @@ mod tests {
         Outcome::NotOwner { by: by.to_string() }
     }
     fn ev(client: usize, op: LockOp, outcome: Outcome, inv: u128, ret: u128) -> Event {
-        Event {
-            client,
-            op,
-            outcome,
-            invoked_ns: inv,
-            returned_ns: ret,
-        }
+        Event { client, op, outcome, invoked_ns: inv, returned_ns: ret }
     }
 
     #[test]
@@ -948,32 +787,17 @@ mod tests {
         // Each of these is one wrong outcome in an otherwise sequential history.
         let cases: Vec<Vec<Event>> = vec![
             // Re-acquire returning a different token.
-            vec![
-                ev(0, acq("a"), granted(1), 0, 10),
-                ev(0, acq("a"), granted(2), 11, 20),
-            ],
+            vec![ev(0, acq("a"), granted(1), 0, 10), ev(0, acq("a"), granted(2), 11, 20)],
             // Held by someone who never acquired.
-            vec![
-                ev(0, acq("a"), granted(1), 0, 10),
-                ev(1, acq("b"), held("c"), 11, 20),
-            ],
+            vec![ev(0, acq("a"), granted(1), 0, 10), ev(1, acq("b"), held("c"), 11, 20)],
             // Held reported to the holder itself.
-            vec![
-                ev(0, acq("a"), granted(1), 0, 10),
-                ev(0, acq("a"), held("a"), 11, 20),
-            ],
+            vec![ev(0, acq("a"), granted(1), 0, 10), ev(0, acq("a"), held("a"), 11, 20)],
             // Release of a free lock reported as Released.
             vec![ev(0, rel("a"), Outcome::Released, 0, 10)],
             // NotHeld while held.
-            vec![
-                ev(0, acq("a"), granted(1), 0, 10),
-                ev(1, rel("b"), Outcome::NotHeld, 11, 20),
-            ],
+            vec![ev(0, acq("a"), granted(1), 0, 10), ev(1, rel("b"), Outcome::NotHeld, 11, 20)],
             // NotOwner naming the caller.
-            vec![
-                ev(0, acq("a"), granted(1), 0, 10),
-                ev(0, rel("a"), not_owner("a"), 11, 20),
-            ],
+            vec![ev(0, acq("a"), granted(1), 0, 10), ev(0, rel("a"), not_owner("a"), 11, 20)],
             // NotOwner on a free lock.
             vec![ev(0, rel("a"), not_owner("b"), 0, 10)],
         ];
@@ -989,10 +813,7 @@ mod tests {
         assert!(err.to_string().contains("malformed"), "{err}");
         let backwards = vec![ev(0, acq("a"), granted(1), 10, 5)];
         let err = check(&backwards).unwrap_err();
-        assert!(
-            err.to_string().contains("returned before it was invoked"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("returned before it was invoked"), "{err}");
         // An unknown outcome's return time is ignored, so it is not malformed.
         check(&[ev(0, acq("a"), Outcome::Unknown, 10, 0)]).unwrap();
         check(&[]).unwrap();
@@ -1000,28 +821,18 @@ mod tests {
 
     #[test]
     fn overlapping_grants_to_different_holders_violate() {
-        let h = vec![
-            ev(0, acq("a"), granted(1), 0, 10),
-            ev(1, acq("b"), granted(2), 5, 15),
-        ];
+        let h = vec![ev(0, acq("a"), granted(1), 0, 10), ev(1, acq("b"), granted(2), 5, 15)];
         let err = check(&h).unwrap_err();
         // One of them was placed; the other could not be.
         assert_eq!(err.longest_prefix.len(), 1);
         assert_eq!(err.unplaced.len(), 1);
         assert_ne!(err.longest_prefix[0], err.unplaced[0]);
         let text = err.to_string();
-        assert!(
-            text.contains("Longest linearizable prefix: 1 operations"),
-            "{text}"
-        );
+        assert!(text.contains("Longest linearizable prefix: 1 operations"), "{text}");
         assert!(text.contains("Could not place next"), "{text}");
 
         // With a release between them (in real time) it is fine.
-        let ok = vec![
-            ev(0, acq("a"), granted(1), 0, 10),
-            ev(0, rel("a"), Outcome::Released, 11, 12),
-            ev(1, acq("b"), granted(2), 13, 15),
-        ];
+        let ok = vec![ev(0, acq("a"), granted(1), 0, 10), ev(0, rel("a"), Outcome::Released, 11, 12), ev(1, acq("b"), granted(2), 13, 15)];
         check(&ok).unwrap();
     }
 
@@ -1029,61 +840,35 @@ mod tests {
     fn overlapping_ops_legal_in_one_order_pass() {
         // Client 1's acquire is invoked before client 0's release, but the
         // two overlap, so the release may take effect first.
-        let h = vec![
-            ev(0, acq("a"), granted(1), 0, 10),
-            ev(1, acq("b"), granted(2), 15, 35),
-            ev(0, rel("a"), Outcome::Released, 20, 40),
-        ];
+        let h = vec![ev(0, acq("a"), granted(1), 0, 10), ev(1, acq("b"), granted(2), 15, 35), ev(0, rel("a"), Outcome::Released, 20, 40)];
         check(&h).unwrap();
         // Only that order works: if the acquire returns before the release is
         // invoked, it is a violation.
-        let bad = vec![
-            ev(0, acq("a"), granted(1), 0, 10),
-            ev(1, acq("b"), granted(2), 15, 18),
-            ev(0, rel("a"), Outcome::Released, 20, 40),
-        ];
+        let bad = vec![ev(0, acq("a"), granted(1), 0, 10), ev(1, acq("b"), granted(2), 15, 18), ev(0, rel("a"), Outcome::Released, 20, 40)];
         let err = check(&bad).unwrap_err();
         assert_eq!(err.unplaced.first(), Some(&1), "{err}");
         // And the other order's outcomes: acquire first sees Held, release
         // afterwards still releases.
-        let other = vec![
-            ev(0, acq("a"), granted(1), 0, 10),
-            ev(1, acq("b"), held("a"), 15, 35),
-            ev(0, rel("a"), Outcome::Released, 20, 40),
-        ];
+        let other =
+            vec![ev(0, acq("a"), granted(1), 0, 10), ev(1, acq("b"), held("a"), 15, 35), ev(0, rel("a"), Outcome::Released, 20, 40)];
         check(&other).unwrap();
     }
 
     #[test]
     fn stale_held_after_release_violates() {
-        let h = vec![
-            ev(0, acq("a"), granted(1), 0, 10),
-            ev(0, rel("a"), Outcome::Released, 20, 30),
-            ev(1, acq("b"), held("a"), 40, 50),
-        ];
+        let h = vec![ev(0, acq("a"), granted(1), 0, 10), ev(0, rel("a"), Outcome::Released, 20, 30), ev(1, acq("b"), held("a"), 40, 50)];
         let err = check(&h).unwrap_err();
         assert_eq!(err.longest_prefix, vec![0, 1]);
         assert_eq!(err.unplaced, vec![2]);
-        assert!(
-            err.to_string().contains("Lock state after it: free"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("Lock state after it: free"), "{err}");
         // If the Held overlaps the release, it could have been read first.
-        let ok = vec![
-            ev(0, acq("a"), granted(1), 0, 10),
-            ev(0, rel("a"), Outcome::Released, 20, 30),
-            ev(1, acq("b"), held("a"), 25, 50),
-        ];
+        let ok = vec![ev(0, acq("a"), granted(1), 0, 10), ev(0, rel("a"), Outcome::Released, 20, 30), ev(1, acq("b"), held("a"), 25, 50)];
         check(&ok).unwrap();
     }
 
     #[test]
     fn tokens_must_grow() {
-        let h = vec![
-            ev(0, acq("a"), granted(10), 0, 10),
-            ev(0, rel("a"), Outcome::Released, 20, 30),
-            ev(1, acq("b"), granted(5), 40, 50),
-        ];
+        let h = vec![ev(0, acq("a"), granted(10), 0, 10), ev(0, rel("a"), Outcome::Released, 20, 30), ev(1, acq("b"), granted(5), 40, 50)];
         assert!(check(&h).is_err());
         let msg = check_tokens_grow(&h).unwrap_err();
         assert!(msg.contains("#2") && msg.contains("#0"), "{msg}");
@@ -1101,10 +886,7 @@ mod tests {
         check_tokens_grow(&ok).unwrap();
 
         // Re-acquire of the same token by the same holder is fine for both.
-        let reacquire = vec![
-            ev(0, acq("a"), granted(10), 0, 10),
-            ev(0, acq("a"), granted(10), 20, 30),
-        ];
+        let reacquire = vec![ev(0, acq("a"), granted(10), 0, 10), ev(0, acq("a"), granted(10), 20, 30)];
         check(&reacquire).unwrap();
         check_tokens_grow(&reacquire).unwrap();
 
@@ -1124,35 +906,22 @@ mod tests {
     #[test]
     fn check_tokens_grow_only_orders_by_real_time() {
         // Overlapping grants are not ordered by real time.
-        let concurrent = vec![
-            ev(0, acq("a"), granted(10), 0, 50),
-            ev(1, acq("b"), granted(5), 10, 60),
-        ];
+        let concurrent = vec![ev(0, acq("a"), granted(10), 0, 50), ev(1, acq("b"), granted(5), 10, 60)];
         check_tokens_grow(&concurrent).unwrap();
         // A same-token "re-acquire" by a different holder is a new grant.
-        let stolen = vec![
-            ev(0, acq("a"), granted(10), 0, 10),
-            ev(1, acq("b"), granted(10), 20, 30),
-        ];
+        let stolen = vec![ev(0, acq("a"), granted(10), 0, 10), ev(1, acq("b"), granted(10), 20, 30)];
         assert!(check_tokens_grow(&stolen).is_err());
         // Two different holders were both granted 10 earlier: whoever gets 10
         // later conflicts with one of them.
-        let twice = vec![
-            ev(0, acq("a"), granted(10), 0, 10),
-            ev(1, acq("b"), granted(10), 0, 10),
-            ev(0, acq("a"), granted(10), 20, 30),
-        ];
+        let twice = vec![ev(0, acq("a"), granted(10), 0, 10), ev(1, acq("b"), granted(10), 0, 10), ev(0, acq("a"), granted(10), 20, 30)];
         assert!(check_tokens_grow(&twice).is_err());
     }
 
     #[test]
     fn unknown_outcomes() {
         // The unknown acquire by "a" took effect: "b" later sees it held.
-        let took_effect = vec![
-            ev(0, acq("a"), Outcome::Unknown, 0, 0),
-            ev(1, acq("b"), held("a"), 100, 110),
-            ev(1, rel("b"), not_owner("a"), 120, 130),
-        ];
+        let took_effect =
+            vec![ev(0, acq("a"), Outcome::Unknown, 0, 0), ev(1, acq("b"), held("a"), 100, 110), ev(1, rel("b"), not_owner("a"), 120, 130)];
         check(&took_effect).unwrap();
 
         // This unknown acquire must not have taken effect (at least not
@@ -1182,10 +951,7 @@ mod tests {
         check(&release_effect).unwrap();
 
         // An unknown op can only take effect after its invocation.
-        let too_early = vec![
-            ev(1, acq("b"), held("a"), 0, 10),
-            ev(0, acq("a"), Outcome::Unknown, 20, 0),
-        ];
+        let too_early = vec![ev(1, acq("b"), held("a"), 0, 10), ev(0, acq("a"), Outcome::Unknown, 20, 0)];
         assert!(check(&too_early).is_err());
     }
 
@@ -1329,11 +1095,7 @@ mod tests {
             .zip(outcomes)
             .map(|(p, outcome)| Event {
                 client: p.client,
-                op: if p.acquire {
-                    acq(&name(p.client))
-                } else {
-                    rel(&name(p.client))
-                },
+                op: if p.acquire { acq(&name(p.client)) } else { rel(&name(p.client)) },
                 outcome,
                 invoked_ns: p.inv,
                 returned_ns: p.ret,
@@ -1343,17 +1105,8 @@ mod tests {
 
     /// Index of a known grant invoked after some other known grant returned.
     fn late_grant(h: &[Event]) -> usize {
-        let first_return = h
-            .iter()
-            .filter(|e| matches!(e.outcome, Outcome::Granted { .. }))
-            .map(|e| e.returned_ns)
-            .min()
-            .unwrap();
-        h.iter()
-            .rposition(|e| {
-                matches!(e.outcome, Outcome::Granted { .. }) && e.invoked_ns > first_return
-            })
-            .unwrap()
+        let first_return = h.iter().filter(|e| matches!(e.outcome, Outcome::Granted { .. })).map(|e| e.returned_ns).min().unwrap();
+        h.iter().rposition(|e| matches!(e.outcome, Outcome::Granted { .. }) && e.invoked_ns > first_return).unwrap()
     }
 
     #[test]
@@ -1361,18 +1114,8 @@ mod tests {
         let h = simulate(0x5eed, 3, 3000, 0);
         assert_eq!(h.len(), 3000);
         // The generated history exercises every outcome.
-        for probe in [
-            granted(0),
-            held(""),
-            Outcome::Released,
-            Outcome::NotHeld,
-            not_owner(""),
-        ] {
-            assert!(
-                h.iter()
-                    .any(|e| std::mem::discriminant(&e.outcome) == std::mem::discriminant(&probe)),
-                "no {probe:?} generated"
-            );
+        for probe in [granted(0), held(""), Outcome::Released, Outcome::NotHeld, not_owner("")] {
+            assert!(h.iter().any(|e| std::mem::discriminant(&e.outcome) == std::mem::discriminant(&probe)), "no {probe:?} generated");
         }
         check(&h).unwrap();
         check_tokens_grow(&h).unwrap();
@@ -1380,10 +1123,7 @@ mod tests {
         // Corrupt a Released into NotHeld: only the holder can free its lock,
         // so this can never be linearized.
         let mut bad = h.clone();
-        let i = bad
-            .iter()
-            .rposition(|e| e.outcome == Outcome::Released)
-            .unwrap();
+        let i = bad.iter().rposition(|e| e.outcome == Outcome::Released).unwrap();
         bad[i].outcome = Outcome::NotHeld;
         let err = check(&bad).unwrap_err();
         assert!(err.unplaced.contains(&i), "{err}");
@@ -1421,14 +1161,9 @@ mod tests {
         let h = simulate(11, 2, 6000, 0);
         check(&h).unwrap();
         let mut bad = h.clone();
-        let i = bad
-            .iter()
-            .position(|e| matches!(e.outcome, Outcome::Held { .. }))
-            .unwrap();
+        let i = bad.iter().position(|e| matches!(e.outcome, Outcome::Held { .. })).unwrap();
         // Held by the caller itself is never legal.
-        let LockOp::Acquire { holder } = &bad[i].op else {
-            unreachable!()
-        };
+        let LockOp::Acquire { holder } = &bad[i].op else { unreachable!() };
         bad[i].outcome = held(&holder.clone());
         assert!(check(&bad).is_err());
     }
@@ -1440,30 +1175,14 @@ mod tests {
     fn spec(op: &LockOp, outcome: &Outcome, lock: &Lock) -> Option<Lock> {
         let (held, max) = lock;
         match (op, outcome, held) {
-            (LockOp::Acquire { holder }, Outcome::Granted { token }, None)
-                if max.is_none_or(|m| *token > m) =>
-            {
+            (LockOp::Acquire { holder }, Outcome::Granted { token }, None) if max.is_none_or(|m| *token > m) => {
                 Some((Some((holder.clone(), *token)), Some(*token)))
             }
-            (LockOp::Acquire { holder }, Outcome::Granted { token }, Some((h, t)))
-                if h == holder && t == token =>
-            {
-                Some(lock.clone())
-            }
-            (LockOp::Acquire { holder }, Outcome::Held { by }, Some((h, _)))
-                if h == by && h != holder =>
-            {
-                Some(lock.clone())
-            }
-            (LockOp::Release { holder }, Outcome::Released, Some((h, _))) if h == holder => {
-                Some((None, *max))
-            }
+            (LockOp::Acquire { holder }, Outcome::Granted { token }, Some((h, t))) if h == holder && t == token => Some(lock.clone()),
+            (LockOp::Acquire { holder }, Outcome::Held { by }, Some((h, _))) if h == by && h != holder => Some(lock.clone()),
+            (LockOp::Release { holder }, Outcome::Released, Some((h, _))) if h == holder => Some((None, *max)),
             (LockOp::Release { .. }, Outcome::NotHeld, None) => Some(lock.clone()),
-            (LockOp::Release { holder }, Outcome::NotOwner { by }, Some((h, _)))
-                if h == by && h != holder =>
-            {
-                Some(lock.clone())
-            }
+            (LockOp::Release { holder }, Outcome::NotOwner { by }, Some((h, _))) if h == by && h != holder => Some(lock.clone()),
             _ => None,
         }
     }
@@ -1474,16 +1193,12 @@ mod tests {
     /// appears in the history, which covers every distinguishable choice).
     fn brute_force(h: &[Event]) -> bool {
         fn go(h: &[Event], placed: &mut Vec<bool>, lock: &Lock, tokens: &[u64]) -> bool {
-            let pending_known =
-                |placed: &[bool], j: usize| !placed[j] && h[j].outcome != Outcome::Unknown;
+            let pending_known = |placed: &[bool], j: usize| !placed[j] && h[j].outcome != Outcome::Unknown;
             if !(0..h.len()).any(|j| pending_known(placed, j)) {
                 return true;
             }
             for i in 0..h.len() {
-                if placed[i]
-                    || (0..h.len())
-                        .any(|j| pending_known(placed, j) && h[j].returned_ns < h[i].invoked_ns)
-                {
+                if placed[i] || (0..h.len()).any(|j| pending_known(placed, j) && h[j].returned_ns < h[i].invoked_ns) {
                     continue;
                 }
                 let outcomes = if h[i].outcome == Outcome::Unknown {
@@ -1542,11 +1257,7 @@ mod tests {
         }
         // Random intervals and outcomes; sometimes few holders and many
         // unknown outcomes, which needs blocks of two unknown operations.
-        let (holders, p_unknown) = if rng.random_bool(0.5) {
-            (3, 0.15)
-        } else {
-            (2, 0.4)
-        };
+        let (holders, p_unknown) = if rng.random_bool(0.5) { (3, 0.15) } else { (2, 0.4) };
         (0..n)
             .map(|_| {
                 let client = rng.random_range(0..holders);
@@ -1590,10 +1301,7 @@ mod tests {
                 with_unknown += 1;
             }
         }
-        assert!(
-            legal > 800 && illegal > 800 && with_unknown > 200,
-            "{legal} {illegal} {with_unknown}"
-        );
+        assert!(legal > 800 && illegal > 800 && with_unknown > 200, "{legal} {illegal} {with_unknown}");
     }
 
     #[test]
@@ -1602,10 +1310,7 @@ mod tests {
         let json = serde_json::to_string(&h).unwrap();
         let back: Vec<Event> = serde_json::from_str(&json).unwrap();
         assert_eq!(back.len(), h.len());
-        assert!(back
-            .iter()
-            .zip(&h)
-            .all(|(a, b)| a.op == b.op && a.outcome == b.outcome));
+        assert!(back.iter().zip(&h).all(|(a, b)| a.op == b.op && a.outcome == b.outcome));
         check(&back).unwrap();
     }
 }

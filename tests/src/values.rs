@@ -1,35 +1,73 @@
-//! Reading the Deployment JSON that `fleetctl -o json` prints.
+//! Reading the Deployment that `fleetctl -o json` prints (fleet-core's own
+//! [`Deployment`], deserialized): short names for what the tests ask of it.
 
 use anyhow::Context as _;
-use serde_json::Value;
+use fleet_core::deploy::{Deployment, Event, StepRecord, StepStatus};
+use fleet_core::saga::StepAction;
+use serde::de::DeserializeOwned;
 
 /// The deployment's steps.
-pub fn steps(d: &Value) -> &[Value] {
-    d["steps"].as_array().map(Vec::as_slice).unwrap_or(&[])
+pub fn steps(d: &Deployment) -> &[StepRecord] {
+    &d.steps
 }
 
-/// `start_instance`, `health_check`, `switch_route`, `stop_old`, `command`.
-pub fn kind(step: &Value) -> &str {
-    step["action"]["kind"].as_str().unwrap_or("?")
+/// `start_instance`, `health_check`, `switch_route`, `stop_old`, `command`
+/// (the action's `kind` in the JSON).
+pub fn kind(step: &StepRecord) -> &'static str {
+    match step.plan.action {
+        StepAction::StartInstance { .. } => "start_instance",
+        StepAction::HealthCheck { .. } => "health_check",
+        StepAction::SwitchRoute { .. } => "switch_route",
+        StepAction::StopOld { .. } => "stop_old",
+        StepAction::Command { .. } => "command",
+    }
 }
 
-pub fn status(step: &Value) -> &str {
-    step["status"].as_str().unwrap_or("?")
+/// The step's status as the JSON names it: `pending`, `done`, `failed`,
+/// `undone`, `undo_failed`, `skipped`.
+pub fn status(step: &StepRecord) -> &'static str {
+    match step.status {
+        StepStatus::Pending => "pending",
+        StepStatus::Done => "done",
+        StepStatus::Failed => "failed",
+        StepStatus::Undone => "undone",
+        StepStatus::UndoFailed => "undo_failed",
+        StepStatus::Skipped => "skipped",
+    }
+}
+
+/// The app a process step acts on (`None` for a command step).
+pub fn app(step: &StepRecord) -> Option<&str> {
+    match &step.plan.action {
+        StepAction::StartInstance { app, .. }
+        | StepAction::HealthCheck { app, .. }
+        | StepAction::SwitchRoute { app, .. }
+        | StepAction::StopOld { app, .. } => Some(app),
+        StepAction::Command { .. } => None,
+    }
 }
 
 /// The `to` of every event, in order.
-pub fn transitions(d: &Value) -> Vec<String> {
-    d["events"].as_array().map(|e| e.iter().map(|e| e["to"].as_str().unwrap_or("?").to_string()).collect()).unwrap_or_default()
+pub fn transitions(d: &Deployment) -> Vec<String> {
+    d.events.iter().map(|e| e.to.as_str().to_string()).collect()
 }
 
 /// The first event that moved the deployment to `to`.
-pub fn event<'a>(d: &'a Value, to: &str) -> anyhow::Result<&'a Value> {
-    d["events"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["to"] == to))
-        .with_context(|| format!("{} has no `{to}` event: {:?}", d["id"], transitions(d)))
+pub fn event<'a>(d: &'a Deployment, to: &str) -> anyhow::Result<&'a Event> {
+    d.events.iter().find(|e| e.to.as_str() == to).with_context(|| format!("{} has no `{to}` event: {:?}", d.id, transitions(d)))
 }
 
-pub fn event_at(d: &Value, to: &str) -> anyhow::Result<i64> {
-    event(d, to)?["at_ms"].as_i64().context("event without at_ms")
+pub fn event_at(d: &Deployment, to: &str) -> anyhow::Result<i64> {
+    Ok(event(d, to)?.at_ms)
+}
+
+/// A step's output (a JSON string in the Deployment), read as `T`.
+pub fn output<T: DeserializeOwned>(step: &StepRecord) -> anyhow::Result<T> {
+    let text = step.output.as_deref().with_context(|| format!("step `{}` on {} has no output", step.plan.name, step.plan.node))?;
+    serde_json::from_str(text).with_context(|| format!("the output of step `{}` is not what was expected: {text}", step.plan.name))
+}
+
+/// The deployment as one line of JSON, for error messages.
+pub fn show<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("(cannot show: {e})"))
 }

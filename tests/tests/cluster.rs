@@ -9,10 +9,18 @@ use std::time::Duration;
 
 use fleet_proto::*;
 use fleet_tests::harness::{acquire, eventually, lock_status, release, Cluster, FAST_RAFT};
+use fleet_tests::json::{ClusterStatusView, LockReplyView};
 
-fn json_of(out: &std::process::Output) -> serde_json::Value {
+/// fleetctl's `-o json` output, read as `T`.
+fn json_of<T: serde::de::DeserializeOwned>(out: &std::process::Output) -> anyhow::Result<T> {
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("fleetctl printed no JSON ({e}): {text}\nstderr: {}", String::from_utf8_lossy(&out.stderr)))
+    serde_json::from_str(text.trim()).map_err(|e| {
+        anyhow::anyhow!(
+            "fleetctl printed no {} JSON ({e}): {text}\nstderr: {}",
+            std::any::type_name::<T>(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -20,13 +28,14 @@ async fn three_coordinators_form_one_cluster() -> anyhow::Result<()> {
     let cluster = Cluster::start(3, FAST_RAFT).await?;
     let out = cluster.fleetctl("operator", &["cluster", "status", "-o", "json"])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v = json_of(&out);
-    let members = v["members"].as_array().expect("members");
-    assert_eq!(members.len(), 3, "{v}");
-    assert_eq!(members.iter().filter(|m| m["kind"] == "voter").count(), 3, "{v}");
-    assert_eq!(members.iter().filter(|m| m["role"] == "leader").count(), 1, "{v}");
-    assert_eq!(v["leader_id"], members.iter().find(|m| m["role"] == "leader").unwrap()["id"]);
-    assert!(v["term"].as_u64().unwrap() >= 1);
+    let v: ClusterStatusView = json_of(&out)?;
+    let members = &v.members;
+    assert_eq!(members.len(), 3, "{v:?}");
+    assert_eq!(members.iter().filter(|m| m.kind == "voter").count(), 3, "{v:?}");
+    assert_eq!(members.iter().filter(|m| m.role == "leader").count(), 1, "{v:?}");
+    let leader = members.iter().find(|m| m.role == "leader").map(|m| m.id);
+    assert!(leader.is_some() && v.leader_id == leader, "{v:?}");
+    assert!(v.term >= 1);
     // Text output names the leader too.
     let out = cluster.fleetctl("operator", &["cluster", "status"])?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -39,7 +48,8 @@ async fn kill9_leader_then_locks_continue_through_the_address_list() -> anyhow::
     let mut cluster = Cluster::start(3, FAST_RAFT).await?;
     let out = cluster.fleetctl("operator", &["lock", "acquire", "web", "-m", "before failover", "-o", "json"])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let first_token = json_of(&out)["lock"]["fencing_token"].as_u64().unwrap();
+    let first: LockReplyView = json_of(&out)?;
+    let first_token = first.lock.as_ref().map(|l| l.fencing_token).expect("a granted lock carries its token");
 
     let old_leader = cluster.status().await?.leader_id;
     cluster.kill9(old_leader)?;
@@ -47,12 +57,12 @@ async fn kill9_leader_then_locks_continue_through_the_address_list() -> anyhow::
     // The same address list, dead leader included: fleetctl must find the new leader.
     let out = cluster.fleetctl("operator", &["lock", "release", "web", "-o", "json"])?;
     assert!(out.status.success(), "release after failover: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(json_of(&out)["outcome"], "released");
+    assert_eq!(json_of::<LockReplyView>(&out)?.outcome, "released");
     let out = cluster.fleetctl("operator", &["lock", "acquire", "db", "-m", "after failover", "-o", "json"])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v = json_of(&out);
-    assert_eq!(v["outcome"], "granted");
-    assert!(v["lock"]["fencing_token"].as_u64().unwrap() > first_token, "tokens grow across leaders: {v}");
+    let v: LockReplyView = json_of(&out)?;
+    assert_eq!(v.outcome, "granted");
+    assert!(v.lock.as_ref().is_some_and(|l| l.fencing_token > first_token), "tokens grow across leaders: {v:?}");
 
     let status = cluster.status().await?;
     assert_ne!(status.leader_id, old_leader);
@@ -79,9 +89,7 @@ async fn send(c: &mut fleetctl::client::Client, op: &Op) -> anyhow::Result<LockR
 #[tokio::test(flavor = "multi_thread")]
 async fn kill9_every_coordinator_loses_no_acknowledged_write() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3, FAST_RAFT).await?;
-    let ops: Vec<Op> = (0..400)
-        .map(|i| Op { acquire: (i / 8) % 2 == 0, dest: format!("d{}", i % 8), id: format!("op-{i}") })
-        .collect();
+    let ops: Vec<Op> = (0..400).map(|i| Op { acquire: (i / 8) % 2 == 0, dest: format!("d{}", i % 8), id: format!("op-{i}") }).collect();
 
     // A client applies operations in order while every coordinator is killed.
     let mut writer = cluster.client("operator")?;
@@ -141,9 +149,7 @@ async fn kill9_every_coordinator_loses_no_acknowledged_write() -> anyhow::Result
             other => panic!("op {op:?} got {other:?}; a single writer never sees contention"),
         }
     }
-    let state = |s: LockStatusReply| -> BTreeMap<String, u64> {
-        s.locks.into_iter().map(|l| (l.destination, l.fencing_token)).collect()
-    };
+    let state = |s: LockStatusReply| -> BTreeMap<String, u64> { s.locks.into_iter().map(|l| (l.destination, l.fencing_token)).collect() };
     let after_restart = state(lock_status(&mut c, "").await?);
     assert_eq!(after_restart, expected, "acknowledged writes survive kill -9 of every coordinator");
 
@@ -273,7 +279,12 @@ fn dir_digest(dir: &std::path::Path) -> BTreeMap<String, u64> {
 }
 
 /// Run coordinator 2 in the foreground with the certificates in `certs`.
-fn run_coord(bin: &std::path::Path, listen: &str, data: &std::path::Path, certs: &std::path::Path) -> std::io::Result<std::process::Output> {
+fn run_coord(
+    bin: &std::path::Path,
+    listen: &str,
+    data: &std::path::Path,
+    certs: &std::path::Path,
+) -> std::io::Result<std::process::Output> {
     fleetctl::dev::coordinator_command(bin, 2, listen, data, certs).output()
 }
 
@@ -285,17 +296,17 @@ async fn bad_credentials_and_bad_data_dirs_are_refused_and_change_nothing() -> a
     // No client certificate at all: the TLS handshake is refused.
     {
         let ca = std::fs::read(certs.join("ca.pem"))?;
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-            .domain_name("127.0.0.1");
-        let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", cluster.addrs()[0]))?
-            .tls_config(tls)?
-            .connect_lazy();
+        let tls =
+            tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca)).domain_name("127.0.0.1");
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", cluster.addrs()[0]))?.tls_config(tls)?.connect_lazy();
         let err = fleet_proto::control_client::ControlClient::new(ch)
             .lock_status(LockStatusRequest::default())
             .await
             .expect_err("a call without a client certificate must fail");
-        assert!(matches!(err.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unauthenticated), "{err:?}");
+        assert!(
+            matches!(err.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unauthenticated),
+            "{err:?}"
+        );
     }
 
     // A certificate from another CA.
@@ -377,6 +388,7 @@ async fn dev_up_starts_a_cluster_and_dev_down_stops_it() -> anyhow::Result<()> {
         .env("FLEET_CONTEXT", dev_dir.join("context.json"))
         .output()?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json_of::<LockReplyView>(&out)?.outcome, "granted");
     drop(guard);
     let pids = std::fs::read_to_string(dev_dir.join("pids")).unwrap_or_default();
     assert!(pids.trim().is_empty(), "dev down removed the pid file");

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use fleet_tests::values::{event_at, kind, status, steps, transitions};
-use fleet_tests::harness::{
-    eventually, http_get, http_get_path, pid_alive, pid_exists, port_refused, release_of, CtlRun, Fleet,
-};
-use serde_json::Value;
+use fleet_core::deploy::{DeployState, Deployment};
+use fleet_tests::checks::{assert_witness_safe, WitnessLine};
+use fleet_tests::harness::{eventually, http_get, http_get_path, pid_alive, pid_exists, port_refused, release_of, CtlRun, Fleet};
+use fleet_tests::json::{DestinationRecord, HistoryEntry, Line, LockStatusView, StartOutput, StepEventStatus, SwitchOutput, WatchEvent};
+use fleet_tests::values::{event_at, kind, output, show, status, steps, transitions};
 
 // ------------------------------------------------------------------ helpers
 
@@ -46,39 +46,27 @@ async fn deploy(f: &Fleet, m: &std::path::Path, args: &[&str], want: i32) -> any
     let run = f.cluster.deploy(m, args).await?;
     run.expect_code(want)?;
     let result = run.result()?;
-    ensure!(result["exit_code"] == want, "the result line's exit_code disagrees with the exit status: {run}");
-    ensure!(result["state"] == result["deployment"]["state"], "result state vs deployment state: {run}");
+    ensure!(result.exit_code == want, "the result line's exit_code disagrees with the exit status: {run}");
+    ensure!(result.state == result.deployment.state, "result state vs deployment state: {run}");
     Ok(run)
 }
 
-/// A step's output (a JSON string in the Deployment) as JSON.
-fn output(step: &Value) -> anyhow::Result<Value> {
-    let text = step["output"].as_str().with_context(|| format!("step has no output: {step}"))?;
-    serde_json::from_str(text).with_context(|| format!("step output is not JSON: {text}"))
-}
-
-fn step_index(d: &Value, kind_: &str, node: &str) -> anyhow::Result<usize> {
-    steps(d)
-        .iter()
-        .position(|s| kind(s) == kind_ && s["node"] == node)
-        .with_context(|| format!("no {kind_} step on {node} in {}", d["id"]))
+fn step_index(d: &Deployment, kind_: &str, node: &str) -> anyhow::Result<usize> {
+    steps(d).iter().position(|s| kind(s) == kind_ && s.plan.node == node).with_context(|| format!("no {kind_} step on {node} in {}", d.id))
 }
 
 /// (pid, port) of the instance a deployment started on `node`.
-fn instance(d: &Value, node: &str) -> anyhow::Result<(u32, u16)> {
+fn instance(d: &Deployment, node: &str) -> anyhow::Result<(u32, u16)> {
     let s = &steps(d)[step_index(d, "start_instance", node)?];
-    let out = output(s)?;
-    let pid = out["pid"].as_u64().with_context(|| format!("start output has no pid: {out}"))? as u32;
-    let port = out["port"].as_u64().with_context(|| format!("start output has no port: {out}"))? as u16;
-    ensure!(out["release"] == d["release"], "start output names release {} for {}", out["release"], d["release"]);
-    Ok((pid, port))
+    let out: StartOutput = output(s)?;
+    ensure!(out.release == d.release, "start output names release {} for {}", out.release, d.release);
+    Ok((out.pid, out.port))
 }
 
 /// The stable route address of the app on `node`.
-fn route(d: &Value, node: &str) -> anyhow::Result<String> {
+fn route(d: &Deployment, node: &str) -> anyhow::Result<String> {
     let s = &steps(d)[step_index(d, "switch_route", node)?];
-    let out = output(s)?;
-    out["route"].as_str().map(str::to_string).with_context(|| format!("switch output has no route: {out}"))
+    Ok(output::<SwitchOutput>(s)?.route)
 }
 
 /// `d42` → 42.
@@ -87,49 +75,21 @@ fn number(id: &str) -> u64 {
 }
 
 /// [first step start, last step end] of a deployment, from its step times.
-fn span(d: &Value) -> anyhow::Result<(i64, i64)> {
+fn span(d: &Deployment) -> anyhow::Result<(i64, i64)> {
     let mut lo = i64::MAX;
     let mut hi = i64::MIN;
     for s in steps(d) {
-        for k in ["started_ms", "finished_ms", "undo_started_ms", "undo_finished_ms"] {
-            if let Some(t) = s[k].as_i64() {
-                lo = lo.min(t);
-                hi = hi.max(t);
-            }
+        for t in [s.started_ms, s.finished_ms, s.undo_started_ms, s.undo_finished_ms].into_iter().flatten() {
+            lo = lo.min(t);
+            hi = hi.max(t);
         }
     }
-    ensure!(lo <= hi, "{} has no step times", d["id"]);
+    ensure!(lo <= hi, "{} has no step times", d.id);
     Ok((lo, hi))
 }
 
 fn overlap(a: (i64, i64), b: (i64, i64)) -> bool {
     a.0.max(b.0) < a.1.min(b.1)
-}
-
-/// Invariant 1: on each destination, no two adapter actions (from any
-/// node) overlapped in time, and every line carries the token of the
-/// deployment it belongs to.
-fn assert_witness_serial(witness: &[Value], deployments: &[&Value]) -> anyhow::Result<()> {
-    let mut by_dest: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    for l in witness {
-        by_dest.entry(l["destination"].as_str().unwrap_or("?").to_string()).or_default().push(l);
-    }
-    for (dest, mut lines) in by_dest {
-        lines.sort_by_key(|l| (l["start_ms"].as_i64().unwrap_or(0), l["end_ms"].as_i64().unwrap_or(0)));
-        for w in lines.windows(2) {
-            let (a, b) = (w[0], w[1]);
-            ensure!(
-                a["end_ms"].as_i64() <= b["start_ms"].as_i64(),
-                "two actions overlapped on destination {dest}:\n  {a}\n  {b}"
-            );
-        }
-    }
-    for d in deployments {
-        for l in witness.iter().filter(|l| l["deployment"] == d["id"]) {
-            ensure!(l["token"] == d["token"], "witness line with token {} for {} (token {}): {l}", l["token"], d["id"], d["token"]);
-        }
-    }
-    Ok(())
 }
 
 /// Each node runs exactly these instance pids (and nothing else it started).
@@ -205,8 +165,8 @@ async fn blue_green_switch_loses_no_request() {
 async fn blue_green(f: &Fleet) -> anyhow::Result<()> {
     let m = write_manifest(f, "web.yaml", &manifest("web", "staging", HEALTH, ""))?;
     let run1 = deploy(f, &m, &["--release", "v1"], 0).await?;
-    let d1 = run1.deployment()?.clone();
-    ensure!(d1["state"] == "succeeded" && d1["release"] == "v1", "{run1}");
+    let d1 = run1.deployment()?;
+    ensure!(d1.state == DeployState::Succeeded && d1.release == "v1", "{run1}");
     let nodes = ["node-1", "node-2"];
     let mut routes = vec![];
     for n in nodes {
@@ -238,8 +198,8 @@ async fn blue_green(f: &Fleet) -> anyhow::Result<()> {
     }
     let run2 = run2?;
     more?;
-    let d2 = run2.deployment()?.clone();
-    ensure!(d2["state"] == "succeeded" && d2["previous_release"] == "v1", "{run2}");
+    let d2 = run2.deployment()?;
+    ensure!(d2.state == DeployState::Succeeded && d2.previous_release.as_deref() == Some("v1"), "{run2}");
 
     for ((n, r), s) in nodes.iter().zip(&routes).zip(&stats) {
         let s = std::mem::take(&mut *s.lock().unwrap());
@@ -268,16 +228,17 @@ async fn blue_green(f: &Fleet) -> anyhow::Result<()> {
         live.push((n, new_pid));
     }
     assert_only_processes(f, &live)?;
-    assert_witness_serial(&f.witness(), &[&d1, &d2])?;
+    assert_witness_safe(&f.witness()?, &[&d1, &d2])?;
 
     // The destination shows v2 as current, and is free again.
     let dests = f.cluster.ctl(&["destinations", "-o", "json"]).await?;
     dests.expect_code(0)?;
-    let staging = dests.lines.iter().find(|d| d["name"] == "staging").with_context(|| format!("no staging in {dests}"))?;
-    ensure!(staging["current"]["web"] == "v2", "staging's current release of web: {staging}");
-    ensure!(staging["lock_holder"].is_null(), "staging is still locked: {staging}");
-    ensure!(staging["queued"].as_array().is_some_and(|q| q.is_empty()), "staging's queue is not empty: {staging}");
-    ensure!(staging["queue"] == "queue", "staging's queue policy: {staging}");
+    let list: Vec<DestinationRecord> = dests.json()?;
+    let staging = list.iter().find(|d| d.name == "staging").with_context(|| format!("no staging in {dests}"))?;
+    ensure!(staging.current.get("web").map(String::as_str) == Some("v2"), "staging's current release of web: {staging:?}");
+    ensure!(staging.lock_holder.is_none(), "staging is still locked: {staging:?}");
+    ensure!(staging.queued.is_empty(), "staging's queue is not empty: {staging:?}");
+    ensure!(staging.queue == fleet_core::manifest::QueuePolicy::Queue, "staging's queue policy: {staging:?}");
     Ok(())
 }
 
@@ -292,7 +253,7 @@ async fn failing_health_check_is_rolled_back() {
 
 async fn failing_health(f: &Fleet) -> anyhow::Result<()> {
     let good = write_manifest(f, "web.yaml", &manifest("web", "staging", HEALTH, ""))?;
-    let d2 = deploy(f, &good, &["--release", "v2"], 0).await?.deployment()?.clone();
+    let d2 = deploy(f, &good, &["--release", "v2"], 0).await?.deployment()?;
     let routes = [route(&d2, "node-1")?, route(&d2, "node-2")?];
     let v2 = [instance(&d2, "node-1")?, instance(&d2, "node-2")?];
 
@@ -306,17 +267,12 @@ async fn failing_health(f: &Fleet) -> anyhow::Result<()> {
     );
     let broken = write_manifest(f, "web-broken.yaml", &broken)?;
     let run = deploy(f, &broken, &["--release", "v3"], 3).await?;
-    let d3 = run.deployment()?.clone();
-    ensure!(d3["state"] == "failed", "{run}");
-    ensure!(
-        transitions(&d3) == ["queued", "running", "compensating", "failed"],
-        "events of {}: {:?}",
-        d3["id"],
-        transitions(&d3)
-    );
+    let d3 = run.deployment()?;
+    ensure!(d3.state == DeployState::Failed, "{run}");
+    ensure!(transitions(&d3) == ["queued", "running", "compensating", "failed"], "events of {}: {:?}", d3.id, transitions(&d3));
     // The status command tells the same story.
-    let shown = f.cluster.deployment(d3["id"].as_str().unwrap()).await?;
-    ensure!(shown == d3, "`status` differs from the result line:\n{shown}\nvs\n{d3}");
+    let shown = f.cluster.deployment(&d3.id).await?;
+    ensure!(shown == d3, "`status` differs from the result line:\n{}\nvs\n{}", show(&shown), show(&d3));
 
     // Steps: hook n1, hook n2, start n1 done then undone; health n1 failed; the rest never ran.
     let start = step_index(&d3, "start_instance", "node-1")?;
@@ -324,44 +280,53 @@ async fn failing_health(f: &Fleet) -> anyhow::Result<()> {
     ensure!(health == start + 1 && start == 2, "unexpected plan: {:?}", steps(&d3).iter().map(kind).collect::<Vec<_>>());
     let st: Vec<&str> = steps(&d3).iter().map(status).collect();
     for (i, s) in st.iter().enumerate() {
-        let want = if i <= start { "undone" } else if i == health { "failed" } else { "pending" };
+        let want = if i <= start {
+            "undone"
+        } else if i == health {
+            "failed"
+        } else {
+            "pending"
+        };
         ensure!(*s == want, "step {i} ({}) is {s}, expected {want}; statuses {st:?}", kind(&steps(&d3)[i]));
     }
-    let err = steps(&d3)[health]["error"].as_str().unwrap_or("");
+    let err = steps(&d3)[health].error.as_deref().unwrap_or("");
     ensure!(err.contains("/healthz"), "the health step's error names the probe: {err:?}");
 
     // Undo order is the reverse of run order, by the recorded step times...
     let ran: Vec<usize> = {
-        let mut v: Vec<(i64, usize)> = (0..=start).map(|i| (steps(&d3)[i]["started_ms"].as_i64().unwrap_or(0), i)).collect();
+        let mut v: Vec<(i64, usize)> = (0..=start).map(|i| (steps(&d3)[i].started_ms.unwrap_or(0), i)).collect();
         v.sort();
         v.into_iter().map(|(_, i)| i).collect()
     };
     let undone: Vec<usize> = {
-        let mut v: Vec<(i64, usize)> = (0..=start).map(|i| (steps(&d3)[i]["undo_started_ms"].as_i64().unwrap_or(0), i)).collect();
+        let mut v: Vec<(i64, usize)> = (0..=start).map(|i| (steps(&d3)[i].undo_started_ms.unwrap_or(0), i)).collect();
         v.sort();
         v.into_iter().map(|(_, i)| i).collect()
     };
     ensure!(ran == [0, 1, 2], "run order {ran:?}");
     ensure!(undone == [2, 1, 0], "undo order {undone:?} is not the reverse of the run order {ran:?}");
-    let health_end = steps(&d3)[health]["finished_ms"].as_i64().unwrap_or(i64::MAX);
+    let health_end = steps(&d3)[health].finished_ms.context("the failed health step has no end time")?;
     for i in 0..=start {
-        ensure!(steps(&d3)[i]["undo_started_ms"].as_i64().unwrap_or(0) >= health_end, "step {i} was undone before the health check ended");
+        let undone_at = steps(&d3)[i].undo_started_ms.with_context(|| format!("step {i} was undone but has no undo start time"))?;
+        ensure!(undone_at >= health_end, "step {i} was undone before the health check ended");
     }
     // ... and by what the nodes actually did.
-    let witness: Vec<Value> = f.witness().into_iter().filter(|l| l["deployment"] == d3["id"]).collect();
-    let mut fwd: Vec<&Value> = witness.iter().filter(|l| l["undo"] == false).collect();
-    let mut back: Vec<&Value> = witness.iter().filter(|l| l["undo"] == true).collect();
-    fwd.sort_by_key(|l| l["start_ms"].as_i64());
-    back.sort_by_key(|l| l["start_ms"].as_i64());
-    let fwd_steps: Vec<u64> = fwd.iter().map(|l| l["step"].as_u64().unwrap_or(99)).collect();
-    let back_steps: Vec<u64> = back.iter().map(|l| l["step"].as_u64().unwrap_or(99)).collect();
+    let witness: Vec<WitnessLine> = f.witness()?.into_iter().filter(|l| l.deployment == d3.id).collect();
+    let mut fwd: Vec<&WitnessLine> = witness.iter().filter(|l| !l.undo).collect();
+    let mut back: Vec<&WitnessLine> = witness.iter().filter(|l| l.undo).collect();
+    fwd.sort_by_key(|l| l.start_ms);
+    back.sort_by_key(|l| l.start_ms);
+    let fwd_steps: Vec<u32> = fwd.iter().map(|l| l.step).collect();
+    let back_steps: Vec<u32> = back.iter().map(|l| l.step).collect();
     ensure!(fwd_steps == [0, 1, 2, 3], "witness: forward actions {fwd_steps:?}; lines {witness:?}");
     ensure!(back_steps == [2, 1, 0], "witness: undo actions {back_steps:?} are not the reverse of [0, 1, 2]; lines {witness:?}");
-    ensure!(back.iter().all(|l| l["ok"] == true), "an undo failed: {back:?}");
-    ensure!(fwd.last().is_some_and(|l| l["ok"] == false && l["action"] == "health"), "the health action failed: {fwd:?}");
+    ensure!(back.iter().all(|l| l.ok), "an undo failed: {back:?}");
+    ensure!(fwd.last().is_some_and(|l| !l.ok && l.action == "health"), "the health action failed: {fwd:?}");
 
     // The JSON progress said so as it happened.
-    let said_undone = run.lines.iter().any(|l| l["type"] == "step" && l["undo"] == true && l["status"] == "undone" && l["step"] == start as u64 + 1);
+    let said_undone = run.lines()?.iter().any(
+        |l| matches!(l, Line::Event(WatchEvent::Step { undo: true, status: StepEventStatus::Undone, step, .. }) if *step == start + 1),
+    );
     ensure!(said_undone, "no `undone` step line for the start step in the deploy output: {run}");
 
     // v2 still answers, on the same routes, from the same processes.
@@ -374,7 +339,7 @@ async fn failing_health(f: &Fleet) -> anyhow::Result<()> {
         ensure!(pid_alive(pid), "v2 instance {pid} died");
     }
     assert_only_processes(f, &[("node-1", v2[0].0), ("node-2", v2[1].0)])?;
-    assert_witness_serial(&f.witness(), &[&d2, &d3])?;
+    assert_witness_safe(&f.witness()?, &[&d2, &d3])?;
     Ok(())
 }
 
@@ -398,13 +363,16 @@ async fn serialize(f: &Fleet) -> anyhow::Result<()> {
     let api = write_manifest(f, "api.yaml", &manifest("api", "dest-b", slow, ""))?;
     let (web_s, api_s) = (web.to_str().unwrap(), api.to_str().unwrap());
     let submit = |file: &str, release: &str, dest: &str| {
-        let args: Vec<String> =
-            ["deploy", "-f", file, "--release", release, "--destination", dest, "--detach", "-o", "json"].iter().map(|s| s.to_string()).collect();
+        let args: Vec<String> = ["deploy", "-f", file, "--release", release, "--destination", dest, "--detach", "-o", "json"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         async move {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let run = f.cluster.ctl(&args).await?;
             run.expect_code(0)?;
-            ensure!(run.lines.len() == 1 && run.lines[0]["type"] == "submitted", "--detach prints one `submitted` line: {run}");
+            let lines = run.lines()?;
+            ensure!(lines.len() == 1 && matches!(lines[0], Line::Submitted(_)), "--detach prints one `submitted` line: {run}");
             run.id()
         }
     };
@@ -424,8 +392,8 @@ async fn serialize(f: &Fleet) -> anyhow::Result<()> {
     let watch = |id: String| async move {
         let run = f.cluster.ctl(&["watch", &id, "-o", "json"]).await?;
         run.expect_code(0)?;
-        let d = run.deployment()?.clone();
-        ensure!(d["state"] == "succeeded" && d["id"] == id, "{run}");
+        let d = run.deployment()?;
+        ensure!(d.state == DeployState::Succeeded && d.id == id, "{run}");
         anyhow::Ok(d)
     };
     let (wa1, wa2, wa3, wb, wc) =
@@ -437,26 +405,28 @@ async fn serialize(f: &Fleet) -> anyhow::Result<()> {
     for w in a.windows(2) {
         let (x, y) = (&w[0], &w[1]);
         let (sx, sy) = (span(x)?, span(y)?);
-        ensure!(sx.1 <= sy.0, "{} ran {sx:?} and {} ran {sy:?}: they overlap or ran out of order", x["id"], y["id"]);
+        ensure!(sx.1 <= sy.0, "{} ran {sx:?} and {} ran {sy:?}: they overlap or ran out of order", x.id, y.id);
+        ensure!(event_at(x, "succeeded")? <= event_at(y, "running")?, "{} got the lock before {} released it", y.id, x.id);
+        let (tx, ty) =
+            (x.token.context("a succeeded deployment without a token")?, y.token.context("a succeeded deployment without a token")?);
+        ensure!(tx < ty, "tokens do not grow: {tx} then {ty}");
         ensure!(
-            event_at(x, "succeeded")? <= event_at(y, "running")?,
-            "{} got the lock before {} released it",
-            y["id"],
-            x["id"]
+            y.previous_release.as_deref() == Some(x.release.as_str()),
+            "{} replaced {} but says it replaced {:?}",
+            y.id,
+            x.release,
+            y.previous_release
         );
-        ensure!(x["token"].as_u64() < y["token"].as_u64(), "tokens do not grow: {} then {}", x["token"], y["token"]);
-        ensure!(y["previous_release"] == x["release"], "{} replaced {} but says it replaced {}", y["id"], x["release"], y["previous_release"]);
     }
     // The node saw the same: its actions grouped by token do not overlap, in token order.
-    let witness = f.witness();
+    let witness = f.witness()?;
     let mut by_token: BTreeMap<u64, (i64, i64)> = BTreeMap::new();
-    for l in witness.iter().filter(|l| l["destination"] == "dest-a") {
-        let t = l["token"].as_u64().context("witness line without token")?;
-        let e = by_token.entry(t).or_insert((i64::MAX, i64::MIN));
-        e.0 = e.0.min(l["start_ms"].as_i64().unwrap_or(0));
-        e.1 = e.1.max(l["end_ms"].as_i64().unwrap_or(0));
+    for l in witness.iter().filter(|l| l.destination == "dest-a") {
+        let e = by_token.entry(l.token).or_insert((i64::MAX, i64::MIN));
+        e.0 = e.0.min(l.start_ms);
+        e.1 = e.1.max(l.end_ms);
     }
-    let tokens: Vec<u64> = a.iter().map(|d| d["token"].as_u64().unwrap_or(0)).collect();
+    let tokens: Vec<u64> = a.iter().map(|d| d.token.context("a succeeded deployment without a token")).collect::<anyhow::Result<_>>()?;
     ensure!(by_token.keys().copied().collect::<Vec<_>>() == tokens, "witness tokens {:?} vs deployment tokens {tokens:?}", by_token.keys());
     let spans: Vec<(i64, i64)> = by_token.values().copied().collect();
     for w in spans.windows(2) {
@@ -472,8 +442,8 @@ async fn serialize(f: &Fleet) -> anyhow::Result<()> {
         a_spans.iter().any(|s| overlap(*s, sb) || overlap(*s, sc)),
         "dest-a {a_spans:?} never ran at the same time as dest-b {sb:?} or dest-c {sc:?}"
     );
-    let all: Vec<&Value> = a.iter().chain([&db, &dc]).collect();
-    assert_witness_serial(&witness, &all)?;
+    let all: Vec<&Deployment> = a.iter().chain([&db, &dc]).collect();
+    assert_witness_safe(&witness, &all)?;
     Ok(())
 }
 
@@ -497,7 +467,7 @@ async fn cancel(f: &Fleet) -> anyhow::Result<()> {
     // Wait until the instance started and the probe runs on node-1.
     let d = eventually("the health check to be in flight", Duration::from_secs(30), || async {
         let d = f.cluster.deployment(&id).await?;
-        ensure!(d["state"] == "running", "{id} is {}", d["state"]);
+        ensure!(d.state == DeployState::Running, "{id} is {}", d.state);
         let start = step_index(&d, "start_instance", "node-1")?;
         ensure!(status(&steps(&d)[start]) == "done", "start is {}", status(&steps(&d)[start]));
         let probing = f.node("node-1").processes().iter().any(|(_, cmd)| cmd.contains("sleep 60"));
@@ -511,8 +481,8 @@ async fn cancel(f: &Fleet) -> anyhow::Result<()> {
     c.expect_code(0)?;
     let w = f.cluster.ctl(&["watch", &id, "-o", "json"]).await?;
     w.expect_code(4)?;
-    let d = w.deployment()?.clone();
-    ensure!(w.result()?["state"] == "cancelled" && d["state"] == "cancelled" && d["timed_out"] == false, "{w}");
+    let d = w.deployment()?;
+    ensure!(w.result()?.state == DeployState::Cancelled && d.state == DeployState::Cancelled && !d.timed_out, "{w}");
     ensure!(transitions(&d) == ["queued", "running", "cancelling", "cancelled"], "events: {:?}", transitions(&d));
     let start = step_index(&d, "start_instance", "node-1")?;
     let health = step_index(&d, "health_check", "node-1")?;
@@ -532,8 +502,8 @@ async fn cancel(f: &Fleet) -> anyhow::Result<()> {
     let run = f.cluster.deploy(&m, &["--release", "s2", "--timeout", "2s"]).await?;
     run.expect_code(5)?;
     ensure!(run.elapsed < Duration::from_secs(20), "deploy --timeout 2s returned after {:?}", run.elapsed);
-    let d2 = run.deployment()?.clone();
-    ensure!(d2["state"] == "cancelled" && d2["timed_out"] == true && run.result()?["exit_code"] == 5, "{run}");
+    let d2 = run.deployment()?;
+    ensure!(d2.state == DeployState::Cancelled && d2.timed_out && run.result()?.exit_code == 5, "{run}");
     let tr = transitions(&d2);
     ensure!(tr.ends_with(&["cancelling".to_string(), "cancelled".to_string()]), "events: {tr:?}");
     for (i, s) in steps(&d2).iter().enumerate() {
@@ -543,7 +513,7 @@ async fn cancel(f: &Fleet) -> anyhow::Result<()> {
         assert_instance_gone(pid, port).await?;
     }
     eventually_only_processes(f, &[]).await?;
-    assert_witness_serial(&f.witness(), &[&d, &d2])?;
+    assert_witness_safe(&f.witness()?, &[&d, &d2])?;
     Ok(())
 }
 
@@ -558,42 +528,41 @@ async fn rollback_restores_previous_release() {
 
 async fn rollback(f: &Fleet) -> anyhow::Result<()> {
     let m = write_manifest(f, "web.yaml", &manifest("web", "staging", HEALTH, ""))?;
-    let d1 = deploy(f, &m, &["--release", "v1"], 0).await?.deployment()?.clone();
-    let d2 = deploy(f, &m, &["--release", "v2"], 0).await?.deployment()?.clone();
+    let d1 = deploy(f, &m, &["--release", "v1"], 0).await?.deployment()?;
+    let d2 = deploy(f, &m, &["--release", "v2"], 0).await?.deployment()?;
     let routes = [route(&d1, "node-1")?, route(&d1, "node-2")?];
     for r in &routes {
         assert_release(r, "v2").await?;
     }
-    let v2_id = d2["id"].as_str().unwrap().to_string();
+    let v2_id = d2.id.clone();
 
     let run = f.cluster.ctl(&["rollback", &v2_id, "-o", "json"]).await?;
     run.expect_code(0)?;
-    let rb = run.deployment()?.clone();
-    ensure!(rb["state"] == "succeeded" && rb["release"] == "v1" && rb["rollback_of"] == v2_id.as_str(), "{run}");
-    ensure!(rb["previous_release"] == "v2", "the rollback replaced {}", rb["previous_release"]);
-    ensure!(number(rb["id"].as_str().unwrap()) > number(&v2_id), "a rollback is a new deployment");
+    let rb = run.deployment()?;
+    ensure!(rb.state == DeployState::Succeeded && rb.release == "v1" && rb.rollback_of.as_deref() == Some(v2_id.as_str()), "{run}");
+    ensure!(rb.previous_release.as_deref() == Some("v2"), "the rollback replaced {:?}", rb.previous_release);
+    ensure!(number(&rb.id) > number(&v2_id), "a rollback is a new deployment");
     for r in &routes {
         assert_release(r, "v1").await?;
     }
-    let rb_id = rb["id"].as_str().unwrap().to_string();
+    let rb_id = rb.id.clone();
 
     let hist = f.cluster.ctl(&["history", "--app", "web", "-o", "json"]).await?;
     hist.expect_code(0)?;
-    let h = hist.json()?;
-    let list = h.as_array().with_context(|| format!("history is not an array: {hist}"))?;
-    let ids: Vec<&str> = list.iter().filter_map(|d| d["id"].as_str()).collect();
-    for id in [d1["id"].as_str().unwrap(), &v2_id, &rb_id] {
+    let list: Vec<HistoryEntry> = hist.json()?;
+    let ids: Vec<&str> = list.iter().map(|d| d.id.as_str()).collect();
+    for id in [d1.id.as_str(), &v2_id, &rb_id] {
         ensure!(ids.contains(&id), "history lacks {id}: {ids:?}");
     }
-    let entry = list.iter().find(|d| d["id"] == rb_id.as_str()).unwrap();
-    ensure!(entry["rollback_of"] == v2_id.as_str() && entry["release"] == "v1", "history entry of the rollback: {entry}");
-    ensure!(list.iter().all(|d| d["app"] == "web"), "history --app web lists other apps");
+    let entry = list.iter().find(|d| d.id == rb_id).with_context(|| format!("history lacks {rb_id}"))?;
+    ensure!(entry.rollback_of.as_deref() == Some(v2_id.as_str()) && entry.release == "v1", "history entry of the rollback: {entry:?}");
+    ensure!(list.iter().all(|d| d.app == "web"), "history --app web lists other apps");
 
     // And forward again with --to.
     let run = f.cluster.ctl(&["rollback", &rb_id, "--to", "v2", "-o", "json"]).await?;
     run.expect_code(0)?;
-    let fwd = run.deployment()?.clone();
-    ensure!(fwd["state"] == "succeeded" && fwd["release"] == "v2" && fwd["rollback_of"] == rb_id.as_str(), "{run}");
+    let fwd = run.deployment()?;
+    ensure!(fwd.state == DeployState::Succeeded && fwd.release == "v2" && fwd.rollback_of.as_deref() == Some(rb_id.as_str()), "{run}");
     for r in &routes {
         assert_release(r, "v2").await?;
     }
@@ -608,11 +577,14 @@ async fn rollback(f: &Fleet) -> anyhow::Result<()> {
     assert_only_processes(f, &live)?;
 
     // A rollback to a release that never succeeded is refused and changes nothing.
-    let before = f.cluster.ctl(&["list", "-o", "json"]).await?.lines.len();
+    let before = f.cluster.ctl(&["list", "-o", "json"]).await?.json::<Vec<Deployment>>()?.len();
     let bad = f.cluster.ctl(&["rollback", &rb_id, "--to", "v9", "-o", "json"]).await?;
     ensure!(bad.code != 0 && bad.text().contains("v9"), "rollback --to v9: {bad}");
-    ensure!(f.cluster.ctl(&["list", "-o", "json"]).await?.lines.len() == before, "a refused rollback added a deployment");
-    assert_witness_serial(&f.witness(), &[&d1, &d2, &rb, &fwd])?;
+    ensure!(
+        f.cluster.ctl(&["list", "-o", "json"]).await?.json::<Vec<Deployment>>()?.len() == before,
+        "a refused rollback added a deployment"
+    );
+    assert_witness_safe(&f.witness()?, &[&d1, &d2, &rb, &fwd])?;
     Ok(())
 }
 
@@ -652,44 +624,39 @@ async fn bad_input(f: &Fleet) -> anyhow::Result<()> {
         for w in words {
             ensure!(said.contains(w), "{file} {args:?}: the message does not name `{w}`: {run}");
         }
-        let error = run.lines.iter().find(|l| l["type"] == "error");
-        ensure!(error.is_some_and(|e| e["exit_code"] == 2), "{file} {args:?}: no JSON error line with exit_code 2: {run}");
+        let lines = run.lines()?;
+        let error = lines.iter().find_map(|l| match l {
+            Line::Error(e) => Some(e),
+            _ => None,
+        });
+        ensure!(error.is_some_and(|e| e.exit_code == 2), "{file} {args:?}: no JSON error line with exit_code 2: {run}");
         if let Some(field) = field {
-            ensure!(error.is_some_and(|e| e["field"] == *field), "{file}: the JSON error does not name field `{field}`: {run}");
+            ensure!(
+                error.is_some_and(|e| e.field.as_deref() == Some(*field)),
+                "{file}: the JSON error does not name field `{field}`: {run}"
+            );
         }
         ensure!(run.elapsed < Duration::from_secs(5), "{file} {args:?}: refusing took {:?}", run.elapsed);
-        ensure!(!run.lines.iter().any(|l| l["type"] == "submitted" || l["type"] == "result"), "{file}: something was submitted: {run}");
+        ensure!(!lines.iter().any(|l| matches!(l, Line::Submitted(_) | Line::Result(_))), "{file}: something was submitted: {run}");
     }
     let list = f.cluster.ctl(&["list", "-o", "json"]).await?;
     list.expect_code(0)?;
-    ensure!(list.lines.is_empty(), "refused deployments were recorded: {list}");
+    ensure!(list.json::<Vec<Deployment>>()?.is_empty(), "refused deployments were recorded: {list}");
     let locks = f.cluster.ctl(&["lock", "status", "-o", "json"]).await?;
-    ensure!(locks.json()?["locks"].as_array().is_some_and(|l| l.is_empty()), "a destination was locked: {locks}");
-    ensure!(f.witness().is_empty(), "a node acted: {:?}", f.witness());
+    ensure!(locks.json::<LockStatusView>()?.locks.is_empty(), "a destination was locked: {locks}");
+    let witness = f.witness()?;
+    ensure!(witness.is_empty(), "a node acted: {witness:?}");
     assert_only_processes(f, &[])?;
     // A good deployment still goes through (the refusals left nothing stuck).
     let m = write_manifest(f, "good.yaml", &good)?;
-    let d = deploy(f, &m, &[], 0).await?.deployment()?.clone();
-    ensure!(d["state"] == "succeeded", "{d}");
+    let d = deploy(f, &m, &[], 0).await?.deployment()?;
+    ensure!(d.state == DeployState::Succeeded, "{}", show(&d));
     Ok(())
 }
 
-// ------------------------------------------------------ the checker itself
+// ------------------------------------------------------ the helpers themselves
 
 #[test]
-fn witness_checker_catches_overlaps_and_foreign_tokens() {
-    let line = |dest: &str, dep: &str, token: u64, start: i64, end: i64| {
-        serde_json::json!({"node": "n", "destination": dest, "deployment": dep, "step": 0, "undo": false, "attempt": 1,
-                           "token": token, "action": "start", "start_ms": start, "end_ms": end, "ok": true})
-    };
-    let d1 = serde_json::json!({"id": "d1", "token": 1});
-    let d2 = serde_json::json!({"id": "d2", "token": 2});
-    // Back to back on one destination: fine. Overlapping: caught.
-    assert!(assert_witness_serial(&[line("a", "d1", 1, 0, 10), line("a", "d2", 2, 10, 15)], &[&d1, &d2]).is_ok());
-    assert!(assert_witness_serial(&[line("a", "d2", 2, 5, 15), line("a", "d1", 1, 0, 10)], &[&d1, &d2]).is_err());
-    // Overlap across destinations is allowed.
-    assert!(assert_witness_serial(&[line("a", "d1", 1, 0, 10), line("b", "d2", 2, 5, 15)], &[&d1, &d2]).is_ok());
-    // An action carrying another deployment's token: caught.
-    assert!(assert_witness_serial(&[line("a", "d1", 2, 0, 10)], &[&d1]).is_err());
+fn overlap_is_strict() {
     assert!(overlap((0, 10), (5, 15)) && !overlap((0, 10), (10, 15)));
 }

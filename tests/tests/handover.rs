@@ -16,13 +16,14 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
+use fleet_core::deploy::{DeployState, Deployment};
 use fleet_tests::checks::{assert_witness_safe, instances, now_ms};
 use fleet_tests::harness::{eventually, http_get, pid_alive, release_of, Fleet};
-use fleet_tests::values::{kind, status, steps};
-use serde_json::Value;
+use fleet_tests::json::SwitchOutput;
+use fleet_tests::values::{kind, output, show, status, steps};
 
-fn events(d: &Value) -> Vec<String> {
-    d["events"].as_array().map(|e| e.iter().filter_map(|e| e["reason"].as_str().map(str::to_string)).collect()).unwrap_or_default()
+fn events(d: &Deployment) -> Vec<String> {
+    d.events.iter().map(|e| e.reason.clone()).collect()
 }
 
 // ------------------------------------------------- 1. command step handover
@@ -62,7 +63,7 @@ async fn handover(f: &mut Fleet) -> anyhow::Result<()> {
 
     // Every step is planned on the first node of the destination.
     let d = f.cluster.deployment(&id).await?;
-    ensure!(steps(&d).iter().all(|s| s["node"] == "node-1" && s["movable"] == true), "plan: {d}");
+    ensure!(steps(&d).iter().all(|s| s.plan.node == "node-1" && s.plan.movable), "plan: {}", show(&d));
 
     eventually("node-1 to be running `apply`", Duration::from_secs(30), || async {
         let text = std::fs::read_to_string(&runs).unwrap_or_default();
@@ -75,18 +76,18 @@ async fn handover(f: &mut Fleet) -> anyhow::Result<()> {
 
     let watched = f.cluster.ctl(&["watch", &id, "-o", "json"]).await?;
     watched.expect_code(0)?;
-    let d = watched.deployment()?.clone();
-    ensure!(d["state"] == "succeeded", "the saga should finish on another node: {}", d["state"]);
-    ensure!(d["epoch"].as_u64() == Some(2), "the handover bumps the assignment epoch once: {}", d["epoch"]);
+    let d = watched.deployment()?;
+    ensure!(d.state == DeployState::Succeeded, "the saga should finish on another node: {}", d.state);
+    ensure!(d.epoch == 2, "the handover bumps the assignment epoch once: {}", d.epoch);
     let handed = events(&d).into_iter().find(|r| r.contains("handed over")).context("no handover event")?;
     ensure!(
         handed.contains("node node-1 lost") && handed.contains("`apply` from node-1 to node-2 (check first)"),
         "the event names the lost node, the step and where it went: {handed}"
     );
     let s = steps(&d);
-    ensure!(status(&s[0]) == "done" && s[0]["node"] == "node-1", "prepare stays node-1's: {}", s[0]);
+    ensure!(status(&s[0]) == "done" && s[0].plan.node == "node-1", "prepare stays node-1's: {}", show(&s[0]));
     for s in &s[1..] {
-        ensure!(status(s) == "done" && s["node"] == "node-2", "the rest ran on node-2: {s}");
+        ensure!(status(s) == "done" && s.plan.node == "node-2", "the rest ran on node-2: {}", show(s));
     }
 
     // The dead node's attempt never finished (its shell died with it); the
@@ -98,13 +99,13 @@ async fn handover(f: &mut Fleet) -> anyhow::Result<()> {
         lines == ["prepare node-1", "start node-1", "start node-2", "end node-2"],
         "runs: {lines:?} (node-1's attempt must not complete, node-2's must run once)"
     );
-    let w2 = f.node("node-2").witness();
-    let apply_line = w2.iter().find(|l| l["deployment"] == id.as_str() && l["step"] == 1).context("node-2 has no witness line for apply")?;
-    ensure!(apply_line["action"] == "command" && apply_line["ok"] == true, "node-2 ran apply: {apply_line}");
-    let start = apply_line["start_ms"].as_i64().unwrap_or(0);
+    let w2 = f.node("node-2").witness()?;
+    let apply_line = w2.iter().find(|l| l.deployment == id && l.step == 1).context("node-2 has no witness line for apply")?;
+    ensure!(apply_line.action == "command" && apply_line.ok, "node-2 ran apply: {apply_line}");
+    let start = apply_line.start_ms;
     ensure!(start - killed_at >= 4_000, "node-2 started apply {} ms after the kill, inside node-1's lease", start - killed_at);
-    ensure!(f.node("node-3").witness().is_empty(), "node-3 got nothing");
-    assert_witness_safe(&f.witness())?;
+    ensure!(f.node("node-3").witness()?.is_empty(), "node-3 got nothing");
+    assert_witness_safe(&f.witness()?, &[&d])?;
     Ok(())
 }
 
@@ -127,14 +128,9 @@ async fn forget(f: &mut Fleet) -> anyhow::Result<()> {
     let m = f.cluster.write_file("fleet.yaml", &manifest)?;
     let v1 = f.cluster.deploy(&m, &["--release", "v1"]).await?;
     v1.expect_code(0)?;
-    let v1 = v1.deployment()?.clone();
-    let route2 = steps(&v1)
-        .iter()
-        .find(|s| kind(s) == "switch_route" && s["node"] == "node-2")
-        .and_then(|s| s["output"].as_str())
-        .and_then(|o| serde_json::from_str::<Value>(o).ok())
-        .and_then(|o| o["route"].as_str().map(str::to_string))
-        .context("node-2's route")?;
+    let v1 = v1.deployment()?;
+    let switch2 = steps(&v1).iter().find(|s| kind(s) == "switch_route" && s.plan.node == "node-2").context("no switch step on node-2")?;
+    let route2 = output::<SwitchOutput>(switch2).context("node-2's route")?.route;
 
     let submitted = f.cluster.deploy(&m, &["--release", "v2", "--detach"]).await?;
     submitted.expect_code(0)?;
@@ -152,9 +148,9 @@ async fn forget(f: &mut Fleet) -> anyhow::Result<()> {
 
     let watched = f.cluster.ctl(&["watch", &id, "-o", "json"]).await?;
     watched.expect_code(0)?;
-    let d = watched.deployment()?.clone();
-    ensure!(d["state"] == "succeeded", "v2 completes on node-1: {}", d["state"]);
-    ensure!(steps(&d).iter().any(|s| s["node"] == "node-2" && status(s) == "skipped"), "node-2's rest is skipped");
+    let d = watched.deployment()?;
+    ensure!(d.state == DeployState::Succeeded, "v2 completes on node-1: {}", d.state);
+    ensure!(steps(&d).iter().any(|s| s.plan.node == "node-2" && status(s) == "skipped"), "node-2's rest is skipped");
     ensure!(pid_alive(staged), "nothing could stop it while node-2 was down");
 
     f.nodes[idx].restart()?;

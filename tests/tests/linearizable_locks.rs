@@ -36,7 +36,13 @@ async fn racing_lock_clients_observe_a_linearizable_history() -> anyhow::Result<
                     Err(_) => Outcome::Unknown,
                 };
                 let won = matches!(outcome, Outcome::Granted { .. });
-                events.push(Event { client, op: LockOp::Acquire { holder: name.into() }, outcome, invoked_ns: invoked, returned_ns: returned });
+                events.push(Event {
+                    client,
+                    op: LockOp::Acquire { holder: name.into() },
+                    outcome,
+                    invoked_ns: invoked,
+                    returned_ns: returned,
+                });
                 if won {
                     let invoked = start.elapsed().as_nanos();
                     let r = release(&mut c, "race", &format!("{name}-r-{round}")).await;
@@ -48,7 +54,13 @@ async fn racing_lock_clients_observe_a_linearizable_history() -> anyhow::Result<
                         Ok(r) => panic!("unexpected release outcome {:?}", r.outcome()),
                         Err(_) => Outcome::Unknown,
                     };
-                    events.push(Event { client, op: LockOp::Release { holder: name.into() }, outcome, invoked_ns: invoked, returned_ns: returned });
+                    events.push(Event {
+                        client,
+                        op: LockOp::Release { holder: name.into() },
+                        outcome,
+                        invoked_ns: invoked,
+                        returned_ns: returned,
+                    });
                 }
             }
             events
@@ -68,4 +80,3 @@ async fn racing_lock_clients_observe_a_linearizable_history() -> anyhow::Result<
     check_tokens_grow(&history).map_err(anyhow::Error::msg)?;
     Ok(())
 }
-

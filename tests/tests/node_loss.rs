@@ -10,8 +10,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
+use fleet_core::deploy::{DeployState, Deployment};
+use fleet_tests::checks::{assert_witness_safe, now_ms};
 use fleet_tests::harness::{eventually, http_get, release_of, Fleet};
-use serde_json::Value;
+use fleet_tests::json::{Line, SwitchOutput};
+use fleet_tests::values::{kind, output, status, steps};
 
 const DESTS: &str = "destinations:\n  - name: prod\n    selector: { env: prod }\n";
 
@@ -23,17 +26,10 @@ fn manifest(hooks: &str) -> String {
     )
 }
 
-fn steps(d: &Value) -> Vec<Value> {
-    d["steps"].as_array().cloned().unwrap_or_default()
-}
-
-fn route(d: &Value, node: &str) -> anyhow::Result<String> {
-    let s = steps(d)
-        .into_iter()
-        .find(|s| s["action"]["kind"] == "switch_route" && s["node"] == node)
-        .with_context(|| format!("no switch step on {node}"))?;
-    let out: Value = serde_json::from_str(s["output"].as_str().context("switch step has no output")?)?;
-    Ok(out["route"].as_str().context("no route in the switch output")?.to_string())
+fn route(d: &Deployment, node: &str) -> anyhow::Result<String> {
+    let s =
+        steps(d).iter().find(|s| kind(s) == "switch_route" && s.plan.node == node).with_context(|| format!("no switch step on {node}"))?;
+    Ok(output::<SwitchOutput>(s)?.route)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,9 +52,8 @@ async fn run(f: &mut Fleet) -> anyhow::Result<()> {
     // Wait until node-2 has finished its first hook: its second is in flight.
     eventually("node-2 to be running its second hook", Duration::from_secs(60), || async {
         let d = f.cluster.deployment(&id).await?;
-        let on2: Vec<Value> = steps(&d).into_iter().filter(|s| s["node"] == "node-2").collect();
-        Ok((on2.first().is_some_and(|s| s["status"] == "done") && on2.get(1).is_some_and(|s| s["status"] == "pending"))
-            .then_some(()))
+        let on2: Vec<&str> = steps(&d).iter().filter(|s| s.plan.node == "node-2").map(status).collect();
+        Ok((on2.first() == Some(&"done") && on2.get(1) == Some(&"pending")).then_some(()))
     })
     .await?;
     let killed_at = now_ms();
@@ -67,24 +62,21 @@ async fn run(f: &mut Fleet) -> anyhow::Result<()> {
 
     let watched = f.cluster.ctl(&["watch", &id, "-o", "json"]).await?;
     watched.expect_code(0)?;
-    let d = watched.deployment()?.clone();
-    ensure!(d["state"] == "succeeded", "the deployment should complete on the other nodes: {}", d["state"]);
-    ensure!(d["epoch"].as_u64() == Some(2), "losing a node bumps the assignment epoch: {}", d["epoch"]);
-    let lost_event = d["events"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["reason"].as_str().is_some_and(|r| r.contains("node node-2 lost"))))
-        .context("no event records node-2 as lost")?;
-    let lost_at = lost_event["at_ms"].as_i64().context("event time")?;
+    let d = watched.deployment()?;
+    ensure!(d.state == DeployState::Succeeded, "the deployment should complete on the other nodes: {}", d.state);
+    ensure!(d.epoch == 2, "losing a node bumps the assignment epoch: {}", d.epoch);
+    let lost_event = d.events.iter().find(|e| e.reason.contains("node node-2 lost")).context("no event records node-2 as lost")?;
+    let lost_at = lost_event.at_ms;
     ensure!(lost_at - killed_at >= 4_000, "node-2 was declared lost {} ms after the kill, before its 5 s lease", lost_at - killed_at);
     ensure!(lost_at - killed_at < 15_000, "node-2 was declared lost only {} ms after the kill", lost_at - killed_at);
     for s in steps(&d) {
-        let want = match (s["node"].as_str(), s["status"].as_str()) {
-            (Some("node-2"), Some("done")) => s["name"].as_str().is_some_and(|n| n.starts_with("pre-hook 1")),
-            (Some("node-2"), Some("skipped")) => true,
-            (Some(_), Some("done")) => true,
+        let want = match (s.plan.node.as_str(), status(s)) {
+            ("node-2", "done") => s.plan.name.starts_with("pre-hook 1"),
+            ("node-2", "skipped") => true,
+            (_, "done") => true,
             _ => false,
         };
-        ensure!(want, "unexpected step state: {} on {} is {}", s["name"], s["node"], s["status"]);
+        ensure!(want, "unexpected step state: {} on {} is {}", s.plan.name, s.plan.node, status(s));
     }
     // The release serves on the surviving nodes.
     for node in ["node-1", "node-3"] {
@@ -95,45 +87,43 @@ async fn run(f: &mut Fleet) -> anyhow::Result<()> {
 
     // Invariant 1: no two actions overlapped on the destination, and no
     // step attempt ran twice.
-    let mut witness = f.witness();
-    witness.sort_by_key(|l| l["start_ms"].as_i64().unwrap_or(0));
+    let mut witness = f.witness()?;
+    witness.sort_by_key(|l| l.start_ms);
+    // One destination: no two actions overlapped, on any node.
     for w in witness.windows(2) {
-        ensure!(w[0]["end_ms"].as_i64() <= w[1]["start_ms"].as_i64(), "actions overlapped:\n  {}\n  {}", w[0], w[1]);
+        ensure!(w[0].end_ms <= w[1].start_ms, "actions overlapped:\n  {}\n  {}", w[0], w[1]);
     }
-    let mut seen = BTreeSet::new();
-    for l in &witness {
-        let key = (l["deployment"].to_string(), l["step"].to_string(), l["undo"].to_string(), l["attempt"].to_string());
-        ensure!(seen.insert(key), "a step attempt ran twice: {l}");
-    }
+    assert_witness_safe(&witness, &[&d])?;
 
     // A lost node gets no new work: the next deployment plans two nodes.
     let nodes = f.cluster.nodes_json().await?;
-    let n2 = nodes.iter().find(|n| n["id"] == "node-2").context("node-2 listed")?;
-    ensure!(n2["lost_ms"].is_i64() && n2["connected"] == false, "node-2 should be listed as lost: {n2}");
+    let n2 = nodes.iter().find(|n| n.id == "node-2").context("node-2 listed")?;
+    ensure!(n2.lost_ms.is_some() && !n2.connected, "node-2 should be listed as lost: {n2:?}");
     let m2 = f.cluster.write_file("fleet2.yaml", &manifest("\"true\""))?;
     let m2_s = m2.to_str().context("path is UTF-8")?.to_string();
     let second = f.cluster.ctl(&["deploy", "-f", &m2_s, "--release", "v2", "-o", "json"]).await?;
     second.expect_code(0)?;
-    let planned: BTreeSet<String> =
-        steps(second.deployment()?).iter().filter_map(|s| s["node"].as_str().map(str::to_string)).collect();
+    let planned: BTreeSet<String> = steps(&second.deployment()?).iter().map(|s| s.plan.node.clone()).collect();
     ensure!(planned == BTreeSet::from(["node-1".to_string(), "node-3".to_string()]), "planned on {planned:?}");
 
     // It comes back: registered again, and planned again.
     f.nodes[idx].restart()?;
     eventually("node-2 to be back", Duration::from_secs(30), || async {
         let nodes = f.cluster.nodes_json().await?;
-        Ok(nodes.iter().any(|n| n["id"] == "node-2" && n["connected"] == true && n["lost_ms"].is_null()).then_some(()))
+        Ok(nodes.iter().any(|n| n.id == "node-2" && n.connected && n.lost_ms.is_none()).then_some(()))
     })
     .await?;
     let third = f.cluster.ctl(&["deploy", "-f", &m2_s, "--release", "v3", "--dry-run", "-o", "json"]).await?;
     third.expect_code(0)?;
-    let plan = third.lines.iter().find(|l| l["type"] == "plan").context("no plan line")?;
-    let planned: BTreeSet<String> =
-        steps(&plan["deployment"]).iter().filter_map(|s| s["node"].as_str().map(str::to_string)).collect();
+    let plan = third
+        .lines()?
+        .into_iter()
+        .find_map(|l| match l {
+            Line::Plan(p) => Some(p.deployment),
+            _ => None,
+        })
+        .context("no plan line")?;
+    let planned: BTreeSet<String> = steps(&plan).iter().map(|s| s.plan.node.clone()).collect();
     ensure!(planned.contains("node-2"), "node-2 is back but not planned: {planned:?}");
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
