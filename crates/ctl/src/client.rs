@@ -8,14 +8,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::{anyhow, bail, Context as _};
+use fleet_net::tls::TlsMaterial;
+use fleet_net::wire::detail_of;
+use fleet_net::LEADER_METADATA;
 use fleet_proto::control_client::ControlClient;
+use fleet_proto::ErrorCode;
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-/// Metadata key with the leader's address on a redirect (see fleet-coord).
-const LEADER_METADATA: &str = "fleet-leader";
+/// How long to wait for a coordinator to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
 /// Largest reply fleetctl accepts.
 const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
 
@@ -45,7 +49,7 @@ impl Context {
 
 pub struct Client {
     addrs: Vec<String>,
-    tls: (Vec<u8>, Vec<u8>, Vec<u8>),
+    tls: TlsMaterial,
     channels: std::collections::HashMap<String, Channel>,
     /// Index into `addrs` of the coordinator that answered last.
     current: usize,
@@ -60,13 +64,12 @@ impl Client {
         if ctx.addrs.is_empty() {
             bail!("no coordinator address; pass --addr HOST:PORT[,HOST:PORT...] or set FLEET_ADDR");
         }
-        let read = |what: &str, p: &Path| {
-            std::fs::read(p)
-                .with_context(|| format!("cannot read {what} {}; set FLEET_CA/FLEET_CERT/FLEET_KEY or use a context file", p.display()))
-        };
+        // Any role may connect; the coordinator decides what it may do.
+        let tls = TlsMaterial::load(&ctx.ca, &ctx.cert, &ctx.key, None)
+            .map_err(|e| anyhow!("{e}; set FLEET_CA/FLEET_CERT/FLEET_KEY (or --ca/--cert/--key) or use a context file"))?;
         Ok(Client {
             addrs: ctx.addrs.clone(),
-            tls: (read("CA certificate", &ctx.ca)?, read("certificate", &ctx.cert)?, read("key", &ctx.key)?),
+            tls,
             channels: Default::default(),
             current: 0,
             retry_for: Duration::from_secs(20),
@@ -78,18 +81,7 @@ impl Client {
         if let Some(c) = self.channels.get(addr) {
             return Ok(c.clone());
         }
-        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(['[', ']']);
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.tls.0))
-            .identity(Identity::from_pem(&self.tls.1, &self.tls.2))
-            .domain_name(host.to_string());
-        let ch = Endpoint::from_shared(format!("https://{addr}"))
-            .with_context(|| format!("`{addr}` is not HOST:PORT"))?
-            .tls_config(tls)
-            .context("TLS settings")?
-            .connect_timeout(Duration::from_millis(800))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let ch = self.tls.endpoint(addr, CONNECT_TIMEOUT)?.connect_lazy();
         self.channels.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
@@ -189,8 +181,10 @@ impl Client {
 #[derive(Debug, Clone)]
 pub struct ServerError {
     pub code: Code,
-    /// The server's own message (for `rejected: ...` answers, the reason).
+    /// The server's own message.
     pub message: String,
+    /// Refused by policy: the answer carries the `rejected` error detail.
+    pub rejected: bool,
     /// What fleetctl prints: the message with what it means.
     text: String,
 }
@@ -198,15 +192,21 @@ pub struct ServerError {
 impl ServerError {
     pub fn new(status: &Status, addr: &str) -> ServerError {
         let detail = error_chain(status);
-        ServerError { code: status.code(), message: status.message().to_string(), text: describe(status, &detail, addr) }
+        ServerError {
+            code: status.code(),
+            message: status.message().to_string(),
+            rejected: detail_of(status) == Some(ErrorCode::Rejected),
+            text: describe(status, &detail, addr),
+        }
     }
 
     /// Exit code (DESIGN.md) for this answer: invalid input or an unknown
-    /// id → 2, refused by policy (`rejected: ...`) → 7, anything else → 1.
+    /// id → 2, refused by policy (the `rejected` error detail) → 7,
+    /// anything else → 1.
     pub fn exit_code(&self) -> i32 {
         match self.code {
+            _ if self.rejected => crate::exit::REJECTED,
             Code::InvalidArgument | Code::NotFound => crate::exit::USAGE,
-            Code::FailedPrecondition if self.message.starts_with("rejected:") => crate::exit::REJECTED,
             _ => crate::exit::CLUSTER,
         }
     }
@@ -276,4 +276,28 @@ fn describe(status: &Status, detail: &str, addr: &str) -> String {
 /// A fresh request id for one logical operation (reused on every retry).
 pub fn request_id() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_code_follows_the_answer() {
+        let code = |s: Status| ServerError::new(&s, "c1").exit_code();
+        assert_eq!(code(fleet_net::wire::rejected("rejected: web is busy")), crate::exit::REJECTED);
+        // The detail decides, not the wording.
+        assert_eq!(code(Status::failed_precondition("rejected: web is busy")), crate::exit::CLUSTER);
+        assert_eq!(code(Status::invalid_argument("bad manifest")), crate::exit::USAGE);
+        assert_eq!(code(Status::not_found("no deployment d9")), crate::exit::USAGE);
+        assert_eq!(code(Status::permission_denied("viewer")), crate::exit::CLUSTER);
+    }
+
+    #[test]
+    fn unreadable_credentials_say_how_to_pass_them() {
+        let tmp = std::env::temp_dir().join("fleetctl-client-test-missing");
+        let ctx = Context { addrs: vec!["127.0.0.1:1".into()], ca: tmp.join("ca.pem"), cert: tmp.join("c.pem"), key: tmp.join("k.pem") };
+        let msg = format!("{:#}", Client::new(&ctx).err().expect("no files"));
+        assert!(msg.contains("ca.pem") && msg.contains("FLEET_CA/FLEET_CERT/FLEET_KEY") && msg.contains("context file"), "{msg}");
+    }
 }
