@@ -209,7 +209,7 @@ impl RetryPolicy {
     pub fn backoff_before(&self, attempt: u32) -> u64 {
         let mut b = self.backoff_ms as u128;
         for _ in 2..attempt {
-            b = b * self.multiplier_pct as u128 / 100;
+            b = b.saturating_mul(self.multiplier_pct as u128) / 100;
         }
         b.min(5 * 60 * 1000) as u64
     }

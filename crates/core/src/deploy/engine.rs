@@ -37,7 +37,8 @@ impl Deployment {
         if self.steps.iter().any(|s| matches!(s.status, StepStatus::Failed | StepStatus::Undone | StepStatus::UndoFailed)) {
             return None;
         }
-        self.steps.iter().position(|s| !s.status.settled_forward()).filter(|i| self.steps[*i].status == StepStatus::Pending)
+        let (i, s) = self.steps.iter().enumerate().find(|(_, s)| !s.status.settled_forward())?;
+        (s.status == StepStatus::Pending).then_some(i)
     }
 
     /// The fencing rule, the one staleness test for work of a deployment
@@ -66,7 +67,8 @@ impl Deployment {
             self.next().filter(|w| w.undo)
         } else if self.state == DeployState::Cancelling {
             // A forward step that was in flight when cancel arrived.
-            self.pending_forward_step().map(|i| Work { step: i, undo: false, attempt: self.steps[i].attempt, not_before_ms: None })
+            self.pending_forward_step()
+                .and_then(|i| Some(Work { step: i, undo: false, attempt: self.steps.get(i)?.attempt, not_before_ms: None }))
         } else {
             self.next().filter(|w| !w.undo)
         };
@@ -85,7 +87,9 @@ impl Deployment {
     pub fn record(&mut self, r: &StepOutcome, at_ms: i64) -> Result<DeployState, DeployError> {
         self.check(r)?;
         let actor = r.node.clone();
-        let step = &mut self.steps[r.step];
+        let Some(step) = self.steps.get_mut(r.step) else {
+            return Err(DeployError::Stale { id: self.id.clone(), why: format!("there is no step {}", r.step) });
+        };
         step.check_first = false;
         let class = r.class.unwrap_or(ErrorClass::Invalid);
         let max = step.plan.retry.max_attempts;
@@ -104,8 +108,8 @@ impl Deployment {
             } else if class.retryable() && r.attempt < max && self.state == DeployState::Running {
                 step.attempt += 1;
                 step.error = Some(error_text());
-                step.not_before_ms =
-                    Some(at_ms + step.plan.retry.backoff_with_jitter(step.attempt, jitter_seed(&self.id, r.step, step.attempt)) as i64);
+                let backoff = step.plan.retry.backoff_with_jitter(step.attempt, jitter_seed(&self.id, r.step, step.attempt));
+                step.not_before_ms = Some(at_ms.saturating_add(backoff as i64));
                 return Ok(self.state);
             } else {
                 step.status = StepStatus::Failed;
@@ -125,11 +129,9 @@ impl Deployment {
             } else if class.retryable() && r.attempt < max.max(3) {
                 step.undo_attempt += 1;
                 step.error = Some(error_text());
-                step.not_before_ms = Some(
-                    at_ms
-                        + step.plan.retry.backoff_with_jitter(step.undo_attempt, jitter_seed(&self.id, r.step, step.undo_attempt + 1000))
-                            as i64,
-                );
+                let seed = jitter_seed(&self.id, r.step, step.undo_attempt.saturating_add(1000));
+                let backoff = step.plan.retry.backoff_with_jitter(step.undo_attempt, seed);
+                step.not_before_ms = Some(at_ms.saturating_add(backoff as i64));
                 return Ok(self.state);
             } else {
                 step.status = StepStatus::UndoFailed;
@@ -152,8 +154,8 @@ impl Deployment {
     /// The node that the next piece of work (or the step in flight) needs.
     pub fn node_needed(&self) -> Option<&str> {
         if let Some(i) = self.pending_forward_step().filter(|_| self.state == DeployState::Cancelling) {
-            return Some(&self.steps[i].plan.node);
+            return self.steps.get(i).map(|s| s.plan.node.as_str());
         }
-        self.next().map(|w| self.steps[w.step].plan.node.as_str())
+        self.next().and_then(|w| self.steps.get(w.step)).map(|s| s.plan.node.as_str())
     }
 }

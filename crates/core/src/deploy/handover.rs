@@ -45,7 +45,7 @@ impl Deployment {
         let mut stranded: Vec<String> = vec![];
         for i in 0..self.steps.len() {
             let dest = self.step_destination(i).to_string();
-            let s = &mut self.steps[i];
+            let Some(s) = self.steps.get_mut(i) else { continue };
             let affected = if undoing { s.status == StepStatus::Done && s.plan.reversible } else { s.status == StepStatus::Pending };
             if !affected || Self::is_live(live, &dest, &s.plan.node) {
                 continue;
@@ -77,7 +77,7 @@ impl Deployment {
         if moved.is_empty() && skipped == 0 {
             return Ok(false);
         }
-        self.epoch += 1;
+        self.epoch = self.epoch.saturating_add(1);
         let mut what = vec![];
         if !moved.is_empty() {
             what.push(format!("handed over {}", moved.join(", ")));
@@ -117,8 +117,9 @@ impl Deployment {
                 .destinations()
                 .iter()
                 .filter(|d| {
-                    !(0..self.steps.len())
-                        .any(|i| self.step_destination(i) == d.as_str() && !lost.contains(self.steps[i].plan.node.as_str()))
+                    !(0..self.steps.len()).any(|i| {
+                        self.step_destination(i) == d.as_str() && self.steps.get(i).is_some_and(|s| !lost.contains(s.plan.node.as_str()))
+                    })
                 })
                 .collect();
             let reason = if !stranded.is_empty() {

@@ -73,7 +73,7 @@ impl State {
         }
         for name in &dests {
             let busy = self.locks.contains_key(name) || self.queues.get(name).is_some_and(|q| !q.is_empty());
-            if self.destinations[name].queue == QueuePolicy::Reject && busy {
+            if self.destinations.get(name).is_some_and(|d| d.queue == QueuePolicy::Reject) && busy {
                 let by = self.locks.get(name).map(|l| l.holder.clone()).unwrap_or_else(|| "a queued deployment".into());
                 return Response::Rejected {
                     reason: format!(
@@ -86,7 +86,7 @@ impl State {
         // Coalesce: a queued deployment of the same app to the same
         // destinations is replaced by this one.
         for name in &dests {
-            if self.destinations[name].queue != QueuePolicy::Coalesce {
+            if self.destinations.get(name).is_none_or(|d| d.queue != QueuePolicy::Coalesce) {
                 continue;
             }
             let waiting: Vec<u64> = self.queues.get(name).map(|q| q.iter().copied().collect()).unwrap_or_default();
@@ -134,8 +134,10 @@ impl State {
         }
         self.put_deployment(cx, index);
         self.pump(cx, &dests);
-        let state = self.deployments[&index].state;
-        Response::Deployment { id, state }
+        match self.deployments.get(&index) {
+            Some(d) => Response::Deployment { id, state: d.state },
+            None => Response::NotFound { what: format!("deployment `{id}`") },
+        }
     }
 
     pub(super) fn rollback(&mut self, cx: &mut Ctx, id: &str, to: Option<&str>, timeout_ms: Option<u64>, actor: &str) -> Response {
@@ -181,10 +183,9 @@ impl State {
     }
 
     pub(super) fn cancel(&mut self, cx: &mut Ctx, id: &str, reason: &str, actor: &str, timed_out: bool) -> Response {
-        let Some(n) = deployment_number(id).filter(|n| self.deployments.contains_key(n)) else {
+        let Some((n, d)) = deployment_number(id).and_then(|n| Some((n, self.deployments.get_mut(&n)?))) else {
             return Response::NotFound { what: format!("deployment `{id}`; `fleetctl list` shows the deployments") };
         };
-        let d = self.deployments.get_mut(&n).expect("checked above");
         if d.state == DeployState::Cancelling {
             return Response::Deployment { id: id.to_string(), state: d.state };
         }
@@ -199,17 +200,19 @@ impl State {
     }
 
     pub(super) fn step_result(&mut self, cx: &mut Ctx, id: &str, outcome: &StepOutcome) -> Response {
-        let Some(n) = deployment_number(id).filter(|n| self.deployments.contains_key(n)) else {
+        let Some(n) = deployment_number(id) else {
             return Response::NotFound { what: format!("deployment `{id}`") };
         };
-        let live =
-            (!outcome.ok && outcome.class == Some(ErrorClass::Resource)).then(|| self.live_nodes(self.deployments[&n].destinations()));
-        let d = self.deployments.get_mut(&n).expect("checked above");
+        // A resource error means the target changed under us: re-sync with
+        // the membership before the retry runs.
+        let resync = !outcome.ok && outcome.class == Some(ErrorClass::Resource);
+        let live = self.deployments.get(&n).filter(|_| resync).map(|d| self.live_nodes(d.destinations()));
+        let Some(d) = self.deployments.get_mut(&n) else {
+            return Response::NotFound { what: format!("deployment `{id}`") };
+        };
         match d.record(outcome, cx.at_ms) {
             Err(e) => Response::Stale { reason: e.to_string() },
             Ok(_) => {
-                // A resource error means the target changed under us:
-                // re-sync with the membership before the retry runs.
                 if let Some(live) = live {
                     let _ = d.resync(cx.at_ms, &live);
                 }
@@ -228,10 +231,9 @@ impl State {
         if note.trim().is_empty() {
             return Response::Invalid { reason: "a note is required: say what you checked or fixed (`--note \"...\"`)".into() };
         }
-        let Some(n) = deployment_number(id).filter(|n| self.deployments.contains_key(n)) else {
+        let Some((n, d)) = deployment_number(id).and_then(|n| Some((n, self.deployments.get_mut(&n)?))) else {
             return Response::NotFound { what: format!("deployment `{id}`; `fleetctl list` shows the deployments") };
         };
-        let d = self.deployments.get_mut(&n).expect("checked above");
         if let Err(e) = d.resolve(cx.at_ms, note, actor) {
             let state = d.state;
             return Response::Rejected {

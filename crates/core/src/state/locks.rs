@@ -54,7 +54,7 @@ impl State {
     /// A deployment moved: when it ended, free its destination (unless a
     /// human must look first) and start the next in line.
     pub(super) fn after_progress(&mut self, cx: &mut Ctx, n: u64) {
-        let d = &self.deployments[&n];
+        let Some(d) = self.deployments.get(&n) else { return };
         if !d.state.is_terminal() {
             return;
         }
@@ -111,7 +111,7 @@ impl State {
             let steps = self.plan(&d.spec);
             let previous = self.current_release(&d.app, &d.destination).map(|p| p.release.clone());
             let bare: Vec<String> = dests.iter().filter(|x| self.nodes_for(x).is_empty()).cloned().collect();
-            let d = self.deployments.get_mut(&n).expect("looked up above");
+            let Some(d) = self.deployments.get_mut(&n) else { continue };
             d.token = Some(index);
             d.previous_release = previous;
             d.steps = steps;

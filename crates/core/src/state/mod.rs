@@ -295,7 +295,7 @@ impl State {
     fn expire_dedup(&mut self, cx: &mut Ctx) {
         for _ in 0..DEDUP_EXPIRE_BATCH {
             let Some((at, id)) = self.dedup_order.first().cloned() else { break };
-            if cx.at_ms - at < DEDUP_TTL_MS {
+            if cx.at_ms.saturating_sub(at) < DEDUP_TTL_MS {
                 break;
             }
             self.dedup_order.pop_first();

@@ -22,8 +22,8 @@ impl State {
         }
         let active: Vec<u64> = self.deployments.iter().filter(|(_, d)| !d.state.is_terminal()).map(|(n, _)| *n).collect();
         for n in active {
-            let live = self.live_nodes(self.deployments[&n].destinations());
-            let d = self.deployments.get_mut(&n).expect("listed above");
+            let Some(live) = self.deployments.get(&n).map(|d| self.live_nodes(d.destinations())) else { continue };
+            let Some(d) = self.deployments.get_mut(&n) else { continue };
             if let Ok(true) = d.node_lost(node, cx.at_ms, why, &live) {
                 self.put_deployment(cx, n);
                 self.after_progress(cx, n);
