@@ -86,3 +86,24 @@ impl NodeIdentity {
         Ok(endpoint.connect_lazy())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_flag_whose_file_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = (dir.path().join("ca.pem"), dir.path().join("node.pem"), dir.path().join("node-key.pem"));
+        let flag = |ca: &Path, cert: &Path, key: &Path| NodeIdentity::load(ca, cert, key).unwrap_err().flag;
+        assert_eq!(flag(&ca, &cert, &key), "--ca", "missing CA");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        assert_eq!(flag(&ca, &cert, &key), "--cert", "missing certificate");
+        std::fs::write(&cert, "not a certificate either").unwrap();
+        assert_eq!(flag(&ca, &cert, &key), "--key", "missing key");
+        std::fs::write(&key, "no key").unwrap();
+        let e = NodeIdentity::load(&ca, &cert, &key).unwrap_err();
+        assert_eq!(e.flag, "--ca", "the CA is checked first: {e}");
+        assert!(e.to_string().starts_with("--ca: ") && e.to_string().contains("fleetctl certs"), "{e}");
+    }
+}
