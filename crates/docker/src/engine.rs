@@ -86,6 +86,7 @@ pub struct Engine {
     docker: Docker,
     socket: PathBuf,
     engine_api: ApiVersion,
+    engine_min_api: ApiVersion,
     client_api: ApiVersion,
     timeout: Duration,
     docker_config: PathBuf,
@@ -308,7 +309,15 @@ impl Engine {
         let engine_min = version.min_api_version.as_deref().and_then(ApiVersion::parse).unwrap_or(REQUIRED_API);
         let client_api = if engine_min <= REQUIRED_API { REQUIRED_API } else { engine_api.min(newest) };
         let docker = connect(client_api)?;
-        Ok(Engine { docker, socket: socket.to_path_buf(), engine_api, client_api, timeout, docker_config: DockerConfig::default_path() })
+        Ok(Engine {
+            docker,
+            socket: socket.to_path_buf(),
+            engine_api,
+            engine_min_api: engine_min,
+            client_api,
+            timeout,
+            docker_config: DockerConfig::default_path(),
+        })
     }
 
     /// Reads registry credentials from `path` instead of the node's default Docker config.
@@ -324,6 +333,11 @@ impl Engine {
     /// The newest API the engine speaks.
     pub fn engine_api(&self) -> ApiVersion {
         self.engine_api
+    }
+
+    /// The oldest API the engine still accepts.
+    pub fn engine_min_api(&self) -> ApiVersion {
+        self.engine_min_api
     }
 
     /// The API version this client speaks to it.
@@ -519,7 +533,9 @@ impl Engine {
     pub async fn stop_and_remove(&self, name_or_id: &str, grace: Duration) -> Result<Removal, DockerError> {
         let grace_secs = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
         let options = StopContainerOptions { t: Some(grace_secs), signal: None };
-        if let Err(e) = self.docker.stop_container(name_or_id, Some(options)).await {
+        // The engine answers only after the grace period: give the request that much more time.
+        let docker = self.docker.clone().with_timeout(self.timeout.saturating_add(grace));
+        if let Err(e) = docker.stop_container(name_or_id, Some(options)).await {
             match self.err(&format!("stop container {name_or_id}"), e) {
                 e if e.status() == Some(404) => return Ok(Removal::AlreadyGone),
                 // A container being removed by someone else answers 409 here too; removing decides.
