@@ -86,7 +86,7 @@ enum Op {
         target: Target,
         report: Report,
     },
-    /// Move the clock: by a few seconds, or anywhere.
+    /// Move the clock: by a few seconds, or anywhere (its extremes included).
     Wait(i64),
     Jump(i64),
 }
@@ -146,7 +146,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (target(), prop::option::of(0..3usize)).prop_map(|(target, to)| Op::Rollback { target, to }),
         14 => (target(), report()).prop_map(|(target, report)| Op::Result { target, report }),
         2 => (0..10_000i64).prop_map(Op::Wait),
-        1 => any::<i64>().prop_map(Op::Jump),
+        1 => prop_oneof![any::<i64>(), Just(i64::MAX), Just(i64::MAX - 1_000), Just(i64::MIN), Just(0), Just(-1)].prop_map(Op::Jump),
     ]
 }
 

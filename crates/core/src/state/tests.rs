@@ -470,4 +470,68 @@ mod deployments {
         assert_eq!(State::load(w.s.dump()).unwrap(), w.s);
         assert_eq!(State::load(w.kv.clone()).unwrap(), w.s, "the changes apply returned rebuild the same state");
     }
+
+    #[test]
+    fn nonsense_answers_with_an_error_and_changes_nothing() {
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let id = id_of(&w.submit("web", "v1", "a"));
+        let before = w.s.clone();
+        let d = w.s.deployment(&id).unwrap().clone();
+        let outcome = |step: usize| StepOutcome {
+            step,
+            undo: false,
+            attempt: 1,
+            token: d.token.unwrap(),
+            epoch: d.epoch,
+            ok: true,
+            output: None,
+            error: None,
+            class: None,
+            started_ms: 0,
+            finished_ms: 0,
+            node: "n1".into(),
+        };
+        for bad in ["", "x", "d0", "d99999", "d18446744073709551616"] {
+            let r = w.apply(Command::StepResult { deployment: bad.into(), outcome: outcome(0) });
+            assert!(matches!(r, Response::NotFound { .. }), "{bad}: {r:?}");
+            let r = w.apply(Command::CancelDeployment { id: bad.into(), reason: "x".into(), actor: "op".into(), timed_out: false });
+            assert!(matches!(r, Response::NotFound { .. }), "{bad}: {r:?}");
+            let r = w.apply(Command::ResolveDeployment { id: bad.into(), note: "x".into(), actor: "op".into() });
+            assert!(matches!(r, Response::NotFound { .. }), "{bad}: {r:?}");
+        }
+        for step in [1, 99, usize::MAX] {
+            let r = w.apply(Command::StepResult { deployment: id.clone(), outcome: outcome(step) });
+            assert!(matches!(r, Response::Stale { .. }), "step {step}: {r:?}");
+        }
+        assert!(matches!(w.apply(Command::NodeLost { node: "ghost".into(), why: "x".into() }), Response::NotFound { .. }));
+        assert_eq!(w.s, before);
+    }
+
+    #[test]
+    fn the_clock_at_its_extremes_does_not_overflow() {
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let id = id_of(&w.submit("web", "v1", "a"));
+        let d = w.s.deployment(&id).unwrap().clone();
+        let n = d.next().unwrap();
+        let outcome = StepOutcome {
+            step: n.step,
+            undo: false,
+            attempt: n.attempt,
+            token: d.token.unwrap(),
+            epoch: d.epoch,
+            ok: false,
+            output: None,
+            error: Some("timeout".into()),
+            class: Some(crate::deploy::ErrorClass::Transient),
+            started_ms: 0,
+            finished_ms: 0,
+            node: "n1".into(),
+        };
+        // A retry's backoff is added to the entry's time.
+        w.s.apply(100, &req(Some("late"), i64::MAX - 1, Command::StepResult { deployment: id.clone(), outcome }));
+        assert_eq!(w.s.deployment(&id).unwrap().steps[0].not_before_ms, Some(i64::MAX));
+        // Dedup expiry compares times of both signs.
+        w.s.apply(101, &req(Some("early"), i64::MIN, acquire("b", "alice")));
+        w.s.apply(102, &req(Some("later"), i64::MAX, acquire("c", "alice")));
+    }
 }
