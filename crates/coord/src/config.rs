@@ -201,7 +201,8 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut RawConfig)>)> = vec![
+        type Break = Box<dyn Fn(&mut RawConfig)>;
+        let cases: Vec<(&str, Break)> = vec![
             ("id", Box::new(|c| c.id = Some(0))),
             ("id", Box::new(|c| c.id = None)),
             ("listen", Box::new(|c| c.listen = Some("nowhere".into()))),

@@ -7,6 +7,11 @@
 //! fsync covers many entries under load, and a single writer still pays
 //! only one.
 
+// openraft's storage traits take and return `StorageError` by value; the
+// helpers here return the same type rather than box it and unbox it at
+// every trait boundary.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::mpsc;

@@ -8,6 +8,11 @@
 //! Building a snapshot fsyncs first, because the log behind a snapshot is
 //! purged.
 
+// openraft's storage traits take and return `StorageError` by value; the
+// helpers here return the same type rather than box it and unbox it at
+// every trait boundary.
+#![allow(clippy::result_large_err)]
+
 use std::io::Cursor;
 use std::sync::{Arc, RwLock};
 
@@ -164,7 +169,10 @@ fn encode_snapshot(applied: &Applied) -> Vec<u8> {
     out
 }
 
-fn decode_snapshot(buf: &[u8]) -> Result<(AppliedMeta, Vec<(String, Vec<u8>)>), String> {
+/// The state machine's keys and values, as a snapshot carries them.
+type Pairs = Vec<(String, Vec<u8>)>;
+
+fn decode_snapshot(buf: &[u8]) -> Result<(AppliedMeta, Pairs), String> {
     let (meta, mut rest) = split_frame(buf)?;
     let meta: AppliedMeta = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
     let mut pairs = Vec::new();
