@@ -15,19 +15,13 @@ use tonic::Status;
 
 pub type NodeSender = mpsc::Sender<Result<LeaderMessage, Status>>;
 
-/// One attempt of one step (or undo), as the scheduler tracks it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkKey {
-    pub deployment: String,
-    pub step: u32,
-    pub undo: bool,
-    pub attempt: u32,
-}
+/// What the leader remembers of a step it sent: the attempt, without its
+/// fencing (`fleet_core::leader::AttemptId`).
+pub type WorkKey = fleet_core::leader::AttemptId;
 
-impl WorkKey {
-    pub fn of(k: &StepKey) -> Self {
-        WorkKey { deployment: k.deployment.clone(), step: k.step, undo: k.undo, attempt: k.attempt }
-    }
+/// The attempt a wire step key names.
+pub fn attempt_of(k: &StepKey) -> WorkKey {
+    WorkKey { deployment: k.deployment.clone(), step: k.step as usize, undo: k.undo, attempt: k.attempt }
 }
 
 #[derive(Debug, Clone)]
@@ -85,7 +79,7 @@ impl Hub {
         // sent again (the node answers a finished step from its cache).
         g.in_flight.retain(|_, f| f.node != node);
         for k in running {
-            g.in_flight.insert(WorkKey::of(k), InFlight { node: node.to_string(), sent_ms: now_ms, aborted: false });
+            g.in_flight.insert(attempt_of(k), InFlight { node: node.to_string(), sent_ms: now_ms, aborted: false });
         }
         drop(g);
         self.changed.notify_one();

@@ -97,7 +97,7 @@ impl Observed for HubView<'_> {
 }
 
 fn work_key(k: &leader::StepKey) -> WorkKey {
-    WorkKey { deployment: k.deployment.clone(), step: k.step as u32, undo: k.undo, attempt: k.attempt }
+    k.attempt_id()
 }
 
 fn wire_key(k: leader::StepKey) -> StepKey {

@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::hub::{Hub, WorkKey};
+use crate::hub::{attempt_of, Hub};
 use crate::propose::{leader_redirect_if_follower, propose};
 use crate::raft_types::Raft;
 use crate::store::sm::StateReader;
@@ -149,7 +149,7 @@ fn core_key(k: &fleet_proto::StepKey) -> leader::StepKey {
 /// deployment waits for that result.
 async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, r: StepResult) {
     let Some(key) = r.key else { return };
-    let work = WorkKey::of(&key);
+    let work = attempt_of(&key);
     let mut outcome = StepOutcome {
         step: key.step as usize,
         undo: key.undo,

@@ -51,6 +51,24 @@ pub struct StepKey {
     pub epoch: u64,
 }
 
+impl StepKey {
+    /// Which attempt this is, without its fencing.
+    pub fn attempt_id(&self) -> AttemptId {
+        AttemptId { deployment: self.deployment.clone(), step: self.step, undo: self.undo, attempt: self.attempt }
+    }
+}
+
+/// One attempt of one step (or undo), without its token and epoch: how the
+/// leader remembers what it sent where. A hand-over bumps the epoch but it
+/// is still the same attempt, so the leader can tell whom it sent it to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttemptId {
+    pub deployment: String,
+    pub step: usize,
+    pub undo: bool,
+    pub attempt: u32,
+}
+
 /// A step the leader believes in flight on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {
