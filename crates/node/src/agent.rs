@@ -322,7 +322,9 @@ impl Agent {
     }
 
     /// The node no longer owns any work of `f.deployment`: abort its
-    /// running steps of older epochs (they report `aborted`), then let the
+    /// running steps fenced by another token or epoch than the deployment's
+    /// current one (the same rule as `Deployment::fence`; they report
+    /// `aborted`), then let the
     /// adapter remove what its steps left behind (in a task; each removal
     /// is logged). A repeated `Forget` finds nothing to do.
     pub fn forget(&self, f: Forget) {
@@ -330,7 +332,7 @@ impl Agent {
             if f.reason.is_empty() { "the leader says this node no longer owns the deployment".to_string() } else { f.reason.clone() };
         let (stale, current): (Vec<StepId>, Vec<StepId>) = {
             let s = self.steps();
-            s.running.keys().filter(|k| k.0.deployment == f.deployment).cloned().partition(|k| k.0.epoch < f.epoch)
+            s.running.keys().filter(|k| k.0.deployment == f.deployment).cloned().partition(|k| (k.0.token, k.0.epoch) != (f.token, f.epoch))
         };
         for id in stale {
             self.abort(Abort { key: Some(id.0), reason: format!("forgotten: {why}") });
