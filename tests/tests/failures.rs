@@ -650,7 +650,7 @@ async fn paused_leader_changes_nothing_when_it_wakes() {
 }
 
 /// What must be the same in two runs of the same manifest.
-fn shape(d: &Deployment) -> Vec<(String, &'static str, &'static str, u32)> {
+fn shape(d: &Deployment) -> Vec<(String, String, &'static str, u32)> {
     steps(d).iter().map(|s| (s.plan.node.clone(), kind(s), status(s), s.attempt)).collect()
 }
 
