@@ -152,6 +152,7 @@ fn send(hub: &Hub, a: Assignment, now: i64) {
     let assign = StepAssignment {
         key: Some(wire_key(a.key)),
         destination: a.destination,
+        adapter: a.adapter,
         app: a.app,
         release: a.release,
         action_json,

@@ -125,6 +125,10 @@ pub struct Assignment {
     pub node: String,
     pub key: StepKey,
     pub destination: String,
+    /// The node adapter that carries the action out
+    /// ([`crate::saga::StepPlan::adapter`]; empty for plans recorded before
+    /// it existed).
+    pub adapter: String,
     pub app: String,
     pub release: String,
     pub action: StepAction,
@@ -275,6 +279,7 @@ fn next_work(d: &Deployment, now: i64, seen: &impl Observed) -> Option<Action> {
     Some(Action::Send(Assignment {
         node: s.plan.node.clone(),
         destination: d.step_destination(w.step).to_string(),
+        adapter: s.plan.adapter.clone(),
         app: d.app.clone(),
         release: d.release.clone(),
         action: s.plan.action.clone(),

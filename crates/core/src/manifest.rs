@@ -113,6 +113,78 @@ pub struct Manifest {
     /// How long stopping the old instance waits for its open connections.
     #[serde(default)]
     pub drain: Option<String>,
+    /// The image of a `docker` destination's container (`{release}` is
+    /// replaced), instead of `run:`.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The container's command (argv), instead of the image's own CMD.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// The port inside the container the route forwards to (published on
+    /// an engine-chosen port of 127.0.0.1).
+    #[serde(default)]
+    pub container_port: Option<u16>,
+    /// Bind mounts of host paths into the container.
+    #[serde(default)]
+    pub volumes: Vec<VolumeSpec>,
+    /// Resource limits of the container.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// When the node pulls the image: `missing` (default), `always`, `never`.
+    #[serde(default)]
+    pub pull: Option<PullPolicy>,
+}
+
+/// A bind mount as written in `fleet.yaml` (`volumes:`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    pub host_path: String,
+    pub container_path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Resource limits of a container (`limits:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Memory limit in bytes (at least 6 MiB, the engine's minimum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<i64>,
+    /// CPU limit in billionths of a CPU (1 CPU = 1000000000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nano_cpus: Option<i64>,
+}
+
+/// When a node pulls a container's image from its registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Pull only when the node does not have the image.
+    #[default]
+    Missing,
+    /// Always pull (a moving tag).
+    Always,
+    /// Never pull: the image must already be on the node.
+    Never,
+}
+
+/// A validated container of a `docker` manifest: what the node's docker
+/// adapter turns into a container spec (field names follow it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerManifest {
+    /// Image reference, `{release}` not yet replaced.
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    pub container_port: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    #[serde(default)]
+    pub pull: PullPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -144,6 +216,10 @@ pub struct HealthSpec {
     /// Give up after this long.
     #[serde(default)]
     pub deadline: Option<String>,
+    /// `docker` destinations only: the image's own HEALTHCHECK must report
+    /// the container healthy.
+    #[serde(default)]
+    pub image: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -173,9 +249,15 @@ pub struct RetrySpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "probe", rename_all = "snake_case")]
 pub enum Probe {
-    Http { path: String },
+    Http {
+        path: String,
+    },
     Tcp,
-    Command { argv: Vec<String> },
+    Command {
+        argv: Vec<String>,
+    },
+    /// The container image's own HEALTHCHECK (`docker` destinations).
+    Image,
 }
 
 /// A validated health check.
@@ -243,12 +325,13 @@ pub struct CommandStep {
     pub timeout_ms: u64,
 }
 
-/// What a manifest deploys: a supervised process (`run` + `health`) or a
-/// list of command steps.
+/// What a manifest deploys: a supervised process (`run` + `health`), a
+/// container (`image` + `health`) or a list of command steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Process,
     Command,
+    Docker,
 }
 
 impl Kind {
@@ -257,6 +340,16 @@ impl Kind {
         match self {
             Kind::Process => "process",
             Kind::Command => "command",
+            Kind::Docker => "docker",
+        }
+    }
+
+    /// What in a manifest makes it this kind, for error messages.
+    pub fn because(self) -> &'static str {
+        match self {
+            Kind::Process => "it has `run:` and `health:`",
+            Kind::Command => "it has `steps:`",
+            Kind::Docker => "it has `image:` and `health:`",
         }
     }
 }
@@ -288,6 +381,9 @@ pub struct Spec {
     pub step_timeout_ms: u64,
     pub port: u16,
     pub drain_ms: u64,
+    /// The container of a `docker` manifest; absent for the other kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerManifest>,
 }
 
 impl Spec {
@@ -301,7 +397,9 @@ impl Spec {
     }
 
     pub fn kind(&self) -> Kind {
-        if self.steps.is_empty() {
+        if self.container.is_some() {
+            Kind::Docker
+        } else if self.steps.is_empty() {
             Kind::Process
         } else {
             Kind::Command
@@ -384,7 +482,41 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
     let destination = dests[0].clone();
     let stack = if dests.len() > 1 { dests } else { vec![] };
 
+    if m.image.is_some() && !m.run.is_empty() {
+        return Err(err(
+            "image",
+            "a manifest has either `run:` (a process destination) or `image:` (a docker destination), not both; drop one".into(),
+        ));
+    }
+    if m.image.is_some() && !m.steps.is_empty() {
+        return Err(err(
+            "image",
+            "a manifest has either `steps:` (a command destination) or `image:` (a docker destination), not both; drop one".into(),
+        ));
+    }
+    let container = match &m.image {
+        Some(image) => Some(validate_container(file, image, &m)?),
+        None => {
+            for (given, field) in [
+                (m.command.is_some(), "command"),
+                (m.container_port.is_some(), "container_port"),
+                (!m.volumes.is_empty(), "volumes"),
+                (m.limits != LimitsSpec::default(), "limits"),
+                (m.pull.is_some(), "pull"),
+            ] {
+                if given {
+                    return Err(err(field, format!("only a docker manifest (one with `image:`) has `{field}:`; add `image:` or drop it")));
+                }
+            }
+            if m.health.as_ref().is_some_and(|h| h.image.is_some()) {
+                return Err(err("health.image", "only a docker manifest (one with `image:`) can use the image's HEALTHCHECK".into()));
+            }
+            None
+        }
+    };
+
     let (kind, health) = match (m.steps.is_empty(), &m.health) {
+        (true, Some(h)) if container.is_some() => (Kind::Docker, Some(validate_health(file, h)?)),
         (true, Some(h)) => (Kind::Process, Some(validate_health(file, h)?)),
         (true, None) => {
             return Err(err(
@@ -506,16 +638,89 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
         step_timeout_ms,
         port: m.port.unwrap_or(0),
         drain_ms,
+        container,
+    })
+}
+
+/// Most bind mounts one container may have.
+const MAX_VOLUMES: usize = 64;
+
+fn validate_container(file: &str, image: &str, m: &Manifest) -> Result<ContainerManifest, ManifestError> {
+    let err = |field: &str, reason: String| ManifestError::new(file, field, reason);
+    let image = image.trim();
+    if image.is_empty() {
+        return Err(err("image", "empty; name the image to run, e.g. `registry.example/web:{release}`".into()));
+    }
+    validate_text("image", image, 1024).map_err(|e| err("image", e.to_string()))?;
+    let rest = image.replace("{release}", "");
+    if rest.contains(['{', '}']) || rest.chars().any(char::is_whitespace) {
+        return Err(err("image", format!("`{image}`: only `{{release}}` may be substituted, and an image reference has no spaces")));
+    }
+    if let Some(cmd) = &m.command {
+        if cmd.is_empty() {
+            return Err(err("command", "an empty list; leave `command` out to run the image's own CMD".into()));
+        }
+        if cmd.len() > MAX_ARGS {
+            return Err(err("command", format!("{} arguments; at most {MAX_ARGS}", cmd.len())));
+        }
+        for (i, a) in cmd.iter().enumerate() {
+            validate_text("argument", a, 4096).map_err(|e| err(&format!("command[{i}]"), e.to_string()))?;
+        }
+    }
+    let container_port =
+        match m.container_port {
+            None => return Err(err(
+                "container_port",
+                "missing; give the port the app listens on inside the container (the route forwards to it), e.g. `container_port: 8080`"
+                    .into(),
+            )),
+            Some(0) => return Err(err("container_port", "0 is not a port; give the port the app listens on inside the container".into())),
+            Some(p) => p,
+        };
+    if m.volumes.len() > MAX_VOLUMES {
+        return Err(err("volumes", format!("{} volumes; at most {MAX_VOLUMES}", m.volumes.len())));
+    }
+    for (i, v) in m.volumes.iter().enumerate() {
+        for (f, path) in [("host_path", &v.host_path), ("container_path", &v.container_path)] {
+            let at = format!("volumes[{i}].{f}");
+            validate_text("path", path, 4096).map_err(|e| err(&at, e.to_string()))?;
+            if !path.starts_with('/') {
+                return Err(err(&at, format!("`{path}` is not an absolute path; write it like `/srv/data`")));
+            }
+            if path.contains(':') {
+                return Err(err(&at, format!("`{path}` contains `:`, which Docker's bind syntax cannot carry")));
+            }
+        }
+    }
+    if let Some(mem) = m.limits.memory_bytes {
+        if mem < 6 * 1024 * 1024 {
+            return Err(err("limits.memory_bytes", format!("{mem} is below the engine's minimum of 6291456 (6 MiB)")));
+        }
+    }
+    if let Some(c) = m.limits.nano_cpus {
+        if c <= 0 {
+            return Err(err("limits.nano_cpus", format!("{c} must be positive (1 CPU = 1000000000)")));
+        }
+    }
+    Ok(ContainerManifest {
+        image: image.to_string(),
+        command: m.command.clone(),
+        container_port,
+        volumes: m.volumes.clone(),
+        limits: m.limits,
+        pull: m.pull.unwrap_or_default(),
     })
 }
 
 fn validate_health(file: &str, h: &HealthSpec) -> Result<HealthCheck, ManifestError> {
     let err = |field: &str, reason: String| ManifestError::new(file, field, reason);
-    let given = [h.http.is_some(), h.tcp == Some(true), h.command.is_some()].iter().filter(|x| **x).count();
+    let given = [h.http.is_some(), h.tcp == Some(true), h.command.is_some(), h.image == Some(true)].iter().filter(|x| **x).count();
     if given != 1 {
-        return Err(err("health", "give exactly one of `http: /path`, `tcp: true` or `command: [...]`".into()));
+        return Err(err("health", "give exactly one of `http: /path`, `tcp: true`, `command: [...]` or (docker) `image: true`".into()));
     }
-    let probe = if let Some(path) = &h.http {
+    let probe = if h.image == Some(true) {
+        Probe::Image
+    } else if let Some(path) = &h.http {
         if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(err("health.http", format!("`{path}` is not a URL path; write it like `/healthz`")));
         }
@@ -585,7 +790,8 @@ pub enum QueuePolicy {
 #[serde(deny_unknown_fields)]
 pub struct Destination {
     pub name: String,
-    /// `process` (supervised local processes on every selected node) or
+    /// `process` (supervised local processes on every selected node),
+    /// `docker` (containers on every selected node's Docker Engine) or
     /// `command` (the manifest's `steps:`, each run once on one selected
     /// node, handed to another if that node is lost).
     #[serde(default = "default_adapter")]
@@ -607,7 +813,7 @@ struct DestinationsFile {
     destinations: Vec<Destination>,
 }
 
-pub const ADAPTERS: &[&str] = &["process", "command"];
+pub const ADAPTERS: &[&str] = &["process", "command", "docker"];
 
 /// Parse and validate a destinations file.
 pub fn parse_destinations(file: &str, text: &str) -> Result<Vec<Destination>, ManifestError> {
@@ -796,6 +1002,65 @@ health:
         assert_eq!(c.steps[1].timeout_ms, 5000);
         assert_eq!(c.steps[0].timeout_ms, c.step_timeout_ms);
         assert_eq!(c.steps[0].undo.as_deref(), Some("u1"));
+    }
+
+    const DOCKER: &str = "app: web\nrelease: v1\ndestination: boxes\nimage: \"reg.example/web:{release}\"\ncontainer_port: 8080\nhealth: { http: /healthz, deadline: 5s }\n";
+
+    #[test]
+    fn docker_manifests() {
+        let s = parse_manifest("fleet.yaml", DOCKER, &Overrides::default()).unwrap();
+        assert_eq!(s.kind(), Kind::Docker);
+        assert_eq!(s.kind().adapter(), "docker");
+        let c = s.container.as_ref().unwrap();
+        assert_eq!(
+            (c.image.as_str(), c.container_port, c.pull, c.command.as_ref()),
+            ("reg.example/web:{release}", 8080, PullPolicy::Missing, None)
+        );
+        let full = DOCKER.to_string()
+            + "command: [\"/bin/serve\", \"--port\", \"8080\"]\npull: never\nvolumes: [{ host_path: /srv/data, container_path: /data, read_only: true }]\nlimits: { memory_bytes: 67108864, nano_cpus: 500000000 }\nenv: { A: b }\n";
+        let s = parse_manifest("fleet.yaml", &full, &Overrides::default()).unwrap();
+        // The spec a deployment records round-trips through JSON.
+        assert_eq!(serde_json::from_str::<Spec>(&serde_json::to_string(&s).unwrap()).unwrap(), s);
+        let c = s.container.unwrap();
+        assert_eq!(c.pull, PullPolicy::Never);
+        assert_eq!(c.volumes, [VolumeSpec { host_path: "/srv/data".into(), container_path: "/data".into(), read_only: true }]);
+        assert_eq!(c.limits, LimitsSpec { memory_bytes: Some(64 << 20), nano_cpus: Some(500_000_000) });
+        assert_eq!(c.command.unwrap().len(), 3);
+        let own = parse_manifest("fleet.yaml", &DOCKER.replace("http: /healthz", "image: true"), &Overrides::default()).unwrap();
+        assert_eq!(own.health.unwrap().probe, Probe::Image);
+    }
+
+    /// (manifest, field the error must name, words its reason must contain)
+    #[test]
+    fn bad_docker_manifests_name_the_field() {
+        let cases: Vec<(String, &str, &str)> = vec![
+            (DOCKER.to_string() + "run: [srv]\n", "image", "not both"),
+            (DOCKER.to_string() + "steps: [{ name: x, run: y }]\n", "image", "not both"),
+            (DOCKER.replace("container_port: 8080\n", ""), "container_port", "missing"),
+            (DOCKER.replace("container_port: 8080", "container_port: 0"), "container_port", "not a port"),
+            (DOCKER.replace("container_port: 8080", "container_port: 70000"), "container_port", "u16"),
+            (DOCKER.replace("reg.example/web:{release}", "reg/{app}:x"), "image", "only `{release}`"),
+            (DOCKER.replace("reg.example/web:{release}", " "), "image", "empty"),
+            (DOCKER.to_string() + "pull: sometimes\n", "pull", "unknown variant"),
+            (DOCKER.to_string() + "command: []\n", "command", "empty"),
+            (DOCKER.to_string() + "volumes: [{ host_path: data, container_path: /d }]\n", "volumes[0].host_path", "absolute"),
+            (DOCKER.to_string() + "volumes: [{ host_path: /a:b, container_path: /d }]\n", "volumes[0].host_path", "`:`"),
+            (DOCKER.to_string() + "limits: { memory_bytes: 1000 }\n", "limits.memory_bytes", "minimum"),
+            (DOCKER.to_string() + "limits: { nano_cpus: 0 }\n", "limits.nano_cpus", "positive"),
+            (DOCKER.to_string() + "limits: { cpus: 1 }\n", "limits.cpus", "unknown field"),
+            (DOCKER.replace("http: /healthz", "http: /healthz, image: true"), "health", "exactly one"),
+            (DOCKER.replace("health: { http: /healthz, deadline: 5s }\n", ""), "health", "missing"),
+            (GOOD.to_string() + "container_port: 80\n", "container_port", "only a docker manifest"),
+            (GOOD.to_string() + "pull: never\n", "pull", "only a docker manifest"),
+            (GOOD.replace("http: /healthz", "image: true"), "health.image", "only a docker manifest"),
+        ];
+        for (text, field, words) in cases {
+            let e = parse_manifest("fleet.yaml", &text, &Overrides::default()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.reason.contains(words), "`{}` should contain `{words}`", e.reason);
+        }
+        let d = parse_destinations("d.yaml", "destinations:\n  - name: boxes\n    adapter: docker\n").unwrap();
+        assert_eq!(d[0].adapter, "docker");
     }
 
     #[test]

@@ -21,6 +21,14 @@
 //! step's `check` before running it again. Process steps belong to their
 //! node: a lost node's are skipped, never moved.
 //!
+//! The `docker` adapter is planned exactly like `process` (the same four
+//! blue-green steps, the same undos), with [`StepAction::StartContainer`]
+//! instead of [`StepAction::StartInstance`].
+//!
+//! Every step names the node adapter that runs it ([`StepPlan::adapter`]:
+//! the destination's adapter, or `command` for hooks), so the node never
+//! guesses it from the action.
+//!
 //! A stack (several destinations) is planned destination by destination,
 //! in the manifest's order, into one saga.
 
@@ -28,7 +36,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{HealthCheck, Kind, RetryPolicy, Spec};
+use crate::manifest::{ContainerManifest, HealthCheck, Kind, RetryPolicy, Spec};
 
 /// What a node executes for one step. This is the contract between the
 /// leader and `fleet-node` (sent as JSON in `StepAssignment.action_json`).
@@ -38,6 +46,12 @@ pub enum StepAction {
     /// Start `release` as a new, supervised instance on a freshly allocated
     /// port. Output: `{"port": P, "pid": N}`. Undo: stop it, free the port.
     StartInstance { app: String, release: String, run: Vec<String>, env: BTreeMap<String, String> },
+    /// Create and start a container of `release` (the image with
+    /// `{release}` replaced) on the node's Docker Engine, publishing
+    /// `container.container_port` on a free port of 127.0.0.1, labelled
+    /// with the deployment and its fencing token. Output: `{"container":
+    /// NAME, "port": P, ...}`. Undo: stop and remove that container.
+    StartContainer { app: String, release: String, container: Box<ContainerManifest>, env: BTreeMap<String, String> },
     /// Probe the instance started for `release` until `healthy_threshold`
     /// consecutive probes pass, or fail at `deadline_ms`. Undo: nothing.
     HealthCheck { app: String, release: String, check: HealthCheck },
@@ -58,7 +72,7 @@ impl StepAction {
     /// Short verb for progress lines.
     pub fn verb(&self) -> &'static str {
         match self {
-            StepAction::StartInstance { .. } => "start",
+            StepAction::StartInstance { .. } | StepAction::StartContainer { .. } => "start",
             StepAction::HealthCheck { .. } => "health",
             StepAction::SwitchRoute { .. } => "switch",
             StepAction::StopOld { .. } => "stop-old",
@@ -74,6 +88,11 @@ pub struct StepPlan {
     pub name: String,
     /// The worker node that runs it.
     pub node: String,
+    /// The node adapter that carries it out (`process`, `docker`,
+    /// `command`). Empty in plans recorded before it existed: the node then
+    /// picks by the action's kind, as it did then.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub adapter: String,
     /// The destination it works on (a stack has several).
     #[serde(default)]
     pub destination: String,
@@ -95,7 +114,7 @@ const HEALTH_STEP_SLACK_MS: u64 = 5_000;
 /// whose selected nodes are `nodes` (sorted, non-empty).
 pub fn plan(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPlan> {
     match spec.kind() {
-        Kind::Process => plan_process(spec, destination, nodes),
+        Kind::Process | Kind::Docker => plan_bluegreen(spec, destination, nodes),
         Kind::Command => plan_command(spec, destination, nodes),
     }
 }
@@ -108,6 +127,7 @@ fn plan_command(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPla
     let step = |name: String, action: StepAction, reversible: bool, timeout_ms: u64| StepPlan {
         name,
         node: node.clone(),
+        adapter: Kind::Command.adapter().to_string(),
         destination: destination.to_string(),
         movable: true,
         action,
@@ -134,10 +154,18 @@ fn plan_command(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPla
     steps
 }
 
-fn plan_process(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPlan> {
+/// `process` and `docker`: blue-green on each node, rolled across the
+/// nodes in batches.
+fn plan_bluegreen(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPlan> {
     let Some(health) = spec.health.clone() else { return vec![] };
+    let kind = spec.kind();
     let mut steps = Vec::new();
     let step = |name: String, node: &str, action: StepAction, timeout_ms: u64, retry: RetryPolicy| StepPlan {
+        adapter: match action {
+            StepAction::Command { .. } => Kind::Command.adapter(),
+            _ => kind.adapter(),
+        }
+        .to_string(),
         name,
         node: node.to_string(),
         destination: destination.to_string(),
@@ -168,11 +196,19 @@ fn plan_process(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPla
             steps.push(step(
                 format!("start {label} on {node}"),
                 node,
-                StepAction::StartInstance {
-                    app: spec.app.clone(),
-                    release: spec.release.clone(),
-                    run: spec.run.clone(),
-                    env: spec.env.clone(),
+                match &spec.container {
+                    Some(container) => StepAction::StartContainer {
+                        app: spec.app.clone(),
+                        release: spec.release.clone(),
+                        container: Box::new(container.clone()),
+                        env: spec.env.clone(),
+                    },
+                    None => StepAction::StartInstance {
+                        app: spec.app.clone(),
+                        release: spec.release.clone(),
+                        run: spec.run.clone(),
+                        env: spec.env.clone(),
+                    },
                 },
                 spec.step_timeout_ms,
                 spec.retry.clone(),
@@ -216,9 +252,7 @@ mod tests {
     use crate::manifest::{parse_manifest, Overrides};
 
     fn spec(extra: &str) -> Spec {
-        let text = format!(
-            "app: web\nrelease: v2\ndestination: d\nrun: [srv]\nhealth: {{ tcp: true, deadline: 10s }}\n{extra}"
-        );
+        let text = format!("app: web\nrelease: v2\ndestination: d\nrun: [srv]\nhealth: {{ tcp: true, deadline: 10s }}\n{extra}");
         parse_manifest("f", &text, &Overrides::default()).unwrap()
     }
     fn names(steps: &[StepPlan]) -> Vec<String> {
@@ -255,6 +289,34 @@ mod tests {
     }
 
     #[test]
+    fn docker_plans_blue_green_like_process_with_a_container_start_and_names_its_adapter() {
+        let text = "app: web\nrelease: v2\ndestination: d\nimage: \"reg/web:{release}\"\ncontainer_port: 8080\npull: never\nenv: { A: b }\nhealth: { image: true, deadline: 10s }\nhooks: { pre: [\"echo pre\"] }\n";
+        let spec = parse_manifest("f", text, &Overrides::default()).unwrap();
+        let nodes: Vec<String> = vec!["a".into(), "b".into()];
+        let got = plan(&spec, "d", &nodes);
+        let want =
+            ["command a", "command b", "start a", "health a", "switch a", "stop-old a", "start b", "health b", "switch b", "stop-old b"];
+        assert_eq!(names(&got), want);
+        // (verb, adapter): hooks go to `command`, the rest to `docker`.
+        for s in &got {
+            let want = if s.action.verb() == "command" { "command" } else { "docker" };
+            assert_eq!(s.adapter, want, "{}", s.name);
+            assert!(s.reversible && !s.movable);
+        }
+        let StepAction::StartContainer { container, env, release, .. } = &got[2].action else { panic!("{:?}", got[2].action) };
+        assert_eq!((container.image.as_str(), container.container_port, release.as_str()), ("reg/web:{release}", 8080, "v2"));
+        assert_eq!((container.pull, env.get("A").map(String::as_str)), (crate::manifest::PullPolicy::Never, Some("b")));
+        // The same manifest with `run:` plans process steps for `process`.
+        let p = plan(&super::tests::spec(""), "d", &nodes[..1]);
+        assert!(p.iter().all(|s| s.adapter == "process"));
+        assert!(matches!(p[0].action, StepAction::StartInstance { .. }));
+        // An old plan without `adapter` still reads (empty).
+        let mut v = serde_json::to_value(&p[0]).unwrap();
+        v.as_object_mut().unwrap().remove("adapter");
+        assert_eq!(serde_json::from_value::<StepPlan>(v).unwrap().adapter, "");
+    }
+
+    #[test]
     fn health_step_is_not_retried_and_outlives_its_deadline() {
         let steps = plan(&spec(""), "d", &["a".into()]);
         let h = &steps[1];
@@ -268,13 +330,22 @@ mod tests {
         let spec = parse_manifest("f", text, &Overrides::default()).unwrap();
         let got = plan(&spec, "net", &["b".into(), "c".into()]);
         // (name, node, reversible, timeout)
-        let want = [("pre-hook 1", "b", true, spec.step_timeout_ms), ("plan", "b", true, spec.step_timeout_ms), ("apply", "b", true, 2000), ("migrate", "b", false, spec.step_timeout_ms)];
+        let want = [
+            ("pre-hook 1", "b", true, spec.step_timeout_ms),
+            ("plan", "b", true, spec.step_timeout_ms),
+            ("apply", "b", true, 2000),
+            ("migrate", "b", false, spec.step_timeout_ms),
+        ];
         assert_eq!(got.len(), want.len());
         for (s, (name, node, reversible, timeout)) in got.iter().zip(want) {
             assert_eq!((s.name.as_str(), s.node.as_str(), s.reversible, s.timeout_ms), (name, node, reversible, timeout));
             assert!(s.movable && s.destination == "net");
         }
-        assert_eq!(got[2].action, StepAction::Command { run: "tf apply".into(), undo: Some("tf destroy".into()), check: Some("test -f done".into()) });
+        assert_eq!(
+            got[2].action,
+            StepAction::Command { run: "tf apply".into(), undo: Some("tf destroy".into()), check: Some("test -f done".into()) }
+        );
+        assert!(got.iter().all(|s| s.adapter == "command"));
         // Process steps are never movable.
         assert!(plan(&super::tests::spec(""), "d", &["a".into()]).iter().all(|s| !s.movable && s.destination == "d"));
     }

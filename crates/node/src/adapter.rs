@@ -22,8 +22,8 @@
 //!
 //! **Construction.** An adapter is built once when the node starts, from
 //! the node's own settings (`ProcessAdapter::open(ProcessConfig)`,
-//! `CommandAdapter::new(CommandConfig)`; a Docker adapter would take the
-//! engine's socket, a cloud adapter its credentials). The trait has no
+//! `CommandAdapter::new(CommandConfig)`, `DockerAdapter::new(DockerConfig)`
+//! with the engine's socket; a cloud adapter would take its credentials). The trait has no
 //! constructor so that it stays object-safe ([`Adapters`] holds
 //! `Arc<dyn Adapter>`). Per-destination settings reach it with each step:
 //! [`StepContext::destination`] and the action itself. (A destination's
@@ -213,20 +213,19 @@ pub trait Adapter: Send + Sync + 'static {
     }
 }
 
-/// The adapter that carries out `action`.
-///
-/// Today the action's kind decides: the blue-green actions belong to
-/// `process`, and a `Command` to `command`, whatever the destination's
-/// adapter is (pre and post hooks of a `process` destination are
-/// `Command` actions too). An assignment does not name its destination's
-/// adapter yet; once two adapters share action kinds (a `docker` adapter
-/// starting instances), the leader must send it and the selection moves
-/// to it.
+/// The adapter that carries out `action` when the assignment does not say
+/// (plans recorded before `StepAssignment.adapter` existed): the
+/// blue-green actions of a supervised process belong to `process`, a
+/// container start to `docker`, and a `Command` to `command`. A `docker`
+/// destination's health, switch and stop steps share their kinds with
+/// `process`, so for them the leader's `adapter` field decides
+/// ([`Adapters::for_step`]).
 pub fn adapter_for(action: &StepAction) -> &'static str {
     match action {
         StepAction::StartInstance { .. } | StepAction::HealthCheck { .. } | StepAction::SwitchRoute { .. } | StepAction::StopOld { .. } => {
             "process"
         }
+        StepAction::StartContainer { .. } => "docker",
         StepAction::Command { .. } => "command",
     }
 }
@@ -256,7 +255,14 @@ impl Adapters {
     /// The adapter that carries out `action` ([`adapter_for`]), or an
     /// `invalid` error when this node does not have it.
     pub fn for_action(&self, action: &StepAction) -> Result<&Arc<dyn Adapter>, StepError> {
-        let name = adapter_for(action);
+        self.for_step("", action)
+    }
+
+    /// The adapter the assignment names (`StepAssignment.adapter`, planned
+    /// by the leader), or by the action's kind when it names none; an
+    /// `invalid` error when this node does not have it.
+    pub fn for_step(&self, adapter: &str, action: &StepAction) -> Result<&Arc<dyn Adapter>, StepError> {
+        let name = if adapter.is_empty() { adapter_for(action) } else { adapter };
         self.get(name).ok_or_else(|| {
             StepError::invalid(format!(
                 "this node has no `{name}` adapter (it has {:?}), so it cannot run a `{}` step; run a fleet-node that has it",
@@ -308,6 +314,14 @@ mod tests {
         assert_eq!(all.for_action(&hook).map(|a| a.name()), Ok("command"));
         assert_eq!(all.for_action(&start).map(|a| a.name()), Ok("process"));
         assert_eq!(all.for_action(&stop).map(|a| a.name()), Ok("process"));
+
+        // The assignment's adapter decides: a docker destination's stop step.
+        let all = fakes(&["process", "command", "docker"]);
+        assert_eq!(all.for_step("docker", &stop).map(|a| a.name()), Ok("docker"));
+        assert_eq!(all.for_step("", &stop).map(|a| a.name()), Ok("process"));
+        assert_eq!(all.for_step("command", &hook).map(|a| a.name()), Ok("command"));
+        let err = fakes(&["process"]).for_step("docker", &stop).map(|a| a.name()).unwrap_err();
+        assert!(err.message.contains("no `docker` adapter"), "{}", err.message);
 
         // A node without the adapter refuses the step (invalid), naming it.
         let err = fakes(&["process"]).for_action(&hook).map(|a| a.name()).unwrap_err();

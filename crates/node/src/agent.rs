@@ -1,5 +1,5 @@
 //! The agent: turns `StepAssignment`s into calls of the adapter that
-//! carries out each action ([`Adapters::for_action`]) and `StepResult`s.
+//! carries out each action ([`Adapters::for_step`]) and `StepResult`s.
 //!
 //! It owns the rules that hold whatever the adapter:
 //!
@@ -434,7 +434,7 @@ impl Agent {
                 }
             }
         };
-        let adapter = match self.adapters.for_action(&action) {
+        let adapter = match self.adapters.for_step(&a.adapter, &action) {
             Ok(adapter) => adapter.clone(),
             Err(err) => {
                 let r = result(&key, Err(err), started_ms, now_ms());
@@ -529,6 +529,7 @@ impl Agent {
 fn describe(action: &StepAction) -> String {
     match action {
         StepAction::StartInstance { app, release, .. } => format!("start {app}@{release}"),
+        StepAction::StartContainer { app, release, .. } => format!("start of {app}@{release}'s container"),
         StepAction::HealthCheck { app, release, .. } => format!("health check of {app}@{release}"),
         StepAction::SwitchRoute { app, release, .. } => format!("switch of {app}'s route to {release}"),
         StepAction::StopOld { app, .. } => format!("stop of the previous {app}"),

@@ -6,13 +6,16 @@
 //! [`witness`] lines) through the [`adapter`] that carries out each action.
 //! The built-in adapters are [`process`] (supervised local processes,
 //! blue-green, behind a TCP route on a stable port) and [`command`] (shell
-//! commands: the steps of `command` destinations, and every pre/post hook).
+//! commands: the steps of `command` destinations, and every pre/post hook)
+//! and [`docker`] (containers on the node's Docker Engine, blue-green behind
+//! the same route).
 //! [`proc`] is what both know of local child processes.
 
 pub mod adapter;
 pub mod agent;
 pub mod command;
 pub mod connection;
+pub mod docker;
 pub mod fencing;
 pub mod identity;
 pub mod proc;

@@ -12,6 +12,7 @@ use fleet_node::adapter::{Adapter, Adapters};
 use fleet_node::agent::Agent;
 use fleet_node::command::{CommandAdapter, CommandConfig};
 use fleet_node::connection::Connector;
+use fleet_node::docker::{DockerAdapter, DockerConfig};
 use fleet_node::fencing::Fencing;
 use fleet_node::identity::NodeIdentity;
 use fleet_node::process::{ProcessAdapter, ProcessConfig};
@@ -28,7 +29,10 @@ use fleet_node::witness::Witness;
 /// Steps run through the built-in adapters. `process`: each release of an
 /// app runs as a supervised local process, blue-green, behind a TCP route
 /// on a stable 127.0.0.1 port. `command`: shell commands (`sh -c`), for the
-/// steps of `command` destinations and for pre/post hooks. State lives in --data-dir: a restarted fleet-node
+/// steps of `command` destinations and for pre/post hooks. `docker`: each
+/// release runs as a container on this host's Docker Engine, blue-green
+/// behind the same kind of route (the engine is reached on first use:
+/// --docker-socket, else DOCKER_HOST, else /var/run/docker.sock). State lives in --data-dir: a restarted fleet-node
 /// adopts the instances that still run and listens on the same route ports.
 /// Programs beside the fleet-node executable (such as `fleet-demo-app`) are
 /// found on PATH.
@@ -77,6 +81,13 @@ struct Args {
     /// trace, or a filter such as `fleet_node=debug,info`.
     #[arg(long, env = "FLEET_NODE_LOG_LEVEL", value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     log_level: String,
+
+    /// The Docker Engine's unix socket, for `docker` destinations (default:
+    /// DOCKER_HOST, else /var/run/docker.sock). The node connects on its
+    /// first docker step; a missing or refused socket fails that step with
+    /// a message naming the socket.
+    #[arg(long, env = "FLEET_NODE_DOCKER_SOCKET", value_name = "PATH")]
+    docker_socket: Option<PathBuf>,
 }
 
 fn parse_addr(s: &str) -> Result<String, String> {
@@ -184,7 +195,9 @@ async fn run(args: Args, identity: NodeIdentity, witness: Option<Witness>) -> an
     let journal = Some(args.data_dir.join("results.json"));
     let process: Arc<dyn Adapter> = Arc::new(adapter.clone());
     let command: Arc<dyn Adapter> = Arc::new(CommandAdapter::new(CommandConfig::new(&args.data_dir)));
-    let (agent, results) = Agent::new(node.clone(), Adapters::new([process, command]), fencing, witness, journal);
+    let docker_adapter = DockerAdapter::new(DockerConfig { socket: args.docker_socket.clone(), ..DockerConfig::new(&args.data_dir) });
+    let docker: Arc<dyn Adapter> = Arc::new(docker_adapter.clone());
+    let (agent, results) = Agent::new(node.clone(), Adapters::new([process, command, docker]), fencing, witness, journal);
     let labels: BTreeMap<String, String> = args.labels.into_iter().collect();
     let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!(
@@ -200,6 +213,7 @@ async fn run(args: Args, identity: NodeIdentity, witness: Option<Witness>) -> an
     }
     let running = adapter.instances().len();
     adapter.shutdown().await;
+    docker_adapter.shutdown().await;
     println!(
         "fleet-node {node} stopped; {running} app instance(s) keep running and are adopted when fleet-node starts again on {}",
         args.data_dir.display()

@@ -590,6 +590,7 @@ fn assign(k: &StepKey, action: &StepAction, timeout_ms: u64) -> StepAssignment {
         run_output_json: String::new(),
         timeout_ms,
         check_first: false,
+        adapter: String::new(),
     }
 }
 

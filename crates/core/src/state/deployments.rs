@@ -58,7 +58,7 @@ impl State {
                     reason: format!(
                         "destination `{name}` uses the `{}` adapter, but this manifest is for `{want}` ({}); deploy it to a `{want}` destination",
                         dest.adapter,
-                        if want == "command" { "it has `steps:`" } else { "it has `run:` and `health:`" }
+                        spec.kind().because()
                     ),
                 };
             }

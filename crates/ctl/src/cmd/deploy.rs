@@ -69,6 +69,7 @@ fn undo_of(action: &fleet_core::saga::StepAction) -> String {
     use fleet_core::saga::StepAction::*;
     match action {
         StartInstance { .. } => "stop the new instance, free its port".into(),
+        StartContainer { .. } => "stop and remove the new container".into(),
         HealthCheck { .. } => "nothing".into(),
         SwitchRoute { .. } => "point the route back at the previous instance".into(),
         StopOld { .. } => "start the previous release again on its port".into(),

@@ -200,7 +200,7 @@ impl Adapter for ProcessAdapter {
                 StepAction::HealthCheck { app, release, check } => i.health(app, release, check).await,
                 StepAction::SwitchRoute { app, release, port } => i.switch(app, release, *port).await,
                 StepAction::StopOld { app, drain_ms, .. } => i.stop_old(app, *drain_ms).await,
-                StepAction::Command { .. } => Err(not_mine(action)),
+                StepAction::StartContainer { .. } | StepAction::Command { .. } => Err(not_mine(action)),
             }
         })
     }
@@ -214,7 +214,7 @@ impl Adapter for ProcessAdapter {
                 StepAction::HealthCheck { .. } => Ok(json!({})),
                 StepAction::SwitchRoute { app, .. } => i.undo_switch(app, out).await,
                 StepAction::StopOld { app, .. } => i.undo_stop_old(app, out).await,
-                StepAction::Command { .. } => Err(not_mine(action)),
+                StepAction::StartContainer { .. } | StepAction::Command { .. } => Err(not_mine(action)),
             }
         })
     }
@@ -257,7 +257,7 @@ impl Adapter for ProcessAdapter {
             StepAction::StopOld { .. } => {
                 "the old instance did not drain and stop in time; check `drain` in the manifest against the step timeout".into()
             }
-            StepAction::Command { .. } => "the command adapter runs commands, not this one".into(),
+            StepAction::StartContainer { .. } | StepAction::Command { .. } => "this step is another adapter's".into(),
         }
     }
 }

@@ -29,6 +29,7 @@ pub fn describe(probe: &Probe, port: u16) -> String {
         Probe::Http { path } => format!("GET {path}"),
         Probe::Tcp => format!("TCP connect to 127.0.0.1:{port}"),
         Probe::Command { argv } => format!("`{}`", substitute(argv, port).join(" ")),
+        Probe::Image => "the image's HEALTHCHECK".into(),
     }
 }
 
@@ -43,6 +44,9 @@ async fn run(probe: &Probe, port: u16, path_prepend: &[PathBuf], cwd: &Path) -> 
             TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.map(|_| ()).map_err(|e| format!("TCP connect to 127.0.0.1:{port}: {e}"))
         }
         Probe::Command { argv } => command(&substitute(argv, port), path_prepend, cwd).await,
+        // Only a container has an image: the docker adapter asks the engine
+        // instead of probing (the manifest refuses it for `process`).
+        Probe::Image => Err("the image's HEALTHCHECK is asked of the Docker Engine, not probed; use http, tcp or command here".into()),
     }
 }
 

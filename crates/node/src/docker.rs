@@ -1,0 +1,751 @@
+//! The `docker` adapter: each release of an app runs as a container on the
+//! node's Docker Engine, blue-green on this node, behind the same built-in
+//! TCP route as the `process` adapter ([`crate::process::proxy`]).
+//!
+//! The steps and their exact undos:
+//!
+//! * `start` ([`StepAction::StartContainer`]): make the image present (per
+//!   the manifest's `pull:`), create and start a container with Fleet's
+//!   labels (app, release, destination, deployment, fencing token) under
+//!   its deterministic name, publishing the container port on an
+//!   engine-chosen port of 127.0.0.1. A retried start adopts its own
+//!   container. Undo: stop and remove that container (refused while the
+//!   route points at it).
+//! * `health`: Fleet's HTTP/TCP/command probes against the published port,
+//!   or (`health: { image: true }`) the image's own HEALTHCHECK as the
+//!   engine reports it. Undo: nothing.
+//! * `switch`: point the app's route at the new container's published
+//!   port; the previous one is kept running (retired). Undo: point the route
+//!   back at the previous container (or close the route if there was none).
+//! * `stop-old`: wait up to `drain` for the connections to the previous
+//!   container, then stop **and remove** it. Undo: create and start it again
+//!   from the spec and labels recorded in the step's output (same name, same
+//!   labels, same image): the engine picks a new host port, which the
+//!   retired slot records, so undoing the switch afterwards points the route
+//!   at the container as it runs now. (Keeping the old container stopped
+//!   until the deployment ends would need a "deployment ended" signal the
+//!   node does not get; re-creating it needs none.)
+//!
+//! The adapter connects to the engine on first use (`DOCKER_HOST`, else
+//! `/var/run/docker.sock`, or `fleet-node --docker-socket`), so a node that
+//! never runs a docker step never needs an engine. A missing or refused
+//! socket fails the step with class `transient` and a message naming the
+//! socket.
+//!
+//! State (which container is staged, active, retired; the route) is kept
+//! in memory per (destination, app). A restarted `fleet-node` does not yet
+//! adopt running containers by label: it starts with no routes for docker
+//! apps, and `forget` leaves running containers it has no record of alone.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use fleet_core::manifest::{ContainerManifest, HealthCheck, Probe, PullPolicy};
+use fleet_core::saga::StepAction;
+use fleet_docker::{BindMount, ContainerSpec, DockerError, Engine, FleetLabels, Health, LabelFilter, Limits, PortSpec, RestartPolicy};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::adapter::{Adapter, StepContext, StepError};
+use crate::process::probe;
+use crate::process::proxy::{Conns, Route};
+use crate::util::human;
+
+/// Settings of the docker adapter.
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// The engine's socket; `None`: `DOCKER_HOST`, else `/var/run/docker.sock`.
+    pub socket: Option<PathBuf>,
+    /// Where health commands run (their working directory).
+    pub data_dir: PathBuf,
+    /// Directories put in front of `PATH` for health commands.
+    pub path_prepend: Vec<PathBuf>,
+    /// SIGTERM → SIGKILL grace when stopping a container.
+    pub stop_grace: Duration,
+    /// How long undoing `stop-old` waits for the re-created container's port.
+    pub restore_wait: Duration,
+}
+
+impl DockerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        DockerConfig {
+            socket: None,
+            data_dir: data_dir.into(),
+            path_prepend: crate::proc::exe_dir().into_iter().collect(),
+            stop_grace: Duration::from_secs(3),
+            restore_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One container this adapter started, as recorded in step outputs (the
+/// undo of `stop-old` re-creates it from `spec` and `labels`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    pub name: String,
+    pub release: String,
+    /// The host port (on 127.0.0.1) the container port is published on.
+    pub port: u16,
+    pub token: u64,
+    pub container_port: u16,
+    pub labels: FleetLabels,
+    pub spec: ContainerSpec,
+}
+
+impl Container {
+    fn label(&self) -> String {
+        format!("{}@{} (container {}, port {})", self.labels.app, self.release, self.name, self.port)
+    }
+}
+
+#[derive(Default)]
+struct AppState {
+    route: Option<Route>,
+    route_port: Option<u16>,
+    staged: Option<Container>,
+    active: Option<Container>,
+    retired: Option<Container>,
+}
+
+struct App {
+    /// Serializes the actions on this app.
+    op: tokio::sync::Mutex<()>,
+    st: Mutex<AppState>,
+}
+
+impl App {
+    fn lock(&self) -> MutexGuard<'_, AppState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Inner {
+    cfg: DockerConfig,
+    engine: tokio::sync::OnceCell<Engine>,
+    /// By (destination, app).
+    apps: Mutex<BTreeMap<(String, String), Arc<App>>>,
+    conns: Conns,
+}
+
+/// The `docker` adapter. Cheap to clone.
+#[derive(Clone)]
+pub struct DockerAdapter {
+    inner: Arc<Inner>,
+}
+
+fn docker_err(e: DockerError) -> StepError {
+    StepError::new(e.class(), e.to_string())
+}
+
+/// The container spec of a manifest's container for one release. Fleet
+/// adds `PORT` (the container port), `FLEET_APP`, `FLEET_RELEASE` and
+/// `FLEET_TOKEN` to the environment, as it does for processes.
+pub fn container_spec(c: &ContainerManifest, env: &BTreeMap<String, String>, app: &str, release: &str, token: u64) -> ContainerSpec {
+    let mut env = env.clone();
+    env.insert("PORT".into(), c.container_port.to_string());
+    env.insert("FLEET_APP".into(), app.to_string());
+    env.insert("FLEET_RELEASE".into(), release.to_string());
+    env.insert("FLEET_TOKEN".into(), token.to_string());
+    ContainerSpec {
+        image: c.image.clone(),
+        env,
+        command: c.command.clone(),
+        ports: vec![PortSpec::loopback(c.container_port)],
+        volumes: c
+            .volumes
+            .iter()
+            .map(|v| BindMount { host_path: PathBuf::from(&v.host_path), container_path: v.container_path.clone(), read_only: v.read_only })
+            .collect(),
+        limits: Limits { memory_bytes: c.limits.memory_bytes, nano_cpus: c.limits.nano_cpus },
+        labels: BTreeMap::new(),
+        // Supervision is Fleet's route and health steps; a container the
+        // engine restarted could come back on another host port.
+        restart: RestartPolicy::No,
+        pull: match c.pull {
+            PullPolicy::Missing => fleet_docker::PullPolicy::Missing,
+            PullPolicy::Always => fleet_docker::PullPolicy::Always,
+            PullPolicy::Never => fleet_docker::PullPolicy::Never,
+        },
+    }
+}
+
+fn labels_of(ctx: &StepContext, app: &str, release: &str) -> FleetLabels {
+    FleetLabels {
+        app: app.to_string(),
+        release: release.to_string(),
+        destination: ctx.destination.clone(),
+        deployment: ctx.deployment.clone(),
+        token: ctx.token,
+    }
+}
+
+fn not_started(app: &str, release: &str) -> StepError {
+    StepError::invalid(format!(
+        "no container of {app}@{release} is running for this destination on this node (it was not started here, or it was removed); the start step must run first"
+    ))
+}
+
+fn parse_slot(output: Option<&Value>, key: &str, step: &str) -> Result<Option<Container>, StepError> {
+    match output.and_then(|o| o.get(key)) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+            StepError::invalid(format!("the {step} step's recorded output has an unreadable `{key}` ({e}); nothing was changed"))
+        }),
+    }
+}
+
+impl DockerAdapter {
+    pub fn new(cfg: DockerConfig) -> DockerAdapter {
+        DockerAdapter {
+            inner: Arc::new(Inner {
+                cfg,
+                engine: tokio::sync::OnceCell::new(),
+                apps: Mutex::new(BTreeMap::new()),
+                conns: Conns::default(),
+            }),
+        }
+    }
+
+    /// The port `app`'s route of `destination` listens on, and the host
+    /// port of the container it forwards to.
+    pub fn route(&self, destination: &str, app: &str) -> Option<(u16, Option<u16>)> {
+        let a = self.inner.existing(destination, app)?;
+        let st = a.lock();
+        st.route.as_ref().map(|r| (r.port(), r.backend()))
+    }
+
+    /// Stop listening on the routes; the containers keep running.
+    pub async fn shutdown(&self) {
+        let apps: Vec<Arc<App>> = self.inner.apps.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for a in apps {
+            let route = a.lock().route.take();
+            if let Some(r) = route {
+                r.close().await;
+            }
+        }
+    }
+}
+
+impl Inner {
+    async fn engine(&self) -> Result<&Engine, StepError> {
+        self.engine
+            .get_or_try_init(|| async {
+                match &self.cfg.socket {
+                    Some(s) => Engine::connect_socket(s).await,
+                    None => Engine::connect().await,
+                }
+            })
+            .await
+            .map_err(docker_err)
+    }
+
+    fn existing(&self, destination: &str, app: &str) -> Option<Arc<App>> {
+        self.apps.lock().unwrap_or_else(|p| p.into_inner()).get(&(destination.to_string(), app.to_string())).cloned()
+    }
+
+    fn app(&self, destination: &str, app: &str) -> Arc<App> {
+        let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
+        apps.entry((destination.to_string(), app.to_string()))
+            .or_insert_with(|| Arc::new(App { op: tokio::sync::Mutex::new(()), st: Mutex::new(AppState::default()) }))
+            .clone()
+    }
+
+    /// Create and start (or adopt) the container, and read its host port.
+    async fn launch(&self, spec: &ContainerSpec, labels: &FleetLabels, container_port: u16) -> Result<(Container, bool), StepError> {
+        let engine = self.engine().await?;
+        let started = engine.create_and_start(spec, labels).await.map_err(docker_err)?;
+        let info = engine.inspect(&started.name).await.map_err(docker_err)?;
+        let failed = |why: String| async {
+            if let Err(e) = engine.stop_and_remove(&started.name, Duration::ZERO).await {
+                tracing::warn!(container = %started.name, error = %e, "could not remove a container that failed to start");
+            }
+            StepError::invalid(why)
+        };
+        let Some(info) = info else {
+            return Err(failed(format!("container {} vanished right after it started", started.name)).await);
+        };
+        if !info.is_running() {
+            let why = format!(
+                "container {} of {}@{} is {:?} right after it started (exit code {:?}{}); check `docker logs {}` and the image's command, then deploy again",
+                started.name,
+                labels.app,
+                labels.release,
+                info.state,
+                info.exit_code,
+                info.error.as_deref().map(|e| format!(", {e}")).unwrap_or_default(),
+                started.name
+            );
+            return Err(failed(why).await);
+        }
+        let Some(addr) = info.host_port(container_port) else {
+            return Err(failed(format!("container {} does not publish port {container_port}", started.name)).await);
+        };
+        let c = Container {
+            name: started.name,
+            release: labels.release.clone(),
+            port: addr.port(),
+            token: labels.token,
+            container_port,
+            labels: labels.clone(),
+            spec: spec.clone(),
+        };
+        Ok((c, started.adopted))
+    }
+
+    async fn remove(&self, c: &Container) -> Result<(), StepError> {
+        let engine = self.engine().await?;
+        engine.stop_and_remove(&c.name, self.cfg.stop_grace).await.map_err(docker_err)?;
+        Ok(())
+    }
+
+    async fn start(
+        &self,
+        ctx: &StepContext,
+        name: &str,
+        release: &str,
+        c: &ContainerManifest,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Value, StepError> {
+        fleet_core::names::validate_name("release", release).map_err(|e| StepError::invalid(e.to_string()))?;
+        let app = self.app(&ctx.destination, name);
+        let _op = app.op.lock().await;
+        let labels = labels_of(ctx, name, release);
+        let wanted = labels.container_name();
+        let leftover = app.lock().staged.clone();
+        if let Some(old) = leftover.filter(|o| o.name != wanted) {
+            tracing::info!(app = name, container = %old.name, "removing a leftover staged container before starting {release}");
+            self.remove(&old).await?;
+            app.lock().staged = None;
+        }
+        let spec = container_spec(c, env, name, release, ctx.token);
+        let (cont, adopted) = self.launch(&spec, &labels, c.container_port).await?;
+        let out = json!({"container": cont.name, "port": cont.port, "release": release, "image": spec.image_for(release).unwrap_or_default(), "adopted": adopted});
+        app.lock().staged = Some(cont);
+        Ok(out)
+    }
+
+    async fn undo_start(&self, ctx: &StepContext, name: &str, release: &str, output: Option<&Value>) -> Result<Value, StepError> {
+        let container = output
+            .and_then(|o| o.get("container"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| labels_of(ctx, name, release).container_name());
+        let app = self.app(&ctx.destination, name);
+        let _op = app.op.lock().await;
+        if let Some(a) = app.lock().active.as_ref().filter(|a| a.name == container) {
+            return Err(StepError::invalid(format!(
+                "{} is serving {name}'s route, so it is not removed; undo the route switch first (the leader does this in order)",
+                a.label()
+            )));
+        }
+        let engine = self.engine().await?;
+        let removal = engine.stop_and_remove(&container, self.cfg.stop_grace).await.map_err(docker_err)?;
+        let mut st = app.lock();
+        if st.staged.as_ref().is_some_and(|s| s.name == container) {
+            st.staged = None;
+        }
+        if st.retired.as_ref().is_some_and(|s| s.name == container) {
+            st.retired = None;
+        }
+        Ok(json!({"removed": container, "already_gone": removal == fleet_docker::Removal::AlreadyGone}))
+    }
+
+    async fn cancelled_start(&self, ctx: &StepContext, name: &str, release: &str) {
+        let container = labels_of(ctx, name, release).container_name();
+        let Some(app) = self.existing(&ctx.destination, name) else {
+            // The start may have created it before any state was recorded.
+            if let Ok(engine) = self.engine().await {
+                let _ = engine.stop_and_remove(&container, Duration::ZERO).await;
+            }
+            return;
+        };
+        let _op = app.op.lock().await;
+        if app.lock().active.as_ref().is_some_and(|a| a.name == container) {
+            return;
+        }
+        tracing::info!(app = name, release, %container, "removing the container an interrupted start left behind");
+        match self.engine().await {
+            Ok(engine) => {
+                if let Err(e) = engine.stop_and_remove(&container, Duration::ZERO).await {
+                    tracing::warn!(%container, error = %e, "could not remove it; remove it by hand (`docker rm -f`)");
+                }
+            }
+            Err(e) => tracing::warn!(%container, error = %e, "could not reach the engine to remove it"),
+        }
+        let mut st = app.lock();
+        if st.staged.as_ref().is_some_and(|s| s.name == container) {
+            st.staged = None;
+        }
+    }
+
+    async fn health(&self, ctx: &StepContext, name: &str, release: &str, check: &HealthCheck) -> Result<Value, StepError> {
+        let app = self.existing(&ctx.destination, name).ok_or_else(|| not_started(name, release))?;
+        let _op = app.op.lock().await;
+        let cont = {
+            let st = app.lock();
+            let found = [&st.staged, &st.active].into_iter().flatten().find(|c| c.release == release).cloned();
+            found.ok_or_else(|| not_started(name, release))?
+        };
+        let engine = self.engine().await?;
+        let started = Instant::now();
+        let deadline_d = Duration::from_millis(check.deadline_ms);
+        if check.probe == Probe::Image {
+            let info = engine.wait_for_health(&cont.name, deadline_d).await.map_err(docker_err)?;
+            let Some(info) = info else {
+                return Err(StepError::invalid(format!(
+                    "{} was removed during its health check; the route was not switched",
+                    cont.label()
+                )));
+            };
+            return match info.health {
+                Health::Healthy => Ok(json!({"release": release, "container": cont.name, "port": cont.port, "health": "healthy", "elapsed_ms": started.elapsed().as_millis() as u64})),
+                Health::Unhealthy => Err(StepError::invalid(format!(
+                    "{} reports unhealthy (the image's HEALTHCHECK failed); the route was not switched. See `docker inspect {}` (State.Health) and `docker logs {}`",
+                    cont.label(), cont.name, cont.name
+                ))),
+                Health::None if info.is_running() => Err(StepError::invalid(format!(
+                    "{} has no HEALTHCHECK in its image; use `health: {{ http: /path }}` or `tcp: true` instead of `image: true`",
+                    cont.label()
+                ))),
+                _ if !info.is_running() => Err(StepError::invalid(format!(
+                    "{} stopped during its health check ({:?}, exit code {:?}); the route was not switched. See `docker logs {}`",
+                    cont.label(), info.state, info.exit_code, cont.name
+                ))),
+                _ => Err(StepError::invalid(format!(
+                    "{} was still starting after {} (the image's HEALTHCHECK had not passed); the route was not switched",
+                    cont.label(),
+                    human(deadline_d)
+                ))),
+            };
+        }
+        let deadline = tokio::time::Instant::now() + deadline_d;
+        let timeout = Duration::from_millis(check.timeout_ms);
+        let mut interval = tokio::time::interval(Duration::from_millis(check.interval_ms.max(1)));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut passes, mut probes) = (0u32, 0u32);
+        let mut last = String::from("no probe finished");
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+            let result = tokio::select! {
+                r = probe::probe(&check.probe, cont.port, timeout, &self.cfg.path_prepend, &self.cfg.data_dir) => r,
+                _ = tokio::time::sleep_until(deadline) => break,
+            };
+            probes += 1;
+            match result {
+                Ok(()) => {
+                    passes += 1;
+                    if passes >= check.healthy_threshold {
+                        return Ok(
+                            json!({"release": release, "container": cont.name, "port": cont.port, "probes": probes, "elapsed_ms": started.elapsed().as_millis() as u64}),
+                        );
+                    }
+                }
+                Err(e) => {
+                    passes = 0;
+                    last = e;
+                    if let Ok(Some(info)) = engine.inspect(&cont.name).await {
+                        if !info.is_running() {
+                            return Err(StepError::invalid(format!(
+                                "{} stopped during its health check ({:?}, exit code {:?}); the route was not switched. See `docker logs {}`",
+                                cont.label(),
+                                info.state,
+                                info.exit_code,
+                                cont.name
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        let need = if check.healthy_threshold > 1 { format!(" {} times in a row", check.healthy_threshold) } else { String::new() };
+        Err(StepError::invalid(format!(
+            "{} did not pass its health check{need} ({last}) within {}; the route was not switched. See `docker logs {}`",
+            cont.label(),
+            human(deadline_d),
+            cont.name
+        )))
+    }
+
+    fn bind_route(&self, name: &str, st: &mut AppState, port: u16) -> Result<Option<Route>, StepError> {
+        let want = if port != 0 { port } else { st.route_port.unwrap_or(0) };
+        let rebind = match &st.route {
+            None => true,
+            Some(r) => port != 0 && r.port() != port,
+        };
+        if !rebind {
+            return Ok(None);
+        }
+        let r = Route::bind(name, want, self.conns.clone()).map_err(|e| {
+            StepError::resource(format!(
+                "cannot listen on 127.0.0.1:{want} for {name}'s route: {e}; free that port or set another `port:` in the manifest"
+            ))
+        })?;
+        st.route_port = Some(r.port());
+        Ok(st.route.replace(r))
+    }
+
+    async fn switch(&self, ctx: &StepContext, name: &str, release: &str, port: u16) -> Result<Value, StepError> {
+        let app = self.existing(&ctx.destination, name).ok_or_else(|| not_started(name, release))?;
+        let _op = app.op.lock().await;
+        let (old_route, displaced, out) = {
+            let mut st = app.lock();
+            let target = match &st.staged {
+                Some(s) if s.release == release => s.clone(),
+                _ => match &st.active {
+                    Some(a) if a.release == release && st.staged.is_none() => {
+                        let route = st.route.as_ref().map(|r| r.port()).or(st.route_port).unwrap_or(0);
+                        return Ok(json!({"route": format!("127.0.0.1:{route}"), "previous": st.retired, "instance": a}));
+                    }
+                    _ => return Err(not_started(name, release)),
+                },
+            };
+            let old_route = self.bind_route(name, &mut st, port)?;
+            if let Some(r) = &st.route {
+                r.set_backend(Some(target.port));
+            }
+            let route_port = st.route.as_ref().map(|r| r.port()).unwrap_or(0);
+            let displaced = st.retired.take();
+            let previous = st.active.take();
+            st.retired = previous.clone();
+            st.active = Some(target.clone());
+            st.staged = None;
+            tracing::info!(app = name, release, route = route_port, backend = target.port, container = %target.name, "route switched");
+            (old_route, displaced, json!({"route": format!("127.0.0.1:{route_port}"), "previous": previous, "instance": target}))
+        };
+        if let Some(r) = old_route {
+            r.close().await;
+        }
+        if let Some(d) = displaced {
+            // A retired container an earlier deployment never stopped:
+            // nothing routes to it any more.
+            self.conns.of(d.port).drained(self.cfg.stop_grace).await;
+            self.remove(&d).await?;
+        }
+        Ok(out)
+    }
+
+    async fn undo_switch(&self, ctx: &StepContext, name: &str, output: Option<&Value>) -> Result<Value, StepError> {
+        let previous = parse_slot(output, "previous", "switch")?;
+        let Some(instance) = parse_slot(output, "instance", "switch")? else {
+            return Err(StepError::invalid("the switch step's recorded output names no container; the route was left as it is"));
+        };
+        let Some(app) = self.existing(&ctx.destination, name) else { return Ok(json!({"active": null})) };
+        let _op = app.op.lock().await;
+        let closing = {
+            let mut st = app.lock();
+            let active = st.active.clone();
+            if active.as_ref().is_none_or(|a| a.name != instance.name) {
+                let undone = match (&active, &previous) {
+                    (Some(a), Some(p)) => a.name == p.name,
+                    (None, None) => true,
+                    _ => false,
+                };
+                if undone {
+                    return Ok(json!({"active": active}));
+                }
+                return Err(StepError::invalid(format!(
+                    "{name}'s route now points at {}, not at {}; another deployment changed it since, so it was left as it is",
+                    active.map(|a| a.label()).unwrap_or_else(|| "nothing".into()),
+                    instance.label()
+                )));
+            }
+            let current = active.unwrap_or(instance);
+            let mut closing = None;
+            match &previous {
+                Some(p) => {
+                    // The retired slot has the container as it runs now
+                    // (a re-created one has another host port).
+                    let Some(back) = st.retired.clone().filter(|r| r.name == p.name) else {
+                        return Err(StepError::invalid(format!(
+                            "cannot point {name}'s route back at {}: that container is not running any more; undo `stop-old` first (it re-creates it)",
+                            p.label()
+                        )));
+                    };
+                    if st.route.is_none() {
+                        self.bind_route(name, &mut st, 0)?;
+                    }
+                    if let Some(r) = &st.route {
+                        r.set_backend(Some(back.port));
+                    }
+                    st.active = Some(back);
+                    st.retired = None;
+                }
+                None => {
+                    closing = st.route.take();
+                    st.active = None;
+                }
+            }
+            st.staged = Some(current);
+            closing
+        };
+        if let Some(r) = closing {
+            r.close().await;
+        }
+        let st = app.lock();
+        Ok(json!({"active": st.active}))
+    }
+
+    async fn stop_old(&self, ctx: &StepContext, name: &str, drain_ms: u64) -> Result<Value, StepError> {
+        let Some(app) = self.existing(&ctx.destination, name) else { return Ok(json!({"stopped": null})) };
+        let _op = app.op.lock().await;
+        let Some(old) = app.lock().retired.clone() else { return Ok(json!({"stopped": null})) };
+        let open = self.conns.of(old.port).drained(Duration::from_millis(drain_ms)).await;
+        if open > 0 {
+            tracing::info!(app = name, container = %old.name, open, "connections still open after the drain time; stopping anyway");
+        }
+        self.remove(&old).await?;
+        let mut st = app.lock();
+        if st.retired.as_ref().is_some_and(|r| r.name == old.name) {
+            st.retired = None;
+        }
+        Ok(json!({"stopped": old, "open_connections_cut": open}))
+    }
+
+    async fn undo_stop_old(&self, ctx: &StepContext, name: &str, output: Option<&Value>) -> Result<Value, StepError> {
+        let Some(old) = parse_slot(output, "stopped", "stop-old")? else { return Ok(json!({"restored": null})) };
+        let app = self.app(&ctx.destination, name);
+        let _op = app.op.lock().await;
+        if let Some(r) = app.lock().retired.clone().filter(|r| r.name == old.name) {
+            return Ok(json!({"restored": r}));
+        }
+        let (cont, _) = self.launch(&old.spec, &old.labels, old.container_port).await?;
+        let deadline = Instant::now() + self.cfg.restore_wait;
+        while tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, cont.port)).await.is_err() {
+            if Instant::now() >= deadline {
+                return Err(StepError::transient(format!(
+                    "{} was re-created but its port did not accept connections within {}; see `docker logs {}`",
+                    cont.label(),
+                    human(self.cfg.restore_wait),
+                    cont.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        app.lock().retired = Some(cont.clone());
+        Ok(json!({"restored": cont}))
+    }
+
+    /// Remove the containers of `destination` labelled with `token` that no
+    /// route points at. A running container of an app this node has no
+    /// record of is left alone (it may be what serves after a restart).
+    async fn forget(&self, destination: &str, token: u64) -> Vec<String> {
+        let engine = match self.engine().await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!(error = %e, "no Docker Engine: nothing of docker destinations to forget");
+                return Vec::new();
+            }
+        };
+        let listed = match engine.list(&LabelFilter::managed().destination(destination).token(token)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(destination, token, error = %e, "cannot list the containers of a forgotten deployment");
+                return Vec::new();
+            }
+        };
+        let mut removed = Vec::new();
+        for c in listed {
+            let Some(fl) = &c.fleet else { continue };
+            let app = self.existing(destination, &fl.app);
+            let _op = match &app {
+                Some(a) => Some(a.op.lock().await),
+                None => None,
+            };
+            let active = app.as_ref().is_some_and(|a| a.lock().active.as_ref().is_some_and(|x| x.name == c.name));
+            if active || (app.is_none() && c.state == fleet_docker::RunState::Running) {
+                continue;
+            }
+            match engine.stop_and_remove(&c.name, self.cfg.stop_grace).await {
+                Ok(_) => {
+                    if let Some(a) = &app {
+                        let mut st = a.lock();
+                        if st.staged.as_ref().is_some_and(|s| s.name == c.name) {
+                            st.staged = None;
+                        }
+                        if st.retired.as_ref().is_some_and(|s| s.name == c.name) {
+                            st.retired = None;
+                        }
+                    }
+                    removed.push(format!("removed container {} ({}@{}, token {token})", c.name, fl.app, fl.release));
+                }
+                Err(e) => {
+                    tracing::warn!(container = %c.name, error = %e, "could not remove a container of a forgotten deployment; remove it by hand")
+                }
+            }
+        }
+        removed
+    }
+}
+
+fn not_mine(action: &StepAction) -> StepError {
+    StepError::invalid(format!(
+        "the docker adapter cannot run a `{}` step of this kind; this is a bug in fleet-node's adapter selection, please report it",
+        action.verb()
+    ))
+}
+
+impl Adapter for DockerAdapter {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn run<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            let i = &self.inner;
+            match action {
+                StepAction::StartContainer { app, release, container, env } => i.start(ctx, app, release, container, env).await,
+                StepAction::HealthCheck { app, release, check } => i.health(ctx, app, release, check).await,
+                StepAction::SwitchRoute { app, release, port } => i.switch(ctx, app, release, *port).await,
+                StepAction::StopOld { app, drain_ms, .. } => i.stop_old(ctx, app, *drain_ms).await,
+                StepAction::StartInstance { .. } | StepAction::Command { .. } => Err(not_mine(action)),
+            }
+        })
+    }
+
+    fn undo<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction, out: Option<&'a Value>) -> BoxFuture<'a, Result<Value, StepError>> {
+        Box::pin(async move {
+            let i = &self.inner;
+            match action {
+                StepAction::StartContainer { app, release, .. } => i.undo_start(ctx, app, release, out).await,
+                StepAction::HealthCheck { .. } => Ok(json!({})),
+                StepAction::SwitchRoute { app, .. } => i.undo_switch(ctx, app, out).await,
+                StepAction::StopOld { app, .. } => i.undo_stop_old(ctx, app, out).await,
+                StepAction::StartInstance { .. } | StepAction::Command { .. } => Err(not_mine(action)),
+            }
+        })
+    }
+
+    fn cancelled<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let (StepAction::StartContainer { app, release, .. }, false) = (action, ctx.undo) {
+                self.inner.cancelled_start(ctx, app, release).await;
+            }
+        })
+    }
+
+    fn forget<'a>(&'a self, destination: &'a str, token: u64) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(self.inner.forget(destination, token))
+    }
+
+    fn timeout_hint(&self, action: &StepAction) -> String {
+        match action {
+            StepAction::StartContainer { .. } => {
+                "the container was removed; a large image may need longer to pull: raise `step_timeout`, or pull it on the node beforehand"
+                    .into()
+            }
+            StepAction::HealthCheck { .. } => {
+                "the health check outlived its step; check the manifest's `health.deadline` against the step timeout".into()
+            }
+            StepAction::SwitchRoute { .. } => "switching a route should take milliseconds; check the node's own log (stderr)".into(),
+            StepAction::StopOld { .. } => "the old container did not drain and stop in time; check `drain` in the manifest".into(),
+            StepAction::StartInstance { .. } | StepAction::Command { .. } => "this step is another adapter's".into(),
+        }
+    }
+}
