@@ -218,6 +218,11 @@ async fn pull_never_with_a_missing_image_fails_naming_it() {
         ensure!(start.error.as_deref().is_some_and(|e| e.contains(&wanted) && e.contains("pull")), "{:?}", start.error);
         let listed = engine.list(&LabelFilter::managed().destination(&dest)).await?;
         ensure!(listed.is_empty(), "nothing is left: {listed:?}");
+
+        // A manifest with both `run:` and `image:` is refused (exit 2), naming the field.
+        let mixed = f.cluster.write_file("mixed.yaml", &(manifest(&dest, "fleet-test/web-bg:{release}") + "run: [\"srv\"]\n"))?;
+        let run = deploy(&f, &mixed, "v1", 2).await?;
+        ensure!(run.text().contains("image") && run.text().contains("not both"), "{run}");
         Ok(())
     }
     .await;
