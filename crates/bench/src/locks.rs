@@ -102,7 +102,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for r in &rows {
         println!("| {} | {} | {:.0} | {:.3} | {:.3} |", r.system, r.clients, r.ops as f64 / r.secs, r.q(0.5), r.q(0.99));
     }
-    println!("\nfailover (kill -9 leader → first successful write): fleet {fleet_failover:.3} s{}", etcd_failover.map(|f| format!(", etcd {f:.3} s")).unwrap_or_default());
+    println!(
+        "\nfailover (kill -9 leader → first successful write): fleet {fleet_failover:.3} s{}",
+        etcd_failover.map(|f| format!(", etcd {f:.3} s")).unwrap_or_default()
+    );
     println!("floor: {floor}");
     Ok(())
 }
@@ -147,7 +150,9 @@ pub fn floor(dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let _ = echo.join();
     let fs50 = percentile(fsync, 0.5);
     let rtt50 = percentile(rtt, 0.5);
-    Ok(json!({"system": "floor", "fdatasync_p50_ms": round3(fs50), "loopback_rtt_p50_ms": round3(rtt50), "floor_p50_ms": round3(fs50 + rtt50)}))
+    Ok(
+        json!({"system": "floor", "fdatasync_p50_ms": round3(fs50), "loopback_rtt_p50_ms": round3(rtt50), "floor_p50_ms": round3(fs50 + rtt50)}),
+    )
 }
 
 /// Every client's latencies, sorted.
@@ -271,7 +276,8 @@ async fn etcd_failover_run(endpoints: &[String]) -> anyhow::Result<f64> {
     let t = Instant::now();
     Command::new("kill").arg("-9").arg(&pid).status()?;
     loop {
-        let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(300)).with_connect_timeout(Duration::from_millis(300));
+        let opts =
+            etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(300)).with_connect_timeout(Duration::from_millis(300));
         if let Ok(mut c) = etcd_client::Client::connect([survivor.as_str()], Some(opts)).await {
             if c.put("failover", "ok", None).await.is_ok() {
                 return Ok(t.elapsed().as_secs_f64());

@@ -160,9 +160,8 @@ async fn get_deployment(c: &mut Client, id: &str) -> anyhow::Result<Value> {
 }
 
 async fn leader_locks(c: &mut Client) -> anyhow::Result<u64> {
-    let s = c
-        .call(|mut cl, _| async move { cl.cluster_status(ClusterStatusRequest { local: false }).await.map(|r| r.into_inner()) })
-        .await?;
+    let s =
+        c.call(|mut cl, _| async move { cl.cluster_status(ClusterStatusRequest { local: false }).await.map(|r| r.into_inner()) }).await?;
     Ok(s.locks)
 }
 
@@ -183,14 +182,20 @@ async fn wait_terminal(c: &mut Client, ids: &[String], other_locks: u64, timeout
             }
             let open: Vec<String> = all
                 .iter()
-                .filter(|d| !matches!(d["state"].as_str(), Some("succeeded" | "failed" | "cancelled" | "compensation_failed" | "superseded")))
+                .filter(|d| {
+                    !matches!(d["state"].as_str(), Some("succeeded" | "failed" | "cancelled" | "compensation_failed" | "superseded"))
+                })
                 .map(|d| format!("{} {}", d["id"], d["state"]))
                 .collect();
             if open.is_empty() {
                 return Ok(all);
             }
             if start.elapsed() > timeout {
-                bail!("after {timeout:?}, {} deployments have not ended: {}", open.len(), open.iter().take(5).cloned().collect::<Vec<_>>().join(", "));
+                bail!(
+                    "after {timeout:?}, {} deployments have not ended: {}",
+                    open.len(),
+                    open.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                );
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -364,7 +369,8 @@ struct CoreCosts {
 
 fn core_costs(d: &Value) -> anyhow::Result<CoreCosts> {
     let done: Deployment = serde_json::from_value(d.clone()).context("the Deployment JSON does not match fleet-core's type")?;
-    let outputs: Vec<(Option<String>, i64, i64)> = done.steps.iter().map(|s| (s.output.clone(), s.started_ms.unwrap_or(0), s.finished_ms.unwrap_or(0))).collect();
+    let outputs: Vec<(Option<String>, i64, i64)> =
+        done.steps.iter().map(|s| (s.output.clone(), s.started_ms.unwrap_or(0), s.finished_ms.unwrap_or(0))).collect();
     let mut fresh = done.clone();
     fresh.state = DeployState::Running;
     for s in &mut fresh.steps {

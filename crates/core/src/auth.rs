@@ -69,7 +69,10 @@ pub enum Access {
 pub fn allows(role: Role, access: Access) -> bool {
     matches!(
         (role, access),
-        (Role::Coordinator, Access::Peer) | (Role::Node, Access::Work) | (Role::Operator, Access::Read | Access::Write) | (Role::Viewer, Access::Read)
+        (Role::Coordinator, Access::Peer)
+            | (Role::Node, Access::Work)
+            | (Role::Operator, Access::Read | Access::Write)
+            | (Role::Viewer, Access::Read)
     )
 }
 

@@ -63,11 +63,7 @@ async fn main() -> ExitCode {
     };
     let addr = listener.local_addr().unwrap_or(addr);
     println!("fleet-demo-app {}@{} (pid {}) listening on http://{addr}", info.app, info.release, std::process::id());
-    let app = Router::new()
-        .route("/", get(root))
-        .route("/release", get(release))
-        .route("/healthz", get(healthz))
-        .with_state(info);
+    let app = Router::new().route("/", get(root)).route("/release", get(release)).route("/healthz", get(healthz)).with_state(info);
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await {
         eprintln!("fleet-demo-app: server error: {e}");
         return ExitCode::from(1);
