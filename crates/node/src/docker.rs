@@ -617,7 +617,10 @@ impl Inner {
         }
         let (cont, _) = self.launch(&old.spec, &old.labels, old.container_port).await?;
         let deadline = Instant::now() + self.cfg.restore_wait;
-        while tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, cont.port)).await.is_err() {
+        // Its image's HEALTHCHECK first, if it has one; then the port.
+        let engine = self.engine().await?;
+        engine.wait_for_health(&cont.name, self.cfg.restore_wait).await.map_err(docker_err)?;
+        while !port_serves(cont.port).await {
             if Instant::now() >= deadline {
                 return Err(StepError::transient(format!(
                     "{} was re-created but its port did not accept connections within {}; see `docker logs {}`",
@@ -681,6 +684,20 @@ impl Inner {
             }
         }
         removed
+    }
+}
+
+/// Does something serve on 127.0.0.1:`port`? The engine's port proxy
+/// accepts connections before the container listens, and then closes them
+/// at once: a connection that is accepted and not closed within a moment
+/// (or that the server greets) counts.
+async fn port_serves(port: u16) -> bool {
+    let Ok(mut s) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else { return false };
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(200), tokio::io::AsyncReadExt::read(&mut s, &mut byte)).await {
+        Err(_) => true,
+        Ok(Ok(n)) => n > 0,
+        Ok(Err(_)) => false,
     }
 }
 
