@@ -161,7 +161,7 @@ async fn blue_green(f: &Fleet, engine: &Engine, dest: &str) -> anyhow::Result<()
     t.join().map_err(|_| anyhow::anyhow!("the client thread panicked"))?;
     let run2 = run2?;
     let d2 = run2.deployment()?;
-    let c = counts.lock().unwrap_or_else(|p| p.into_inner());
+    let c = std::mem::take(&mut *counts.lock().unwrap_or_else(|p| p.into_inner()));
     eprintln!("client during v1 → v2: {} ok, {} failed, per release {:?}", c.ok, c.failed.len(), c.per_release);
     ensure!(
         c.failed.is_empty(),
@@ -170,7 +170,6 @@ async fn blue_green(f: &Fleet, engine: &Engine, dest: &str) -> anyhow::Result<()
         c.failed.iter().take(3).collect::<Vec<_>>()
     );
     ensure!(c.per_release.get("v1").is_some_and(|n| *n > 0) && c.per_release.get("v2").is_some_and(|n| *n > 0), "{c:?}");
-    drop(c);
     ensure!(route(&d2)? == addr, "the route keeps its address across releases");
     ensure!(serves(&addr).await? == "v2");
 
