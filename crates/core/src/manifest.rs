@@ -18,6 +18,22 @@
 //!   healthy_threshold: 2
 //!   deadline: 20s
 //! ```
+//!
+//! A `docker` destination's manifest has `image:` instead of `run:`, and the
+//! container's settings (named as in `fleet_docker::ContainerSpec`; core
+//! does not depend on it, the node converts [`ContainerManifest`]):
+//!
+//! ```yaml
+//! app: web
+//! destination: boxes
+//! image: "registry.example/web:{release}"
+//! container_port: 8080
+//! pull: missing            # missing | always | never
+//! command: ["/serve"]      # optional, instead of the image's CMD
+//! volumes: [{ host_path: /srv/web, container_path: /data, read_only: true }]
+//! limits: { memory_bytes: 268435456, nano_cpus: 500000000 }
+//! health: { image: true }  # the image's HEALTHCHECK, or http/tcp/command as above
+//! ```
 
 use std::collections::BTreeMap;
 use std::time::Duration;
