@@ -32,10 +32,13 @@
 //! socket fails the step with class `transient` and a message naming the
 //! socket.
 //!
-//! State (which container is staged, active, retired; the route) is kept
-//! in memory per (destination, app). A restarted `fleet-node` does not yet
-//! adopt running containers by label: it starts with no routes for docker
-//! apps, and `forget` leaves running containers it has no record of alone.
+//! State (which container is staged, active, retired; the route's port) is
+//! kept per (destination, app) in `<data-dir>/docker/*.json`, rewritten
+//! atomically after every change. A restarted `fleet-node`
+//! ([`DockerAdapter::open`]) listens on each recorded route again and points
+//! it at the recorded active container, which kept running; containers
+//! that no step owns any more are removed by `forget` when the leader says
+//! so. `forget` leaves running containers it has no record of alone.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -53,7 +56,7 @@ use serde_json::{json, Value};
 use crate::adapter::{Adapter, StepContext, StepError};
 use crate::process::probe;
 use crate::process::proxy::{Conns, Route};
-use crate::util::human;
+use crate::util::{human, safe_file_part, write_atomic};
 
 /// Settings of the docker adapter.
 #[derive(Debug, Clone)]
@@ -102,6 +105,28 @@ impl Container {
     }
 }
 
+/// What `<data-dir>/docker/<destination>__<app>.json` holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerRecord {
+    pub destination: String,
+    pub app: String,
+    pub route_port: Option<u16>,
+    pub staged: Option<Container>,
+    pub active: Option<Container>,
+    pub retired: Option<Container>,
+}
+
+/// A failure to open the adapter's state.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerStateError {
+    #[error("cannot create {path}: {source}; check that the data dir is writable")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid docker app state file: {source}; fix it, or move it away (its containers are then no longer managed)")]
+    Parse { path: PathBuf, source: serde_json::Error },
+}
+
 #[derive(Default)]
 struct AppState {
     route: Option<Route>,
@@ -112,6 +137,8 @@ struct AppState {
 }
 
 struct App {
+    destination: String,
+    name: String,
     /// Serializes the actions on this app.
     op: tokio::sync::Mutex<()>,
     st: Mutex<AppState>,
@@ -199,6 +226,8 @@ fn parse_slot(output: Option<&Value>, key: &str, step: &str) -> Result<Option<Co
 }
 
 impl DockerAdapter {
+    /// The adapter without recorded state (it records nothing until its
+    /// first step). [`DockerAdapter::open`] is what `fleet-node` uses.
     pub fn new(cfg: DockerConfig) -> DockerAdapter {
         DockerAdapter {
             inner: Arc::new(Inner {
@@ -208,6 +237,35 @@ impl DockerAdapter {
                 conns: Conns::default(),
             }),
         }
+    }
+
+    /// Open the adapter on `cfg.data_dir`: read the recorded apps and
+    /// listen on their routes again, pointed at the recorded active
+    /// containers (which kept running while no fleet-node was there). Must
+    /// run inside a tokio runtime. Does not contact the engine.
+    pub fn open(cfg: DockerConfig) -> Result<DockerAdapter, DockerStateError> {
+        let dir = cfg.data_dir.join("docker");
+        std::fs::create_dir_all(&dir).map_err(|source| DockerStateError::CreateDir { path: dir.clone(), source })?;
+        let adapter = DockerAdapter::new(cfg);
+        let entries = std::fs::read_dir(&dir).map_err(|source| DockerStateError::Read { path: dir.clone(), source })?;
+        for entry in entries {
+            let path = entry.map_err(|source| DockerStateError::Read { path: dir.clone(), source })?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(|source| DockerStateError::Read { path: path.clone(), source })?;
+            let rec: DockerRecord =
+                serde_json::from_slice(&bytes).map_err(|source| DockerStateError::Parse { path: path.clone(), source })?;
+            adapter.inner.adopt(rec);
+        }
+        Ok(adapter)
+    }
+
+    /// The recorded state of `app` on `destination` (None if never deployed here).
+    pub fn record(&self, destination: &str, app: &str) -> Option<DockerRecord> {
+        let a = self.inner.existing(destination, app)?;
+        let st = a.lock();
+        Some(record_of(&a, &st))
     }
 
     /// The port `app`'s route of `destination` listens on, and the host
@@ -230,7 +288,58 @@ impl DockerAdapter {
     }
 }
 
+fn record_of(app: &App, st: &AppState) -> DockerRecord {
+    DockerRecord {
+        destination: app.destination.clone(),
+        app: app.name.clone(),
+        route_port: st.route_port,
+        staged: st.staged.clone(),
+        active: st.active.clone(),
+        retired: st.retired.clone(),
+    }
+}
+
 impl Inner {
+    fn adopt(&self, rec: DockerRecord) {
+        let app = self.app(&rec.destination, &rec.app);
+        let mut st = app.lock();
+        st.route_port = rec.route_port;
+        st.staged = rec.staged;
+        st.retired = rec.retired;
+        st.active = rec.active;
+        if let (Some(active), Some(port)) = (&st.active, st.route_port) {
+            match Route::bind(&rec.app, port, self.conns.clone()) {
+                Ok(r) => {
+                    r.set_backend(Some(active.port));
+                    tracing::info!(app = %rec.app, destination = %rec.destination, route = port, container = %active.name, "docker route adopted");
+                    st.route = Some(r);
+                }
+                Err(e) => {
+                    tracing::warn!(app = %rec.app, port, error = %e, "cannot listen on the recorded route port again; the next switch binds it")
+                }
+            }
+        }
+    }
+
+    fn state_path(&self, destination: &str, app: &str) -> PathBuf {
+        self.cfg.data_dir.join("docker").join(format!("{}__{}.json", safe_file_part(destination), safe_file_part(app)))
+    }
+
+    /// Record `app`'s state on disk.
+    fn save(&self, app: &App) -> Result<(), StepError> {
+        let rec = record_of(app, &app.lock());
+        let path = self.state_path(&app.destination, &app.name);
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            write_atomic(&path, &serde_json::to_vec_pretty(&rec).map_err(std::io::Error::other)?)
+        };
+        write().map_err(|e| {
+            StepError::resource(format!("cannot write {}: {e}; check the node's data dir (disk full? permissions?)", path.display()))
+        })
+    }
+
     async fn engine(&self) -> Result<&Engine, StepError> {
         self.engine
             .get_or_try_init(|| async {
@@ -250,7 +359,14 @@ impl Inner {
     fn app(&self, destination: &str, app: &str) -> Arc<App> {
         let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
         apps.entry((destination.to_string(), app.to_string()))
-            .or_insert_with(|| Arc::new(App { op: tokio::sync::Mutex::new(()), st: Mutex::new(AppState::default()) }))
+            .or_insert_with(|| {
+                Arc::new(App {
+                    destination: destination.to_string(),
+                    name: app.to_string(),
+                    op: tokio::sync::Mutex::new(()),
+                    st: Mutex::new(AppState::default()),
+                })
+            })
             .clone()
     }
 
@@ -320,11 +436,13 @@ impl Inner {
             tracing::info!(app = name, container = %old.name, "removing a leftover staged container before starting {release}");
             self.remove(&old).await?;
             app.lock().staged = None;
+            self.save(&app)?;
         }
         let spec = container_spec(c, env, name, release, ctx.token);
         let (cont, adopted) = self.launch(&spec, &labels, c.container_port).await?;
         let out = json!({"container": cont.name, "port": cont.port, "release": release, "image": spec.image_for(release).unwrap_or_default(), "adopted": adopted});
         app.lock().staged = Some(cont);
+        self.save(&app)?;
         Ok(out)
     }
 
@@ -344,13 +462,16 @@ impl Inner {
         }
         let engine = self.engine().await?;
         let removal = engine.stop_and_remove(&container, self.cfg.stop_grace).await.map_err(docker_err)?;
-        let mut st = app.lock();
-        if st.staged.as_ref().is_some_and(|s| s.name == container) {
-            st.staged = None;
+        {
+            let mut st = app.lock();
+            if st.staged.as_ref().is_some_and(|s| s.name == container) {
+                st.staged = None;
+            }
+            if st.retired.as_ref().is_some_and(|s| s.name == container) {
+                st.retired = None;
+            }
         }
-        if st.retired.as_ref().is_some_and(|s| s.name == container) {
-            st.retired = None;
-        }
+        self.save(&app)?;
         Ok(json!({"removed": container, "already_gone": removal == fleet_docker::Removal::AlreadyGone}))
     }
 
@@ -376,9 +497,14 @@ impl Inner {
             }
             Err(e) => tracing::warn!(%container, error = %e, "could not reach the engine to remove it"),
         }
-        let mut st = app.lock();
-        if st.staged.as_ref().is_some_and(|s| s.name == container) {
-            st.staged = None;
+        {
+            let mut st = app.lock();
+            if st.staged.as_ref().is_some_and(|s| s.name == container) {
+                st.staged = None;
+            }
+        }
+        if let Err(e) = self.save(&app) {
+            tracing::warn!(app = name, error = %e, "could not record it");
         }
     }
 
@@ -519,6 +645,7 @@ impl Inner {
             tracing::info!(app = name, release, route = route_port, backend = target.port, container = %target.name, "route switched");
             (old_route, displaced, json!({"route": format!("127.0.0.1:{route_port}"), "previous": previous, "instance": target}))
         };
+        self.save(&app)?;
         if let Some(r) = old_route {
             r.close().await;
         }
@@ -585,6 +712,7 @@ impl Inner {
             st.staged = Some(current);
             closing
         };
+        self.save(&app)?;
         if let Some(r) = closing {
             r.close().await;
         }
@@ -601,10 +729,13 @@ impl Inner {
             tracing::info!(app = name, container = %old.name, open, "connections still open after the drain time; stopping anyway");
         }
         self.remove(&old).await?;
-        let mut st = app.lock();
-        if st.retired.as_ref().is_some_and(|r| r.name == old.name) {
-            st.retired = None;
+        {
+            let mut st = app.lock();
+            if st.retired.as_ref().is_some_and(|r| r.name == old.name) {
+                st.retired = None;
+            }
         }
+        self.save(&app)?;
         Ok(json!({"stopped": old, "open_connections_cut": open}))
     }
 
@@ -632,6 +763,7 @@ impl Inner {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         app.lock().retired = Some(cont.clone());
+        self.save(&app)?;
         Ok(json!({"restored": cont}))
     }
 
@@ -668,12 +800,17 @@ impl Inner {
             match engine.stop_and_remove(&c.name, self.cfg.stop_grace).await {
                 Ok(_) => {
                     if let Some(a) = &app {
-                        let mut st = a.lock();
-                        if st.staged.as_ref().is_some_and(|s| s.name == c.name) {
-                            st.staged = None;
+                        {
+                            let mut st = a.lock();
+                            if st.staged.as_ref().is_some_and(|s| s.name == c.name) {
+                                st.staged = None;
+                            }
+                            if st.retired.as_ref().is_some_and(|s| s.name == c.name) {
+                                st.retired = None;
+                            }
                         }
-                        if st.retired.as_ref().is_some_and(|s| s.name == c.name) {
-                            st.retired = None;
+                        if let Err(e) = self.save(a) {
+                            tracing::warn!(container = %c.name, error = %e, "the removed container is still recorded");
                         }
                     }
                     removed.push(format!("removed container {} ({}@{}, token {token})", c.name, fl.app, fl.release));

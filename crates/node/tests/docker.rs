@@ -1,6 +1,6 @@
 //! The `docker` adapter against this machine's Docker Engine: the blue-green
-//! steps, their exact undos in the order the leader runs them, `forget`, and
-//! the error for a missing socket. Images are built `FROM scratch` by
+//! steps, their exact undos in the order the leader runs them, `forget`, a
+//! restarted adapter adopting its route, and the error for a missing socket. Images are built `FROM scratch` by
 //! `fleet_docker::testimage` (no registry).
 
 use std::collections::BTreeMap;
@@ -98,7 +98,7 @@ async fn blue_green_steps_and_their_exact_undos() {
     }
     let dest = format!("nodeundo-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let a = DockerAdapter::new(DockerConfig::new(dir.path()));
+    let a = DockerAdapter::open(DockerConfig::new(dir.path())).expect("open");
     let image = "fleet-test/web-node:{release}";
     let result = async {
         // d1 (token 1): v1 all the way.
@@ -147,6 +147,16 @@ async fn blue_green_steps_and_their_exact_undos() {
         assert!(a.forget(&dest, 1).await.is_empty(), "the active container is never forgotten");
         assert_eq!(names(&engine, &dest).await, [("v1".to_string(), "Running".to_string())]);
         assert_eq!(get(route).await, "release=v1");
+
+        // A restarted node (a new adapter on the same data dir) listens on
+        // the same route again, pointed at the container that kept running.
+        a.shutdown().await;
+        let b = DockerAdapter::open(DockerConfig::new(dir.path())).expect("reopen");
+        assert_eq!(b.route(&dest, "web").map(|r| r.0), Some(route));
+        assert_eq!(get(route).await, "release=v1");
+        let rec = b.record(&dest, "web").expect("a record");
+        assert_eq!((rec.active.map(|c| c.release), rec.staged, rec.retired), (Some("v1".to_string()), None, None));
+        b.shutdown().await;
         Ok::<(), fleet_node::adapter::StepError>(())
     }
     .await;
