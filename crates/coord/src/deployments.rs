@@ -8,11 +8,9 @@ use std::time::Duration;
 
 use fleet_core::deploy::Deployment;
 use fleet_core::manifest::{parse_destinations, parse_manifest, Overrides};
-use fleet_core::state::State;
 use fleet_core::{Command, Response as Outcome};
 use fleet_proto::*;
 use openraft::error::RaftError;
-use serde_json::{json, Value};
 use tonic::Status;
 
 use crate::control::ControlService;
@@ -32,26 +30,6 @@ fn outcome_error(outcome: Outcome) -> Status {
         Outcome::NotFound { what } => Status::not_found(format!("no {what}")),
         other => Status::internal(format!("unexpected answer from the state machine: {other:?}")),
     }
-}
-
-/// Destination record as `fleetctl destinations` shows it.
-pub fn destination_view(s: &State, name: &str) -> Option<Value> {
-    let d = s.destination(name)?;
-    let mut v = serde_json::to_value(d).ok()?;
-    let mut current = serde_json::Map::new();
-    for dep in s.deployments() {
-        if dep.destinations().iter().any(|x| x == name) && dep.state == fleet_core::deploy::DeployState::Succeeded {
-            current.insert(dep.app.clone(), Value::String(dep.release.clone()));
-        }
-    }
-    if let Value::Object(m) = &mut v {
-        m.insert("lock_holder".into(), s.lock(name).map(|l| Value::String(l.holder.clone())).unwrap_or(Value::Null));
-        m.insert("lock_token".into(), s.lock(name).map(|l| json!(l.fencing_token)).unwrap_or(Value::Null));
-        m.insert("queued".into(), json!(s.queue(name)));
-        m.insert("current".into(), Value::Object(current));
-        m.insert("nodes".into(), json!(s.nodes_for(name)));
-    }
-    Some(v)
 }
 
 impl ControlService {
@@ -276,7 +254,7 @@ impl ControlService {
                 if only.is_some_and(|o| !o.contains(&d.name)) {
                     continue;
                 }
-                if let Some(v) = destination_view(&a.state, &d.name) {
+                if let Some(v) = fleet_core::views::DestinationView::of(&a.state, &d.name) {
                     out.push(to_json(&v)?);
                 }
             }
@@ -292,15 +270,15 @@ impl ControlService {
             let mut out = Vec::new();
             for n in a.state.nodes() {
                 let live = hub.liveness(&n.id);
-                let v = json!({
-                    "id": n.id,
-                    "labels": n.labels,
-                    "registered_ms": n.registered_ms,
-                    "lost_ms": n.lost_ms,
-                    "connected": live.connected,
-                    "connected_ms": live.connected_ms,
-                    "last_seen_ms": live.last_seen_ms,
-                });
+                let v = fleet_core::views::NodeView {
+                    id: n.id.clone(),
+                    labels: n.labels.clone(),
+                    registered_ms: n.registered_ms,
+                    lost_ms: n.lost_ms,
+                    connected: live.connected,
+                    connected_ms: live.connected_ms,
+                    last_seen_ms: live.last_seen_ms,
+                };
                 out.push(to_json(&v)?);
             }
             Ok(NodesReply { nodes_json: out })

@@ -24,6 +24,7 @@ pub mod manifest;
 pub mod names;
 pub mod saga;
 pub mod state;
+pub mod views;
 pub mod witness;
 
 pub use command::{Command, LockView, Request, Response};

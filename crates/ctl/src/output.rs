@@ -6,11 +6,9 @@
 //! `cancel --wait`) print one [`Line`] per line. The other commands print
 //! one object (or array) of the type named in their doc.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use fleet_core::deploy::{DeployState, Deployment};
-use fleet_core::manifest::QueuePolicy;
 use serde::{Deserialize, Serialize};
 
 pub use crate::progress::{StepEventStatus, WatchEvent};
@@ -268,42 +266,9 @@ pub struct DevDown {
     pub purged: bool,
 }
 
-/// A worker node as the leader lists it (`fleetctl nodes -o json` prints
-/// an array of them).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeRecord {
-    pub id: String,
-    pub labels: BTreeMap<String, String>,
-    pub registered_ms: i64,
-    /// Since when the leader counts it lost (it gets no work until it reconnects).
-    pub lost_ms: Option<i64>,
-    /// Connected to this leader now.
-    pub connected: bool,
-    pub connected_ms: Option<i64>,
-    /// `null` if this leader has not heard from it.
-    pub last_seen_ms: Option<i64>,
-}
-
-/// A destination as the cluster lists it (`fleetctl destinations -o json`
-/// prints an array of them): its definition, lock, queue, current releases
-/// and matching nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DestinationRecord {
-    pub name: String,
-    pub adapter: String,
-    #[serde(default)]
-    pub selector: BTreeMap<String, String>,
-    /// The queue policy.
-    pub queue: QueuePolicy,
-    pub lock_holder: Option<String>,
-    pub lock_token: Option<u64>,
-    /// Deployments that hold or wait for the destination, in order.
-    pub queued: Vec<String>,
-    /// Release that last succeeded, per app.
-    pub current: BTreeMap<String, String>,
-    /// Nodes whose labels match the selector.
-    pub nodes: Vec<String>,
-}
+/// A worker node (`fleetctl nodes -o json`) and a destination
+/// (`fleetctl destinations -o json`), as the coordinators build them.
+pub use fleet_core::views::{DestinationView as DestinationRecord, NodeView as NodeRecord};
 
 #[cfg(test)]
 mod tests {

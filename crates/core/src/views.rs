@@ -1,0 +1,125 @@
+//! What the cluster lists about its destinations and nodes: the records
+//! that coordinators build and `fleetctl` (and its `-o json`, and the
+//! tests) read. One type on both sides, so a renamed field cannot go
+//! unnoticed by one of them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::deploy::DeployState;
+use crate::manifest::QueuePolicy;
+use crate::state::State;
+
+/// A destination as the cluster lists it (`fleetctl destinations -o json`
+/// prints an array of them): its definition, lock, queue, current releases
+/// and matching nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationView {
+    pub name: String,
+    pub adapter: String,
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// The queue policy.
+    pub queue: QueuePolicy,
+    pub lock_holder: Option<String>,
+    pub lock_token: Option<u64>,
+    /// Deployments that hold or wait for the destination, in order.
+    pub queued: Vec<String>,
+    /// Release that last succeeded, per app.
+    pub current: BTreeMap<String, String>,
+    /// Nodes whose labels match the selector.
+    pub nodes: Vec<String>,
+}
+
+impl DestinationView {
+    /// The view of destination `name` in `state`, if it exists.
+    pub fn of(state: &State, name: &str) -> Option<DestinationView> {
+        let d = state.destination(name)?;
+        let mut current = BTreeMap::new();
+        for dep in state.deployments() {
+            if dep.state == DeployState::Succeeded && dep.destinations().iter().any(|x| x == name) {
+                current.insert(dep.app.clone(), dep.release.clone());
+            }
+        }
+        let lock = state.lock(name);
+        Some(DestinationView {
+            name: d.name.clone(),
+            adapter: d.adapter.clone(),
+            selector: d.selector.clone(),
+            queue: d.queue,
+            lock_holder: lock.map(|l| l.holder.clone()),
+            lock_token: lock.map(|l| l.fencing_token),
+            queued: state.queue(name),
+            current,
+            nodes: state.nodes_for(name),
+        })
+    }
+}
+
+/// A worker node as the leader lists it (`fleetctl nodes -o json` prints
+/// an array of them): membership from the state machine, liveness from the
+/// leader's memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub registered_ms: i64,
+    /// Since when the leader counts it lost (it gets no work until it reconnects).
+    pub lost_ms: Option<i64>,
+    /// Connected to this leader now.
+    pub connected: bool,
+    pub connected_ms: Option<i64>,
+    /// `null` if this leader has not heard from it.
+    pub last_seen_ms: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys<T: Serialize>(v: &T) -> Vec<String> {
+        match serde_json::to_value(v) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            other => panic!("not an object: {other:?}"),
+        }
+    }
+
+    /// The JSON names are a contract with fleetctl's text output, scripts
+    /// reading `-o json`, and older fleetctl builds: changing one is a
+    /// deliberate act that updates this list.
+    #[test]
+    fn the_json_names_are_the_contract() {
+        let d = DestinationView {
+            name: "web".into(),
+            adapter: "process".into(),
+            selector: BTreeMap::new(),
+            queue: QueuePolicy::Queue,
+            lock_holder: None,
+            lock_token: None,
+            queued: vec![],
+            current: BTreeMap::new(),
+            nodes: vec![],
+        };
+        let mut want = ["adapter", "current", "lock_holder", "lock_token", "name", "nodes", "queue", "queued", "selector"];
+        want.sort();
+        assert_eq!(keys(&d), want);
+        let n = NodeView {
+            id: "n1".into(),
+            labels: BTreeMap::new(),
+            registered_ms: 1,
+            lost_ms: None,
+            connected: true,
+            connected_ms: Some(2),
+            last_seen_ms: None,
+        };
+        let mut want = ["connected", "connected_ms", "id", "labels", "last_seen_ms", "lost_ms", "registered_ms"];
+        want.sort();
+        assert_eq!(keys(&n), want);
+    }
+
+    #[test]
+    fn a_destination_that_does_not_exist_has_no_view() {
+        assert_eq!(DestinationView::of(&State::default(), "nowhere"), None);
+    }
+}
