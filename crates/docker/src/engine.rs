@@ -249,6 +249,10 @@ impl LabelFilter {
     pub fn token(self, token: u64) -> LabelFilter {
         self.label(crate::spec::LABEL_TOKEN, &token.to_string())
     }
+
+    pub fn node(self, node: &str) -> LabelFilter {
+        self.label(crate::spec::LABEL_NODE, node)
+    }
 }
 
 impl Engine {
@@ -596,7 +600,11 @@ fn pin_version(docker: Docker, v: ApiVersion) -> Docker {
 /// release and fencing token.
 fn is_same_step(existing: Option<&FleetLabels>, wanted: &FleetLabels) -> bool {
     existing.is_some_and(|e| {
-        e.app == wanted.app && e.destination == wanted.destination && e.release == wanted.release && e.token == wanted.token
+        e.app == wanted.app
+            && e.destination == wanted.destination
+            && e.release == wanted.release
+            && e.token == wanted.token
+            && e.node == wanted.node
     })
 }
 

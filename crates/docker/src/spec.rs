@@ -19,6 +19,8 @@ pub const LABEL_DESTINATION: &str = "fleet.destination";
 pub const LABEL_DEPLOYMENT: &str = "fleet.deployment";
 /// The fencing token of the step that created the container.
 pub const LABEL_TOKEN: &str = "fleet.token";
+/// The Fleet node that created the container (several nodes may share one engine in development).
+pub const LABEL_NODE: &str = "fleet.node";
 /// `fleet.managed=true` marks every container Fleet owns; nothing else carries it.
 pub const LABEL_MANAGED: &str = "fleet.managed";
 pub const MANAGED_VALUE: &str = "true";
@@ -35,19 +37,27 @@ pub struct FleetLabels {
     pub destination: String,
     pub deployment: String,
     pub token: u64,
+    /// The node that owns the container; empty: not recorded (no `fleet.node` label, and the
+    /// name does not carry it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
 }
 
 impl FleetLabels {
     /// All of Fleet's labels, `fleet.managed=true` included.
     pub fn to_map(&self) -> HashMap<String, String> {
-        HashMap::from([
+        let mut map = HashMap::from([
             (LABEL_APP.to_string(), self.app.clone()),
             (LABEL_RELEASE.to_string(), self.release.clone()),
             (LABEL_DESTINATION.to_string(), self.destination.clone()),
             (LABEL_DEPLOYMENT.to_string(), self.deployment.clone()),
             (LABEL_TOKEN.to_string(), self.token.to_string()),
             (LABEL_MANAGED.to_string(), MANAGED_VALUE.to_string()),
-        ])
+        ]);
+        if !self.node.is_empty() {
+            map.insert(LABEL_NODE.to_string(), self.node.clone());
+        }
+        map
     }
 
     /// Reads Fleet's labels back from a container; `None` unless it is a complete Fleet container.
@@ -61,6 +71,7 @@ impl FleetLabels {
             destination: labels.get(LABEL_DESTINATION)?.clone(),
             deployment: labels.get(LABEL_DEPLOYMENT)?.clone(),
             token: labels.get(LABEL_TOKEN)?.parse().ok()?,
+            node: labels.get(LABEL_NODE).cloned().unwrap_or_default(),
         })
     }
 
@@ -70,7 +81,22 @@ impl FleetLabels {
     /// Shape: `fleet-<destination>-<app>-t<token>-<release>-<hash>`, each part reduced to the
     /// characters Docker allows and shortened; the hash of the exact values keeps two tuples that
     /// reduce to the same text apart.
+    ///
+    /// With a `node`, it comes after the app (`fleet-<destination>-<app>-<node>-t<token>-...`), so
+    /// that nodes sharing one engine never share a container.
     pub fn container_name(&self) -> String {
+        if !self.node.is_empty() {
+            let exact = format!("{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}", self.destination, self.app, self.node, self.token, self.release);
+            return format!(
+                "fleet-{}-{}-{}-t{}-{}-{:08x}",
+                name_part(&self.destination, 40),
+                name_part(&self.app, 40),
+                name_part(&self.node, 40),
+                self.token,
+                name_part(&self.release, 40),
+                fnv1a32(exact.as_bytes())
+            );
+        }
         let exact = format!("{}\u{0}{}\u{0}{}\u{0}{}", self.destination, self.app, self.token, self.release);
         format!(
             "fleet-{}-{}-t{}-{}-{:08x}",
@@ -405,7 +431,14 @@ mod tests {
     use super::*;
 
     fn labels() -> FleetLabels {
-        FleetLabels { app: "web".into(), release: "v1".into(), destination: "prod".into(), deployment: "d-1".into(), token: 7 }
+        FleetLabels {
+            app: "web".into(),
+            release: "v1".into(),
+            destination: "prod".into(),
+            deployment: "d-1".into(),
+            token: 7,
+            node: String::new(),
+        }
     }
 
     #[test]
@@ -433,6 +466,14 @@ mod tests {
         assert_eq!(a.container_name(), same.container_name());
         let other_token = FleetLabels { token: 8, ..a.clone() };
         assert_ne!(a.container_name(), other_token.container_name());
+        // Two nodes on one engine get two containers; the node is a label too.
+        let n1 = FleetLabels { node: "node-1".into(), ..a.clone() };
+        let n2 = FleetLabels { node: "node-2".into(), ..a.clone() };
+        assert!(n1.container_name().starts_with("fleet-prod-web-node-1-t7-v1-"), "{}", n1.container_name());
+        assert_ne!(n1.container_name(), n2.container_name());
+        assert_eq!(FleetLabels::from_map(&n1.to_map()), Some(n1.clone()));
+        assert_eq!(n1.to_map()[LABEL_NODE], "node-1");
+        assert!(!a.to_map().contains_key(LABEL_NODE));
         // Two tuples that reduce to the same text stay apart.
         let x = FleetLabels { destination: "a/b".into(), ..a.clone() };
         let y = FleetLabels { destination: "a_b".into(), ..a.clone() };

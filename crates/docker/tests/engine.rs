@@ -36,7 +36,14 @@ fn unique(test: &str) -> String {
 }
 
 fn labels(destination: &str, release: &str, token: u64) -> FleetLabels {
-    FleetLabels { app: "web".into(), release: release.into(), destination: destination.into(), deployment: format!("dep-{token}"), token }
+    FleetLabels {
+        app: "web".into(),
+        release: release.into(),
+        destination: destination.into(),
+        deployment: format!("dep-{token}"),
+        token,
+        node: String::new(),
+    }
 }
 
 fn web_spec(image: &str) -> ContainerSpec {

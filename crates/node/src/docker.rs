@@ -63,6 +63,10 @@ use crate::util::{human, safe_file_part, write_atomic};
 pub struct DockerConfig {
     /// The engine's socket; `None`: `DOCKER_HOST`, else `/var/run/docker.sock`.
     pub socket: Option<PathBuf>,
+    /// This node's id: its containers carry it (label `fleet.node`, and in
+    /// their names), so nodes sharing one engine (development) never touch
+    /// each other's; `forget` only looks at this node's. Empty: any node's.
+    pub node: String,
     /// Where health commands run (their working directory).
     pub data_dir: PathBuf,
     /// Directories put in front of `PATH` for health commands.
@@ -77,6 +81,7 @@ impl DockerConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         DockerConfig {
             socket: None,
+            node: String::new(),
             data_dir: data_dir.into(),
             path_prepend: crate::proc::exe_dir().into_iter().collect(),
             stop_grace: Duration::from_secs(3),
@@ -207,6 +212,7 @@ fn labels_of(ctx: &StepContext, app: &str, release: &str) -> FleetLabels {
         destination: ctx.destination.clone(),
         deployment: ctx.deployment.clone(),
         token: ctx.token,
+        node: ctx.node.clone(),
     }
 }
 
@@ -778,7 +784,11 @@ impl Inner {
                 return Vec::new();
             }
         };
-        let listed = match engine.list(&LabelFilter::managed().destination(destination).token(token)).await {
+        let mut filter = LabelFilter::managed().destination(destination).token(token);
+        if !self.cfg.node.is_empty() {
+            filter = filter.node(&self.cfg.node);
+        }
+        let listed = match engine.list(&filter).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(destination, token, error = %e, "cannot list the containers of a forgotten deployment");

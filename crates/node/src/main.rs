@@ -195,8 +195,9 @@ async fn run(args: Args, identity: NodeIdentity, witness: Option<Witness>) -> an
     let journal = Some(args.data_dir.join("results.json"));
     let process: Arc<dyn Adapter> = Arc::new(adapter.clone());
     let command: Arc<dyn Adapter> = Arc::new(CommandAdapter::new(CommandConfig::new(&args.data_dir)));
-    let docker_adapter = DockerAdapter::open(DockerConfig { socket: args.docker_socket.clone(), ..DockerConfig::new(&args.data_dir) })
-        .context("opening the docker adapter's state")?;
+    let docker_adapter =
+        DockerAdapter::open(DockerConfig { socket: args.docker_socket.clone(), node: node.clone(), ..DockerConfig::new(&args.data_dir) })
+            .context("opening the docker adapter's state")?;
     let docker: Arc<dyn Adapter> = Arc::new(docker_adapter.clone());
     let (agent, results) = Agent::new(node.clone(), Adapters::new([process, command, docker]), fencing, witness, journal);
     let labels: BTreeMap<String, String> = args.labels.into_iter().collect();

@@ -123,6 +123,8 @@ async fn blue_green_steps_and_their_exact_undos() {
         let stopped = a.run(&c2(3, false), &stop_old("v2")).await?;
         assert_eq!(get(route).await, "release=v2");
         assert_eq!(names(&engine, &dest).await, [("v2".to_string(), "Running".to_string())]);
+        let listed = engine.list(&LabelFilter::managed().destination(&dest).node("node-1")).await.expect("list");
+        assert_eq!(listed.len(), 1, "the container carries its node's label");
 
         // Undo start while v2 serves: refused.
         let refused = a.undo(&c2(0, true), &start("v2", image), Some(&st2)).await.unwrap_err();
