@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context as _};
 use fleet_core::deploy::{DeployState, Deployment};
 use fleet_docker::testimage::{build_web_image, WebImage, WEB_PORT};
-use fleet_docker::{Engine, LabelFilter, RunState, LABEL_DEPLOYMENT, LABEL_MANAGED, LABEL_RELEASE, LABEL_TOKEN};
+use fleet_docker::{Engine, LabelFilter, RunState, LABEL_DEPLOYMENT, LABEL_MANAGED, LABEL_NODE, LABEL_RELEASE, LABEL_TOKEN};
 use fleet_tests::harness::{http_get, CtlRun, Fleet};
 use fleet_tests::json::SwitchOutput;
 use fleet_tests::values::{kind, output, status, steps};
@@ -191,7 +191,7 @@ async fn blue_green(f: &Fleet, engine: &Engine, dest: &str) -> anyhow::Result<()
     ensure!(c.state == RunState::Running, "{c:?}");
     ensure!(labels.app == "web" && labels.release == "v2" && labels.destination == dest, "{labels:?}");
     ensure!(labels.deployment == d2.id && Some(labels.token) == d2.token, "labels {labels:?} vs deployment {} token {:?}", d2.id, d2.token);
-    for key in [LABEL_MANAGED, LABEL_RELEASE, LABEL_DEPLOYMENT, LABEL_TOKEN] {
+    for key in [LABEL_MANAGED, LABEL_RELEASE, LABEL_DEPLOYMENT, LABEL_TOKEN, LABEL_NODE] {
         ensure!(c.labels.contains_key(key), "label {key} missing: {:?}", c.labels);
     }
     ensure!(c.image == "fleet-test/web-bg:v2", "{}", c.image);
@@ -226,4 +226,99 @@ async fn pull_never_with_a_missing_image_fails_naming_it() {
     }
     .await;
     f.finish(r);
+}
+
+/// Containers of `dest` that `node` created, as (release, running).
+async fn on_node(engine: &Engine, dest: &str, node: &str) -> anyhow::Result<Vec<(String, bool)>> {
+    let listed = engine.list(&LabelFilter::managed().destination(dest).node(node)).await?;
+    let mut v: Vec<(String, bool)> =
+        listed.into_iter().map(|c| (c.fleet.map(|f| f.release).unwrap_or_default(), c.state == RunState::Running)).collect();
+    v.sort();
+    Ok(v)
+}
+
+/// `kill -9` of a node while its new container is being health-checked,
+/// then its restart: the deployment ends honestly (done on node-1, the
+/// lost node's steps skipped), and the restarted node listens on its route
+/// again (still the previous release, which kept running) and removes the
+/// container no step owns any more; nothing is orphaned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_mid_deploy_adopts_what_is_active_and_removes_what_no_step_owns() {
+    let engine = Engine::connect().await.expect("this test needs the Docker Engine");
+    let tag = |r: &str| format!("fleet-test/web-bg:{r}");
+    for r in ["v1", "v2"] {
+        build_web_image(&engine, &WebImage::new(tag(r), r)).await.expect("building a test image");
+    }
+    let dest = unique("kill");
+    let _guard = ContainerGuard { destination: dest.clone() };
+    let nodes: [(&str, &[(&str, &str)]); 2] = [("node-1", &[("role", "boxes")]), ("node-2", &[("role", "boxes")])];
+    let mut f = Fleet::start(&nodes, &destinations(&dest)).await.expect("cluster with two nodes");
+    let r = killed_mid_deploy(&mut f, &engine, &dest).await;
+    f.finish(r);
+}
+
+async fn killed_mid_deploy(f: &mut Fleet, engine: &Engine, dest: &str) -> anyhow::Result<()> {
+    // A health check that takes about 3 s, so node-2 is certainly in it when killed.
+    let slow = format!(
+        "app: web\ndestination: {dest}\nimage: \"fleet-test/web-bg:{{release}}\"\ncontainer_port: {WEB_PORT}\npull: never\n\
+         health: {{ http: /healthz, interval: 100ms, healthy_threshold: 30, deadline: 30s }}\ndrain: 1s\n"
+    );
+    let m = f.cluster.write_file("slow.yaml", &slow)?;
+    let d1 = deploy(f, &m, "v1", 0).await?.deployment()?;
+    let route2 = {
+        let s = steps(&d1).iter().find(|s| kind(s) == "switch_route" && s.plan.node == "node-2").context("node-2's switch")?;
+        output::<SwitchOutput>(s)?.route
+    };
+    ensure!(serves(&route2).await? == "v1");
+
+    let idx = f.nodes.iter().position(|n| n.name == "node-2").context("node-2")?;
+    let (cluster, nodes) = (&f.cluster, &mut f.nodes);
+    let killer = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if on_node(engine, dest, "node-2").await?.contains(&("v2".to_string(), true)) {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "node-2 never started v2");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        nodes[idx].kill9()?;
+        anyhow::Ok(())
+    };
+    let (run2, killed) = tokio::join!(cluster.deploy(&m, &["--release", "v2"]), killer);
+    killed?;
+    let run2 = run2?;
+    run2.expect_code(0)?;
+    let d2 = run2.deployment()?;
+    ensure!(d2.state == DeployState::Succeeded, "{run2}");
+    for s in steps(&d2) {
+        let ok = match (s.plan.node.as_str(), status(s)) {
+            ("node-1", "done") => true,
+            // The kill lands while the start is finishing (its container
+            // exists, its result may not have been sent) or in the health check.
+            ("node-2", "skipped") => true,
+            ("node-2", "done") => kind(s) == "start_container",
+            _ => false,
+        };
+        ensure!(ok, "unexpected: {} on {} is {}", s.plan.name, s.plan.node, status(s));
+    }
+    // The kill took node-2's route with it, not its containers: v1 (active) and v2 (staged) run on.
+    ensure!(on_node(engine, dest, "node-2").await? == [("v1".to_string(), true), ("v2".to_string(), true)]);
+
+    f.nodes[idx].restart()?;
+    f.cluster.wait_nodes_connected(&["node-1", "node-2"]).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = on_node(engine, dest, "node-2").await?;
+        if left == [("v1".to_string(), true)] {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "node-2 still has {left:?}; the v2 container no step owns should be gone");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(serves(&route2).await? == "v1", "the restarted node listens on its route again, on the container that kept running");
+    ensure!(on_node(engine, dest, "node-1").await? == [("v2".to_string(), true)]);
+    let all = engine.list(&LabelFilter::managed().destination(dest)).await?;
+    ensure!(all.len() == 2, "exactly node-1's v2 and node-2's v1: {:?}", all.iter().map(|c| &c.name).collect::<Vec<_>>());
+    Ok(())
 }

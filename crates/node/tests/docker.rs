@@ -100,6 +100,23 @@ async fn blue_green_steps_and_their_exact_undos() {
     let dir = tempfile::tempdir().unwrap();
     let a = DockerAdapter::open(DockerConfig::new(dir.path())).expect("open");
     let image = "fleet-test/web-node:{release}";
+    // Removes the test's containers even when an assertion below panics.
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let dest = self.0.clone();
+            let _ = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+                rt.block_on(async {
+                    if let Ok(engine) = Engine::connect().await {
+                        cleanup(&engine, &dest).await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+    let _cleanup = Cleanup(dest.clone());
     let result = async {
         // d1 (token 1): v1 all the way.
         let c1 = |step, undo| ctx(&dest, "d1", step, 1, undo);
@@ -163,7 +180,6 @@ async fn blue_green_steps_and_their_exact_undos() {
     }
     .await;
     a.shutdown().await;
-    cleanup(&engine, &dest).await;
     result.expect("the steps");
 }
 
