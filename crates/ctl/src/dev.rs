@@ -250,8 +250,8 @@ fn proc_start_time(pid: u32) -> Option<u64> {
 
 /// The app instances a (stopped) worker node left running: fleet-node
 /// keeps them across its own restarts and records them in
-/// `<data-dir>/apps/<app>.json` (slots `active`, `staged`, `retired`, each
-/// with `pid` and `proc_start`). Returns the pids of those still alive and
+/// `<data-dir>/apps/*.json` (one per destination and app; slots `active`,
+/// `staged`, `retired`, each with `pid` and `proc_start`). Returns the pids of those still alive and
 /// still the same process.
 pub fn node_instances(data_dir: &Path) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir(data_dir.join("apps")) else { return vec![] };

@@ -104,9 +104,13 @@ fn adapters(process: ProcessAdapter, dir: &Path) -> Adapters {
 }
 
 fn ctx(token: u64, step: u32, undo: bool) -> StepContext {
+    ctx_in("staging", token, step, undo)
+}
+
+fn ctx_in(destination: &str, token: u64, step: u32, undo: bool) -> StepContext {
     StepContext {
         node: "node-1".into(),
-        destination: "staging".into(),
+        destination: destination.into(),
         deployment: format!("dep-{token}"),
         step,
         attempt: 1,
@@ -155,9 +159,15 @@ struct Deployed {
 }
 
 async fn deploy(a: &ProcessAdapter, token: u64, release: &str) -> Deployed {
+    deploy_in(a, "staging", token, release).await
+}
+
+/// The four blue-green steps of `release` of `web` for `destination`.
+async fn deploy_in(a: &ProcessAdapter, destination: &str, token: u64, release: &str) -> Deployed {
     let run = |step: u32, action: StepAction| {
         let a = a.clone();
-        async move { a.run(&ctx(token, step, false), &action).await.unwrap_or_else(|e| panic!("{} of {release}: {e}", action.verb())) }
+        let ctx = ctx_in(destination, token, step, false);
+        async move { a.run(&ctx, &action).await.unwrap_or_else(|e| panic!("{} of {release} in {destination}: {e}", action.verb())) }
     };
     let start = run(0, start(release, &[])).await;
     run(1, health(release, 10_000)).await;
@@ -220,7 +230,7 @@ async fn port_refuses(port: u16) -> bool {
 }
 
 fn route_port(a: &ProcessAdapter) -> u16 {
-    a.route("web").expect("web has a route").0
+    a.route("staging", "web").expect("web has a route").0
 }
 
 fn pid_of(v: &Value) -> u32 {
@@ -290,14 +300,14 @@ async fn blue_green_deploy_drops_no_request() {
     let v1_pid = pid_of(&v1.start);
     eventually("v1 exited", Duration::from_secs(5), || async { !alive(v1_pid) }).await;
     assert!(port_refuses(v1.start["port"].as_u64().unwrap() as u16).await);
-    let rec = a.record("web").unwrap();
+    let rec = a.record("staging", "web").unwrap();
     assert_eq!(rec.active.as_ref().map(|i| i.release.as_str()), Some("v2"));
     assert!(rec.staged.is_none() && rec.retired.is_none());
     // The state file says the same.
-    let on_disk: Value = serde_json::from_slice(&std::fs::read(dir.path().join("apps/web.json")).unwrap()).unwrap();
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(dir.path().join("apps/staging__web.json")).unwrap()).unwrap();
     assert_eq!(on_disk["active"]["release"], "v2");
     assert_eq!(on_disk["route_port"], port);
-    assert_eq!(std::fs::read_to_string(dir.path().join("apps/web.token")).unwrap().trim(), "2");
+    assert_eq!(std::fs::read_to_string(dir.path().join("apps/staging__web.token")).unwrap().trim(), "2");
 
     a.stop_all().await;
     let v2_pid = pid_of(&v2.start);
@@ -329,7 +339,7 @@ async fn failed_health_check_and_its_undo_leave_nothing_behind() {
     assert_eq!(undone["stopped"]["release"], "v2");
     eventually("v2 exited", Duration::from_secs(5), || async { !alive(pid) }).await;
     assert!(port_refuses(port).await, "v2's port {port} still answers");
-    let rec = a.record("web").unwrap();
+    let rec = a.record("staging", "web").unwrap();
     assert!(rec.staged.is_none());
     assert_eq!(rec.active.as_ref().map(|i| i.release.as_str()), Some("v1"));
     assert!(!a.instances().iter().any(|(_, i)| i.release == "v2"));
@@ -356,7 +366,7 @@ async fn an_instance_that_exits_at_once_fails_its_start_with_its_log() {
     for words in ["web@bad exited with status 3", "cannot open config.toml"] {
         assert!(err.message.contains(words), "`{}` should contain `{words}`", err.message);
     }
-    assert!(a.record("web").unwrap().staged.is_none());
+    assert!(a.record("staging", "web").unwrap().staged.is_none());
 
     let missing = StepAction::StartInstance {
         app: "web".into(),
@@ -385,7 +395,7 @@ async fn undo_of_switch_and_stop_old_restore_the_previous_release() {
     let restarted = a.undo(&ctx(2, 3, true), &stop_old("v2"), Some(&v2.stop_old)).await.unwrap();
     assert_eq!(restarted["restarted"]["release"], "v1");
     assert_eq!(restarted["restarted"]["port"], v1_port, "v1 comes back on its old port");
-    assert_eq!(a.record("web").unwrap().retired.map(|r| r.release), Some("v1".into()));
+    assert_eq!(a.record("staging", "web").unwrap().retired.map(|r| r.release), Some("v1".into()));
     // The route still serves v2 until the switch is undone.
     assert_eq!(release_at(route).await.as_deref(), Some("v2"));
 
@@ -393,7 +403,7 @@ async fn undo_of_switch_and_stop_old_restore_the_previous_release() {
     assert_eq!(back["active"]["release"], "v1");
     assert_eq!(release_at(route).await.as_deref(), Some("v1"));
     assert_eq!(route_port(&a), route, "the route keeps its port");
-    let rec = a.record("web").unwrap();
+    let rec = a.record("staging", "web").unwrap();
     assert_eq!(rec.active.as_ref().map(|i| i.release.as_str()), Some("v1"));
     assert_eq!(rec.staged.as_ref().map(|i| i.release.as_str()), Some("v2"));
     assert!(rec.retired.is_none());
@@ -413,11 +423,68 @@ async fn undo_of_switch_and_stop_old_restore_the_previous_release() {
     let first = deploy(&b, 1, "v1").await;
     let p = route_port(&b);
     b.undo(&ctx(1, 2, true), &switch("v1"), Some(&first.switch)).await.unwrap();
-    assert!(b.route("web").is_none());
+    assert!(b.route("staging", "web").is_none());
     assert!(port_refuses(p).await);
     b.undo(&ctx(1, 0, true), &start("v1", &[]), Some(&first.start)).await.unwrap();
     assert!(b.instances().is_empty());
     a.stop_all().await;
+    b.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_destinations_deploy_the_same_app_independently() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, cleanup) = adapter(dir.path()).await;
+    let route_of = |a: &ProcessAdapter, dest: &str| a.route(dest, "web").unwrap_or_else(|| panic!("web of {dest} has a route")).0;
+
+    deploy_in(&a, "staging", 1, "v1").await;
+    let p1 = deploy_in(&a, "prod", 2, "p1").await;
+    assert_eq!(p1.switch["previous"], Value::Null, "prod's first deploy does not see staging's instance");
+    assert_eq!(p1.stop_old["stopped"], Value::Null, "prod's first deploy stops nothing of staging's");
+    let (staging, prod) = (route_of(&a, "staging"), route_of(&a, "prod"));
+    assert_ne!(staging, prod, "each destination has its own route");
+    assert_eq!(release_at(staging).await.as_deref(), Some("v1"));
+    assert_eq!(release_at(prod).await.as_deref(), Some("p1"));
+    assert!(dir.path().join("apps/staging__web.json").is_file() && dir.path().join("apps/prod__web.json").is_file());
+    assert_eq!(a.instances().len(), 2);
+
+    // staging moves on to v2 and back: prod keeps serving p1 from the same process.
+    let s2 = deploy_in(&a, "staging", 3, "v2").await;
+    assert_eq!(s2.stop_old["stopped"]["release"], "v1", "staging's deploy retires staging's v1, not prod's p1");
+    assert_eq!(release_at(staging).await.as_deref(), Some("v2"));
+    assert_eq!(release_at(prod).await.as_deref(), Some("p1"));
+    assert!(alive(pid_of(&p1.start)));
+    a.undo(&ctx_in("staging", 3, 3, true), &stop_old("v2"), Some(&s2.stop_old)).await.unwrap();
+    a.undo(&ctx_in("staging", 3, 2, true), &switch("v2"), Some(&s2.switch)).await.unwrap();
+    a.undo(&ctx_in("staging", 3, 0, true), &start("v2", &[]), Some(&s2.start)).await.unwrap();
+    assert_eq!(release_at(staging).await.as_deref(), Some("v1"));
+    assert_eq!(release_at(prod).await.as_deref(), Some("p1"));
+    assert_eq!(a.record("prod", "web").unwrap().active.map(|i| i.pid), Some(pid_of(&p1.start)));
+
+    // A staged instance of prod is forgotten by prod's forget only.
+    let p2 = a.run(&ctx_in("prod", 4, 0, false), &start("p2", &[])).await.unwrap();
+    assert_eq!(a.forget("staging", 4).await, Vec::<String>::new(), "staging's forget leaves prod's instances alone");
+    assert!(alive(pid_of(&p2)));
+    assert_eq!(a.forget("prod", 4).await.len(), 1);
+    eventually("prod's staged p2 exited", Duration::from_secs(5), || async { !alive(pid_of(&p2)) }).await;
+    assert_eq!(release_at(prod).await.as_deref(), Some("p1"));
+    assert_eq!(release_at(staging).await.as_deref(), Some("v1"));
+    assert!(a.record("staging", "web").unwrap().active.is_some_and(|i| i.release == "v1" && alive(i.pid)));
+
+    // A restarted node adopts both; a per-app record of an older node
+    // (no destination) is left alone.
+    a.shutdown().await;
+    std::mem::forget(cleanup);
+    drop(a);
+    std::fs::write(dir.path().join("apps/old.json"), r#"{"app":"old","route_port":null,"active":null,"staged":null,"retired":null}"#)
+        .unwrap();
+    let (b, _cleanup) = adapter(dir.path()).await;
+    assert_eq!((route_of(&b, "staging"), route_of(&b, "prod")), (staging, prod));
+    assert!(b.record("", "old").is_none());
+    eventually("both adopted routes answer", Duration::from_secs(10), || async {
+        release_at(staging).await.as_deref() == Some("v1") && release_at(prod).await.as_deref() == Some("p1")
+    })
+    .await;
     b.stop_all().await;
 }
 
@@ -430,10 +497,10 @@ async fn a_crashed_active_instance_is_restarted_on_its_port() {
     let (pid, port) = (pid_of(&v1.start), v1.start["port"].as_u64().unwrap());
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     eventually("a new v1 process runs", Duration::from_secs(10), || async {
-        a.record("web").unwrap().active.is_some_and(|i| i.pid != pid && alive(i.pid))
+        a.record("staging", "web").unwrap().active.is_some_and(|i| i.pid != pid && alive(i.pid))
     })
     .await;
-    let active = a.record("web").unwrap().active.unwrap();
+    let active = a.record("staging", "web").unwrap().active.unwrap();
     assert_eq!(active.port as u64, port);
     eventually("the route answers again", Duration::from_secs(10), || async { release_at(route).await.as_deref() == Some("v1") }).await;
     a.stop_all().await;
@@ -451,7 +518,7 @@ async fn a_restarted_node_adopts_its_instances_and_route() {
     assert!(alive(pid_of(&v1.start)), "instances outlive the node");
 
     let (b, _cleanup) = adapter(dir.path()).await;
-    let rec = b.record("web").unwrap();
+    let rec = b.record("staging", "web").unwrap();
     assert_eq!(rec.active.as_ref().map(|i| i.pid), Some(pid_of(&v1.start)));
     assert_eq!(route_port(&b), route);
     eventually("the adopted route answers", Duration::from_secs(10), || async { release_at(route).await.as_deref() == Some("v1") }).await;
@@ -497,7 +564,7 @@ async fn check_of_a_start_finds_the_instance_started_with_its_token() {
     let out = a.run(&ctx(5, 0, false), &start("v2", &[])).await.unwrap();
     let checked = a.check(&ctx(5, 0, false), &start("v2", &[])).await.unwrap().expect("started with this token");
     assert_eq!(checked, out, "check answers what start returned");
-    assert_eq!(a.record("web").unwrap().staged.map(|s| s.pid), Some(pid_of(&out)), "check started nothing");
+    assert_eq!(a.record("staging", "web").unwrap().staged.map(|s| s.pid), Some(pid_of(&out)), "check started nothing");
 
     // Another deployment's token, another release, another action: not done.
     assert_eq!(a.check(&ctx(6, 0, false), &start("v2", &[])).await.unwrap(), None);
@@ -523,16 +590,16 @@ async fn forget_stops_the_staged_instance_of_its_token_and_spares_the_active_one
 
     // v1 serves the route with token 1: forgetting token 1 leaves it.
     assert_eq!(a.forget("staging", 1).await, Vec::<String>::new());
-    assert_eq!(a.record("web").unwrap().active.map(|i| i.pid), Some(pid_of(&v1.start)));
+    assert_eq!(a.record("staging", "web").unwrap().active.map(|i| i.pid), Some(pid_of(&v1.start)));
     assert!(alive(v2_pid), "forget of token 1 stopped the instance of token 2");
 
     let removed = a.forget("staging", 2).await;
     assert_eq!(removed, vec![format!("stopped staged web@v2 (pid {v2_pid}, port {v2_port})")]);
     assert!(!alive(v2_pid), "v2 still runs after forget returned");
     assert!(port_refuses(v2_port).await, "v2's port {v2_port} still answers");
-    let rec = a.record("web").unwrap();
+    let rec = a.record("staging", "web").unwrap();
     assert!(rec.staged.is_none(), "{rec:?}");
-    let on_disk: Value = serde_json::from_slice(&std::fs::read(dir.path().join("apps/web.json")).unwrap()).unwrap();
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(dir.path().join("apps/staging__web.json")).unwrap()).unwrap();
     assert_eq!(on_disk["staged"], Value::Null);
     assert_eq!(on_disk["active"]["release"], "v1");
     assert!(alive(pid_of(&v1.start)));
@@ -605,9 +672,9 @@ fn witness_lines(n: &Node) -> Vec<Value> {
     std::fs::read_to_string(&n.witness).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// `apps/web.json` of the node's process adapter (Null while missing).
+/// `apps/staging__web.json` of the node's process adapter (Null while missing).
 fn web_state(n: &Node) -> Value {
-    std::fs::read(n.data.join("apps/web.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null)
+    std::fs::read(n.data.join("apps/staging__web.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null)
 }
 
 fn command(run: &str) -> StepAction {
@@ -751,7 +818,7 @@ async fn an_abort_stops_a_running_step_and_reports_aborted() {
     // instance it started is stopped and forgotten.
     let k2 = key("d", 1, 1);
     n.agent.assign(assign(&k2, &start("v9", &[]), 120_000));
-    let web_json = n.data.join("apps/web.json");
+    let web_json = n.data.join("apps/staging__web.json");
     let state = || -> Value { std::fs::read(&web_json).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null) };
     eventually("v9 was staged", Duration::from_secs(10), || async { state()["staged"]["release"] == "v9" }).await;
     let pid = state()["staged"]["pid"].as_u64().unwrap() as u32;

@@ -44,7 +44,7 @@ impl Inner {
     ) -> Result<Value, StepError> {
         check_name("app", name)?;
         check_name("release", release)?;
-        let app = self.app(name);
+        let app = self.app(&ctx.destination, name);
         let _op = app.op.lock().await;
         let leftover = app.lock().rec.staged.clone();
         if let Some(old) = leftover {
@@ -61,13 +61,13 @@ impl Inner {
             pid: 0,
             argv: substitute(run, name, release, port),
             env: env.clone(),
-            log: self.log_path(name, release, port),
+            log: self.log_path(&ctx.destination, name, release, port),
             token: ctx.token,
             proc_start: None,
         };
         let (inst, mut exit) = {
             let mut st = app.lock();
-            let inst = self.launch(name, &mut st, &tmpl)?;
+            let inst = self.launch(&ctx.destination, name, &mut st, &tmpl)?;
             st.rec.staged = Some(inst.clone());
             if let Err(e) = self.persist(&st) {
                 proc::signal_group(inst.pid, libc::SIGKILL);
@@ -77,7 +77,7 @@ impl Inner {
             let exit = self.exit_watch(&mut st, &inst);
             (inst, exit)
         };
-        let token_path = self.cfg.data_dir.join("apps").join(format!("{name}.token"));
+        let token_path = self.app_file(&ctx.destination, name, "token");
         write_atomic(&token_path, format!("{}\n", ctx.token).as_bytes()).map_err(|e| persist_error(&token_path, e))?;
         if let Some(how) = proc::wait_exit(&mut exit, self.cfg.exit_grace).await {
             let mut st = app.lock();
@@ -96,8 +96,14 @@ impl Inner {
         Ok(json!({"port": inst.port, "pid": inst.pid, "release": inst.release}))
     }
 
-    pub(super) async fn undo_start(&self, name: &str, release: &str, output: Option<&Value>) -> Result<Value, StepError> {
-        let Some(app) = self.existing(name) else { return Ok(json!({"stopped": null})) };
+    pub(super) async fn undo_start(
+        &self,
+        ctx: &StepContext,
+        name: &str,
+        release: &str,
+        output: Option<&Value>,
+    ) -> Result<Value, StepError> {
+        let Some(app) = self.existing(&ctx.destination, name) else { return Ok(json!({"stopped": null})) };
         let _op = app.op.lock().await;
         let port = output.and_then(|o| o.get("port")).and_then(Value::as_u64).map(|p| p as u16);
         let matches = |i: &Option<Instance>| i.as_ref().is_some_and(|i| i.release == release && port.is_none_or(|p| p == i.port));
@@ -128,8 +134,8 @@ impl Inner {
         Ok(json!({"stopped": inst}))
     }
 
-    pub(super) async fn health(&self, name: &str, release: &str, check: &HealthCheck) -> Result<Value, StepError> {
-        let app = self.existing(name).ok_or_else(|| not_started(name, release))?;
+    pub(super) async fn health(&self, ctx: &StepContext, name: &str, release: &str, check: &HealthCheck) -> Result<Value, StepError> {
+        let app = self.existing(&ctx.destination, name).ok_or_else(|| not_started(name, release))?;
         let _op = app.op.lock().await;
         let (inst, mut exit) = {
             let mut st = app.lock();
@@ -198,8 +204,8 @@ impl Inner {
         )))
     }
 
-    pub(super) async fn switch(self: &Arc<Self>, name: &str, release: &str, port: u16) -> Result<Value, StepError> {
-        let app = self.existing(name).ok_or_else(|| not_started(name, release))?;
+    pub(super) async fn switch(self: &Arc<Self>, ctx: &StepContext, name: &str, release: &str, port: u16) -> Result<Value, StepError> {
+        let app = self.existing(&ctx.destination, name).ok_or_else(|| not_started(name, release))?;
         let _op = app.op.lock().await;
         let (old_route, displaced, out) = {
             let mut st = app.lock();
@@ -266,8 +272,8 @@ impl Inner {
         Ok(out)
     }
 
-    pub(super) async fn undo_switch(&self, name: &str, output: Option<&Value>) -> Result<Value, StepError> {
-        let Some(app) = self.existing(name) else { return Ok(json!({"active": null})) };
+    pub(super) async fn undo_switch(&self, ctx: &StepContext, name: &str, output: Option<&Value>) -> Result<Value, StepError> {
+        let Some(app) = self.existing(&ctx.destination, name) else { return Ok(json!({"active": null})) };
         let parse = |k: &str| -> Result<Option<Instance>, StepError> {
             match output.and_then(|o| o.get(k)) {
                 None | Some(Value::Null) => Ok(None),
@@ -352,8 +358,8 @@ impl Inner {
         Ok(json!({"active": st.rec.active}))
     }
 
-    pub(super) async fn stop_old(&self, name: &str, drain_ms: u64) -> Result<Value, StepError> {
-        let Some(app) = self.existing(name) else { return Ok(json!({"stopped": null})) };
+    pub(super) async fn stop_old(&self, ctx: &StepContext, name: &str, drain_ms: u64) -> Result<Value, StepError> {
+        let Some(app) = self.existing(&ctx.destination, name) else { return Ok(json!({"stopped": null})) };
         let _op = app.op.lock().await;
         let Some(old) = app.lock().rec.retired.clone() else { return Ok(json!({"stopped": null})) };
         let open = self.conns.of(old.port).drained(Duration::from_millis(drain_ms)).await;
@@ -369,7 +375,7 @@ impl Inner {
         Ok(json!({"stopped": old, "open_connections_cut": open}))
     }
 
-    pub(super) async fn undo_stop_old(self: &Arc<Self>, name: &str, output: Option<&Value>) -> Result<Value, StepError> {
+    pub(super) async fn undo_stop_old(self: &Arc<Self>, ctx: &StepContext, name: &str, output: Option<&Value>) -> Result<Value, StepError> {
         let stopped: Option<Instance> = match output.and_then(|o| o.get("stopped")) {
             None | Some(Value::Null) => None,
             Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
@@ -377,7 +383,7 @@ impl Inner {
             })?),
         };
         let Some(old) = stopped else { return Ok(json!({"restarted": null})) };
-        let app = self.app(name);
+        let app = self.app(&ctx.destination, name);
         let _op = app.op.lock().await;
         let (inst, mut exit) = {
             let mut st = app.lock();
@@ -402,7 +408,7 @@ impl Inner {
                             c.label(name)
                         )));
                     }
-                    let inst = self.launch(name, &mut st, &old)?;
+                    let inst = self.launch(&ctx.destination, name, &mut st, &old)?;
                     st.rec.retired = Some(inst.clone());
                     self.persist(&st)?;
                     let w = self.exit_watch(&mut st, &inst);
@@ -451,7 +457,7 @@ impl Inner {
     /// when the staged instance is that release, was started with this
     /// token and still runs: the output is the one `start` returned.
     pub(super) async fn check_start(&self, ctx: &StepContext, name: &str, release: &str) -> Option<Value> {
-        let app = self.existing(name)?;
+        let app = self.existing(&ctx.destination, name)?;
         let _op = app.op.lock().await;
         let st = app.lock();
         let inst = st.rec.staged.as_ref().filter(|s| s.release == release && s.token == ctx.token)?;
@@ -462,10 +468,12 @@ impl Inner {
         Some(json!({"port": inst.port, "pid": inst.pid, "release": inst.release}))
     }
 
-    /// Stop every staged instance started with `token`: nothing routes to
-    /// it. Active (and retired) instances are left alone.
-    pub(super) async fn forget(&self, token: u64) -> Vec<String> {
-        let apps: Vec<Arc<App>> = self.apps.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+    /// Stop every staged instance of `destination` started with `token`:
+    /// nothing routes to it. Active (and retired) instances, and other
+    /// destinations' instances, are left alone.
+    pub(super) async fn forget(&self, destination: &str, token: u64) -> Vec<String> {
+        let apps: Vec<Arc<App>> =
+            self.apps.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|a| a.destination == destination).cloned().collect();
         let mut removed = Vec::new();
         for app in apps {
             let _op = app.op.lock().await;
@@ -488,7 +496,7 @@ impl Inner {
     }
 
     pub(super) async fn cancelled_start(&self, ctx: &StepContext, name: &str, release: &str) {
-        let Some(app) = self.existing(name) else { return };
+        let Some(app) = self.existing(&ctx.destination, name) else { return };
         let _op = app.op.lock().await;
         let staged = app.lock().rec.staged.clone();
         let Some(inst) = staged.filter(|s| s.release == release && s.token == ctx.token) else { return };

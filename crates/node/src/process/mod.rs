@@ -2,9 +2,11 @@
 //! process, blue-green on this node, behind a built-in TCP route (a small
 //! proxy on the app's stable port).
 //!
-//! * [`state`]: what is recorded per app in `<data-dir>/apps/<app>.json`
-//!   (the route port and the `staged`, `active` and `retired` instance
-//!   slots), rewritten atomically after every change;
+//! * [`state`]: what is recorded per (destination, app) in
+//!   `<data-dir>/apps/<destination>__<app>.json` (the route port and the
+//!   `staged`, `active` and `retired` instance slots), rewritten atomically
+//!   after every change. Two destinations that select this node may deploy
+//!   the same app: each has its own instances and its own route;
 //! * [`supervise`]: launching, watching and stopping instances, adopting
 //!   the ones a previous `fleet-node` left running (recognised through
 //!   `/proc`, start time included, so a reused pid is not mistaken for an
@@ -84,7 +86,8 @@ pub enum ProcessError {
 
 struct Inner {
     cfg: ProcessConfig,
-    apps: Mutex<BTreeMap<String, Arc<App>>>,
+    /// By (destination, app).
+    apps: Mutex<BTreeMap<(String, String), Arc<App>>>,
     conns: Conns,
     closed: AtomicBool,
 }
@@ -111,15 +114,16 @@ impl ProcessAdapter {
         Ok(ProcessAdapter { inner })
     }
 
-    /// The recorded state of `app` (None if this node never ran it).
-    pub fn record(&self, app: &str) -> Option<AppRecord> {
-        self.inner.existing(app).map(|a| a.lock().rec.clone())
+    /// The recorded state of `app` on `destination` (None if this node
+    /// never ran it for that destination).
+    pub fn record(&self, destination: &str, app: &str) -> Option<AppRecord> {
+        self.inner.existing(destination, app).map(|a| a.lock().rec.clone())
     }
 
-    /// The port `app`'s route listens on right now, and the backend port it
-    /// forwards to.
-    pub fn route(&self, app: &str) -> Option<(u16, Option<u16>)> {
-        let a = self.inner.existing(app)?;
+    /// The port `app`'s route of `destination` listens on right now, and
+    /// the backend port it forwards to.
+    pub fn route(&self, destination: &str, app: &str) -> Option<(u16, Option<u16>)> {
+        let a = self.inner.existing(destination, app)?;
         let st = a.lock();
         st.route.as_ref().map(|r| (r.port(), r.backend()))
     }
@@ -197,23 +201,22 @@ impl Adapter for ProcessAdapter {
             let i = &self.inner;
             match action {
                 StepAction::StartInstance { app, release, run, env } => i.start(ctx, app, release, run, env).await,
-                StepAction::HealthCheck { app, release, check } => i.health(app, release, check).await,
-                StepAction::SwitchRoute { app, release, port } => i.switch(app, release, *port).await,
-                StepAction::StopOld { app, drain_ms, .. } => i.stop_old(app, *drain_ms).await,
+                StepAction::HealthCheck { app, release, check } => i.health(ctx, app, release, check).await,
+                StepAction::SwitchRoute { app, release, port } => i.switch(ctx, app, release, *port).await,
+                StepAction::StopOld { app, drain_ms, .. } => i.stop_old(ctx, app, *drain_ms).await,
                 StepAction::StartContainer { .. } | StepAction::Command { .. } => Err(not_mine(action)),
             }
         })
     }
 
     fn undo<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction, out: Option<&'a Value>) -> BoxFuture<'a, Result<Value, StepError>> {
-        let _ = ctx;
         Box::pin(async move {
             let i = &self.inner;
             match action {
-                StepAction::StartInstance { app, release, .. } => i.undo_start(app, release, out).await,
+                StepAction::StartInstance { app, release, .. } => i.undo_start(ctx, app, release, out).await,
                 StepAction::HealthCheck { .. } => Ok(json!({})),
-                StepAction::SwitchRoute { app, .. } => i.undo_switch(app, out).await,
-                StepAction::StopOld { app, .. } => i.undo_stop_old(app, out).await,
+                StepAction::SwitchRoute { app, .. } => i.undo_switch(ctx, app, out).await,
+                StepAction::StopOld { app, .. } => i.undo_stop_old(ctx, app, out).await,
                 StepAction::StartContainer { .. } | StepAction::Command { .. } => Err(not_mine(action)),
             }
         })
@@ -229,13 +232,11 @@ impl Adapter for ProcessAdapter {
         })
     }
 
-    /// Stops every staged instance started with `token`: nothing routes
-    /// to it. Active (and retired) instances are left alone.
+    /// Stops every staged instance of `destination` started with `token`:
+    /// nothing routes to it. Active (and retired) instances, and every
+    /// other destination's, are left alone.
     fn forget<'a>(&'a self, destination: &'a str, token: u64) -> BoxFuture<'a, Vec<String>> {
-        // Instances do not record their destination; the token (a log
-        // index) identifies the deployment on its own.
-        let _ = destination;
-        Box::pin(self.inner.forget(token))
+        Box::pin(self.inner.forget(destination, token))
     }
 
     fn cancelled<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, ()> {

@@ -1,5 +1,5 @@
-//! The process adapter's persisted state: per app, `<data-dir>/apps/<app>.json`
-//! records the route port and three instance slots (`staged`, `active`,
+//! The process adapter's persisted state: per (destination, app),
+//! `<data-dir>/apps/<destination>__<app>.json` records the route port and three instance slots (`staged`, `active`,
 //! `retired`), rewritten atomically after every change; and the in-memory
 //! state around it (exit watches, the route, restart counters).
 
@@ -43,9 +43,14 @@ impl Instance {
     }
 }
 
-/// What `<data-dir>/apps/<app>.json` holds.
+/// What `<data-dir>/apps/<destination>__<app>.json` holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppRecord {
+    /// The destination whose deployments manage these instances. Empty in
+    /// the per-app files (`apps/<app>.json`) of older `fleet-node`s, which
+    /// are not adopted.
+    #[serde(default)]
+    pub destination: String,
     pub app: String,
     /// The route's stable port, once chosen (kept forever).
     pub route_port: Option<u16>,
@@ -54,8 +59,9 @@ pub struct AppRecord {
     pub retired: Option<Instance>,
 }
 
-/// One app on this node: its record and what watches it.
+/// One app of one destination on this node: its record and what watches it.
 pub(super) struct App {
+    pub(super) destination: String,
     pub(super) name: String,
     /// Serializes the actions on this app.
     pub(super) op: tokio::sync::Mutex<()>,
@@ -80,7 +86,9 @@ pub(super) struct AppState {
     pub(super) last_restart: Option<Instant>,
 }
 
-/// Every app record in `<data-dir>/apps`.
+/// Every app record in `<data-dir>/apps`. A record without a destination
+/// (written by a `fleet-node` that kept one record per app) is skipped
+/// with a warning: its instances are no longer managed.
 pub(super) fn load_records(data_dir: &Path) -> Result<Vec<AppRecord>, ProcessError> {
     let apps_dir = data_dir.join("apps");
     let entries = std::fs::read_dir(&apps_dir).map_err(|source| ProcessError::Read { path: apps_dir.clone(), source })?;
@@ -92,6 +100,15 @@ pub(super) fn load_records(data_dir: &Path) -> Result<Vec<AppRecord>, ProcessErr
         }
         let bytes = std::fs::read(&path).map_err(|source| ProcessError::Read { path: path.clone(), source })?;
         let rec: AppRecord = serde_json::from_slice(&bytes).map_err(|source| ProcessError::Parse { path: path.clone(), source })?;
+        if rec.destination.is_empty() {
+            tracing::warn!(
+                path = %path.display(),
+                app = %rec.app,
+                "an app record of an older fleet-node (one per app, no destination) is not adopted: stop its instances by hand \
+                 (the pids are in the file), remove the file, and deploy the app again"
+            );
+            continue;
+        }
         records.push(rec);
     }
     Ok(records)
@@ -102,34 +119,38 @@ pub(super) fn persist_error(path: &Path, e: std::io::Error) -> StepError {
 }
 
 impl Inner {
-    pub(super) fn existing(&self, app: &str) -> Option<Arc<App>> {
-        self.apps.lock().unwrap_or_else(|p| p.into_inner()).get(app).cloned()
+    pub(super) fn existing(&self, destination: &str, app: &str) -> Option<Arc<App>> {
+        self.apps.lock().unwrap_or_else(|p| p.into_inner()).get(&(destination.to_string(), app.to_string())).cloned()
     }
 
-    pub(super) fn app(&self, name: &str) -> Arc<App> {
+    pub(super) fn app(&self, destination: &str, name: &str) -> Arc<App> {
         let mut apps = self.apps.lock().unwrap_or_else(|p| p.into_inner());
-        apps.entry(name.to_string())
+        apps.entry((destination.to_string(), name.to_string()))
             .or_insert_with(|| {
+                let rec = AppRecord { destination: destination.to_string(), app: name.to_string(), ..Default::default() };
                 Arc::new(App {
+                    destination: destination.to_string(),
                     name: name.to_string(),
                     op: tokio::sync::Mutex::new(()),
-                    st: Mutex::new(AppState { rec: AppRecord { app: name.to_string(), ..Default::default() }, ..Default::default() }),
+                    st: Mutex::new(AppState { rec, ..Default::default() }),
                 })
             })
             .clone()
     }
 
-    pub(super) fn state_path(&self, app: &str) -> PathBuf {
-        self.cfg.data_dir.join("apps").join(format!("{app}.json"))
+    /// `<data-dir>/apps/<destination>__<app>` with `ext`.
+    pub(super) fn app_file(&self, destination: &str, app: &str, ext: &str) -> PathBuf {
+        self.cfg.data_dir.join("apps").join(format!("{}__{}.{ext}", safe_file_part(destination), safe_file_part(app)))
     }
 
     pub(super) fn persist(&self, st: &AppState) -> Result<(), StepError> {
-        let path = self.state_path(&st.rec.app);
+        let path = self.app_file(&st.rec.destination, &st.rec.app, "json");
         let bytes = serde_json::to_vec_pretty(&st.rec).map_err(|e| persist_error(&path, std::io::Error::other(e)))?;
         write_atomic(&path, &bytes).map_err(|e| persist_error(&path, e))
     }
 
-    pub(super) fn log_path(&self, app: &str, release: &str, port: u16) -> PathBuf {
-        self.cfg.data_dir.join("logs").join(format!("{}-{}-{port}.log", safe_file_part(app), safe_file_part(release)))
+    pub(super) fn log_path(&self, destination: &str, app: &str, release: &str, port: u16) -> PathBuf {
+        let (d, a, r) = (safe_file_part(destination), safe_file_part(app), safe_file_part(release));
+        self.cfg.data_dir.join("logs").join(format!("{d}__{a}-{r}-{port}.log"))
     }
 }

@@ -16,7 +16,13 @@ use crate::proc::{self, ExitWatch};
 impl Inner {
     /// Spawn `tmpl` (its pid is ignored) and watch it. Synchronous, so the
     /// caller records the instance under the same lock it spawned it.
-    pub(super) fn launch(self: &Arc<Self>, app: &str, st: &mut AppState, tmpl: &Instance) -> Result<Instance, StepError> {
+    pub(super) fn launch(
+        self: &Arc<Self>,
+        destination: &str,
+        app: &str,
+        st: &mut AppState,
+        tmpl: &Instance,
+    ) -> Result<Instance, StepError> {
         let Some(first) = tmpl.argv.first() else {
             return Err(StepError::invalid(format!("{app}@{}: `run` is empty; give the command that starts one instance", tmpl.release)));
         };
@@ -45,11 +51,11 @@ impl Inner {
             return Err(StepError::transient(format!("{app}@{} exited before its pid could be read; try again", tmpl.release)));
         };
         let weak = Arc::downgrade(self);
-        let name = app.to_string();
-        let exit = proc::watch_child(child, move |how| on_exit(weak, name, pid, how));
+        let key = (destination.to_string(), app.to_string());
+        let exit = proc::watch_child(child, move |how| on_exit(weak, key, pid, how));
         st.procs.insert(pid, exit);
         let inst = Instance { pid, proc_start: proc::proc_start_time(pid), ..tmpl.clone() };
-        tracing::info!(app, release = %inst.release, pid, port = inst.port, log = %inst.log.display(), "instance started");
+        tracing::info!(app, destination, release = %inst.release, pid, port = inst.port, log = %inst.log.display(), "instance started");
         Ok(inst)
     }
 
@@ -90,7 +96,7 @@ impl Inner {
     }
 
     pub(super) fn adopt(self: &Arc<Self>, rec: AppRecord) {
-        let app = self.app(&rec.app);
+        let app = self.app(&rec.destination, &rec.app);
         let mut st = app.lock();
         st.rec = rec;
         let mut restart = None;
@@ -103,9 +109,9 @@ impl Inner {
             let Some(inst) = inst else { continue };
             if proc::alive(inst.pid, inst.proc_start) {
                 let weak = Arc::downgrade(self);
-                let name = app.name.clone();
+                let key = (app.destination.clone(), app.name.clone());
                 let pid = inst.pid;
-                let w = proc::watch_pid(pid, inst.proc_start, move |how| on_exit(weak, name, pid, how));
+                let w = proc::watch_pid(pid, inst.proc_start, move |how| on_exit(weak, key, pid, how));
                 st.procs.insert(pid, w);
                 tracing::info!(app = %app.name, slot, release = %inst.release, pid, port = inst.port, "adopted a running instance");
             } else if slot == "active" {
@@ -128,7 +134,7 @@ impl Inner {
                 }
                 Err(e) => {
                     tracing::error!(app = %app.name, port, error = %e, "cannot listen on the route port again; will keep trying");
-                    tokio::spawn(rebind_route(Arc::downgrade(self), app.name.clone(), port));
+                    tokio::spawn(rebind_route(Arc::downgrade(self), (app.destination.clone(), app.name.clone()), port));
                 }
             }
         }
@@ -137,18 +143,22 @@ impl Inner {
         }
         drop(st);
         if let Some(inst) = restart {
-            tokio::spawn(restart_active(Arc::downgrade(self), app.name.clone(), inst.pid, Duration::ZERO));
+            tokio::spawn(restart_active(Arc::downgrade(self), (app.destination.clone(), app.name.clone()), inst.pid, Duration::ZERO));
         }
     }
 }
 
+/// (destination, app).
+type Key = (String, String);
+
 /// A process of `app` exited: if it was the active instance, restart it.
-fn on_exit(weak: Weak<Inner>, app: String, pid: u32, how: String) {
+fn on_exit(weak: Weak<Inner>, key: Key, pid: u32, how: String) {
     let Some(inner) = weak.upgrade() else { return };
     if inner.closed.load(Ordering::SeqCst) {
         return;
     }
-    let Some(a) = inner.existing(&app) else { return };
+    let Some(a) = inner.existing(&key.0, &key.1) else { return };
+    let app = &key.1;
     let st = a.lock();
     if st.stopping.contains(&pid) {
         return;
@@ -158,7 +168,7 @@ fn on_exit(weak: Weak<Inner>, app: String, pid: u32, how: String) {
         let delay = Duration::from_millis(100);
         tracing::warn!(app, pid, "the active instance {how} unexpectedly; restarting it on the same port");
         drop(st);
-        tokio::spawn(restart_active(weak, app, pid, delay));
+        tokio::spawn(restart_active(weak, key.clone(), pid, delay));
     } else if st.rec.staged.as_ref().is_some_and(|i| i.pid == pid) {
         tracing::warn!(app, pid, "a staged instance {how}; it is not restarted (the health check fails)");
     } else {
@@ -169,12 +179,13 @@ fn on_exit(weak: Weak<Inner>, app: String, pid: u32, how: String) {
 /// Restart the active instance of `app` (whose dead pid was `dead_pid`) on
 /// its port, with a growing pause between attempts (at most
 /// `restart_max_backoff`).
-pub(super) async fn restart_active(weak: Weak<Inner>, app: String, dead_pid: u32, first_delay: Duration) {
+pub(super) async fn restart_active(weak: Weak<Inner>, key: Key, dead_pid: u32, first_delay: Duration) {
+    let (destination, app) = (&key.0, &key.1);
     let mut delay = first_delay;
     loop {
         let (wait, max) = {
             let Some(inner) = weak.upgrade() else { return };
-            let Some(a) = inner.existing(&app) else { return };
+            let Some(a) = inner.existing(destination, app) else { return };
             let mut st = a.lock();
             if st.last_restart.is_some_and(|t| t.elapsed() > Duration::from_secs(30)) {
                 st.restarts = 0;
@@ -189,10 +200,10 @@ pub(super) async fn restart_active(weak: Weak<Inner>, app: String, dead_pid: u32
         if inner.closed.load(Ordering::SeqCst) {
             return;
         }
-        let Some(a) = inner.existing(&app) else { return };
+        let Some(a) = inner.existing(destination, app) else { return };
         let mut st = a.lock();
         let Some(active) = st.rec.active.clone().filter(|i| i.pid == dead_pid) else { return };
-        match inner.launch(&app, &mut st, &active) {
+        match inner.launch(destination, app, &mut st, &active) {
             Ok(new) => {
                 tracing::warn!(app, release = %new.release, pid = new.pid, port = new.port, "the active instance was restarted");
                 st.procs.remove(&dead_pid);
@@ -211,20 +222,21 @@ pub(super) async fn restart_active(weak: Weak<Inner>, app: String, dead_pid: u32
 }
 
 /// After a node restart the route port was busy: keep trying to listen.
-async fn rebind_route(weak: Weak<Inner>, app: String, port: u16) {
+async fn rebind_route(weak: Weak<Inner>, key: Key, port: u16) {
+    let (destination, app) = (&key.0, &key.1);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(inner) = weak.upgrade() else { return };
         if inner.closed.load(Ordering::SeqCst) {
             return;
         }
-        let Some(a) = inner.existing(&app) else { return };
+        let Some(a) = inner.existing(destination, app) else { return };
         let mut st = a.lock();
         if st.route.is_some() || st.rec.route_port != Some(port) {
             return;
         }
         let Some(active) = st.rec.active.clone() else { return };
-        if let Ok(r) = Route::bind(&app, port, inner.conns.clone()) {
+        if let Ok(r) = Route::bind(app, port, inner.conns.clone()) {
             r.set_backend(Some(active.port));
             tracing::info!(app, port, "route listening again");
             st.route = Some(r);
