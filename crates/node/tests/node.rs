@@ -304,10 +304,10 @@ async fn blue_green_deploy_drops_no_request() {
     assert_eq!(rec.active.as_ref().map(|i| i.release.as_str()), Some("v2"));
     assert!(rec.staged.is_none() && rec.retired.is_none());
     // The state file says the same.
-    let on_disk: Value = serde_json::from_slice(&std::fs::read(dir.path().join("apps/staging__web.json")).unwrap()).unwrap();
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(dir.path().join("apps/staging+web.json")).unwrap()).unwrap();
     assert_eq!(on_disk["active"]["release"], "v2");
     assert_eq!(on_disk["route_port"], port);
-    assert_eq!(std::fs::read_to_string(dir.path().join("apps/staging__web.token")).unwrap().trim(), "2");
+    assert_eq!(std::fs::read_to_string(dir.path().join("apps/staging+web.token")).unwrap().trim(), "2");
 
     a.stop_all().await;
     let v2_pid = pid_of(&v2.start);
@@ -445,7 +445,7 @@ async fn two_destinations_deploy_the_same_app_independently() {
     assert_ne!(staging, prod, "each destination has its own route");
     assert_eq!(release_at(staging).await.as_deref(), Some("v1"));
     assert_eq!(release_at(prod).await.as_deref(), Some("p1"));
-    assert!(dir.path().join("apps/staging__web.json").is_file() && dir.path().join("apps/prod__web.json").is_file());
+    assert!(dir.path().join("apps/staging+web.json").is_file() && dir.path().join("apps/prod+web.json").is_file());
     assert_eq!(a.instances().len(), 2);
 
     // staging moves on to v2 and back: prod keeps serving p1 from the same process.
@@ -599,7 +599,7 @@ async fn forget_stops_the_staged_instance_of_its_token_and_spares_the_active_one
     assert!(port_refuses(v2_port).await, "v2's port {v2_port} still answers");
     let rec = a.record("staging", "web").unwrap();
     assert!(rec.staged.is_none(), "{rec:?}");
-    let on_disk: Value = serde_json::from_slice(&std::fs::read(dir.path().join("apps/staging__web.json")).unwrap()).unwrap();
+    let on_disk: Value = serde_json::from_slice(&std::fs::read(dir.path().join("apps/staging+web.json")).unwrap()).unwrap();
     assert_eq!(on_disk["staged"], Value::Null);
     assert_eq!(on_disk["active"]["release"], "v1");
     assert!(alive(pid_of(&v1.start)));
@@ -672,9 +672,9 @@ fn witness_lines(n: &Node) -> Vec<Value> {
     std::fs::read_to_string(&n.witness).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-/// `apps/staging__web.json` of the node's process adapter (Null while missing).
+/// `apps/staging+web.json` of the node's process adapter (Null while missing).
 fn web_state(n: &Node) -> Value {
-    std::fs::read(n.data.join("apps/staging__web.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null)
+    std::fs::read(n.data.join("apps/staging+web.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null)
 }
 
 fn command(run: &str) -> StepAction {
@@ -818,7 +818,7 @@ async fn an_abort_stops_a_running_step_and_reports_aborted() {
     // instance it started is stopped and forgotten.
     let k2 = key("d", 1, 1);
     n.agent.assign(assign(&k2, &start("v9", &[]), 120_000));
-    let web_json = n.data.join("apps/staging__web.json");
+    let web_json = n.data.join("apps/staging+web.json");
     let state = || -> Value { std::fs::read(&web_json).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null) };
     eventually("v9 was staged", Duration::from_secs(10), || async { state()["staged"]["release"] == "v9" }).await;
     let pid = state()["staged"]["pid"].as_u64().unwrap() as u32;

@@ -3,7 +3,7 @@
 //! proxy on the app's stable port).
 //!
 //! * [`state`]: what is recorded per (destination, app) in
-//!   `<data-dir>/apps/<destination>__<app>.json` (the route port and the
+//!   `<data-dir>/apps/<destination>+<app>.json` (the route port and the
 //!   `staged`, `active` and `retired` instance slots), rewritten atomically
 //!   after every change. Two destinations that select this node may deploy
 //!   the same app: each has its own instances and its own route;

@@ -1,7 +1,8 @@
 //! The process adapter's persisted state: per (destination, app),
-//! `<data-dir>/apps/<destination>__<app>.json` records the route port and three instance slots (`staged`, `active`,
-//! `retired`), rewritten atomically after every change; and the in-memory
-//! state around it (exit watches, the route, restart counters).
+//! `<data-dir>/apps/<destination>+<app>.json` records the route port and
+//! three instance slots (`staged`, `active`, `retired`), rewritten
+//! atomically after every change; and the in-memory state around it (exit
+//! watches, the route, restart counters).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -43,7 +44,7 @@ impl Instance {
     }
 }
 
-/// What `<data-dir>/apps/<destination>__<app>.json` holds.
+/// What `<data-dir>/apps/<destination>+<app>.json` holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppRecord {
     /// The destination whose deployments manage these instances. Empty in
@@ -138,9 +139,10 @@ impl Inner {
             .clone()
     }
 
-    /// `<data-dir>/apps/<destination>__<app>` with `ext`.
+    /// `<data-dir>/apps/<destination>+<app>` with `ext` (`+` is never part
+    /// of a name, so two (destination, app) pairs never share a file).
     pub(super) fn app_file(&self, destination: &str, app: &str, ext: &str) -> PathBuf {
-        self.cfg.data_dir.join("apps").join(format!("{}__{}.{ext}", safe_file_part(destination), safe_file_part(app)))
+        self.cfg.data_dir.join("apps").join(format!("{}+{}.{ext}", safe_file_part(destination), safe_file_part(app)))
     }
 
     pub(super) fn persist(&self, st: &AppState) -> Result<(), StepError> {
@@ -151,6 +153,6 @@ impl Inner {
 
     pub(super) fn log_path(&self, destination: &str, app: &str, release: &str, port: u16) -> PathBuf {
         let (d, a, r) = (safe_file_part(destination), safe_file_part(app), safe_file_part(release));
-        self.cfg.data_dir.join("logs").join(format!("{d}__{a}-{r}-{port}.log"))
+        self.cfg.data_dir.join("logs").join(format!("{d}+{a}-{r}-{port}.log"))
     }
 }
