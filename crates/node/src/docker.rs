@@ -110,7 +110,7 @@ impl Container {
     }
 }
 
-/// What `<data-dir>/docker/<destination>__<app>.json` holds.
+/// What `<data-dir>/docker/<destination>+<app>.json` holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DockerRecord {
     pub destination: String,
@@ -328,7 +328,7 @@ impl Inner {
     }
 
     fn state_path(&self, destination: &str, app: &str) -> PathBuf {
-        self.cfg.data_dir.join("docker").join(format!("{}__{}.json", safe_file_part(destination), safe_file_part(app)))
+        self.cfg.data_dir.join("docker").join(format!("{}+{}.json", safe_file_part(destination), safe_file_part(app)))
     }
 
     /// Record `app`'s state on disk.
