@@ -17,6 +17,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context};
 
+mod fuzz;
 mod layering;
 
 fn main() -> ExitCode {
@@ -28,8 +29,9 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("lint") => lint(),
         Some("layering") => check_layering(),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|lint|deps|bench>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  lint  cargo fmt --check and clippy -D warnings on every crate (CI runs it)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. -- --duration 10s);\n        `bench -- steps` measures the per-step deployment overhead (e.g. -- steps --steps 200 --destinations 100)");
+            eprintln!("usage: cargo xtask <demo|test|lint|deps|bench|fuzz>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  lint  cargo fmt --check and clippy -D warnings on every crate (CI runs it)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. -- --duration 10s);\n        `bench -- steps` measures the per-step deployment overhead (e.g. -- steps --steps 200 --destinations 100)\n  fuzz  run the fuzz targets in fuzz/ for a bounded time each (--seconds N, default 60; needs nightly)");
             return ExitCode::from(2);
         }
     };
