@@ -57,6 +57,10 @@ pub enum Command {
     RegisterNode { id: String, labels: BTreeMap<String, String> },
     /// The leader presumed a node dead (it missed its heartbeat lease).
     NodeLost { node: String, why: String },
+    /// The leader saw the bound of a deployment's wait for a lost node
+    /// pass (its `node_wait`, or its deadline): stop waiting, skip that
+    /// work, which fails the deployment or needs a human.
+    NodeWaitExpired { deployment: String },
     /// Create or replace destinations.
     PutDestinations { destinations: Vec<Destination> },
 }

@@ -8,8 +8,12 @@
 //! streams, proposing through Raft). They decide nothing themselves:
 //!
 //! * [`due`] / [`due_for`]: on every scheduler tick, per active deployment,
-//!   at most one action, checked in this order: the node it needs missed
-//!   its lease (propose `NodeLost`); its lock wait is over (propose a
+//!   at most one action, checked in this order: work waiting for a lost
+//!   node whose node is connected and heard from again while the state
+//!   still says lost (propose `RegisterNode`, [`due`] only); the wait's
+//!   bound passed (propose `NodeWaitExpired`); the node it needs missed
+//!   its lease (propose `NodeLost`; not again while its work waits for
+//!   it); its lock wait is over (propose a
 //!   timed-out cancel); its deadline passed while queued or running
 //!   (propose a timed-out cancel; compensation is never cut short); it is
 //!   being cancelled with a forward step that may run (abort it on its
@@ -170,7 +174,23 @@ pub fn lease_expired(silence_ms: i64) -> bool {
 
 /// Every action due now, over every active deployment.
 pub fn due(state: &State, tick: Tick, seen: &impl Observed) -> Vec<Action> {
-    state.active_deployments().filter_map(|d| due_for(d, tick, seen)).collect()
+    state.active_deployments().filter_map(|d| back_again(state, d, tick, seen).or_else(|| due_for(d, tick, seen))).collect()
+}
+
+/// Deployment `d` waits for a node that the state still records as lost,
+/// but that is connected and heard from within its lease (it came back on
+/// a stream that outlived its lease, e.g. after a SIGSTOP, or its
+/// `NodeLost` was applied after it had registered again): register it
+/// again, which lets the work go on there.
+fn back_again(state: &State, d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Action> {
+    let (i, _) = d.blocking_wait()?;
+    let node = d.steps.get(i)?.plan.node.as_str();
+    let rec = state.node(node).filter(|n| n.lost_ms.is_some())?;
+    if !seen.is_connected(node) || lease_expired(silence_ms(tick, seen.last_heard_ms(node))) {
+        return None;
+    }
+    let command = Command::RegisterNode { id: node.to_string(), labels: rec.labels.clone() };
+    Some(propose(format!("{}/back/{node}", d.id), None, command))
 }
 
 /// The action due now for deployment `d`, if any (see the module docs for
@@ -181,8 +201,17 @@ pub fn due_for(d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Actio
     }
     let now = tick.now_ms;
 
+    // Node wait: the work it needs waits for a lost node; past the wait's
+    // bound, give up on it (the state machine checks the bound again).
+    let waiting = d.blocking_wait();
+    if let Some((_, w)) = waiting.filter(|(_, w)| now >= w.until_ms) {
+        let key = format!("{}/node-wait/{}", d.id, w.until_ms);
+        let request_id = Some(format!("{LEADER_ACTOR}/node-wait/{}/{}", d.id, w.until_ms));
+        return Some(propose(key, request_id, Command::NodeWaitExpired { deployment: d.id.clone() }));
+    }
+
     // Node lease: the node this deployment needs has been silent too long.
-    if let Some(node) = d.node_needed() {
+    if let Some(node) = d.node_needed().filter(|_| waiting.is_none()) {
         let silent = silence_ms(tick, seen.last_heard_ms(node));
         if lease_expired(silent) {
             let why = format!("no heartbeat for {:.1}s", silent as f64 / 1000.0);
@@ -270,6 +299,10 @@ fn next_work(d: &Deployment, now: i64, seen: &impl Observed) -> Option<Action> {
         return None;
     }
     let s = d.steps.get(w.step)?;
+    if s.waiting.is_some() {
+        // Its node is lost: nothing to send until a node registers again.
+        return None;
+    }
     let key = key_of(d, w.step, w.undo, w.attempt);
     let handed_over_from = match seen.in_flight(&key) {
         Some(f) if f.node == s.plan.node => return None,

@@ -817,10 +817,49 @@ pub struct Destination {
     pub selector: BTreeMap<String, String>,
     #[serde(default)]
     pub queue: QueuePolicy,
+    /// How long work that has no live node to run on waits for one (a
+    /// node that reboots) before the deployment gives up on it: `node_wait`
+    /// in the file (`30s`, `2m`), milliseconds here. Records written before
+    /// it existed read as the default.
+    #[serde(rename = "node_wait", default = "default_node_wait_ms", with = "node_wait_text")]
+    pub node_wait_ms: u64,
 }
 
 fn default_adapter() -> String {
     "process".into()
+}
+
+/// `node_wait` of a destination that names none.
+pub const DEFAULT_NODE_WAIT_MS: u64 = 2 * 60 * 1000;
+/// The longest `node_wait` accepted.
+pub const MAX_NODE_WAIT_MS: u64 = 24 * 60 * 60 * 1000;
+
+pub fn default_node_wait_ms() -> u64 {
+    DEFAULT_NODE_WAIT_MS
+}
+
+/// `node_wait` as text (`2m`), read from text or a number of milliseconds
+/// (`#[serde(with = "fleet_core::manifest::node_wait_text")]`).
+pub mod node_wait_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ms: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(std::time::Duration::from_millis(*ms)).to_string())
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Ms(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Ms(ms) => Ok(ms),
+            Raw::Text(t) => super::parse_duration(&t).map(|d| d.as_millis().min(u64::MAX as u128) as u64).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -853,6 +892,10 @@ pub fn validate_destination(d: &Destination) -> Result<(), (&'static str, String
     }
     for (k, v) in &d.selector {
         validate_label(k, v).map_err(|r| ("selector", r))?;
+    }
+    if d.node_wait_ms == 0 || d.node_wait_ms > MAX_NODE_WAIT_MS {
+        let given = humantime::format_duration(std::time::Duration::from_millis(d.node_wait_ms));
+        return Err(("node_wait", format!("`{given}` is out of range; use more than 0 and at most 24h (default 2m)")));
     }
     Ok(())
 }
@@ -1155,6 +1198,37 @@ health:
         assert_eq!(parse_destinations("d.yaml", bad).unwrap_err().field, "destinations[0].adapter");
         let unknown = "destinations:\n  - name: a\n    colour: red\n";
         assert!(parse_destinations("d.yaml", unknown).unwrap_err().reason.contains("unknown field"));
+    }
+
+    #[test]
+    fn destination_node_wait() {
+        // (node_wait line, Ok(ms) or Err(field, reason contains))
+        type Want<'a> = Result<u64, (&'a str, &'a str)>;
+        let cases: [(&str, Want); 6] = [
+            ("", Ok(DEFAULT_NODE_WAIT_MS)),
+            ("    node_wait: 30s\n", Ok(30_000)),
+            ("    node_wait: 24h\n", Ok(MAX_NODE_WAIT_MS)),
+            ("    node_wait: 0s\n", Err(("destinations[0].node_wait", "more than 0 and at most 24h"))),
+            ("    node_wait: 25h\n", Err(("destinations[0].node_wait", "out of range"))),
+            ("    node_wait: soon\n", Err(("", "`soon` is not a duration"))),
+        ];
+        for (line, want) in cases {
+            let text = format!("destinations:\n  - name: ops\n    adapter: command\n{line}");
+            match (parse_destinations("d.yaml", &text), want) {
+                (Ok(d), Ok(ms)) => assert_eq!(d[0].node_wait_ms, ms, "{line}"),
+                (Err(e), Err((field, reason))) => {
+                    assert!(e.field.contains(field) && e.reason.contains(reason), "{line}: {e:?}");
+                }
+                (got, want) => panic!("{line}: got {got:?}, want {want:?}"),
+            }
+        }
+        // Stored as text; records written before node_wait existed still load.
+        let d = parse_destinations("d.yaml", "destinations:\n  - name: ops\n    node_wait: 90s\n").unwrap();
+        let json = serde_json::to_string(&d[0]).unwrap();
+        assert!(json.contains("\"node_wait\":\"1m 30s\""), "{json}");
+        assert_eq!(serde_json::from_str::<Destination>(&json).unwrap(), d[0]);
+        let old: Destination = serde_json::from_str(r#"{"name":"ops","adapter":"command","selector":{},"queue":"queue"}"#).unwrap();
+        assert_eq!(old.node_wait_ms, DEFAULT_NODE_WAIT_MS);
     }
 
     #[test]

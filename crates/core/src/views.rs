@@ -22,6 +22,10 @@ pub struct DestinationView {
     pub selector: BTreeMap<String, String>,
     /// The queue policy.
     pub queue: QueuePolicy,
+    /// How long work waits for a lost node (`2m`); older coordinators
+    /// did not send it.
+    #[serde(rename = "node_wait", default = "crate::manifest::default_node_wait_ms", with = "crate::manifest::node_wait_text")]
+    pub node_wait_ms: u64,
     pub lock_holder: Option<String>,
     pub lock_token: Option<u64>,
     /// Deployments that hold or wait for the destination, in order.
@@ -48,6 +52,7 @@ impl DestinationView {
             adapter: d.adapter.clone(),
             selector: d.selector.clone(),
             queue: d.queue,
+            node_wait_ms: d.node_wait_ms,
             lock_holder: lock.map(|l| l.holder.clone()),
             lock_token: lock.map(|l| l.fencing_token),
             queued: state.queue(name),
@@ -95,15 +100,17 @@ mod tests {
             adapter: "process".into(),
             selector: BTreeMap::new(),
             queue: QueuePolicy::Queue,
+            node_wait_ms: 120_000,
             lock_holder: None,
             lock_token: None,
             queued: vec![],
             current: BTreeMap::new(),
             nodes: vec![],
         };
-        let mut want = ["adapter", "current", "lock_holder", "lock_token", "name", "nodes", "queue", "queued", "selector"];
+        let mut want = ["adapter", "current", "lock_holder", "lock_token", "name", "node_wait", "nodes", "queue", "queued", "selector"];
         want.sort();
         assert_eq!(keys(&d), want);
+        assert_eq!(serde_json::to_value(&d).unwrap()["node_wait"], "2m");
         let n = NodeView {
             id: "n1".into(),
             labels: BTreeMap::new(),

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use fleet_core::deploy::{ErrorClass, StepOutcome};
-use fleet_core::manifest::{parse_manifest, Destination, Overrides, QueuePolicy, Spec};
+use fleet_core::manifest::{parse_manifest, Destination, Overrides, QueuePolicy, Spec, DEFAULT_NODE_WAIT_MS};
 use fleet_core::{Command, Request, State};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -188,6 +188,7 @@ fn run(ops: &[Op]) -> (State, BTreeMap<String, Vec<u8>>) {
         adapter: ["process", "command"][adapter].into(),
         selector: labels(label),
         queue: [QueuePolicy::Queue, QueuePolicy::Coalesce, QueuePolicy::Reject][policy],
+        node_wait_ms: DEFAULT_NODE_WAIT_MS,
     };
     apply(&mut s, at_ms, None, Command::PutDestinations { destinations: vec![dest("a", 0, 0, 0), dest("b", 0, 0, 0), dest("c", 1, 0, 0)] });
 

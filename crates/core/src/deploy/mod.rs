@@ -124,6 +124,23 @@ pub enum StepStatus {
 /// now): the input of [`Deployment::node_lost`] and [`Deployment::resync`].
 pub type LiveNodes = BTreeMap<String, Vec<String>>;
 
+/// Each destination's `node_wait` in milliseconds (a destination missing
+/// here waits [`crate::manifest::DEFAULT_NODE_WAIT_MS`]).
+pub type NodeWaits = BTreeMap<String, u64>;
+
+/// A step whose node was lost while no other live node of its destination
+/// could take it: it waits for its node (or, when movable, any node the
+/// destination selects) to register again, at most until `until_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeWait {
+    /// When the node was presumed lost.
+    pub since_ms: i64,
+    /// When the deployment gives up on it: the lost time plus the
+    /// destination's `node_wait`, and, going forward, no later than the
+    /// deployment's deadline.
+    pub until_ms: i64,
+}
+
 impl StepStatus {
     /// Nothing more will happen to this step going forward.
     fn settled_forward(self) -> bool {
@@ -183,6 +200,9 @@ pub struct StepRecord {
     /// the next node runs the step's check before running it again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub check_first: bool,
+    /// Its node is lost and nothing else can run it: it waits for a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<NodeWait>,
     /// Output of the forward run (JSON), which its undo needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
@@ -210,6 +230,7 @@ impl StepRecord {
             undo_attempt: 1,
             not_before_ms: None,
             check_first: false,
+            waiting: None,
             output: None,
             error: None,
             error_class: None,

@@ -38,6 +38,13 @@ fn live(nodes: &[&str]) -> LiveNodes {
     [("d".to_string(), nodes.iter().map(|s| s.to_string()).collect())].into()
 }
 
+/// `node_wait` of destination `d`: 10 s.
+const NODE_WAIT: i64 = 10_000;
+
+fn waits() -> NodeWaits {
+    [("d".to_string(), NODE_WAIT as u64)].into()
+}
+
 fn started(nodes: &[&str]) -> Deployment {
     let mut d = deployment(nodes);
     d.token = Some(7);
@@ -191,7 +198,7 @@ fn a_lost_node_is_skipped_and_the_others_continue() {
     d.record(&result(w, true, None), 1).unwrap();
     let in_flight = d.next().unwrap();
     assert_eq!(d.node_needed(), Some("n1"));
-    assert!(d.node_lost("n1", 2, "no heartbeat for 5s", &live(&["n2"])).unwrap());
+    assert!(d.node_lost_with_waits("n1", 2, "no heartbeat for 5s", &live(&["n2"]), &waits()).unwrap());
     assert_eq!(d.epoch, 2);
     // A late result from n1 (old epoch) is refused.
     assert!(d.record(&result(in_flight, true, None), 3).is_err());
@@ -205,7 +212,7 @@ fn a_lost_node_is_skipped_and_the_others_continue() {
     assert_eq!(d.state, Succeeded);
     assert!(d.events.last().unwrap().reason.contains("n1"));
     assert_eq!(d.steps.iter().filter(|s| s.status == StepStatus::Skipped).count(), 3);
-    assert!(!d.node_lost("n2", 5, "x", &live(&[])).unwrap(), "nothing left to skip");
+    assert!(!d.node_lost_with_waits("n2", 5, "x", &live(&[]), &waits()).unwrap(), "nothing left to skip");
 }
 
 #[test]
@@ -214,9 +221,12 @@ fn losing_every_node_is_a_failure_not_a_success() {
     let mut d = started(&["n1", "n2"]);
     let w = d.next().unwrap();
     d.record(&result(w, true, None), 1).unwrap();
-    d.node_lost("n1", 2, "silent", &live(&["n2"])).unwrap();
+    d.node_lost_with_waits("n1", 2, "silent", &live(&["n2"]), &waits()).unwrap();
     assert_eq!(d.state, Running, "n2 still carries the release");
-    d.node_lost("n2", 3, "silent", &live(&[])).unwrap();
+    d.node_lost_with_waits("n2", 3, "silent", &live(&[]), &waits()).unwrap();
+    assert_eq!(d.state, Running, "n2 may reboot: its work waits for it");
+    assert!(!d.give_up_waiting(3 + NODE_WAIT - 1, &live(&[]), &waits()).unwrap(), "not before node_wait");
+    assert!(d.give_up_waiting(3 + NODE_WAIT, &live(&[]), &waits()).unwrap());
     assert_eq!(d.state, Failed);
     assert!(d.events.iter().any(|e| e.reason.contains("nothing was deployed")));
     assert_eq!(d.exit_code(), Some(3));
@@ -236,7 +246,7 @@ fn a_node_lost_during_compensation_skips_its_undos() {
     let u = d.next().unwrap(); // undo start on n2
     d.record(&result(u, true, None), 3).unwrap();
     assert_eq!(d.node_needed(), Some("n1"));
-    assert!(d.node_lost("n1", 4, "no heartbeat", &live(&["n2"])).unwrap());
+    assert!(d.node_lost_with_waits("n1", 4, "no heartbeat", &live(&["n2"]), &waits()).unwrap());
     assert_eq!(d.state, Failed);
     assert!(d.events.last().unwrap().reason.contains("except on lost node(s) n1"));
 }
@@ -263,7 +273,7 @@ fn movable_steps_are_handed_over_with_a_new_epoch_and_checked_first() {
     let w = d.next().unwrap();
     d.record(&result(w, true, None), 1).unwrap(); // a done on n1
     let in_flight = d.next().unwrap(); // b in flight on n1
-    assert!(d.node_lost("n1", 2, "no heartbeat for 5s", &live(&["n2", "n3"])).unwrap());
+    assert!(d.node_lost_with_waits("n1", 2, "no heartbeat for 5s", &live(&["n2", "n3"]), &waits()).unwrap());
     assert_eq!(d.epoch, 2);
     assert_eq!(d.state, Running, "the work goes on elsewhere");
     // Everything not done moves to the first live node; only the step
@@ -304,7 +314,9 @@ fn a_movable_step_with_nowhere_to_go_fails_the_deployment() {
     let mut d = command_deployment(false);
     let w = d.next().unwrap();
     d.record(&result(w, true, None), 1).unwrap();
-    assert!(d.node_lost("n1", 2, "silent", &live(&[])).unwrap());
+    assert!(d.node_lost_with_waits("n1", 2, "silent", &live(&[]), &waits()).unwrap());
+    assert_eq!(d.state, Running, "b and c wait for a node");
+    assert!(d.give_up_waiting(2 + NODE_WAIT, &live(&[]), &waits()).unwrap());
     assert_eq!(d.state, CompensationFailed, "nothing can run b or c, and a's undo has no node either: a human must look");
     assert!(d.events.iter().any(|e| e.reason.contains("no live node is left to run")));
     assert!(d.events.last().unwrap().reason.contains("no live node is left to undo `a` of d"));
@@ -338,4 +350,138 @@ fn cancel_of_a_queued_deployment_ends_at_once() {
     assert_eq!(d.exit_code(), Some(5));
     assert_eq!(d.events.len(), 2);
     assert!(d.cancel(2, "again", "x", false).is_err());
+}
+
+/// A command deployment (movable steps `a`, `b`, `c`, each undoable) on n1
+/// alone, deadline `deadline_ms`.
+fn lone_command(deadline_ms: i64) -> Deployment {
+    let mut d = command_deployment(false);
+    d.steps = plan(&d.spec, "d", &["n1".into()]).into_iter().map(StepRecord::new).collect();
+    d.deadline_ms = deadline_ms;
+    d
+}
+
+/// Report `d`'s next work as succeeded (or failed, `invalid`) at the
+/// current epoch.
+fn report(d: &mut Deployment, ok: bool, at: i64) {
+    let mut r = result(d.next().expect("work to do"), ok, (!ok).then_some(ErrorClass::Invalid));
+    r.epoch = d.epoch;
+    d.record(&r, at).unwrap();
+}
+
+#[test]
+fn work_with_no_live_node_waits_for_one() {
+    use DeployState::*;
+    // (case, process (else command), deadline, node back at (else the wait
+    // runs out), state at the end, its reason contains, exit code)
+    type Case<'a> = (&'a str, bool, i64, Option<i64>, DeployState, &'a str, u8);
+    let cases: [Case; 6] = [
+        ("command, node back within node_wait", false, 1_000_000, Some(5_000), Succeeded, "every step succeeded", 0),
+        ("command, node back just before the bound", false, 1_000_000, Some(2 + NODE_WAIT - 1), Succeeded, "every step succeeded", 0),
+        ("process, node back within node_wait", true, 1_000_000, Some(5_000), Succeeded, "every step succeeded", 0),
+        (
+            "command, lost past node_wait: `a` cannot be undone",
+            false,
+            1_000_000,
+            None,
+            CompensationFailed,
+            "start the node, check the destination, then run `fleetctl resolve d1`",
+            6,
+        ),
+        ("process, lost past node_wait", true, 1_000_000, None, Failed, "every completed step was undone except on lost node(s) n1", 3),
+        ("command, the deadline comes first", false, 2 + NODE_WAIT / 2, None, CompensationFailed, "fleetctl resolve d1", 6),
+    ];
+    for (case, process, deadline, back_at, end, reason, code) in cases {
+        let mut d = if process {
+            let mut d = started(&["n1"]);
+            d.deadline_ms = deadline;
+            d
+        } else {
+            lone_command(deadline)
+        };
+        report(&mut d, true, 1); // the first step is done on n1
+        let in_flight = d.next().unwrap();
+        assert!(d.node_lost_with_waits("n1", 2, "no heartbeat for 5.1s", &live(&[]), &waits()).unwrap(), "{case}");
+        assert_eq!((d.state, d.epoch), (Running, 1), "{case}: it waits, at the same epoch");
+        let (i, w) = d.blocking_wait().expect(case);
+        let until = (2 + NODE_WAIT).min(deadline);
+        assert_eq!((i, w.since_ms, w.until_ms), (in_flight.step, 2, until), "{case}");
+        assert!(d.steps[i].check_first, "{case}: the step in flight is checked first");
+        let ev = &d.events.last().unwrap().reason;
+        assert!(ev.contains("node n1 lost (no heartbeat for 5.1s); waiting for a node of d: n1 lost"), "{case}: {ev}");
+        assert!(ev.contains("node_wait 10s") && ev.contains("gives up at 1970-01-01T00:00"), "{case}: {ev}");
+        assert!(!d.node_lost_with_waits("n1", 3, "again", &live(&[]), &waits()).unwrap(), "{case}: already waiting");
+        match back_at {
+            Some(at) => {
+                assert!(!d.give_up_waiting(at, &live(&[]), &waits()).unwrap(), "{case}: not before the bound");
+                if process {
+                    assert!(!d.node_back("n2", at, &live(&["n2"])).unwrap(), "{case}: n1's steps are bound to n1");
+                }
+                assert!(d.node_back("n1", at, &live(&["n1"])).unwrap(), "{case}");
+                assert!(d.blocking_wait().is_none(), "{case}");
+                assert!(d.events.last().unwrap().reason.contains("node n1 registered again after the work waited"), "{case}");
+                // The node answers the step in flight at the same epoch (from
+                // its journal, or after its check).
+                let mut r = result(in_flight, true, None);
+                r.epoch = d.epoch;
+                d.record(&r, at + 1).unwrap();
+                while d.next().is_some() {
+                    report(&mut d, true, at + 2);
+                }
+            }
+            None => {
+                assert!(!d.give_up_waiting(until - 1, &live(&[]), &waits()).unwrap(), "{case}");
+                assert!(d.give_up_waiting(until, &live(&[]), &waits()).unwrap(), "{case}");
+                let gave_up = d.events.iter().find(|e| e.reason.starts_with("gave up waiting")).expect(case);
+                let bound = if deadline < 2 + NODE_WAIT { "the deployment's deadline" } else { "node_wait" };
+                assert!(gave_up.reason.contains("n1, lost at 1970-01-01T00:00:00Z, was not back by 1970-01-01T00:00:"), "{case}");
+                assert!(gave_up.reason.contains(bound), "{case}: {}", gave_up.reason);
+                assert!(d.epoch > 1, "{case}: whatever n1 still reports is stale now");
+            }
+        }
+        assert_eq!(d.state, end, "{case}: {:#?}", d.events);
+        assert!(d.events.last().unwrap().reason.contains(reason), "{case}: {}", d.events.last().unwrap().reason);
+        assert_eq!(d.exit_code(), Some(code), "{case}");
+    }
+}
+
+#[test]
+fn an_undo_with_no_live_node_waits_then_runs_on_the_returning_node() {
+    use DeployState::*;
+    let mut d = lone_command(1_000_000);
+    report(&mut d, true, 1); // a
+    report(&mut d, false, 2); // b fails: undo a next, on n1
+    assert_eq!(d.state, Compensating);
+    assert!(d.node_lost_with_waits("n1", 3, "silent", &live(&[]), &waits()).unwrap());
+    assert_eq!(d.state, Compensating, "not compensation_failed at once");
+    let (i, w) = d.blocking_wait().unwrap();
+    assert_eq!((i, w.until_ms), (0, 3 + NODE_WAIT));
+    assert!(d.events.last().unwrap().reason.contains("`a` must be undone for it"));
+    // Another node the destination selects registers: the undo moves there.
+    assert!(d.node_back("n2", 4, &live(&["n2"])).unwrap());
+    assert_eq!((d.steps[0].plan.node.as_str(), d.epoch), ("n2", 2));
+    report(&mut d, true, 5);
+    assert_eq!(d.state, Failed);
+    assert_eq!(d.exit_code(), Some(3));
+
+    // Compensation is never cut short by the deadline: only node_wait bounds it.
+    let mut d = lone_command(2);
+    report(&mut d, true, 1);
+    report(&mut d, false, 2);
+    d.node_lost_with_waits("n1", 3, "silent", &live(&[]), &waits()).unwrap();
+    assert_eq!(d.blocking_wait().unwrap().1.until_ms, 3 + NODE_WAIT);
+}
+
+#[test]
+fn a_cancelled_deployment_waits_for_the_node_of_its_step_in_flight() {
+    use DeployState::*;
+    let mut d = lone_command(1_000_000);
+    report(&mut d, true, 1);
+    d.node_lost_with_waits("n1", 2, "silent", &live(&[]), &waits()).unwrap();
+    d.cancel(3, "no longer wanted", "op", false).unwrap();
+    assert_eq!(d.state, Cancelling);
+    assert_eq!(d.blocking_wait().map(|(i, _)| i), Some(1), "b may be running on n1");
+    assert!(d.give_up_waiting(2 + NODE_WAIT, &live(&[]), &waits()).unwrap());
+    assert_eq!(d.state, CompensationFailed, "a's undo has nowhere to run either");
+    assert_eq!(d.exit_code(), Some(6));
 }

@@ -2,7 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::command::{Request, Response};
-use crate::manifest::{parse_manifest, Destination, Overrides, QueuePolicy};
+use crate::manifest::{parse_manifest, Destination, Overrides, QueuePolicy, DEFAULT_NODE_WAIT_MS};
 
 /// Every command is applied at this time.
 const T0: i64 = 1_000;
@@ -30,14 +30,19 @@ impl World {
             adapter: adapter.into(),
             selector: [("env".to_string(), "t".to_string())].into(),
             queue: QueuePolicy::Queue,
+            node_wait_ms: DEFAULT_NODE_WAIT_MS,
         };
         w.apply(Command::PutDestinations { destinations: vec![dest("a", "process"), dest("c", "command")] });
         w
     }
 
     fn apply(&mut self, command: Command) -> Response {
+        self.apply_at(T0, command)
+    }
+
+    fn apply_at(&mut self, at_ms: i64, command: Command) -> Response {
         self.index += 1;
-        self.s.apply(self.index, &Request { request_id: None, at_ms: T0, command }).0
+        self.s.apply(self.index, &Request { request_id: None, at_ms, command }).0
     }
 
     fn submit(&mut self, manifest: &str, lock_wait_ms: Option<u64>) -> String {
@@ -122,6 +127,8 @@ fn show(a: Option<Action>) -> String {
         None => "nothing".into(),
         Some(Action::Propose(p)) => match p.command {
             Command::NodeLost { node, why } => format!("lost {node}: {why}"),
+            Command::NodeWaitExpired { deployment } => format!("give up waiting: {deployment} (key {})", p.key),
+            Command::RegisterNode { id, .. } => format!("register {id} again"),
             Command::CancelDeployment { reason, timed_out: true, .. } => format!("timed out: {reason}"),
             Command::StepResult { outcome, .. } => {
                 format!("not run: step {} attempt {} ({:?}, {:?})", outcome.step, outcome.attempt, outcome.class, outcome.error)
@@ -465,4 +472,80 @@ fn forget_rules() {
         ]
     );
     assert_eq!((got[1].token, got[1].epoch), (ended_d.token.unwrap(), 1));
+}
+
+#[test]
+fn work_with_no_live_node_waits_then_goes_on_or_gives_up() {
+    let labels: BTreeMap<String, String> = [("env".to_string(), "t".to_string())].into();
+    let mut w = World::new();
+    let id = w.submit(INFRA, None); // command steps on n1, deadline 1m
+    w.apply(Command::NodeLost { node: "n2".into(), why: "silent".into() });
+    w.apply(Command::NodeLost { node: "n1".into(), why: "no heartbeat for 5.2s".into() });
+    let d = w.d(&id).clone();
+    assert_eq!((d.state, d.epoch), (DeployState::Running, 1));
+    let (step, wait) = d.blocking_wait().expect("plan waits for a node");
+    // node_wait (2m by default) is longer than the deadline: the deadline bounds it.
+    assert_eq!((step, wait.since_ms, wait.until_ms), (0, T0, DEADLINE));
+    let ev = &d.events.last().unwrap().reason;
+    assert!(ev.contains("waiting for a node of c: n1 lost, `plan`, `apply` wait for it") && ev.contains("bounded by the deadline"), "{ev}");
+
+    let n1_gone = |at: i64| {
+        let mut s = Seen::all_heard(at);
+        s.heard.insert("n1".into(), T0 - 6_000);
+        s.connected.remove("n1");
+        s
+    };
+    let n1_back = |at: i64| {
+        let mut s = Seen::all_heard(at);
+        s.heard.insert("n1".into(), at - 100);
+        s
+    };
+    let give_up = format!("give up waiting: {id} (key {id}/node-wait/{DEADLINE})");
+    // (case, now, what the leader saw, expected action)
+    let cases: Vec<(&str, i64, Seen, String)> = vec![
+        ("waiting: n1 is not proposed lost again, nothing is sent", T0 + 30_000, n1_gone(T0 + 30_000), "nothing".into()),
+        ("the bound passed (before the deadline cancel)", DEADLINE, n1_gone(DEADLINE), give_up.clone()),
+        ("long after", DEADLINE + 60_000, n1_gone(DEADLINE + 60_000), give_up),
+        ("n1 back on a stream while recorded lost", T0 + 30_000, n1_back(T0 + 30_000), "register n1 again".into()),
+    ];
+    for (case, now, seen, want) in cases {
+        let got: Vec<String> = due(&w.s, tick(now, T0), &seen).into_iter().map(|a| show(Some(a))).collect();
+        let want: Vec<String> = if want == "nothing" { vec![] } else { vec![want] };
+        assert_eq!(got, want, "{case}");
+    }
+
+    // n1 registers again: the work goes on there, same epoch, checked first.
+    w.apply_at(T0 + 30_000, Command::RegisterNode { id: "n1".into(), labels: labels.clone() });
+    let d = w.d(&id).clone();
+    assert!(d.blocking_wait().is_none());
+    let ev = &d.events.last().unwrap().reason;
+    assert!(ev.contains("node n1 registered again after the work waited 30s: `plan` (check first), `apply` go(es) on there"), "{ev}");
+    let Some(Action::Send(a)) = due_for(&d, tick(T0 + 30_000, T0), &n1_back(T0 + 30_000)) else { panic!("nothing sent") };
+    assert_eq!((a.node.as_str(), a.key.step, a.key.epoch, a.check_first), ("n1", 0, 1, true));
+
+    // The same again, and this time nobody comes back: past the bound the
+    // give-up fails it (nothing was done, so nothing needs undoing).
+    let id = {
+        w.report(&id, true, None);
+        w.report(&id, true, None);
+        assert_eq!(w.d(&id).state, DeployState::Succeeded);
+        w.submit(INFRA, None)
+    };
+    w.apply(Command::NodeLost { node: "n1".into(), why: "silent".into() });
+    assert!(w.d(&id).blocking_wait().is_some());
+    assert_eq!(w.apply_at(DEADLINE - 1, Command::NodeWaitExpired { deployment: id.clone() }), Response::Done, "not before the bound");
+    assert_eq!(w.d(&id).state, DeployState::Running);
+    let r = w.apply_at(DEADLINE, Command::NodeWaitExpired { deployment: id.clone() });
+    assert_eq!(r, Response::Deployment { id: id.clone(), state: DeployState::Failed });
+    let d = w.d(&id);
+    assert!(d
+        .events
+        .iter()
+        .any(|e| e.reason.starts_with("gave up waiting for a node of c: n1") && e.reason.contains("the deployment's deadline")));
+    assert!(d
+        .events
+        .iter()
+        .any(|e| e.reason.contains("no live node is left to run `plan` of c, `apply` of c; start a node the destination selects")));
+    assert_eq!(d.exit_code(), Some(3));
+    assert!(w.s.lock("c").is_none(), "the lock is released");
 }

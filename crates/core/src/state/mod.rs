@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::command::{Command, LockView, Request, Response};
-use crate::deploy::{DeployState, Deployment, LiveNodes, StepRecord};
+use crate::deploy::{DeployState, Deployment, LiveNodes, NodeWaits, StepRecord};
 use crate::manifest::{selects, Destination, Spec};
 use crate::saga::plan;
 
@@ -222,6 +222,11 @@ impl State {
         destinations.iter().map(|d| (d.clone(), self.nodes_for(d))).collect()
     }
 
+    /// The `node_wait` of each of `destinations`.
+    pub fn node_waits(&self, destinations: &[String]) -> NodeWaits {
+        destinations.iter().filter_map(|d| Some((d.clone(), self.destinations.get(d)?.node_wait_ms))).collect()
+    }
+
     /// The saga of `spec` planned against the current membership: every
     /// destination in order (what a grant plans, and what a dry run shows).
     pub fn plan(&self, spec: &Spec) -> Vec<StepRecord> {
@@ -261,6 +266,7 @@ impl State {
             Command::StepResult { deployment, outcome } => self.step_result(&mut cx, deployment, outcome),
             Command::RegisterNode { id, labels } => self.register_node(&mut cx, id, labels),
             Command::NodeLost { node, why } => self.node_lost(&mut cx, node, why),
+            Command::NodeWaitExpired { deployment } => self.node_wait_expired(&mut cx, deployment),
             Command::PutDestinations { destinations } => self.put_destinations(&mut cx, destinations),
         };
 

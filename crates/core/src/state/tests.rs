@@ -1,5 +1,5 @@
 use super::*;
-use crate::manifest::QueuePolicy;
+use crate::manifest::{QueuePolicy, DEFAULT_NODE_WAIT_MS};
 
 fn req(id: Option<&str>, at_ms: i64, command: Command) -> Request {
     Request { request_id: id.map(str::to_string), at_ms, command }
@@ -128,6 +128,7 @@ mod deployments {
                     adapter: "process".into(),
                     selector: [("env".to_string(), "t".to_string())].into(),
                     queue: *queue,
+                    node_wait_ms: DEFAULT_NODE_WAIT_MS,
                 })
                 .collect();
             w.apply(Command::PutDestinations { destinations });
@@ -233,6 +234,7 @@ mod deployments {
                 adapter: "process".into(),
                 selector: [("env".to_string(), "none".to_string())].into(),
                 queue: QueuePolicy::Queue,
+                node_wait_ms: DEFAULT_NODE_WAIT_MS,
             }],
         });
         assert!(matches!(w.submit("web", "v1", "empty"), Response::Invalid { reason } if reason.contains("no worker node")));
@@ -413,6 +415,7 @@ mod deployments {
                 adapter: "command".into(),
                 selector: [("env".to_string(), "t".to_string())].into(),
                 queue: QueuePolicy::Queue,
+                node_wait_ms: DEFAULT_NODE_WAIT_MS,
             }],
         });
         let text = "app: infra\nrelease: v1\ndestination: DEST\nsteps:\n  - { name: apply, run: \"tf apply\" }\n";

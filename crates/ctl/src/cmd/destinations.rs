@@ -52,7 +52,9 @@ pub fn destination_row(v: &Value) -> Vec<String> {
         .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(","))
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "none".into());
-    vec![str_of(v, "name"), str_of(v, "adapter"), selector, policy, lock, queued, current, nodes]
+    // How long work waits for a lost node; older coordinators do not say.
+    let node_wait = v["node_wait"].as_str().unwrap_or("-").to_string();
+    vec![str_of(v, "name"), str_of(v, "adapter"), selector, policy, node_wait, lock, queued, current, nodes]
 }
 
 fn print_destinations(items: &[String], out: Output) -> Result<(), Exit> {
@@ -65,8 +67,8 @@ fn print_destinations(items: &[String], out: Output) -> Result<(), Exit> {
         return Ok(());
     }
     let rows: Vec<Vec<String>> = values.iter().map(destination_row).collect();
-    println!("{}", table(&["NAME", "ADAPTER", "SELECTOR", "POLICY", "LOCK", "QUEUED", "CURRENT", "NODES"], &rows));
-    if rows.iter().any(|r| r[7] == "none") {
+    println!("{}", table(&["NAME", "ADAPTER", "SELECTOR", "POLICY", "NODE WAIT", "LOCK", "QUEUED", "CURRENT", "NODES"], &rows));
+    if rows.iter().any(|r| r[8] == "none") {
         println!("\nA destination with no nodes cannot take deployments: start `fleet-node` with labels that match its selector");
     }
     Ok(())
@@ -116,19 +118,19 @@ mod tests {
         // (record as the server sends it, expected row)
         let cases: Vec<(Value, Vec<&str>)> = vec![
             (
-                json!({"name": "dev", "adapter": "process", "selector": {"env": "dev"}, "queue": ["d3", "d4"],
+                json!({"name": "dev", "adapter": "process", "selector": {"env": "dev"}, "queue": ["d3", "d4"], "node_wait": "30s",
                        "lock_holder": "deployment/d3", "lock_token": 9, "current": {"web": "v1"}, "nodes": ["node-1", "node-2"]}),
-                vec!["dev", "process", "env=dev", "-", "d3", "2 (d3,d4)", "web@v1", "node-1,node-2"],
+                vec!["dev", "process", "env=dev", "-", "30s", "d3", "2 (d3,d4)", "web@v1", "node-1,node-2"],
             ),
             (
                 json!({"name": "prod", "adapter": "process", "selector": {}, "queue": "reject", "queued": [],
                        "lock_holder": null, "current": {}, "nodes": []}),
-                vec!["prod", "process", "(every node)", "reject", "free", "0", "-", "none"],
+                vec!["prod", "process", "(every node)", "reject", "-", "free", "0", "-", "none"],
             ),
             (
                 json!({"name": "x", "adapter": "process", "queue_policy": "coalesce", "queue": ["d1", "d2", "d3", "d4"],
                        "lock_holder": "alice"}),
-                vec!["x", "process", "(every node)", "coalesce", "alice", "4 (d1,d2,d3,…)", "-", "none"],
+                vec!["x", "process", "(every node)", "coalesce", "-", "alice", "4 (d1,d2,d3,…)", "-", "none"],
             ),
         ];
         for (v, want) in cases {
