@@ -22,7 +22,8 @@ impl State {
         }
         let active: Vec<u64> = self.deployments.iter().filter(|(_, d)| !d.state.is_terminal()).map(|(n, _)| *n).collect();
         for n in active {
-            let Some((live, waits)) = self.deployments.get(&n).map(|d| (self.live_nodes(d.destinations()), self.node_waits(d.destinations())))
+            let Some((live, waits)) =
+                self.deployments.get(&n).map(|d| (self.live_nodes(d.destinations()), self.node_waits(d.destinations())))
             else {
                 continue;
             };
@@ -63,8 +64,12 @@ impl State {
     /// `node` registered again: work of active deployments that waited for
     /// a node it can run goes on there.
     fn node_returned(&mut self, cx: &mut Ctx, node: &str) {
-        let waiting: Vec<u64> =
-            self.deployments.iter().filter(|(_, d)| !d.state.is_terminal() && d.steps.iter().any(|s| s.waiting.is_some())).map(|(n, _)| *n).collect();
+        let waiting: Vec<u64> = self
+            .deployments
+            .iter()
+            .filter(|(_, d)| !d.state.is_terminal() && d.steps.iter().any(|s| s.waiting.is_some()))
+            .map(|(n, _)| *n)
+            .collect();
         for n in waiting {
             let Some(live) = self.deployments.get(&n).map(|d| self.live_nodes(d.destinations())) else { continue };
             let Some(d) = self.deployments.get_mut(&n) else { continue };
