@@ -125,6 +125,10 @@ fn carry_out(raft: &Raft, hub: &Arc<Hub>, action: Action, now: i64, proposed: &m
 fn log_proposal(p: &Proposal) {
     match &p.command {
         Command::NodeLost { node, why } => tracing::warn!(%node, %why, "node missed its lease; presumed dead"),
+        Command::NodeWaitExpired { deployment } => {
+            tracing::warn!(%deployment, "the wait for a lost node ran out (node_wait or deadline); giving up on that work")
+        }
+        Command::RegisterNode { id, .. } => tracing::info!(node = %id, "node recorded lost is back on its stream; registering it again"),
         Command::CancelDeployment { id, reason, .. } => tracing::info!(deployment = %id, %reason, "time limit passed; cancelling"),
         Command::StepResult { deployment, outcome } => {
             tracing::info!(%deployment, step = outcome.step, "cancelled before it was sent; recording it as not run")

@@ -64,6 +64,9 @@ impl Worker for WorkerService {
             Ok(_) => return Err(Status::invalid_argument("the first message on a work stream must be Hello")),
             Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
         };
+        // Heard from now: the lease counts from here, so the registration
+        // below is not followed by a NodeLost for the silence before it.
+        self.hub.seen(&node, now_ms());
         let labels: std::collections::BTreeMap<String, String> = hello.labels.into_iter().collect();
         let known = self.state.read(|a| a.state.node(&node).filter(|n| n.lost_ms.is_none()).map(|n| n.labels.clone()));
         if known.as_ref() != Some(&labels) {
