@@ -19,6 +19,7 @@ use anyhow::{bail, Context};
 
 mod fuzz;
 mod layering;
+mod mutants;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,8 +31,9 @@ fn main() -> ExitCode {
         Some("lint") => lint(),
         Some("layering") => check_layering(),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
+        Some("mutants") => mutants::mutants(),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|lint|deps|bench|fuzz>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  lint  cargo fmt --check and clippy -D warnings on every crate (CI runs it)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. -- --duration 10s);\n        `bench -- steps` measures the per-step deployment overhead (e.g. -- steps --steps 200 --destinations 100)\n  fuzz  run the fuzz targets in fuzz/ for a bounded time each (--seconds N, default 60; needs nightly)");
+            eprintln!("usage: cargo xtask <demo|test|lint|deps|bench|fuzz|mutants>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  lint  cargo fmt --check and clippy -D warnings on every crate (CI runs it)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. -- --duration 10s);\n        `bench -- steps` measures the per-step deployment overhead (e.g. -- steps --steps 200 --destinations 100)\n  fuzz  run the fuzz targets in fuzz/ for a bounded time each (--seconds N, default 60; needs nightly)\n  mutants  build deliberately broken guarantees and check the tests catch each");
             return ExitCode::from(2);
         }
     };
