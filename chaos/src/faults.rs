@@ -66,6 +66,10 @@ pub struct Injected {
     pub at_ms: i64,
     /// What the recovery saw, for the report.
     pub detail: String,
+    /// How long the victim was down (kill → restart), for faults that take
+    /// a process away; the checker compares it with `node_wait`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub down_ms: Option<i64>,
 }
 
 /// Inject `plan` into deployment `id` (whose `watch` is `watcher`), with
@@ -100,6 +104,7 @@ async fn leader_kill(f: &mut Fleet) -> anyhow::Result<Injected> {
         target: format!("coordinator {leader}"),
         at_ms,
         detail: format!("coordinator {new_leader} led {} ms after the kill; {leader} restarted", elected.as_millis()),
+        down_ms: None,
     })
 }
 
@@ -128,6 +133,7 @@ async fn leader_stop(f: &mut Fleet, stop_for: Duration) -> anyhow::Result<Inject
         target: format!("coordinator {leader}"),
         at_ms,
         detail: format!("stopped {} ms; coordinator {new_leader} led {} ms after the stop", paused.as_millis(), after.as_millis()),
+        down_ms: None,
     })
 }
 
@@ -155,6 +161,7 @@ async fn follower_kill(f: &mut Fleet, pick: usize, id: &str, watcher: &JoinHandl
         target: format!("coordinator {victim}"),
         at_ms,
         detail: format!("leader {leader} kept leading; {how}; {victim} restarted"),
+        down_ms: None,
     })
 }
 
@@ -182,12 +189,18 @@ async fn node_kill(f: &mut Fleet, victim: &str, id: &str, watcher: &JoinHandle<a
         let moved = moved_on_since(&d, epoch, at_ms);
         Ok((lost && moved).then(|| {
             let skipped = d.steps.iter().filter(|s| s.plan.node == victim && s.status == StepStatus::Skipped).count();
-            format!("presumed lost {} ms after the kill; epoch {epoch} → {}; {skipped} of its steps skipped", now_ms() - at_ms, d.epoch)
+            let waiting = d.steps.iter().filter(|s| s.plan.node == victim && s.waiting.is_some()).count();
+            format!(
+                "presumed lost {} ms after the kill; epoch {epoch} → {}; {skipped} of its steps skipped, {waiting} waiting for it",
+                now_ms() - at_ms,
+                d.epoch
+            )
         }))
     })
     .await?;
     f.nodes[idx].restart().with_context(|| format!("restarting {victim}"))?;
-    Ok(Injected { kind: FaultKind::NodeKill, target: victim.to_string(), at_ms, detail: format!("{how}; restarted") })
+    let down_ms = Some(now_ms() - at_ms);
+    Ok(Injected { kind: FaultKind::NodeKill, target: victim.to_string(), at_ms, detail: format!("{how}; restarted"), down_ms })
 }
 
 /// Has the deployment's record changed since `at_ms`: a new epoch, an

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::faults::FaultKind;
 use crate::report::RoundLine;
-use crate::scenario::{Kind, OPS_NODE};
+use crate::scenario::{Kind, TOPOLOGY};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -29,7 +29,8 @@ pub enum Invariant {
     ///    last succeeded deployment that switched its route there.
     NoLocksNoOrphans,
     /// 5. A deployment that did not succeed was failed by an injected fault
-    ///    that may fail it (the loss of `ops`' only node).
+    ///    that may fail it (a destination's only node down longer than its
+    ///    `node_wait`).
     FailuresExplained,
     /// Not a DESIGN.md invariant: the cluster did not recover from a fault
     /// within the harness's bound (no leader, a node never lost or never
@@ -120,18 +121,48 @@ fn event_log(d: &Deployment) -> Vec<String> {
     d.events.iter().map(|e| format!("{} → {}: {}", e.from.map(|f| f.as_str()).unwrap_or("(submitted)"), e.to, e.reason)).collect()
 }
 
+/// Which outcomes other than success the design allows for this round's
+/// fault, from the topology ([`TOPOLOGY`]): `None` when it must succeed.
+///
+/// * A coordinator fault (leader or follower killed, leader paused) loses
+///   no acknowledged write and the saga resumes: it must succeed.
+/// * A node killed while another live node of each of its destinations
+///   carries the release: its steps are skipped (a vanished server is
+///   gone, not a failed step): it must succeed.
+/// * A node killed that is the only node of a destination the deployment
+///   uses (`node-c` of `ops`, `node-3` of `edge`): the work waits for it up
+///   to that destination's `node_wait`. Back sooner, it must succeed.
+///   Down longer, the deployment may give up: failed (exit 3), or, for a
+///   command step already applied that only that node could undo,
+///   compensation_failed (exit 6).
+pub fn allowed_failure(line: &RoundLine) -> Option<String> {
+    if line.fault.kind != FaultKind::NodeKill {
+        return None;
+    }
+    let victim = line.fault.target.as_str();
+    let down = Duration::from_millis(line.fault.down_ms.unwrap_or(i64::MAX).max(0) as u64);
+    for dest in line.kind.destinations() {
+        let Some((_, nodes, node_wait)) = TOPOLOGY.iter().find(|(name, _, _)| name == dest) else { continue };
+        if nodes == &[victim] && down > *node_wait {
+            return Some(format!(
+                "{victim}, the only node of `{dest}`, was down {} ms, longer than its node_wait of {node_wait:?}",
+                down.as_millis()
+            ));
+        }
+    }
+    None
+}
+
 /// Invariant 5 for one round: `None` when it succeeded, else why its
-/// failure is acceptable, else [`Broken`].
+/// failure is acceptable ([`allowed_failure`]), else [`Broken`].
 pub fn failure_explained(line: &RoundLine, d: &Deployment) -> anyhow::Result<Option<String>> {
     if line.state == DeployState::Succeeded {
         return Ok(None);
     }
-    // `ops` has one node: when it is presumed lost mid-deploy, what is left
-    // has nowhere to run and the deployment is compensated (exit 3).
-    let lost_ops_node = line.kind == Kind::Command && line.fault.kind == FaultKind::NodeKill && line.fault.target == OPS_NODE;
-    let failed_after_fault = d.events.iter().find(|e| e.to == DeployState::Compensating).is_some_and(|e| e.at_ms >= line.fault.at_ms);
-    if lost_ops_node && line.state == DeployState::Failed && line.watch_exit == 3 && failed_after_fault {
-        return Ok(Some(format!("{OPS_NODE}, the only node of `ops`, was lost mid-deploy")));
+    let gave_up_after_fault = d.events.iter().any(|e| e.reason.starts_with("gave up waiting") && e.at_ms >= line.fault.at_ms);
+    let legit_end = matches!((line.state, line.watch_exit), (DeployState::Failed, 3) | (DeployState::CompensationFailed, 6));
+    if let Some(why) = allowed_failure(line).filter(|_| legit_end && gave_up_after_fault) {
+        return Ok(Some(why));
     }
     let reasons = event_log(d);
     let failed_steps: Vec<String> = steps(d)
@@ -142,8 +173,9 @@ pub fn failure_explained(line: &RoundLine, d: &Deployment) -> anyhow::Result<Opt
     Err(broken(
         Invariant::FailuresExplained,
         format!(
-            "round {}: {} ({}) ended {} (exit {}) after `{}` of {} at action {} +{} ms; only the loss of {OPS_NODE} during a \
-             command deployment may fail one.\n  events: {reasons:#?}\n  failed steps: {failed_steps:#?}",
+            "round {}: {} ({}) ended {} (exit {}) after `{}` of {} (down {} ms) at action {} +{} ms; only a destination's \
+             only node down longer than its node_wait may fail one (chaos/README.md, invariant 5).\n  events: {reasons:#?}\n  \
+             failed steps: {failed_steps:#?}",
             line.round,
             line.deployment,
             line.kind.name(),
@@ -151,6 +183,7 @@ pub fn failure_explained(line: &RoundLine, d: &Deployment) -> anyhow::Result<Opt
             line.watch_exit,
             line.fault.kind.name(),
             line.fault.target,
+            line.fault.down_ms.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
             line.after_actions,
             line.extra_ms
         ),
@@ -286,4 +319,52 @@ fn expected_instances(finals: &BTreeMap<String, Deployment>) -> anyhow::Result<B
         out.entry(node).or_default().insert(pid, why);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::Injected;
+
+    fn line(kind: Kind, fault: FaultKind, target: &str, down_ms: Option<i64>) -> RoundLine {
+        RoundLine {
+            round: 1,
+            kind,
+            deployment: "d1".into(),
+            release: "r1".into(),
+            after_actions: 0,
+            extra_ms: 0,
+            progress_ms: None,
+            state: DeployState::Failed,
+            watch_exit: 3,
+            fault: Injected { kind: fault, target: target.into(), at_ms: 0, detail: String::new(), down_ms },
+            allowed: None,
+        }
+    }
+
+    /// Issue 12 (seeds 0xC0FFEE, 0xBEEF, 0x1234, 0x5EED): a destination's
+    /// only node down for a few seconds used to fail the deployment and
+    /// the checker accepted it for `ops` only. Now neither is allowed
+    /// unless the node stayed away longer than the destination's node_wait.
+    #[test]
+    fn failures_are_allowed_by_topology_and_how_long_the_fault_lasted() {
+        use FaultKind::*;
+        use Kind::*;
+        // (case, kind, fault, target, down ms, allowed)
+        let cases = [
+            ("ops' only node back in 7 s", Command, NodeKill, "node-c", Some(7_000), false),
+            ("ops' only node away past node_wait", Command, NodeKill, "node-c", Some(61_000), true),
+            ("edge's only node back in 7 s (stack)", Stack, NodeKill, "node-3", Some(7_000), false),
+            ("edge's only node away past node_wait (stack)", Stack, NodeKill, "node-3", Some(61_000), true),
+            ("one of dev's two nodes, however long", Single, NodeKill, "node-1", Some(600_000), false),
+            ("one of dev's nodes in a stack", Stack, NodeKill, "node-2", Some(600_000), false),
+            ("node-3 is not a node of a single dev deployment", Single, NodeKill, "node-3", Some(600_000), false),
+            ("a leader kill", Command, LeaderKill, "coordinator 1", None, false),
+            ("a paused leader", Stack, LeaderStop, "coordinator 2", None, false),
+            ("a follower kill", Single, FollowerKill, "coordinator 3", None, false),
+        ];
+        for (case, kind, fault, target, down, allowed) in cases {
+            assert_eq!(allowed_failure(&line(kind, fault, target, down)).is_some(), allowed, "{case}");
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //! (role=ops); destinations `dev` (node-1, node-2) and `edge` (node-3),
 //! both `process`, so `dev`+`edge` is a stack over all three, and `ops`
 //! (`command`, selecting role=ops: one node, so its steps have nowhere to
-//! move when it dies).
+//! move when it dies: they wait for it, `node_wait`, see [`TOPOLOGY`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,8 +27,19 @@ const OPS_LABELS: &[(&str, &str)] = &[("role", "ops")];
 
 pub const DESTINATIONS: &str = "destinations:\n\
   \x20 - name: dev\n    selector: { env: dev }\n\
-  \x20 - name: edge\n    selector: { env: edge }\n\
-  \x20 - name: ops\n    adapter: command\n    selector: { role: ops }\n";
+  \x20 - name: edge\n    selector: { env: edge }\n    node_wait: 60s\n\
+  \x20 - name: ops\n    adapter: command\n    selector: { role: ops }\n    node_wait: 60s\n";
+
+/// The topology the checker judges outcomes by: each destination, its
+/// nodes, and how long work waits for a lost node there (`node_wait`, as in
+/// [`DESTINATIONS`]). A destination whose every node is down waits that
+/// long before it may give up; one that keeps a live node skips the lost
+/// one's steps and carries on.
+pub const TOPOLOGY: [(&str, &[&str], Duration); 3] = [
+    ("dev", &["node-1", "node-2"], Duration::from_secs(120)),
+    ("edge", &["node-3"], Duration::from_secs(60)),
+    ("ops", &[OPS_NODE], Duration::from_secs(60)),
+];
 
 /// Deadline of every deployment: a saga that cannot finish is cancelled
 /// (exit 5) rather than left running, and invariant 5 reports it.
@@ -55,6 +66,15 @@ pub enum Kind {
 
 impl Kind {
     pub const ALL: [Kind; 3] = [Kind::Single, Kind::Stack, Kind::Command];
+
+    /// The destinations it deploys to.
+    pub fn destinations(self) -> &'static [&'static str] {
+        match self {
+            Kind::Single => &["dev"],
+            Kind::Stack => &["dev", "edge"],
+            Kind::Command => &["ops"],
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
