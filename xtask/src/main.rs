@@ -210,6 +210,7 @@ fn demo() -> anyhow::Result<()> {
     build_all()?;
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join("target"));
     let ctl = target.join("debug").join("fleetctl");
+    let image_tool = target.join("debug").join("examples").join("demo_image");
     let dir = root().join(".fleet-dev");
     let ctx = dir.join("context.json");
     let fleetctl = |args: &[&str]| -> anyhow::Result<std::process::Output> {
@@ -284,11 +285,52 @@ fn demo() -> anyhow::Result<()> {
         deploy(&["rollback", &v2, "--to", "v1"], 0)?;
         curl(&addr);
         fleetctl(&["history", "--app", "web"])?;
+
+        println!("\n# 5. the same app as containers: build its image here (FROM scratch, no registry), deploy it to a docker destination");
+        let built = demo_image(&image_tool, &["build", "fleet-demo/web:v1", "v1"])
+            .and_then(|_| demo_image(&image_tool, &["build", "fleet-demo/web:v2", "v2"]));
+        match built {
+            Err(DemoImage::NoDocker(why)) => {
+                println!("Docker is not available ({why}); skipping the container part of the demo");
+            }
+            Err(DemoImage::Failed(why)) => bail!("building the demo image failed: {why}"),
+            Ok(_) => {
+                fleetctl(&["destinations", "apply", "-f", "examples/demo/destinations-docker.yaml"])?;
+                let c1 = deploy(&["deploy", "-f", "examples/demo/fleet-docker.yaml", "--release", "v1"], 0)?;
+                let caddr = route(&c1)?;
+                curl(&caddr);
+                println!("\n# 6. containers blue-green: v2's container is health-checked, then the route switches to it");
+                deploy(&["deploy", "-f", "examples/demo/fleet-docker.yaml", "--release", "v2"], 0)?;
+                curl(&caddr);
+            }
+        }
         Ok(())
     })();
     println!("\n$ fleetctl dev down --purge");
     let _ = Command::new(&ctl).args(["dev", "down", "--purge", "--dir"]).arg(&dir).status();
+    // The nodes are gone; their containers are not: remove them.
+    if let Ok(removed) = demo_image(&image_tool, &["clean", "dev-boxes"]) {
+        print!("{removed}");
+    }
     result
+}
+
+/// Why the demo image tool did not do its job.
+enum DemoImage {
+    /// No Docker Engine to talk to (the tool's exit code 3).
+    NoDocker(String),
+    Failed(String),
+}
+
+/// Run `fleet-docker`'s `demo_image` example (built by `build_all`); its stdout.
+fn demo_image(tool: &Path, args: &[&str]) -> Result<String, DemoImage> {
+    let out = Command::new(tool).args(args).output().map_err(|e| DemoImage::Failed(format!("cannot run {}: {e}", tool.display())))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    match out.status.code() {
+        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).to_string()),
+        Some(3) => Err(DemoImage::NoDocker(stderr)),
+        _ => Err(DemoImage::Failed(stderr)),
+    }
 }
 
 /// GET / over plain HTTP/1.1 (the demo app on loopback).

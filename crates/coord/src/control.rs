@@ -194,6 +194,11 @@ impl Control for ControlService {
         self.resolve(actor, req.into_inner()).await.map(Response::new)
     }
 
+    async fn promote_deployment(&self, req: Request<PromoteDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
+        let (actor, _) = authorize(&req, Access::Write, "promote")?;
+        self.promote_canary(actor, req.into_inner()).await.map(Response::new)
+    }
+
     async fn apply_destinations(&self, req: Request<ApplyDestinationsRequest>) -> Result<Response<DestinationsReply>, Status> {
         let (actor, _) = authorize(&req, Access::Write, "destinations apply")?;
         ControlService::apply_destinations(self, actor, req.into_inner()).await.map(Response::new)

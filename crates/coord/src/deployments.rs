@@ -199,6 +199,16 @@ impl ControlService {
         Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 
+    /// `fleetctl promote`: a paused canary continues.
+    pub(crate) async fn promote_canary(&self, actor: String, r: PromoteDeploymentRequest) -> Result<DeploymentReply, Status> {
+        let id = self.scoped(&actor, &r.request_id);
+        let (outcome, _) = self.propose(id, Command::PromoteDeployment { id: r.id.clone(), actor }).await?;
+        match outcome {
+            Outcome::Deployment { id, .. } => self.deployment_reply(&id),
+            other => Err(outcome_error(other)),
+        }
+    }
+
     pub(crate) async fn cancel(&self, actor: String, r: CancelDeploymentRequest) -> Result<DeploymentReply, Status> {
         let reason = if r.reason.is_empty() { format!("cancelled by {actor}") } else { r.reason.clone() };
         fleet_core::names::validate_text("reason", &reason, fleet_core::names::MAX_REASON_LEN)

@@ -61,6 +61,9 @@ pub enum Command {
     /// pass (its `node_wait`, or its deadline): stop waiting, skip that
     /// work, which fails the deployment or needs a human.
     NodeWaitExpired { deployment: String },
+    /// Continue a paused canary (`fleetctl promote`; the leader, with its
+    /// own actor, when the pause passed).
+    PromoteDeployment { id: String, actor: Holder },
     /// Create or replace destinations.
     PutDestinations { destinations: Vec<Destination> },
 }

@@ -230,7 +230,7 @@ pub fn due_for(d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Actio
     }
 
     // Deadline: cancel and compensate; compensation itself is never cut short.
-    if now > d.deadline_ms && matches!(d.state, DeployState::Queued | DeployState::Running) {
+    if now > d.deadline_ms && matches!(d.state, DeployState::Queued | DeployState::Running | DeployState::Paused) {
         let reason =
             format!("deadline of {} passed; compensating what ran", humantime::format_duration(Duration::from_millis(d.spec.timeout_ms)));
         return Some(timed_out(d, "deadline", reason));
@@ -241,6 +241,12 @@ pub fn due_for(d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Actio
         if let Some(i) = d.pending_forward_step() {
             return stop_in_flight(d, i, tick, seen);
         }
+    }
+
+    // A paused canary: promote when its pause passed, stop its analysis
+    // when a promote was asked for (`crate::canary::due`).
+    if let Some(action) = crate::canary::due(d, tick, seen) {
+        return action;
     }
 
     next_work(d, now, seen)

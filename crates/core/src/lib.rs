@@ -12,11 +12,14 @@
 //! * [`manifest`]: `fleet.yaml` and the destinations file, parsed and validated.
 //! * [`saga`]: the planner (manifest + nodes → ordered, undoable steps).
 //! * [`deploy`]: the deployment lifecycle and the saga engine.
+//! * [`canary`]: the canary and `recreate` strategies and the route's
+//!   listen address: manifest fields, validation, pause/promote decisions.
 //! * [`leader`]: the Raft leader's rules (node leases, time limits, aborts,
 //!   what to send, what a returning node must forget) as actions that the
 //!   coordinator carries out.
 
 pub mod auth;
+pub mod canary;
 pub mod command;
 pub mod deploy;
 pub mod leader;

@@ -110,6 +110,9 @@ pub struct Manifest {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub strategy: Strategy,
+    /// Where each node's route listens (`route: { listen: 0.0.0.0 }`).
+    #[serde(default)]
+    pub route: crate::canary::RouteSpec,
     #[serde(default)]
     pub health: Option<HealthSpec>,
     #[serde(default)]
@@ -209,6 +212,12 @@ pub struct Strategy {
     /// Nodes switched at once (blue-green on each node, rolling across).
     #[serde(default)]
     pub max_unavailable: Option<u32>,
+    /// `blue_green` (default) or `recreate` (see `crate::canary`).
+    #[serde(default, rename = "type")]
+    pub kind: Option<crate::canary::StrategyKind>,
+    /// The release on a few nodes first, then a pause (see `crate::canary`).
+    #[serde(default)]
+    pub canary: Option<crate::canary::CanarySpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -400,6 +409,15 @@ pub struct Spec {
     /// The container of a `docker` manifest; absent for the other kinds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerManifest>,
+    /// `strategy.type` (`blue_green` unless `recreate`).
+    #[serde(default, skip_serializing_if = "crate::canary::StrategyKind::is_blue_green")]
+    pub strategy: crate::canary::StrategyKind,
+    /// `strategy.canary`, validated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<crate::canary::Canary>,
+    /// `route.listen`: the IP address routes listen on (absent: 127.0.0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_listen: Option<String>,
 }
 
 impl Spec {
@@ -596,6 +614,9 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
         return Err(err("step_timeout", "must be longer than zero".into()));
     }
     let drain_ms = duration_ms(file, "drain", m.drain.as_deref(), 5_000)?;
+    let (strategy, canary) =
+        crate::canary::validate_strategy(file, m.strategy.kind, m.strategy.canary.as_ref(), kind == Kind::Command, timeout_ms)?;
+    let route_listen = crate::canary::validate_route(file, &m.route)?;
     for (i, h) in m.hooks.pre.iter().enumerate() {
         validate_text("hook", h, 4096).map_err(|e| err(&format!("hooks.pre[{i}]"), e.to_string()))?;
     }
@@ -655,6 +676,9 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
         port: m.port.unwrap_or(0),
         drain_ms,
         container,
+        strategy,
+        canary,
+        route_listen,
     })
 }
 

@@ -29,6 +29,15 @@
 //! the destination's adapter, or `command` for hooks), so the node never
 //! guesses it from the action.
 //!
+//! `strategy: { type: recreate }` (apps that cannot run twice) plans, per
+//! node, [`StepAction::StopCurrent`] first (undo: start it again and route
+//! to it), then start, health check and switch; there is no stop-old.
+//!
+//! `strategy.canary` plans the first `canary.nodes` nodes, then one
+//! [`StepAction::CanaryPause`] step (on the first canary node, which runs
+//! the analysis if there is one), then the other nodes; see
+//! [`crate::canary`] for how the deployment pauses there.
+//!
 //! A stack (several destinations) is planned destination by destination,
 //! in the manifest's order, into one saga.
 
@@ -36,6 +45,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::canary::{Analysis, StrategyKind};
 use crate::manifest::{ContainerManifest, HealthCheck, Kind, RetryPolicy, Spec};
 
 /// What a node executes for one step. This is the contract between the
@@ -57,15 +67,43 @@ pub enum StepAction {
     HealthCheck { app: String, release: String, check: HealthCheck },
     /// Point the app's route (a TCP proxy on its stable port) at the
     /// instance of `release`. `port` 0 = the node picks the stable port once
-    /// and keeps it. Output: `{"route": "127.0.0.1:P", "previous": ...}`.
+    /// and keeps it. `listen`: the IP address the route listens on (absent:
+    /// 127.0.0.1). Output: `{"route": "ADDR:P", "previous": ...}`.
     /// Undo: point the route back at the previous instance (or close it).
-    SwitchRoute { app: String, release: String, port: u16 },
+    SwitchRoute {
+        app: String,
+        release: String,
+        port: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listen: Option<String>,
+    },
     /// Stop the instance the route pointed at before (waiting up to
     /// `drain_ms` for its open connections). Output: what was stopped.
     /// Undo: start that release again on the same port.
     StopOld { app: String, release: String, drain_ms: u64 },
     /// A shell command (`sh -c`). `check` exit 0 = already done.
     Command { run: String, undo: Option<String>, check: Option<String> },
+    /// `recreate`: stop the instance the route points at (waiting up to
+    /// `drain_ms` for its connections) before `release` is started. The
+    /// route stays where it is (nothing answers behind it until the switch).
+    /// Output: `{"stopped": ...}`. Undo: start that release again on its
+    /// port and point the route back at it.
+    StopCurrent { app: String, release: String, drain_ms: u64 },
+    /// A canary's pause: the release runs on the `canary` nodes. With
+    /// `analysis`, the node probes the canary instance of `release` for
+    /// `pause_ms` (passing to the end = promoted; failing = the step
+    /// fails, and the deployment is undone). Without it, the step is never
+    /// sent: `fleetctl promote` or the pause passing completes it. Undo:
+    /// nothing.
+    CanaryPause {
+        app: String,
+        release: String,
+        canary: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pause_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        analysis: Option<Analysis>,
+    },
 }
 
 impl StepAction {
@@ -77,6 +115,9 @@ impl StepAction {
             StepAction::SwitchRoute { .. } => "switch",
             StepAction::StopOld { .. } => "stop-old",
             StepAction::Command { .. } => "command",
+            StepAction::StopCurrent { .. } => "stop-current",
+            StepAction::CanaryPause { analysis: Some(_), .. } => "analyze",
+            StepAction::CanaryPause { analysis: None, .. } => "pause",
         }
     }
 }
@@ -154,8 +195,8 @@ fn plan_command(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPla
     steps
 }
 
-/// `process` and `docker`: blue-green on each node, rolled across the
-/// nodes in batches.
+/// `process` and `docker`: blue-green (or recreate) on each node, rolled
+/// across the nodes in batches; a canary's nodes first, then its pause.
 fn plan_bluegreen(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepPlan> {
     let Some(health) = spec.health.clone() else { return vec![] };
     let kind = spec.kind();
@@ -190,56 +231,103 @@ fn plan_bluegreen(spec: &Spec, destination: &str, nodes: &[String]) -> Vec<StepP
             }
         }
     };
+    let stop_timeout = spec.step_timeout_ms.max(spec.drain_ms + HEALTH_STEP_SLACK_MS);
+    let recreate = spec.strategy == StrategyKind::Recreate;
+    let roll = |steps: &mut Vec<StepPlan>, nodes: &[String]| {
+        for batch in nodes.chunks(spec.max_unavailable.max(1) as usize) {
+            if recreate {
+                for node in batch {
+                    steps.push(step(
+                        format!("stop current {} on {node}", spec.app),
+                        node,
+                        StepAction::StopCurrent { app: spec.app.clone(), release: spec.release.clone(), drain_ms: spec.drain_ms },
+                        stop_timeout,
+                        spec.retry.clone(),
+                    ));
+                }
+            }
+            for node in batch {
+                steps.push(step(
+                    format!("start {label} on {node}"),
+                    node,
+                    match &spec.container {
+                        Some(container) => StepAction::StartContainer {
+                            app: spec.app.clone(),
+                            release: spec.release.clone(),
+                            container: Box::new(container.clone()),
+                            env: spec.env.clone(),
+                        },
+                        None => StepAction::StartInstance {
+                            app: spec.app.clone(),
+                            release: spec.release.clone(),
+                            run: spec.run.clone(),
+                            env: spec.env.clone(),
+                        },
+                    },
+                    spec.step_timeout_ms,
+                    spec.retry.clone(),
+                ));
+            }
+            for node in batch {
+                steps.push(step(
+                    format!("health-check {label} on {node}"),
+                    node,
+                    StepAction::HealthCheck { app: spec.app.clone(), release: spec.release.clone(), check: health.clone() },
+                    health.deadline_ms + HEALTH_STEP_SLACK_MS,
+                    once.clone(),
+                ));
+            }
+            for node in batch {
+                steps.push(step(
+                    format!("switch route to {label} on {node}"),
+                    node,
+                    StepAction::SwitchRoute {
+                        app: spec.app.clone(),
+                        release: spec.release.clone(),
+                        port: spec.port,
+                        listen: spec.route_listen.clone(),
+                    },
+                    spec.step_timeout_ms,
+                    spec.retry.clone(),
+                ));
+            }
+            if !recreate {
+                for node in batch {
+                    steps.push(step(
+                        format!("stop previous {} on {node}", spec.app),
+                        node,
+                        StepAction::StopOld { app: spec.app.clone(), release: spec.release.clone(), drain_ms: spec.drain_ms },
+                        stop_timeout,
+                        spec.retry.clone(),
+                    ));
+                }
+            }
+        }
+    };
     hook(&mut steps, "pre", &spec.pre_hooks);
-    for batch in nodes.chunks(spec.max_unavailable.max(1) as usize) {
-        for node in batch {
-            steps.push(step(
-                format!("start {label} on {node}"),
-                node,
-                match &spec.container {
-                    Some(container) => StepAction::StartContainer {
-                        app: spec.app.clone(),
-                        release: spec.release.clone(),
-                        container: Box::new(container.clone()),
-                        env: spec.env.clone(),
-                    },
-                    None => StepAction::StartInstance {
-                        app: spec.app.clone(),
-                        release: spec.release.clone(),
-                        run: spec.run.clone(),
-                        env: spec.env.clone(),
-                    },
-                },
-                spec.step_timeout_ms,
-                spec.retry.clone(),
-            ));
-        }
-        for node in batch {
-            steps.push(step(
-                format!("health-check {label} on {node}"),
-                node,
-                StepAction::HealthCheck { app: spec.app.clone(), release: spec.release.clone(), check: health.clone() },
-                health.deadline_ms + HEALTH_STEP_SLACK_MS,
-                once.clone(),
-            ));
-        }
-        for node in batch {
-            steps.push(step(
-                format!("switch route to {label} on {node}"),
-                node,
-                StepAction::SwitchRoute { app: spec.app.clone(), release: spec.release.clone(), port: spec.port },
-                spec.step_timeout_ms,
-                spec.retry.clone(),
-            ));
-        }
-        for node in batch {
-            steps.push(step(
-                format!("stop previous {} on {node}", spec.app),
-                node,
-                StepAction::StopOld { app: spec.app.clone(), release: spec.release.clone(), drain_ms: spec.drain_ms },
-                spec.step_timeout_ms.max(spec.drain_ms + HEALTH_STEP_SLACK_MS),
-                spec.retry.clone(),
-            ));
+    match &spec.canary {
+        None => roll(&mut steps, nodes),
+        Some(c) => {
+            let (first, rest) = nodes.split_at((c.nodes as usize).min(nodes.len()));
+            roll(&mut steps, first);
+            if let Some(node) = first.first() {
+                let (name, timeout_ms) = match (&c.analysis, c.pause_ms) {
+                    (Some(a), Some(p)) => (
+                        format!("canary analysis of {label} on {node}"),
+                        p.saturating_add(a.timeout_ms).saturating_add(HEALTH_STEP_SLACK_MS),
+                    ),
+                    _ => (format!("canary pause of {label} on {}", first.join(", ")), c.pause_ms.unwrap_or(spec.step_timeout_ms)),
+                };
+                let action = StepAction::CanaryPause {
+                    app: spec.app.clone(),
+                    release: spec.release.clone(),
+                    canary: first.to_vec(),
+                    pause_ms: c.pause_ms,
+                    analysis: c.analysis.clone(),
+                };
+                steps.push(step(name, node, action, timeout_ms, once.clone()));
+            }
+            roll(&mut steps, rest);
         }
     }
     hook(&mut steps, "post", &spec.post_hooks);

@@ -120,6 +120,18 @@ pub enum Cmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Promote a paused canary deployment (`strategy.canary`): it goes on to
+    /// the other nodes. Refused (exit 7) when it is not paused.
+    #[command(
+        after_long_help = "Examples:\n  fleetctl promote d12\n  fleetctl promote d12 --wait    # follow it to the end, like `watch`\n\n`fleetctl cancel d12` undoes a paused canary instead (exit 4)."
+    )]
+    Promote {
+        /// Deployment id, e.g. d12.
+        id: String,
+        /// Follow the deployment to its end, like `watch`.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Record that a human checked a deployment whose compensation failed
     /// (state compensation_failed), and free its destination.
     #[command(after_long_help = "Examples:\n  fleetctl resolve d12 --note \"removed the half-started container by hand\"")]

@@ -69,12 +69,15 @@ pub struct ResultLine {
     pub id: String,
     pub state: DeployState,
     pub exit_code: i32,
+    /// Where each node serves the app (its route's address), once switched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub served_at: Vec<fleet_core::canary::ServedAt>,
     pub deployment: Deployment,
 }
 
 impl ResultLine {
     pub fn of(d: &Deployment, exit_code: i32) -> Self {
-        ResultLine { id: d.id.clone(), state: d.state, exit_code, deployment: d.clone() }
+        ResultLine { id: d.id.clone(), state: d.state, exit_code, served_at: d.served_at(), deployment: d.clone() }
     }
 }
 

@@ -330,7 +330,11 @@ pub fn node_lines(d: &Deployment) -> Vec<(String, String)> {
 /// deployment's progress display.
 pub fn header(d: &Deployment) -> String {
     let at = current_work(d).map(|(i, undo, _)| format!(" [{}{}/{}]", if undo { "undo " } else { "" }, i + 1, d.steps.len()));
-    let queued = if d.state == DeployState::Queued { " (waiting for the destination lock)" } else { "" };
+    let queued = match d.state {
+        DeployState::Queued => " (waiting for the destination lock)".to_string(),
+        DeployState::Paused => d.paused_reason().map(|r| format!(" ({})", first_line(r))).unwrap_or_default(),
+        _ => String::new(),
+    };
     format!("{} {}  {}{}{}", d.id, d.label(), d.state, at.unwrap_or_default(), queued)
 }
 
@@ -355,7 +359,14 @@ pub fn summary(d: &Deployment) -> (String, Option<String>) {
                     d.release
                 )
             });
-            let line = format!("{id} succeeded in {took}: {}@{} is live on {}{what}", d.app, d.release, d.destinations().join(" + "));
+            let served = d.served_at();
+            let at = if served.is_empty() {
+                String::new()
+            } else {
+                let each: Vec<String> = served.iter().map(|s| format!("{} {}", s.node, s.address)).collect();
+                format!(" ({})", each.join(", "))
+            };
+            let line = format!("{id} succeeded in {took}: {}@{} is live on {}{at}{what}", d.app, d.release, d.destinations().join(" + "));
             (if lost.is_empty() { line } else { format!("{line}, except on {}", lost.join(", ")) }, next)
         }
         DeployState::Failed => {
@@ -459,6 +470,7 @@ mod tests {
             timed_out: false,
             lock_wait_until_ms: None,
             resolved: None,
+            pause: None,
             steps: vec![],
             events: vec![Event { at_ms: 0, from: None, to: DeployState::Queued, reason: "submitted".into(), actor: "alice".into() }],
         }

@@ -222,9 +222,12 @@ pub trait Adapter: Send + Sync + 'static {
 /// ([`Adapters::for_step`]).
 pub fn adapter_for(action: &StepAction) -> &'static str {
     match action {
-        StepAction::StartInstance { .. } | StepAction::HealthCheck { .. } | StepAction::SwitchRoute { .. } | StepAction::StopOld { .. } => {
-            "process"
-        }
+        StepAction::StartInstance { .. }
+        | StepAction::HealthCheck { .. }
+        | StepAction::SwitchRoute { .. }
+        | StepAction::StopOld { .. }
+        | StepAction::StopCurrent { .. }
+        | StepAction::CanaryPause { .. } => "process",
         StepAction::StartContainer { .. } => "docker",
         StepAction::Command { .. } => "command",
     }

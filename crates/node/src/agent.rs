@@ -533,6 +533,8 @@ fn describe(action: &StepAction) -> String {
         StepAction::HealthCheck { app, release, .. } => format!("health check of {app}@{release}"),
         StepAction::SwitchRoute { app, release, .. } => format!("switch of {app}'s route to {release}"),
         StepAction::StopOld { app, .. } => format!("stop of the previous {app}"),
+        StepAction::StopCurrent { app, .. } => format!("stop of the current {app}"),
+        StepAction::CanaryPause { app, release, .. } => format!("canary analysis of {app}@{release}"),
         StepAction::Command { run, .. } => format!("command `{run}`"),
     }
 }

@@ -26,6 +26,15 @@
 //!   until the deployment ends would need a "deployment ended" signal the
 //!   node does not get; re-creating it needs none.)
 //!
+//! With `strategy: { type: recreate }`, `stop-current` stops and removes
+//! the active container before the new one starts (the route stays, with
+//! no backend, until the switch); its undo re-creates it from the recorded
+//! spec and points the route back at it. A canary's analysis
+//! (`StepAction::CanaryPause`) probes the active container of the release
+//! through its published port ([`crate::canary`]). The route listens on
+//! `route.listen` (default 127.0.0.1), recorded so a restart listens there
+//! again.
+//!
 //! The adapter connects to the engine on first use (`DOCKER_HOST`, else
 //! `/var/run/docker.sock`, or `fleet-node --docker-socket`), so a node that
 //! never runs a docker step never needs an engine. A missing or refused
@@ -55,7 +64,7 @@ use serde_json::{json, Value};
 
 use crate::adapter::{Adapter, StepContext, StepError};
 use crate::process::probe;
-use crate::process::proxy::{Conns, Route};
+use crate::process::proxy::{route_text, Conns, Route};
 use crate::util::{human, safe_file_part, write_atomic};
 
 /// Settings of the docker adapter.
@@ -116,6 +125,9 @@ pub struct DockerRecord {
     pub destination: String,
     pub app: String,
     pub route_port: Option<u16>,
+    /// The IP address the route listens on (`route.listen`; absent: 127.0.0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_listen: Option<String>,
     pub staged: Option<Container>,
     pub active: Option<Container>,
     pub retired: Option<Container>,
@@ -136,6 +148,7 @@ pub enum DockerStateError {
 struct AppState {
     route: Option<Route>,
     route_port: Option<u16>,
+    route_listen: Option<String>,
     staged: Option<Container>,
     active: Option<Container>,
     retired: Option<Container>,
@@ -299,6 +312,7 @@ fn record_of(app: &App, st: &AppState) -> DockerRecord {
         destination: app.destination.clone(),
         app: app.name.clone(),
         route_port: st.route_port,
+        route_listen: st.route_listen.clone(),
         staged: st.staged.clone(),
         active: st.active.clone(),
         retired: st.retired.clone(),
@@ -310,11 +324,12 @@ impl Inner {
         let app = self.app(&rec.destination, &rec.app);
         let mut st = app.lock();
         st.route_port = rec.route_port;
+        st.route_listen = rec.route_listen;
         st.staged = rec.staged;
         st.retired = rec.retired;
         st.active = rec.active;
         if let (Some(active), Some(port)) = (&st.active, st.route_port) {
-            match Route::bind(&rec.app, port, self.conns.clone()) {
+            match Route::bind(&rec.app, st.route_listen.as_deref(), port, self.conns.clone()) {
                 Ok(r) => {
                     r.set_backend(Some(active.port));
                     tracing::info!(app = %rec.app, destination = %rec.destination, route = port, container = %active.name, "docker route adopted");
@@ -605,40 +620,83 @@ impl Inner {
         )))
     }
 
-    fn bind_route(&self, name: &str, st: &mut AppState, port: u16) -> Result<Option<Route>, StepError> {
+    /// Listen on `listen`:`port` (None: keep the recorded address).
+    fn bind_route(&self, name: &str, st: &mut AppState, port: u16, listen: Option<Option<&str>>) -> Result<Option<Route>, StepError> {
         let want = if port != 0 { port } else { st.route_port.unwrap_or(0) };
+        let listen: Option<String> = match listen {
+            Some(l) => l.map(str::to_string),
+            None => st.route_listen.clone(),
+        };
         let rebind = match &st.route {
             None => true,
-            Some(r) => port != 0 && r.port() != port,
+            Some(r) => (port != 0 && r.port() != port) || !r.listens_on(listen.as_deref()),
         };
         if !rebind {
             return Ok(None);
         }
-        let r = Route::bind(name, want, self.conns.clone()).map_err(|e| {
+        let r = Route::bind(name, listen.as_deref(), want, self.conns.clone()).map_err(|e| {
             StepError::resource(format!(
-                "cannot listen on 127.0.0.1:{want} for {name}'s route: {e}; free that port or set another `port:` in the manifest"
+                "cannot listen on {} for {name}'s route: {e}; free that port or set another `port:` (or `route.listen`) in the manifest",
+                route_text(listen.as_deref(), want)
             ))
         })?;
         st.route_port = Some(r.port());
+        st.route_listen = listen;
         Ok(st.route.replace(r))
     }
 
-    async fn switch(&self, ctx: &StepContext, name: &str, release: &str, port: u16) -> Result<Value, StepError> {
+    async fn switch(&self, ctx: &StepContext, name: &str, release: &str, port: u16, listen: Option<&str>) -> Result<Value, StepError> {
         let app = self.existing(&ctx.destination, name).ok_or_else(|| not_started(name, release))?;
         let _op = app.op.lock().await;
-        let (old_route, displaced, out) = {
+        // Another listen address on the same port: the old listener must go
+        // first (0.0.0.0:P and 127.0.0.1:P cannot both be bound).
+        let moved = {
+            let mut st = app.lock();
+            let staged = st.staged.as_ref().is_some_and(|s| s.release == release);
+            match st.route.as_ref() {
+                Some(r) if staged && !r.listens_on(listen) && (port == 0 || r.port() == port) => {
+                    Some((st.route.take(), st.route_listen.clone()))
+                }
+                _ => None,
+            }
+        };
+        let listen_before = match moved {
+            Some((r, before)) => {
+                if let Some(r) = r {
+                    r.close().await;
+                }
+                Some(before)
+            }
+            None => None,
+        };
+        let (old_route, displaced, mut out) = {
             let mut st = app.lock();
             let target = match &st.staged {
                 Some(s) if s.release == release => s.clone(),
                 _ => match &st.active {
                     Some(a) if a.release == release && st.staged.is_none() => {
                         let route = st.route.as_ref().map(|r| r.port()).or(st.route_port).unwrap_or(0);
-                        return Ok(json!({"route": format!("127.0.0.1:{route}"), "previous": st.retired, "instance": a}));
+                        let at = route_text(st.route_listen.as_deref(), route);
+                        return Ok(json!({"route": at, "previous": st.retired, "instance": a}));
                     }
                     _ => return Err(not_started(name, release)),
                 },
             };
-            let old_route = self.bind_route(name, &mut st, port)?;
+            let old_route = match self.bind_route(name, &mut st, port, Some(listen)) {
+                Ok(r) => r,
+                Err(e) => {
+                    if listen_before.is_some() {
+                        // The route was closed to move it: listen where it did again.
+                        if let Err(again) = self.bind_route(name, &mut st, 0, None) {
+                            tracing::warn!(app = name, error = %again, "cannot listen on the route again; the next switch binds it");
+                        }
+                        if let (Some(r), Some(a)) = (&st.route, &st.active) {
+                            r.set_backend(Some(a.port));
+                        }
+                    }
+                    return Err(e);
+                }
+            };
             if let Some(r) = &st.route {
                 r.set_backend(Some(target.port));
             }
@@ -648,9 +706,14 @@ impl Inner {
             st.retired = previous.clone();
             st.active = Some(target.clone());
             st.staged = None;
-            tracing::info!(app = name, release, route = route_port, backend = target.port, container = %target.name, "route switched");
-            (old_route, displaced, json!({"route": format!("127.0.0.1:{route_port}"), "previous": previous, "instance": target}))
+            let at = route_text(st.route_listen.as_deref(), route_port);
+            tracing::info!(app = name, release, route = %at, backend = target.port, container = %target.name, "route switched");
+            (old_route, displaced, json!({"route": at, "previous": previous, "instance": target}))
         };
+        if let Some(before) = listen_before {
+            // Its undo listens there again.
+            out["listen_before"] = json!(before.unwrap_or_else(|| "127.0.0.1".into()));
+        }
         self.save(&app)?;
         if let Some(r) = old_route {
             r.close().await;
@@ -671,6 +734,21 @@ impl Inner {
         };
         let Some(app) = self.existing(&ctx.destination, name) else { return Ok(json!({"active": null})) };
         let _op = app.op.lock().await;
+        // The switch moved the route to another listen address: back to the old one.
+        if let Some(before) = output.and_then(|o| o.get("listen_before")).and_then(Value::as_str) {
+            let moving = {
+                let mut st = app.lock();
+                let before = Some(before).filter(|b| *b != "127.0.0.1");
+                let r = st.route.take_if(|r| !r.listens_on(before));
+                if r.is_some() {
+                    st.route_listen = before.map(str::to_string);
+                }
+                r
+            };
+            if let Some(r) = moving {
+                r.close().await;
+            }
+        }
         let closing = {
             let mut st = app.lock();
             let active = st.active.clone();
@@ -702,7 +780,7 @@ impl Inner {
                         )));
                     };
                     if st.route.is_none() {
-                        self.bind_route(name, &mut st, 0)?;
+                        self.bind_route(name, &mut st, 0, None)?;
                     }
                     if let Some(r) = &st.route {
                         r.set_backend(Some(back.port));
@@ -834,6 +912,101 @@ impl Inner {
     }
 }
 
+/// `recreate` and the canary's analysis.
+impl Inner {
+    /// `recreate`: stop and remove the active container before the new one
+    /// starts. It stays recorded as retired (gone), so a retry answers the
+    /// same output; the route has no backend until the switch.
+    async fn stop_current(&self, ctx: &StepContext, name: &str, drain_ms: u64) -> Result<Value, StepError> {
+        let Some(app) = self.existing(&ctx.destination, name) else { return Ok(json!({"stopped": null})) };
+        let _op = app.op.lock().await;
+        let current = {
+            let mut st = app.lock();
+            match st.active.take() {
+                Some(a) => {
+                    if let Some(r) = &st.route {
+                        r.set_backend(None);
+                    }
+                    st.retired = Some(a.clone());
+                    Some(a)
+                }
+                None => st.retired.clone(),
+            }
+        };
+        self.save(&app)?;
+        let Some(old) = current else { return Ok(json!({"stopped": null})) };
+        let open = self.conns.of(old.port).drained(Duration::from_millis(drain_ms)).await;
+        self.remove(&old).await?;
+        tracing::info!(app = name, container = %old.name, "current container removed (recreate)");
+        Ok(json!({"stopped": old, "open_connections_cut": open}))
+    }
+
+    /// Undo of `stop_current`: re-create the container from its recorded
+    /// spec (a retry adopts it by name), wait until it serves, and point
+    /// the route back at it.
+    async fn undo_stop_current(&self, ctx: &StepContext, name: &str, output: Option<&Value>) -> Result<Value, StepError> {
+        let Some(old) = parse_slot(output, "stopped", "stop-current")? else { return Ok(json!({"restored": null})) };
+        let app = self.app(&ctx.destination, name);
+        let _op = app.op.lock().await;
+        match app.lock().active.clone() {
+            Some(a) if a.name == old.name => return Ok(json!({"restored": a})),
+            Some(a) => {
+                return Err(StepError::invalid(format!(
+                    "{name}'s route now points at {}; another deployment changed it since, so {} was not re-created",
+                    a.label(),
+                    old.label()
+                )))
+            }
+            None => {}
+        }
+        let (cont, _) = self.launch(&old.spec, &old.labels, old.container_port).await?;
+        let engine = self.engine().await?;
+        engine.wait_for_health(&cont.name, self.cfg.restore_wait).await.map_err(docker_err)?;
+        let deadline = Instant::now() + self.cfg.restore_wait;
+        while !port_serves(cont.port).await {
+            if Instant::now() >= deadline {
+                return Err(StepError::transient(format!(
+                    "{} was re-created but its port did not accept connections within {}; see `docker logs {}`",
+                    cont.label(),
+                    human(self.cfg.restore_wait),
+                    cont.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        {
+            let mut st = app.lock();
+            if st.retired.as_ref().is_some_and(|r| r.name == cont.name) {
+                st.retired = None;
+            }
+            if st.route.is_none() && st.route_port.is_some() {
+                self.bind_route(name, &mut st, 0, None)?;
+            }
+            if let Some(r) = &st.route {
+                r.set_backend(Some(cont.port));
+            }
+            st.active = Some(cont.clone());
+        }
+        self.save(&app)?;
+        Ok(json!({"restored": cont}))
+    }
+
+    /// The canary's analysis against the active container of `release`.
+    async fn analyze(
+        &self,
+        ctx: &StepContext,
+        name: &str,
+        release: &str,
+        analysis: &fleet_core::canary::Analysis,
+        pause_ms: u64,
+    ) -> Result<Value, StepError> {
+        let app = self.existing(&ctx.destination, name).ok_or_else(|| not_started(name, release))?;
+        let port = app.lock().active.as_ref().filter(|a| a.release == release).map(|a| a.port).ok_or_else(|| not_started(name, release))?;
+        let label = format!("{name}@{release}");
+        crate::canary::analyze(&label, analysis, port, Duration::from_millis(pause_ms), &self.cfg.path_prepend, &self.cfg.data_dir).await
+    }
+}
+
 /// Does something serve on 127.0.0.1:`port`? The engine's port proxy
 /// accepts connections before the container listens, and then closes them
 /// at once: a connection that is accepted and not closed within a moment
@@ -866,8 +1039,13 @@ impl Adapter for DockerAdapter {
             match action {
                 StepAction::StartContainer { app, release, container, env } => i.start(ctx, app, release, container, env).await,
                 StepAction::HealthCheck { app, release, check } => i.health(ctx, app, release, check).await,
-                StepAction::SwitchRoute { app, release, port } => i.switch(ctx, app, release, *port).await,
+                StepAction::SwitchRoute { app, release, port, listen } => i.switch(ctx, app, release, *port, listen.as_deref()).await,
                 StepAction::StopOld { app, drain_ms, .. } => i.stop_old(ctx, app, *drain_ms).await,
+                StepAction::StopCurrent { app, drain_ms, .. } => i.stop_current(ctx, app, *drain_ms).await,
+                StepAction::CanaryPause { app, release, pause_ms, analysis, .. } => match analysis {
+                    Some(a) => i.analyze(ctx, app, release, a, pause_ms.unwrap_or(0)).await,
+                    None => Ok(json!({})),
+                },
                 StepAction::StartInstance { .. } | StepAction::Command { .. } => Err(not_mine(action)),
             }
         })
@@ -881,6 +1059,8 @@ impl Adapter for DockerAdapter {
                 StepAction::HealthCheck { .. } => Ok(json!({})),
                 StepAction::SwitchRoute { app, .. } => i.undo_switch(ctx, app, out).await,
                 StepAction::StopOld { app, .. } => i.undo_stop_old(ctx, app, out).await,
+                StepAction::StopCurrent { app, .. } => i.undo_stop_current(ctx, app, out).await,
+                StepAction::CanaryPause { .. } => Ok(json!({})),
                 StepAction::StartInstance { .. } | StepAction::Command { .. } => Err(not_mine(action)),
             }
         })
@@ -908,7 +1088,10 @@ impl Adapter for DockerAdapter {
                 "the health check outlived its step; check the manifest's `health.deadline` against the step timeout".into()
             }
             StepAction::SwitchRoute { .. } => "switching a route should take milliseconds; check the node's own log (stderr)".into(),
-            StepAction::StopOld { .. } => "the old container did not drain and stop in time; check `drain` in the manifest".into(),
+            StepAction::StopOld { .. } | StepAction::StopCurrent { .. } => {
+                "the old container did not drain and stop in time; check `drain` in the manifest".into()
+            }
+            StepAction::CanaryPause { .. } => "the canary analysis outlived its pause; check the node's own log (stderr)".into(),
             StepAction::StartInstance { .. } | StepAction::Command { .. } => "this step is another adapter's".into(),
         }
     }

@@ -13,6 +13,7 @@
 
 pub mod adapter;
 pub mod agent;
+pub mod canary;
 pub mod command;
 pub mod connection;
 pub mod docker;

@@ -144,7 +144,7 @@ fn health(release: &str, deadline_ms: u64) -> StepAction {
 }
 
 fn switch(release: &str) -> StepAction {
-    StepAction::SwitchRoute { app: "web".into(), release: release.into(), port: 0 }
+    StepAction::SwitchRoute { app: "web".into(), release: release.into(), port: 0, listen: None }
 }
 
 fn stop_old(release: &str) -> StepAction {

@@ -9,7 +9,19 @@ impl Deployment {
         match self.state {
             DeployState::Running => {
                 let (i, s) = self.steps.iter().enumerate().find(|(_, s)| !s.status.settled_forward())?;
-                (s.status == StepStatus::Pending).then_some(Work {
+                // A pause step is never run from `running`: reaching it pauses.
+                (s.status == StepStatus::Pending && !s.plan.action.is_pause()).then_some(Work {
+                    step: i,
+                    undo: false,
+                    attempt: s.attempt,
+                    not_before_ms: s.not_before_ms,
+                })
+            }
+            DeployState::Paused => {
+                // The canary's analysis, if it has one, runs on its node.
+                let i = self.pause.as_ref()?.step;
+                let s = self.steps.get(i)?;
+                (s.status == StepStatus::Pending && s.plan.action.is_sent_pause()).then_some(Work {
                     step: i,
                     undo: false,
                     attempt: s.attempt,
@@ -38,7 +50,8 @@ impl Deployment {
             return None;
         }
         let (i, s) = self.steps.iter().enumerate().find(|(_, s)| !s.status.settled_forward())?;
-        (s.status == StepStatus::Pending).then_some(i)
+        // A pause without analysis is never sent to a node.
+        (s.status == StepStatus::Pending && (!s.plan.action.is_pause() || s.plan.action.is_sent_pause())).then_some(i)
     }
 
     /// The fencing rule, the one staleness test for work of a deployment
@@ -86,6 +99,9 @@ impl Deployment {
     /// refused and change nothing.
     pub fn record(&mut self, r: &StepOutcome, at_ms: i64) -> Result<DeployState, DeployError> {
         self.check(r)?;
+        if let Some(done) = self.record_pause(r, at_ms) {
+            return done;
+        }
         let actor = r.node.clone();
         let Some(step) = self.steps.get_mut(r.step) else {
             return Err(DeployError::Stale { id: self.id.clone(), why: format!("there is no step {}", r.step) });

@@ -15,8 +15,14 @@ impl Deployment {
         Ok(())
     }
 
-    /// After progress: finish when nothing is left to do.
+    /// After progress: finish when nothing is left to do; pause at a
+    /// canary's pause step (see `crate::canary`).
     pub fn settle(&mut self, at_ms: i64, actor: &str) -> Result<(), DeployError> {
+        self.lost_canary(at_ms, actor)?;
+        self.undo_pauses(at_ms);
+        if self.maybe_pause(at_ms, actor)? || self.state == DeployState::Paused {
+            return Ok(());
+        }
         if self.next().is_some() || (self.state == DeployState::Cancelling && self.pending_forward_step().is_some()) {
             return Ok(());
         }
@@ -55,11 +61,11 @@ impl Deployment {
         Ok(())
     }
 
-    /// Ask to cancel. Queued: cancelled at once. Running: compensate what
-    /// ran (the in-flight step's result is still awaited).
+    /// Ask to cancel. Queued: cancelled at once. Running or paused:
+    /// compensate what ran (the in-flight step's result is still awaited).
     pub fn cancel(&mut self, at_ms: i64, reason: &str, actor: &str, timed_out: bool) -> Result<(), DeployError> {
         match self.state {
-            DeployState::Queued | DeployState::Running => {
+            DeployState::Queued | DeployState::Running | DeployState::Paused => {
                 self.timed_out = timed_out;
                 self.transition(DeployState::Cancelling, at_ms, reason, actor)?;
                 for s in &mut self.steps {

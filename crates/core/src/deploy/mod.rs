@@ -11,6 +11,7 @@
 //! queued|running → cancelling → cancelled
 //! compensating|cancelling → compensation_failed
 //! queued → superseded
+//! running → paused → running (a canary: promoted), paused → compensating|cancelling
 //! ```
 //!
 //! The types are here; the behaviour is split by concern: `lifecycle`
@@ -42,6 +43,9 @@ pub enum DeployState {
     Succeeded,
     CompensationFailed,
     Superseded,
+    /// A canary waits at its pause step (`fleetctl promote`, its pause
+    /// passing, or its analysis decides); it keeps the destination lock.
+    Paused,
 }
 
 impl DeployState {
@@ -54,7 +58,7 @@ impl DeployState {
     /// the last undo; `compensation_failed` keeps it until a human resolves.)
     pub fn holds_lock(self) -> bool {
         use DeployState::*;
-        matches!(self, Running | Compensating | Cancelling | CompensationFailed)
+        matches!(self, Running | Compensating | Cancelling | CompensationFailed | Paused)
     }
 
     pub fn can_become(self, to: DeployState) -> bool {
@@ -71,6 +75,10 @@ impl DeployState {
                 | (Compensating, CompensationFailed)
                 | (Cancelling, Cancelled)
                 | (Cancelling, CompensationFailed)
+                | (Running, Paused)
+                | (Paused, Running)
+                | (Paused, Compensating)
+                | (Paused, Cancelling)
         )
     }
 
@@ -86,6 +94,7 @@ impl DeployState {
             Succeeded => "succeeded",
             CompensationFailed => "compensation_failed",
             Superseded => "superseded",
+            Paused => "paused",
         }
     }
 }
@@ -275,6 +284,10 @@ pub struct Deployment {
     /// Set when a human resolved a `compensation_failed` deployment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved: Option<Resolution>,
+    /// A canary's pause (set when it pauses; kept after it is promoted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<crate::canary::Pause>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepRecord>,
     pub events: Vec<Event>,
 }

@@ -28,6 +28,7 @@ fn deployment(nodes: &[&str]) -> Deployment {
         timed_out: false,
         lock_wait_until_ms: None,
         resolved: None,
+        pause: None,
         steps,
         events: vec![],
     }

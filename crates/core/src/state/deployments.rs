@@ -71,6 +71,13 @@ impl State {
                 };
             }
         }
+        if let Some(canary) = &spec.canary {
+            for name in &dests {
+                if let Err(reason) = crate::canary::check_nodes(canary, name, &self.nodes_for(name)) {
+                    return Response::Invalid { reason };
+                }
+            }
+        }
         for name in &dests {
             let busy = self.locks.contains_key(name) || self.queues.get(name).is_some_and(|q| !q.is_empty());
             if self.destinations.get(name).is_some_and(|d| d.queue == QueuePolicy::Reject) && busy {
@@ -122,6 +129,7 @@ impl State {
             timed_out: false,
             lock_wait_until_ms: None,
             resolved: None,
+            pause: None,
             steps: vec![],
             events: vec![Event { at_ms, from: None, to: DeployState::Queued, reason: reason.to_string(), actor: actor.to_string() }],
         };

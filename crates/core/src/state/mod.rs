@@ -34,6 +34,7 @@ use crate::saga::plan;
 mod deployments;
 mod locks;
 mod nodes;
+mod promote;
 
 /// How long a request id is remembered. A client retries for seconds, so
 /// ten minutes is far beyond any retry, and bounds the table.
@@ -268,6 +269,7 @@ impl State {
             Command::NodeLost { node, why } => self.node_lost(&mut cx, node, why),
             Command::NodeWaitExpired { deployment } => self.node_wait_expired(&mut cx, deployment),
             Command::PutDestinations { destinations } => self.put_destinations(&mut cx, destinations),
+            Command::PromoteDeployment { id, actor } => self.promote(&mut cx, id, actor),
         };
 
         if let Some(id) = &req.request_id {

@@ -11,6 +11,7 @@ use fleetctl::watch::{follow, Style};
 
 use super::common::{check_id, client, failed, invalid, ms, parse_deployment, print_json, read_file, usage, Exit};
 use crate::cli::{ConnArgs, DeployArgs, Output, RollbackArgs};
+use fleet_core::deploy::DeployState;
 
 pub async fn deploy(a: DeployArgs, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {
     let file_name = a.file.display().to_string();
@@ -73,6 +74,8 @@ fn undo_of(action: &fleet_core::saga::StepAction) -> String {
         HealthCheck { .. } => "nothing".into(),
         SwitchRoute { .. } => "point the route back at the previous instance".into(),
         StopOld { .. } => "start the previous release again on its port".into(),
+        StopCurrent { .. } => "start the stopped release again and route to it".into(),
+        CanaryPause { .. } => "nothing (the canary's nodes are undone by their own steps)".into(),
         Command { undo: Some(u), .. } => format!("run `{u}`"),
         Command { undo: None, .. } => "nothing".into(),
     }
@@ -100,6 +103,14 @@ fn print_plan(reply: &DeploymentReply, out: Output) -> Result<i32, Exit> {
         })
         .collect();
     println!("{}", table(&["#", "STEP", "NODE", "UNDO", "TIMEOUT"], &rows));
+    if let Some(c) = &d.spec.canary {
+        let how = match (c.pause_ms, &c.analysis) {
+            (Some(p), Some(a)) => format!("for {} while its analysis ({}) passes", fmt_ms(p as i64), a.describe()),
+            (Some(p), None) => format!("for {} (or until `fleetctl promote`)", fmt_ms(p as i64)),
+            (None, _) => "until `fleetctl promote` (bounded by the deadline)".into(),
+        };
+        println!("canary: the deployment pauses after {} node(s) {how}; `fleetctl cancel` undoes it", c.nodes);
+    }
     println!("on failure, completed steps are undone in reverse order");
     Ok(exit::OK)
 }
@@ -118,6 +129,28 @@ pub async fn rollback(a: RollbackArgs, conn: &ConnArgs, out: Output) -> Result<i
     };
     let reply = c.unary(req, |mut cl, r| async move { cl.rollback_deployment(r).await }).await.map_err(|e| failed(out, e))?;
     submitted(&mut c, reply, a.detach, out).await
+}
+
+/// `promote ID`: a paused canary goes on (with `--wait`, followed to its end).
+pub async fn promote(id: String, wait: bool, conn: &ConnArgs, out: Output) -> Result<i32, Exit> {
+    check_id(&id)?;
+    let mut c = client(conn)?;
+    let req = PromoteDeploymentRequest { id: id.clone(), request_id: request_id() };
+    let reply = c.unary(req, |mut cl, r| async move { cl.promote_deployment(r).await }).await.map_err(|e| failed(out, e))?;
+    let d = parse_deployment(&reply.deployment_json)?;
+    if wait {
+        return follow(&mut c, &id, Some((d, reply.applied_index)), Style::pick(out == Output::Json))
+            .await
+            .map_err(|e| Exit(exit_code_of(&e), e));
+    }
+    match out {
+        Output::Json => print_json(&d),
+        Output::Text => match d.state {
+            DeployState::Paused => println!("{id}: promote requested; its canary analysis is being stopped, then it goes on"),
+            s => println!("{id} promoted; it is {s}. `fleetctl watch {id}` follows it (exit 0 once it succeeds)"),
+        },
+    }
+    Ok(exit::OK)
 }
 
 /// After a submit (deploy or rollback): print the id and return, or follow.

@@ -150,6 +150,9 @@ fn print_detail(d: &Deployment) {
     };
     let timed_out = if d.timed_out { " (timed out)" } else { "" };
     println!("state      {}{timed_out}{at}", d.state);
+    if let Some(why) = d.paused_reason() {
+        println!("paused     {why}");
+    }
     println!("submitted  {} by {} ({})", since(d.submitted_ms), d.submitted_by, ago(now - d.submitted_ms));
     if d.state.is_terminal() {
         if let Some(e) = d.events.last() {

@@ -31,6 +31,7 @@ pub async fn run(cli: Cli) -> Result<i32, Exit> {
         Cmd::History { app, destination, limit } => deployments::history(app, destination, limit, conn, out).await,
         Cmd::Cancel { id, reason, wait } => deployments::cancel(id, reason, wait, conn, out).await,
         Cmd::Resolve { id, note } => deployments::resolve(id, note, conn, out).await,
+        Cmd::Promote { id, wait } => deploy::promote(id, wait, conn, out).await,
         Cmd::Destinations { cmd } => destinations::destinations(cmd, conn, out).await,
         Cmd::Nodes => nodes::nodes(conn, out).await,
         Cmd::Lock(cmd) => lock::lock(cmd, conn, out).await,

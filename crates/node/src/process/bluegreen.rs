@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use fleet_core::manifest::HealthCheck;
 use serde_json::{json, Value};
 
-use super::proxy::Route;
+use super::proxy::{route_text, Route};
 use super::state::{persist_error, App, Instance};
 use super::{probe, Inner};
 use crate::adapter::{StepContext, StepError};
@@ -204,10 +204,38 @@ impl Inner {
         )))
     }
 
-    pub(super) async fn switch(self: &Arc<Self>, ctx: &StepContext, name: &str, release: &str, port: u16) -> Result<Value, StepError> {
+    pub(super) async fn switch(
+        self: &Arc<Self>,
+        ctx: &StepContext,
+        name: &str,
+        release: &str,
+        port: u16,
+        listen: Option<&str>,
+    ) -> Result<Value, StepError> {
         let app = self.existing(&ctx.destination, name).ok_or_else(|| not_started(name, release))?;
         let _op = app.op.lock().await;
-        let (old_route, displaced, out) = {
+        // Another listen address on the same port: the old listener must go
+        // first (0.0.0.0:P and 127.0.0.1:P cannot both be bound).
+        let moved = {
+            let mut st = app.lock();
+            let same_port = |r: &Route| port == 0 || r.port() == port;
+            match st.route.as_ref() {
+                Some(r) if !r.listens_on(listen) && same_port(r) && st.rec.staged.as_ref().is_some_and(|s| s.release == release) => {
+                    Some((st.route.take(), st.rec.route_listen.clone()))
+                }
+                _ => None,
+            }
+        };
+        let listen_before = match moved {
+            Some((r, before)) => {
+                if let Some(r) = r {
+                    r.close().await;
+                }
+                Some(before)
+            }
+            None => None,
+        };
+        let (old_route, displaced, mut out) = {
             let mut st = app.lock();
             let target = match &st.rec.staged {
                 Some(s) if s.release == release => s.clone(),
@@ -215,13 +243,15 @@ impl Inner {
                     // Already switched (a retry after a lost result).
                     Some(a) if a.release == release && st.rec.staged.is_none() => {
                         let route = st.route.as_ref().map(|r| r.port()).or(st.rec.route_port).unwrap_or(0);
-                        return Ok(json!({"route": format!("127.0.0.1:{route}"), "previous": st.rec.retired, "instance": a}));
+                        let at = route_text(st.rec.route_listen.as_deref(), route);
+                        return Ok(json!({"route": at, "previous": st.rec.retired, "instance": a}));
                     }
                     _ => return Err(not_started(name, release)),
                 },
             };
             let exit = self.exit_watch(&mut st, &target);
             if let Some(how) = exit.borrow().clone() {
+                self.relisten(name, &mut st);
                 return Err(StepError::invalid(format!(
                     "{} {how} before the route could be switched to it; the route still points at the previous release. Its log is {}",
                     target.label(name),
@@ -231,15 +261,21 @@ impl Inner {
             let want = if port != 0 { port } else { st.rec.route_port.unwrap_or(0) };
             let rebind = match &st.route {
                 None => true,
-                Some(r) => port != 0 && r.port() != port,
+                Some(r) => (port != 0 && r.port() != port) || !r.listens_on(listen),
             };
             let mut old_route = None;
             if rebind {
-                let r = Route::bind(name, want, self.conns.clone()).map_err(|e| {
-                    StepError::resource(format!(
-                        "cannot listen on 127.0.0.1:{want} for {name}'s route: {e}; free that port or set another `port:` in the manifest"
-                    ))
-                })?;
+                let r = match Route::bind(name, listen, want, self.conns.clone()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.relisten(name, &mut st);
+                        return Err(StepError::resource(format!(
+                            "cannot listen on {} for {name}'s route: {e}; free that port or set another `port:` (or `route.listen`) in the manifest",
+                            route_text(listen, want)
+                        )));
+                    }
+                };
+                st.rec.route_listen = listen.map(str::to_string);
                 r.set_backend(Some(target.port));
                 if st.rec.route_port.is_some_and(|p| p != r.port()) {
                     tracing::warn!(app = name, from = ?st.rec.route_port, to = r.port(), "the route moves to another port");
@@ -250,15 +286,20 @@ impl Inner {
                 r.set_backend(Some(target.port));
             }
             let route_port = st.route.as_ref().map(|r| r.port()).unwrap_or(want);
+            let at = route_text(st.rec.route_listen.as_deref(), route_port);
             let displaced = st.rec.retired.take();
             let previous = st.rec.active.take();
             st.rec.retired = previous.clone();
             st.rec.active = Some(target.clone());
             st.rec.staged = None;
             self.persist(&st)?;
-            tracing::info!(app = name, release, route = route_port, backend = target.port, "route switched");
-            (old_route, displaced, json!({"route": format!("127.0.0.1:{route_port}"), "previous": previous, "instance": target}))
+            tracing::info!(app = name, release, route = %at, backend = target.port, "route switched");
+            (old_route, displaced, json!({"route": at, "previous": previous, "instance": target}))
         };
+        if let Some(before) = listen_before {
+            // Its undo listens there again.
+            out["listen_before"] = json!(before.unwrap_or_else(|| "127.0.0.1".into()));
+        }
         if let Some(r) = old_route {
             r.close().await;
         }
@@ -289,6 +330,21 @@ impl Inner {
             return Err(StepError::invalid("the switch step's recorded output names no instance; the route was left as it is"));
         };
         let _op = app.op.lock().await;
+        // The switch moved the route to another listen address: back to the old one.
+        if let Some(before) = output.and_then(|o| o.get("listen_before")).and_then(Value::as_str) {
+            let moving = {
+                let mut st = app.lock();
+                let before = Some(before).filter(|b| *b != "127.0.0.1");
+                let r = st.route.take_if(|r| !r.listens_on(before));
+                if r.is_some() {
+                    st.rec.route_listen = before.map(str::to_string);
+                }
+                r
+            };
+            if let Some(r) = moving {
+                r.close().await;
+            }
+        }
         let closing = {
             let mut st = app.lock();
             let active = st.rec.active.clone();
@@ -331,8 +387,12 @@ impl Inner {
                         Some(r) => r.set_backend(Some(back.port)),
                         None => {
                             let port = st.rec.route_port.unwrap_or(0);
-                            let r = Route::bind(name, port, self.conns.clone()).map_err(|e| {
-                                StepError::resource(format!("cannot listen on 127.0.0.1:{port} for {name}'s route: {e}; free that port"))
+                            let listen = st.rec.route_listen.clone();
+                            let r = Route::bind(name, listen.as_deref(), port, self.conns.clone()).map_err(|e| {
+                                StepError::resource(format!(
+                                    "cannot listen on {} for {name}'s route: {e}; free that port",
+                                    route_text(listen.as_deref(), port)
+                                ))
                             })?;
                             r.set_backend(Some(back.port));
                             st.route = Some(r);
@@ -517,4 +577,118 @@ fn not_started(app: &str, release: &str) -> StepError {
     StepError::invalid(format!(
         "no instance of {app}@{release} is running on this node (it was not started here, or it was stopped); the start step must run first"
     ))
+}
+
+/// `recreate` and the canary's analysis.
+impl Inner {
+    /// A switch that closed the route to move it to another address failed
+    /// before it could listen there: listen where it did, on the active
+    /// instance, again.
+    fn relisten(&self, name: &str, st: &mut super::state::AppState) {
+        let (Some(port), Some(active), None) = (st.rec.route_port, st.rec.active.clone(), st.route.as_ref()) else { return };
+        match Route::bind(name, st.rec.route_listen.as_deref(), port, self.conns.clone()) {
+            Ok(r) => {
+                r.set_backend(Some(active.port));
+                st.route = Some(r);
+            }
+            Err(e) => tracing::warn!(app = name, port, error = %e, "cannot listen on the route again; the next switch binds it"),
+        }
+    }
+
+    /// `recreate`: stop the active instance before the new one starts. It
+    /// moves to the retired slot (stopped), so a retry finds it there and
+    /// answers the same output; the route stays, with no backend, until the
+    /// switch.
+    pub(super) async fn stop_current(&self, ctx: &StepContext, name: &str, drain_ms: u64) -> Result<Value, StepError> {
+        let Some(app) = self.existing(&ctx.destination, name) else { return Ok(json!({"stopped": null})) };
+        let _op = app.op.lock().await;
+        let current = {
+            let mut st = app.lock();
+            match st.rec.active.take() {
+                Some(a) => {
+                    if let Some(r) = &st.route {
+                        r.set_backend(None);
+                    }
+                    st.rec.retired = Some(a.clone());
+                    self.persist(&st)?;
+                    Some(a)
+                }
+                // A retry: the stopped instance is still recorded as retired.
+                None => st.rec.retired.clone(),
+            }
+        };
+        let Some(old) = current else { return Ok(json!({"stopped": null})) };
+        let open = self.conns.of(old.port).drained(Duration::from_millis(drain_ms)).await;
+        self.stop_instance(&app, &old).await?;
+        tracing::info!(app = name, release = %old.release, "current instance stopped (recreate)");
+        Ok(json!({"stopped": old, "open_connections_cut": open}))
+    }
+
+    /// Undo of `stop_current`: start the stopped release again on its port
+    /// (as undoing `stop-old` does) and point the route back at it.
+    pub(super) async fn undo_stop_current(
+        self: &Arc<Self>,
+        ctx: &StepContext,
+        name: &str,
+        output: Option<&Value>,
+    ) -> Result<Value, StepError> {
+        let restarted = self.undo_stop_old(ctx, name, output).await?;
+        let Some(inst) = restarted.get("restarted").filter(|v| !v.is_null()) else { return Ok(restarted) };
+        let inst: Instance = serde_json::from_value(inst.clone())
+            .map_err(|e| StepError::invalid(format!("the restarted instance is not readable ({e}); the route was left as it is")))?;
+        let app = self.app(&ctx.destination, name);
+        let _op = app.op.lock().await;
+        let mut st = app.lock();
+        match &st.rec.active {
+            Some(a) if a.same(&inst) => return Ok(json!({"restarted": inst})),
+            Some(a) => {
+                return Err(StepError::invalid(format!(
+                    "{name}'s route now points at {}; another deployment changed it since, so {} was started again but not routed to",
+                    a.label(name),
+                    inst.label(name)
+                )))
+            }
+            None => {}
+        }
+        if st.rec.retired.as_ref().is_some_and(|r| r.same(&inst)) {
+            st.rec.retired = None;
+        }
+        st.rec.active = Some(inst.clone());
+        match (&st.route, st.rec.route_port) {
+            (Some(r), _) => r.set_backend(Some(inst.port)),
+            (None, Some(port)) => {
+                let listen = st.rec.route_listen.clone();
+                let r = Route::bind(name, listen.as_deref(), port, self.conns.clone()).map_err(|e| {
+                    StepError::resource(format!(
+                        "cannot listen on {} for {name}'s route: {e}; free that port",
+                        route_text(listen.as_deref(), port)
+                    ))
+                })?;
+                r.set_backend(Some(inst.port));
+                st.route = Some(r);
+            }
+            (None, None) => {}
+        }
+        self.persist(&st)?;
+        tracing::info!(app = name, release = %inst.release, "route points at the restarted instance again (recreate undone)");
+        Ok(json!({"restarted": inst}))
+    }
+
+    /// The canary's analysis against its instance of `release` here.
+    pub(super) async fn analyze(
+        &self,
+        ctx: &StepContext,
+        name: &str,
+        release: &str,
+        analysis: &fleet_core::canary::Analysis,
+        pause_ms: u64,
+    ) -> Result<Value, StepError> {
+        let app = self.existing(&ctx.destination, name).ok_or_else(|| not_started(name, release))?;
+        let port = {
+            let st = app.lock();
+            st.rec.active.as_ref().filter(|a| a.release == release).map(|a| a.port).ok_or_else(|| not_started(name, release))?
+        };
+        let label = format!("{name}@{release}");
+        crate::canary::analyze(&label, analysis, port, Duration::from_millis(pause_ms), &self.cfg.path_prepend, &self.cfg.data_dir).await
+    }
 }

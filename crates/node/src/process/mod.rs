@@ -202,8 +202,13 @@ impl Adapter for ProcessAdapter {
             match action {
                 StepAction::StartInstance { app, release, run, env } => i.start(ctx, app, release, run, env).await,
                 StepAction::HealthCheck { app, release, check } => i.health(ctx, app, release, check).await,
-                StepAction::SwitchRoute { app, release, port } => i.switch(ctx, app, release, *port).await,
+                StepAction::SwitchRoute { app, release, port, listen } => i.switch(ctx, app, release, *port, listen.as_deref()).await,
                 StepAction::StopOld { app, drain_ms, .. } => i.stop_old(ctx, app, *drain_ms).await,
+                StepAction::StopCurrent { app, drain_ms, .. } => i.stop_current(ctx, app, *drain_ms).await,
+                StepAction::CanaryPause { app, release, pause_ms, analysis, .. } => match analysis {
+                    Some(a) => i.analyze(ctx, app, release, a, pause_ms.unwrap_or(0)).await,
+                    None => Ok(json!({})),
+                },
                 StepAction::StartContainer { .. } | StepAction::Command { .. } => Err(not_mine(action)),
             }
         })
@@ -217,6 +222,8 @@ impl Adapter for ProcessAdapter {
                 StepAction::HealthCheck { .. } => Ok(json!({})),
                 StepAction::SwitchRoute { app, .. } => i.undo_switch(ctx, app, out).await,
                 StepAction::StopOld { app, .. } => i.undo_stop_old(ctx, app, out).await,
+                StepAction::StopCurrent { app, .. } => i.undo_stop_current(ctx, app, out).await,
+                StepAction::CanaryPause { .. } => Ok(json!({})),
                 StepAction::StartContainer { .. } | StepAction::Command { .. } => Err(not_mine(action)),
             }
         })
@@ -255,9 +262,10 @@ impl Adapter for ProcessAdapter {
                 "the health check outlived its step; check the manifest's `health.deadline` against the step timeout".into()
             }
             StepAction::SwitchRoute { .. } => "switching a route should take milliseconds; check the node's own log (stderr)".into(),
-            StepAction::StopOld { .. } => {
+            StepAction::StopOld { .. } | StepAction::StopCurrent { .. } => {
                 "the old instance did not drain and stop in time; check `drain` in the manifest against the step timeout".into()
             }
+            StepAction::CanaryPause { .. } => "the canary analysis outlived its pause; check the node's own log (stderr)".into(),
             StepAction::StartContainer { .. } | StepAction::Command { .. } => "this step is another adapter's".into(),
         }
     }

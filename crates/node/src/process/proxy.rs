@@ -1,5 +1,8 @@
 //! An app's route: a TCP listener on the app's stable port that forwards
-//! each accepted connection to the current backend instance.
+//! each accepted connection to the current backend instance. It listens on
+//! 127.0.0.1 unless the manifest says otherwise (`route: { listen: ADDR }`,
+//! e.g. `0.0.0.0` to serve other hosts); backends are always reached on
+//! 127.0.0.1.
 //!
 //! Switching the backend affects only new connections; connections already
 //! open stay with the instance they started on, and are counted per backend
@@ -8,7 +11,7 @@
 //! connection during a deployment.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -89,26 +92,38 @@ impl Shared {
 
 /// A listening route. Dropping it stops accepting (open connections go on).
 pub struct Route {
+    addr: SocketAddr,
     port: u16,
     shared: Arc<Shared>,
     task: JoinHandle<()>,
 }
 
 impl Route {
-    /// Listen on 127.0.0.1:`port` (0 = any free port). Must be called
-    /// within a tokio runtime.
-    pub fn bind(app: &str, port: u16, conns: Conns) -> std::io::Result<Route> {
-        let std_listener = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+    /// Listen on `listen`:`port` (`listen` None = 127.0.0.1; port 0 = any
+    /// free port). Must be called within a tokio runtime.
+    pub fn bind(app: &str, listen: Option<&str>, port: u16, conns: Conns) -> std::io::Result<Route> {
+        let ip = listen_ip(listen)?;
+        let std_listener = std::net::TcpListener::bind(SocketAddr::from((ip, port)))?;
         std_listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(std_listener)?;
-        let port = listener.local_addr()?.port();
+        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared { app: app.to_string(), backend: Mutex::new(None), conns });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
-        Ok(Route { port, shared, task })
+        Ok(Route { addr, port: addr.port(), shared, task })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Where it listens (the address given to `bind`, with its port).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Does it listen on `listen` (None = 127.0.0.1)?
+    pub fn listens_on(&self, listen: Option<&str>) -> bool {
+        listen_ip(listen).is_ok_and(|ip| ip == self.addr.ip())
     }
 
     /// Point new connections at `backend` (an instance's port), or refuse
@@ -132,6 +147,21 @@ impl Drop for Route {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The route's listen address: `listen` (an IP address), or 127.0.0.1.
+pub fn listen_ip(listen: Option<&str>) -> std::io::Result<IpAddr> {
+    match listen {
+        None => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        Some(s) => s.trim().parse().map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{s}` is not an IP address (the manifest's `route.listen`)"))
+        }),
+    }
+}
+
+/// `ip:port` as clients would write it (`[::]:80` for IPv6).
+pub fn route_text(listen: Option<&str>, port: u16) -> String {
+    SocketAddr::from((listen_ip(listen).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)), port)).to_string()
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {

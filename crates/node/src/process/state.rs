@@ -55,6 +55,9 @@ pub struct AppRecord {
     pub app: String,
     /// The route's stable port, once chosen (kept forever).
     pub route_port: Option<u16>,
+    /// The IP address the route listens on (`route.listen`; absent: 127.0.0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_listen: Option<String>,
     pub active: Option<Instance>,
     pub staged: Option<Instance>,
     pub retired: Option<Instance>,

@@ -126,7 +126,7 @@ impl Inner {
             }
         }
         if let (Some(port), Some(active)) = (st.rec.route_port, st.rec.active.clone()) {
-            match Route::bind(&app.name, port, self.conns.clone()) {
+            match Route::bind(&app.name, st.rec.route_listen.as_deref(), port, self.conns.clone()) {
                 Ok(r) => {
                     r.set_backend(Some(active.port));
                     tracing::info!(app = %app.name, port, backend = active.port, "route listening again");
@@ -236,7 +236,7 @@ async fn rebind_route(weak: Weak<Inner>, key: Key, port: u16) {
             return;
         }
         let Some(active) = st.rec.active.clone() else { return };
-        if let Ok(r) = Route::bind(app, port, inner.conns.clone()) {
+        if let Ok(r) = Route::bind(app, st.rec.route_listen.as_deref(), port, inner.conns.clone()) {
             r.set_backend(Some(active.port));
             tracing::info!(app, port, "route listening again");
             st.route = Some(r);
