@@ -66,6 +66,18 @@ pub enum Command {
     PromoteDeployment { id: String, actor: Holder },
     /// Create or replace destinations.
     PutDestinations { destinations: Vec<Destination> },
+    /// The leader's sync task of `destination` observed these differences
+    /// (only the differences: nothing changed = no command). May queue a
+    /// catch-up deployment for a server that joined.
+    SyncServers {
+        destination: String,
+        #[serde(default)]
+        upserts: Vec<crate::sync::ObservedServer>,
+        #[serde(default)]
+        removals: Vec<String>,
+    },
+    /// Remove a destination and its servers (refused while busy).
+    RemoveDestination { name: String },
 }
 
 /// A granted lock as clients see it.

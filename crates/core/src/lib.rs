@@ -17,6 +17,8 @@
 //! * [`leader`]: the Raft leader's rules (node leases, time limits, aborts,
 //!   what to send, what a returning node must forget) as actions that the
 //!   coordinator carries out.
+//! * [`sync`]: destination sync (servers observed vs committed, drift,
+//!   when a catch-up deployment is due).
 
 pub mod auth;
 pub mod canary;
@@ -27,6 +29,7 @@ pub mod manifest;
 pub mod names;
 pub mod saga;
 pub mod state;
+pub mod sync;
 pub mod views;
 pub mod witness;
 

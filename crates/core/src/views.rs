@@ -79,6 +79,80 @@ pub struct NodeView {
     pub last_seen_ms: Option<i64>,
 }
 
+/// A server of a destination as the leader lists it (`fleetctl servers
+/// DEST -o json` prints an array of them): the sync task's committed
+/// record, with the leader's own last-heard time and the drift against
+/// the destination's current releases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerView {
+    pub destination: String,
+    pub id: String,
+    pub health: crate::sync::Health,
+    /// Why it is not healthy.
+    pub error: Option<String>,
+    /// Per app: the release it runs, where it serves it, the
+    /// destination's current release and whether they differ.
+    pub apps: BTreeMap<String, ServerAppView>,
+    /// Apps whose running release is not the destination's current one.
+    pub drift: Vec<String>,
+    pub first_seen_ms: i64,
+    /// When it was last heard of (the leader's memory when it has it).
+    pub last_seen_ms: i64,
+    /// Apps for which a catch-up deployment is still to be queued.
+    pub catch_up: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerAppView {
+    pub release: Option<String>,
+    pub address: Option<String>,
+    /// The destination's current (last succeeded) release of the app.
+    pub current: Option<String>,
+    pub drift: bool,
+}
+
+impl ServerView {
+    /// Every server of `destination` (`None` if there is no such destination).
+    pub fn list(state: &State, destination: &str) -> Option<Vec<ServerView>> {
+        state.destination(destination)?;
+        let current = state.current_releases(destination);
+        let Some(servers) = state.servers(destination) else { return Some(vec![]) };
+        Some(
+            servers
+                .values()
+                .map(|s| {
+                    let drift = crate::sync::drifted(s, &current);
+                    let names: std::collections::BTreeSet<&String> = s.apps.keys().chain(current.keys()).collect();
+                    let apps = names
+                        .into_iter()
+                        .map(|app| {
+                            let on = s.apps.get(app);
+                            let v = ServerAppView {
+                                release: on.and_then(|a| a.release.clone()),
+                                address: on.and_then(|a| a.address.clone()),
+                                current: current.get(app).cloned(),
+                                drift: drift.contains(app),
+                            };
+                            (app.clone(), v)
+                        })
+                        .collect();
+                    ServerView {
+                        destination: destination.to_string(),
+                        id: s.id.clone(),
+                        health: s.health,
+                        error: s.error.clone(),
+                        apps,
+                        drift,
+                        first_seen_ms: s.first_seen_ms,
+                        last_seen_ms: s.last_seen_ms,
+                        catch_up: s.catch_up.iter().cloned().collect(),
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -471,6 +471,7 @@ mod tests {
             lock_wait_until_ms: None,
             resolved: None,
             pause: None,
+            targets: vec![],
             steps: vec![],
             events: vec![Event { at_ms: 0, from: None, to: DeployState::Queued, reason: "submitted".into(), actor: "alice".into() }],
         }

@@ -287,7 +287,11 @@ pub struct Deployment {
     /// A canary's pause (set when it pauses; kept after it is promoted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause: Option<crate::canary::Pause>,
+    /// The servers (nodes) it deploys to; empty = every node of its
+    /// destinations. A catch-up deployment of a server that joined targets
+    /// that server only (without hooks: the release already ran them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
     pub steps: Vec<StepRecord>,
     pub events: Vec<Event>,
 }

@@ -29,6 +29,7 @@ fn deployment(nodes: &[&str]) -> Deployment {
         lock_wait_until_ms: None,
         resolved: None,
         pause: None,
+        targets: vec![],
         steps,
         events: vec![],
     }

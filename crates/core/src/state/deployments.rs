@@ -42,6 +42,19 @@ impl State {
     /// Queue a deployment of `spec` (number = this entry's index) and start
     /// it if its destinations are free.
     fn submit(&mut self, cx: &mut Ctx, spec: Spec, actor: &str, rollback_of: Option<String>, reason: &str) -> Response {
+        self.submit_to(cx, spec, actor, rollback_of, reason, vec![])
+    }
+
+    /// [`State::submit`] to the servers `targets` only (empty = all).
+    pub(super) fn submit_to(
+        &mut self,
+        cx: &mut Ctx,
+        spec: Spec,
+        actor: &str,
+        rollback_of: Option<String>,
+        reason: &str,
+        targets: Vec<String>,
+    ) -> Response {
         let (index, at_ms) = (cx.index, cx.at_ms);
         let dests: Vec<String> = spec.destinations().to_vec();
         for name in &dests {
@@ -130,6 +143,7 @@ impl State {
             lock_wait_until_ms: None,
             resolved: None,
             pause: None,
+            targets,
             steps: vec![],
             events: vec![Event { at_ms, from: None, to: DeployState::Queued, reason: reason.to_string(), actor: actor.to_string() }],
         };

@@ -110,7 +110,7 @@ impl State {
                 // release pumps it.
                 continue;
             }
-            let steps = self.plan(&d.spec);
+            let steps = self.plan_for(d);
             let previous = self.current_release(&d.app, &d.destination).map(|p| p.release.clone());
             let bare: Vec<String> = dests.iter().filter(|x| self.nodes_for(x).is_empty()).cloned().collect();
             let Some(d) = self.deployments.get_mut(&n) else { continue };
@@ -127,6 +127,11 @@ impl State {
             let _ = d.transition(DeployState::Running, at_ms, reason, "coordinator");
             if !bare.is_empty() {
                 let why = format!("no worker node matches destination `{}` any more; start one, then deploy again", bare.join("`, `"));
+                let _ = d.transition(DeployState::Compensating, at_ms, why, "coordinator");
+                let _ = d.settle(at_ms, "coordinator");
+            } else if !d.targets.is_empty() && d.steps.is_empty() {
+                // A catch-up whose servers left before it started: a vanished server is gone.
+                let why = format!("server(s) {} left the destination before this started; nothing to deploy", d.targets.join(", "));
                 let _ = d.transition(DeployState::Compensating, at_ms, why, "coordinator");
                 let _ = d.settle(at_ms, "coordinator");
             }

@@ -14,6 +14,7 @@
 //! * `node/<id>`           -> [`NodeRecord`]
 //! * `dest/<name>`         -> [`Destination`]
 //! * `idem/<actor>/<key>`  -> deployment number (idempotency keys)
+//! * `server/<destination>/<id>` -> [`crate::sync::ServerRecord`] (what the destination's sync task found)
 //!
 //! Commands are applied by concern, one submodule each: `locks` (manual
 //! locks, destination queues and grants), `deployments` (submit, rollback,
@@ -35,6 +36,7 @@ mod deployments;
 mod locks;
 mod nodes;
 mod promote;
+mod servers;
 
 /// How long a request id is remembered. A client retries for seconds, so
 /// ten minutes is far beyond any retry, and bounds the table.
@@ -50,6 +52,7 @@ const QUEUE_PREFIX: &str = "queue/";
 const NODE_PREFIX: &str = "node/";
 const DEST_PREFIX: &str = "dest/";
 const IDEM_PREFIX: &str = "idem/";
+const SERVER_PREFIX: &str = "server/";
 /// Lock holder name of a deployment.
 pub const DEPLOYMENT_HOLDER_PREFIX: &str = "deployment/";
 
@@ -99,6 +102,8 @@ pub struct State {
     destinations: BTreeMap<String, Destination>,
     /// `<actor>/<idempotency key>` → deployment number.
     idempotency: BTreeMap<String, u64>,
+    /// Servers per destination, by id.
+    servers: BTreeMap<String, BTreeMap<String, crate::sync::ServerRecord>>,
 }
 
 /// `d42` → 42.
@@ -135,6 +140,10 @@ impl State {
                 state.idempotency.insert(k.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
             } else if let Some(name) = key.strip_prefix(DEST_PREFIX) {
                 state.destinations.insert(name.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
+            } else if let Some(rest) = key.strip_prefix(SERVER_PREFIX) {
+                let (dest, id) = rest.split_once('/').ok_or_else(|| LoadError::UnknownKey(key.to_string()))?;
+                let rec = serde_json::from_slice(value.as_ref()).map_err(bad)?;
+                state.servers.entry(dest.to_string()).or_default().insert(id.to_string(), rec);
             } else {
                 return Err(LoadError::UnknownKey(key.to_string()));
             }
@@ -165,6 +174,11 @@ impl State {
         }
         for (k, n) in &self.idempotency {
             out.push((format!("{IDEM_PREFIX}{k}"), encode(n)));
+        }
+        for (dest, servers) in &self.servers {
+            for (id, rec) in servers {
+                out.push((format!("{SERVER_PREFIX}{dest}/{id}"), encode(rec)));
+            }
         }
         out
     }
@@ -234,6 +248,17 @@ impl State {
         spec.destinations().iter().flat_map(|dest| plan(spec, dest, &self.nodes_for(dest))).map(StepRecord::new).collect()
     }
 
+    /// The saga of deployment `d` as its grant plans it: [`State::plan`],
+    /// narrowed to its `targets` when it has some (their own steps only,
+    /// no hooks).
+    pub fn plan_for(&self, d: &Deployment) -> Vec<StepRecord> {
+        let mut steps = self.plan(&d.spec);
+        if !d.targets.is_empty() {
+            steps.retain(|s| d.targets.contains(&s.plan.node) && !matches!(s.plan.action, crate::saga::StepAction::Command { .. }));
+        }
+        steps
+    }
+
     pub fn lock(&self, destination: &str) -> Option<&LockView> {
         self.locks.get(destination)
     }
@@ -269,6 +294,8 @@ impl State {
             Command::NodeLost { node, why } => self.node_lost(&mut cx, node, why),
             Command::NodeWaitExpired { deployment } => self.node_wait_expired(&mut cx, deployment),
             Command::PutDestinations { destinations } => self.put_destinations(&mut cx, destinations),
+            Command::SyncServers { destination, upserts, removals } => self.sync_servers(&mut cx, destination, upserts, removals),
+            Command::RemoveDestination { name } => self.remove_destination(&mut cx, name),
             Command::PromoteDeployment { id, actor } => self.promote(&mut cx, id, actor),
         };
 
