@@ -658,8 +658,13 @@ impl Fleet {
     /// 3 coordinators, then one node per `(name, labels)`, then
     /// `destinations_yaml`; returns when every node is connected.
     pub async fn start(nodes: &[(&str, &[(&str, &str)])], destinations_yaml: &str) -> anyhow::Result<Fleet> {
+        Fleet::start_with(FAST_RAFT, nodes, destinations_yaml).await
+    }
+
+    /// [`Fleet::start`] with these coordinator flags (instead of [`FAST_RAFT`]).
+    pub async fn start_with(coord_args: &[&str], nodes: &[(&str, &[(&str, &str)])], destinations_yaml: &str) -> anyhow::Result<Fleet> {
         let slot = TestSlot::take();
-        let cluster = Cluster::start(3, FAST_RAFT).await?;
+        let cluster = Cluster::start(3, coord_args).await?;
         let mut fleet = Fleet { nodes: vec![], cluster, reported: false, _slot: slot };
         for (name, labels) in nodes {
             let node = fleet.cluster.start_node(name, labels)?;

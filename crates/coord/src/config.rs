@@ -70,6 +70,10 @@ pub struct RawConfig {
     /// entries (default 10000).
     #[arg(long)]
     pub snapshot_logs: Option<u64>,
+    /// How often the leader syncs each destination's servers with what
+    /// the nodes report, in milliseconds (default 5000).
+    #[arg(long)]
+    pub sync_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +90,8 @@ pub struct Config {
     pub heartbeat: Duration,
     pub election_timeout: Duration,
     pub snapshot_logs: u64,
+    /// How often each destination's servers are synced (`crate::sync`).
+    pub sync_interval: Duration,
 }
 
 #[derive(Debug, Error)]
@@ -122,6 +128,7 @@ impl RawConfig {
             heartbeat_ms: self.heartbeat_ms.or(file.heartbeat_ms),
             election_timeout_ms: self.election_timeout_ms.or(file.election_timeout_ms),
             snapshot_logs: self.snapshot_logs.or(file.snapshot_logs),
+            sync_interval_ms: self.sync_interval_ms.or(file.sync_interval_ms),
         })
     }
 
@@ -162,7 +169,12 @@ impl RawConfig {
         if snapshot_logs == 0 {
             return Err(field("snapshot-logs", "must be more than 0"));
         }
+        let sync_interval_ms = self.sync_interval_ms.unwrap_or(5000);
+        if sync_interval_ms < 100 {
+            return Err(field("sync-interval-ms", format!("{sync_interval_ms} is too short; use 100 or more (default 5000)")));
+        }
         Ok(Config {
+            sync_interval: Duration::from_millis(sync_interval_ms),
             id,
             listen,
             advertise: self.advertise,

@@ -209,6 +209,16 @@ impl Control for ControlService {
         ControlService::list_destinations(self).await.map(Response::new)
     }
 
+    async fn remove_destination(&self, req: Request<RemoveDestinationRequest>) -> Result<Response<DestinationsReply>, Status> {
+        let (actor, _) = authorize(&req, Access::Write, "destinations remove")?;
+        ControlService::remove_destination(self, actor, req.into_inner()).await.map(Response::new)
+    }
+
+    async fn list_servers(&self, req: Request<ListServersRequest>) -> Result<Response<ServersReply>, Status> {
+        authorize(&req, Access::Read, "servers")?;
+        ControlService::list_servers(self, req.into_inner()).map(Response::new)
+    }
+
     async fn list_nodes(&self, req: Request<ListNodesRequest>) -> Result<Response<NodesReply>, Status> {
         authorize(&req, Access::Read, "nodes")?;
         ControlService::list_nodes(self).map(Response::new)

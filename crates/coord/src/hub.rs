@@ -44,6 +44,8 @@ struct Inner {
     last_seen: HashMap<String, i64>,
     disconnected_at: HashMap<String, i64>,
     in_flight: BTreeMap<WorkKey, InFlight>,
+    /// The last `InstanceReport` of each node (what it runs), for the sync tasks.
+    reports: HashMap<String, fleet_core::sync::NodeReport>,
 }
 
 /// What `fleetctl nodes` shows of a node's connection.
@@ -104,6 +106,7 @@ impl Hub {
             let _ = c.tx.try_send(Err(why.clone()));
         }
         g.in_flight.clear();
+        g.reports.clear();
     }
 
     pub fn seen(&self, node: &str, now_ms: i64) {
@@ -148,6 +151,25 @@ impl Hub {
             g.in_flight.insert(k, InFlight { node: node.to_string(), sent_ms: now_ms, aborted: false });
         }
         true
+    }
+
+    /// `node` reported what it runs.
+    pub fn report(&self, node: &str, report: fleet_core::sync::NodeReport) {
+        self.lock().reports.insert(node.to_string(), report);
+    }
+
+    /// The last report of every node that sent one to this leader. Nodes
+    /// send it when it changes: it holds as long as the node is heard
+    /// from, so its time is the node's last message.
+    pub fn reports(&self) -> BTreeMap<String, fleet_core::sync::NodeReport> {
+        let g = self.lock();
+        g.reports
+            .iter()
+            .map(|(k, v)| {
+                let heard = g.last_seen.get(k).copied().unwrap_or(v.at_ms).max(v.at_ms);
+                (k.clone(), fleet_core::sync::NodeReport { at_ms: heard, apps: v.apps.clone() })
+            })
+            .collect()
     }
 
     pub fn mark_aborted(&self, key: &WorkKey) {

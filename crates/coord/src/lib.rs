@@ -10,6 +10,9 @@
 //! * [`scheduler`]: the leader's loop that turns saga state into node work.
 //! * [`tls`]: per-call role checks on the caller's certificate (loading
 //!   certificates is `fleet_net::tls`).
+//! * [`sync`]: the leader's per-destination sync tasks (servers from the
+//!   nodes' reports, catch-up deployments); [`servers`]: `ListServers` and
+//!   `RemoveDestination`.
 //! * [`server`]: wiring it together.
 
 pub mod config;
@@ -22,6 +25,8 @@ pub mod raft_service;
 pub mod raft_types;
 pub mod scheduler;
 pub mod server;
+pub mod servers;
 pub mod store;
+pub mod sync;
 pub mod tls;
 pub mod worker;

@@ -59,6 +59,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     let hub = Arc::new(crate::hub::Hub::default());
     let scheduler = crate::scheduler::spawn(raft.clone(), reader.clone(), hub.clone());
+    let sync = crate::sync::spawn(raft.clone(), reader.clone(), hub.clone(), config.sync_interval);
     let control = ControlService::new(raft.clone(), reader.clone(), cluster_id.clone(), hub.clone());
     let worker = crate::worker::WorkerService::new(raft.clone(), reader, hub);
     let server = tonic::transport::Server::builder()
@@ -82,6 +83,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     let served = server.await;
     scheduler.abort();
+    sync.abort();
     // Stop Raft whether serving ended cleanly or not.
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

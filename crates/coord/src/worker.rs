@@ -103,6 +103,11 @@ impl Worker for WorkerService {
             loop {
                 match inbound.next().await {
                     Some(Ok(NodeMessage { msg: Some(node_message::Msg::Heartbeat(_)) })) => hub.seen(&node, now_ms()),
+                    Some(Ok(NodeMessage { msg: Some(node_message::Msg::Report(r)) })) => {
+                        let now = now_ms();
+                        hub.seen(&node, now);
+                        hub.report(&node, crate::sync::node_report(r, now));
+                    }
                     Some(Ok(NodeMessage { msg: Some(node_message::Msg::Result(r)) })) => {
                         hub.seen(&node, now_ms());
                         // Concurrently: results of different deployments

@@ -157,6 +157,13 @@ pub enum Cmd {
     },
     /// Worker nodes: labels, whether connected to the leader, last seen.
     Nodes,
+    /// The servers of a destination as its sync task found them: health,
+    /// the release each runs per app, where it serves it, last seen, drift
+    /// (a release other than the destination's current one).
+    Servers {
+        /// The destination.
+        destination: String,
+    },
     /// Manual destination locks (maintenance windows, migrations).
     #[command(subcommand)]
     Lock(LockCmd),
@@ -405,6 +412,12 @@ pub enum DestinationsCmd {
         /// The destinations file.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
+    },
+    /// Remove a destination and its servers. Refused (exit 7) while a
+    /// deployment holds or waits for it, or a manual lock is held.
+    Remove {
+        /// The destination to remove.
+        name: String,
     },
 }
 

@@ -271,7 +271,7 @@ pub struct DevDown {
 
 /// A worker node (`fleetctl nodes -o json`) and a destination
 /// (`fleetctl destinations -o json`), as the coordinators build them.
-pub use fleet_core::views::{DestinationView as DestinationRecord, NodeView as NodeRecord};
+pub use fleet_core::views::{DestinationView as DestinationRecord, NodeView as NodeRecord, ServerView as ServerRecord};
 
 #[cfg(test)]
 mod tests {

@@ -103,6 +103,10 @@ impl StepError {
 pub struct Server {
     /// Stable id on the target: a container id, a pod name, an instance id.
     pub id: String,
+    /// The app it serves (an adapter that keeps apps per destination, like
+    /// `process` and `docker`, finds one server per app on a node).
+    #[serde(default)]
+    pub app: String,
     /// Where it serves the app (HOST:PORT or URL), if it is known.
     pub address: Option<String>,
     /// The release it runs, if the target records it.
@@ -185,11 +189,21 @@ pub trait Adapter: Send + Sync + 'static {
         Box::pin(async { Vec::new() })
     }
 
+    /// The destinations this adapter runs something for on its target
+    /// (what the node's instance report walks). Read-only. The default:
+    /// none (a `command` destination leaves nothing running).
+    fn destinations(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The servers that serve `destination` on the target, as the target
     /// reports them (for the leader's destination sync: servers found,
-    /// vanished, drifted). Read-only. The default says the adapter cannot
-    /// discover: none of the built-in adapters does yet (a `process`
-    /// destination's servers are its nodes; a `command` one has none).
+    /// vanished, drifted). Read-only. `process` and `docker` find one per
+    /// app of the destination on this node (the node is the destination's
+    /// server; the leader keys it by node id), with the release its active
+    /// instance or container runs and the route's address. The default
+    /// says the adapter cannot discover (a `command` destination has no
+    /// servers).
     fn discover<'a>(&'a self, destination: &'a str) -> BoxFuture<'a, Result<Vec<Server>, StepError>> {
         let _ = destination;
         let name = self.name();
@@ -197,9 +211,9 @@ pub trait Adapter: Send + Sync + 'static {
     }
 
     /// Is `server` of `destination` healthy, per the target? `Ok` when it
-    /// is; the error says why not. Read-only. The default says the adapter
-    /// cannot tell (the `process` adapter checks health as a step:
-    /// `StepAction::HealthCheck`).
+    /// is; the error says why not (gone, stopped, changed by hand). Read-only
+    /// and quick (the node asks every few seconds). The default says the
+    /// adapter cannot tell.
     fn health<'a>(&'a self, destination: &'a str, server: &'a Server) -> BoxFuture<'a, Result<(), StepError>> {
         let _ = (destination, server);
         let name = self.name();
@@ -337,7 +351,7 @@ mod tests {
         let fake = Fake("docker");
         let err = fake.discover("web").await.unwrap_err();
         assert_eq!((err.class, err.message.as_str()), (ErrorClass::Invalid, "the `docker` adapter does not support discovering servers"));
-        let server = Server { id: "c1".into(), address: None, release: None };
+        let server = Server { id: "c1".into(), app: "web".into(), address: None, release: None };
         assert_eq!(fake.health("web", &server).await.unwrap_err().class, ErrorClass::Invalid);
         let ctx = StepContext {
             node: "n".into(),

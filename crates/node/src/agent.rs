@@ -90,6 +90,8 @@ struct Steps {
 pub struct Agent {
     node: String,
     adapters: Adapters,
+    /// What the adapters run, refreshed in the background (`crate::report`).
+    reports: std::sync::OnceLock<crate::report::Reports>,
     fencing: Mutex<Fencing>,
     witness: Option<Witness>,
     steps: Mutex<Steps>,
@@ -213,6 +215,7 @@ impl Agent {
         let agent = Agent {
             node,
             adapters,
+            reports: std::sync::OnceLock::new(),
             fencing: Mutex::new(fencing),
             witness,
             steps: Mutex::new(steps),
@@ -224,6 +227,13 @@ impl Agent {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// What this node's adapters run, per (destination, app), refreshed
+    /// every [`crate::report::REPORT_EVERY`] by a task started on the first
+    /// call (within a tokio runtime); sent to the leader on every change.
+    pub fn instance_reports(&self) -> crate::report::Reports {
+        self.reports.get_or_init(|| crate::report::spawn(self.adapters.clone(), crate::report::REPORT_EVERY)).clone()
     }
 
     fn steps(&self) -> MutexGuard<'_, Steps> {

@@ -144,6 +144,12 @@ impl Connector {
                 return End::Broken("the outgoing stream closed".into());
             }
         }
+        // What runs here, for the leader's destination sync: now, then on every change.
+        let mut reports = self.agent.instance_reports();
+        let first = crate::report::message(&reports.borrow_and_update());
+        if tx.send(msg(node_message::Msg::Report(first))).await.is_err() {
+            return End::Broken("the outgoing stream closed".into());
+        }
 
         let period = Duration::from_millis(if welcome.heartbeat_ms == 0 { 1000 } else { welcome.heartbeat_ms });
         let mut heartbeat = tokio::time::interval(period);
@@ -183,6 +189,12 @@ impl Connector {
                 }
                 Some(r) = results.recv() => {
                     if tx.send(msg(node_message::Msg::Result(r))).await.is_err() {
+                        return End::Broken("the outgoing stream closed".into());
+                    }
+                }
+                Ok(()) = reports.changed() => {
+                    let report = crate::report::message(&reports.borrow_and_update());
+                    if tx.send(msg(node_message::Msg::Report(report))).await.is_err() {
                         return End::Broken("the outgoing stream closed".into());
                     }
                 }

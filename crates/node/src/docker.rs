@@ -48,6 +48,10 @@
 //! it at the recorded active container, which kept running; containers
 //! that no step owns any more are removed by `forget` when the leader says
 //! so. `forget` leaves running containers it has no record of alone.
+//!
+//! `discover.rs`: what runs, for the node's instance report (destination sync).
+
+mod discover;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -1064,6 +1068,19 @@ impl Adapter for DockerAdapter {
                 StepAction::StartInstance { .. } | StepAction::Command { .. } => Err(not_mine(action)),
             }
         })
+    }
+
+    fn destinations(&self) -> Vec<String> {
+        self.inner.destinations()
+    }
+
+    /// One server per app of `destination` on this node (see `docker/discover.rs`).
+    fn discover<'a>(&'a self, destination: &'a str) -> BoxFuture<'a, Result<Vec<crate::adapter::Server>, StepError>> {
+        Box::pin(self.inner.discover(destination))
+    }
+
+    fn health<'a>(&'a self, destination: &'a str, server: &'a crate::adapter::Server) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(self.inner.server_health(destination, server))
     }
 
     fn cancelled<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, ()> {

@@ -9,7 +9,8 @@
 //! commands: the steps of `command` destinations, and every pre/post hook)
 //! and [`docker`] (containers on the node's Docker Engine, blue-green behind
 //! the same route).
-//! [`proc`] is what both know of local child processes.
+//! [`proc`] is what both know of local child processes. [`report`]: what
+//! the adapters run, reported to the leader for destination sync.
 
 pub mod adapter;
 pub mod agent;
@@ -21,5 +22,6 @@ pub mod fencing;
 pub mod identity;
 pub mod proc;
 pub mod process;
+pub mod report;
 pub mod util;
 pub mod witness;

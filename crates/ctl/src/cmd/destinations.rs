@@ -99,6 +99,7 @@ pub async fn destinations(cmd: Option<DestinationsCmd>, conn: &ConnArgs, out: Ou
             }
             print_destinations(&r.destinations_json, out)?;
         }
+        DestinationsCmd::Remove { name } => return super::servers::remove_destination(name, conn, out).await,
     }
     Ok(exit::OK)
 }

@@ -11,6 +11,7 @@ mod destinations;
 mod dev;
 mod lock;
 mod nodes;
+mod servers;
 
 use clap::CommandFactory as _;
 use fleetctl::exit;
@@ -34,6 +35,7 @@ pub async fn run(cli: Cli) -> Result<i32, Exit> {
         Cmd::Promote { id, wait } => deploy::promote(id, wait, conn, out).await,
         Cmd::Destinations { cmd } => destinations::destinations(cmd, conn, out).await,
         Cmd::Nodes => nodes::nodes(conn, out).await,
+        Cmd::Servers { destination } => servers::servers(destination, conn, out).await,
         Cmd::Lock(cmd) => lock::lock(cmd, conn, out).await,
         Cmd::Cluster(cmd) => cluster::cluster(cmd, conn, out).await,
         Cmd::Certs(cmd) => certs::certs(cmd, out),

@@ -20,6 +20,7 @@
 //! [`crate::command`] adapter's.
 
 mod bluegreen;
+mod discover;
 pub mod probe;
 pub mod proxy;
 pub mod state;
@@ -244,6 +245,19 @@ impl Adapter for ProcessAdapter {
     /// other destination's, are left alone.
     fn forget<'a>(&'a self, destination: &'a str, token: u64) -> BoxFuture<'a, Vec<String>> {
         Box::pin(self.inner.forget(destination, token))
+    }
+
+    fn destinations(&self) -> Vec<String> {
+        self.inner.destinations()
+    }
+
+    /// One server per app of `destination` on this node (see `discover.rs`).
+    fn discover<'a>(&'a self, destination: &'a str) -> BoxFuture<'a, Result<Vec<crate::adapter::Server>, StepError>> {
+        Box::pin(async move { Ok(self.inner.discover(destination)) })
+    }
+
+    fn health<'a>(&'a self, destination: &'a str, server: &'a crate::adapter::Server) -> BoxFuture<'a, Result<(), StepError>> {
+        Box::pin(self.inner.server_health(destination, server))
     }
 
     fn cancelled<'a>(&'a self, ctx: &'a StepContext, action: &'a StepAction) -> BoxFuture<'a, ()> {
