@@ -28,7 +28,7 @@
 //! result (instead of running it again) and re-sends results that a crash
 //! kept from being delivered.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -85,6 +85,8 @@ struct Steps {
     done: HashMap<StepId, StepResult>,
     /// Finish order of `done`, oldest first.
     order: VecDeque<StepId>,
+    /// Running steps this node stopped on its own ([`Agent::stop_all`]).
+    stopped: HashSet<StepId>,
 }
 
 pub struct Agent {
@@ -316,6 +318,24 @@ impl Agent {
         tokio::spawn(async move { agent.execute(a, key, id, abort_rx).await });
     }
 
+    /// Stop every running step on this node's own account (it has been
+    /// without a leader for as long as its lease allows; see
+    /// `connection::stop_after`). Each reports a `transient` failure, not
+    /// `aborted`: a leader that did not hand the step over retries it.
+    /// Answers how many were running.
+    pub fn stop_all(&self, reason: &str) -> usize {
+        let ids: Vec<StepId> = {
+            let mut s = self.steps();
+            let ids: Vec<StepId> = s.running.keys().cloned().collect();
+            s.stopped.extend(ids.iter().cloned());
+            ids
+        };
+        for id in &ids {
+            self.abort(Abort { key: Some(id.0.clone()), reason: reason.to_string() });
+        }
+        ids.len()
+    }
+
     /// Abort a running step (it reports `aborted`); unknown or finished
     /// steps are left alone.
     pub fn abort(&self, a: Abort) {
@@ -490,6 +510,7 @@ impl Agent {
             },
             reason = aborted => Outcome::Aborted(reason),
         };
+        let stopped_here = self.steps().stopped.remove(&id);
         let outcome = match outcome {
             Outcome::Done(r) => r,
             Outcome::TimedOut => {
@@ -501,6 +522,10 @@ impl Agent {
                     human(timeout),
                     adapter.timeout_hint(&action)
                 )))
+            }
+            Outcome::Aborted(reason) if stopped_here => {
+                adapter.cancelled(&ctx, &action).await;
+                Err(StepError::transient(format!("{} was stopped on node {} ({reason})", describe(&action), self.node)))
             }
             Outcome::Aborted(reason) => {
                 adapter.cancelled(&ctx, &action).await;

@@ -1,20 +1,28 @@
 //! The work stream: connect to a coordinator, follow the redirect to the
 //! leader, say `Hello`, then heartbeat, take assignments, aborts and
 //! forgets, and send results, until the stream breaks; then reconnect.
+//!
+//! A node that cannot reach a leader stops acting before its lease is gone
+//! ([`stop_after`]): the leader presumes it dead [`NODE_LEASE_MS`] after it
+//! last heard from it and hands its steps to another node, so whatever
+//! still runs here is aborted first. Otherwise a node cut off from the
+//! coordinators (not dead) would run its step on, next to the node that
+//! took it over.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_core::leader::NODE_LEASE_MS;
 use fleet_net::{now_ms, LEADER_METADATA};
 use fleet_proto::worker_client::WorkerClient;
 use fleet_proto::{leader_message, node_message, Heartbeat, Hello, NodeMessage, StepResult};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
 use crate::agent::{Agent, RESEND};
-use crate::identity::NodeIdentity;
+use crate::identity::{NodeIdentity, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
 /// Longest pause between connection attempts (plus jitter).
 const MAX_BACKOFF: Duration = Duration::from_millis(1000);
@@ -26,6 +34,29 @@ const ELECTION_BACKOFF: Duration = Duration::from_millis(100);
 const ELECTION_WINDOW: Duration = Duration::from_secs(10);
 /// How long to wait for the coordinator to answer the stream / Welcome.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time left between this node aborting its steps and the leader handing
+/// them over: for the abort itself (killing a process group) and for
+/// scheduling delays.
+const STOP_MARGIN: Duration = Duration::from_millis(1000);
+
+/// How long after its work stream broke a node that found no leader again
+/// stops what it runs, given the heartbeat period of that stream. The
+/// leader presumes the node lost [`NODE_LEASE_MS`] after the last heartbeat
+/// it received; that heartbeat is up to one period older than the moment
+/// the link failed, and the stream breaks up to a keepalive interval plus
+/// its timeout after that moment. [`STOP_MARGIN`] must be left over.
+pub fn stop_after(heartbeat: Duration) -> Duration {
+    let lease = Duration::from_millis(NODE_LEASE_MS as u64);
+    lease.saturating_sub(KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + heartbeat + STOP_MARGIN)
+}
+
+/// What the connection loop knows of the streams that got a `Welcome`.
+struct Sessions {
+    /// How many did (watched by the task that stops work after a break).
+    welcomed: watch::Sender<u64>,
+    /// The heartbeat period of the last one.
+    heartbeat: Duration,
+}
 
 pub struct Connector {
     pub identity: NodeIdentity,
@@ -55,9 +86,17 @@ impl Connector {
         let mut failed_in_round = 0usize;
         let mut last_error = String::new();
         let mut broke_at: Option<tokio::time::Instant> = None;
+        let mut sessions = Sessions { welcomed: watch::channel(0).0, heartbeat: Duration::from_millis(1000) };
         loop {
             let addr = redirect.take().unwrap_or_else(|| self.addrs[idx].clone());
-            match self.session(&addr, &mut results).await {
+            let welcomed = *sessions.welcomed.borrow();
+            let end = self.session(&addr, &mut results, &mut sessions).await;
+            if *sessions.welcomed.borrow() != welcomed {
+                // A stream to the leader was up and ended (broke, or the
+                // leader stepped down): stop acting unless another comes up.
+                self.stop_unless_reconnected(&sessions);
+            }
+            match end {
                 End::Redirect(leader) if leader != addr => {
                     tracing::info!(from = %addr, to = %leader, "following the redirect to the leader");
                     if !self.addrs.contains(&leader) {
@@ -102,7 +141,32 @@ impl Connector {
         }
     }
 
-    async fn session(&self, addr: &str, results: &mut mpsc::UnboundedReceiver<StepResult>) -> End {
+    /// Abort every running step if no new stream gets a `Welcome` within
+    /// [`stop_after`] (in a task of its own).
+    fn stop_unless_reconnected(&self, sessions: &Sessions) {
+        let after = stop_after(sessions.heartbeat);
+        let mut welcomed = sessions.welcomed.subscribe();
+        let seen = *welcomed.borrow_and_update();
+        let agent = self.agent.clone();
+        // Detached: it ends by itself, at the latest after `after`.
+        tokio::spawn(async move {
+            let reconnected = tokio::time::timeout(after, welcomed.wait_for(|n| *n != seen)).await;
+            if matches!(reconnected, Ok(Ok(_))) {
+                return;
+            }
+            let reason = format!(
+                "it has not reached a leader for {} since its work stream broke, so its lease runs out and the leader \
+                 may hand the step to another node",
+                crate::util::human(after)
+            );
+            let stopped = agent.stop_all(&reason);
+            if stopped > 0 {
+                tracing::warn!(steps = stopped, "no leader within {after:?} of losing the work stream; stopped every running step");
+            }
+        });
+    }
+
+    async fn session(&self, addr: &str, results: &mut mpsc::UnboundedReceiver<StepResult>, sessions: &mut Sessions) -> End {
         let channel = match self.identity.channel(addr) {
             Ok(c) => c,
             Err(e) => return End::Failed(e.to_string()),
@@ -136,6 +200,8 @@ impl Connector {
             println!("fleet-node {} connected to leader {} at {addr} (term {})", self.agent.node(), welcome.leader_id, welcome.term);
         }
         tracing::info!(%addr, leader = welcome.leader_id, term = welcome.term, heartbeat_ms = welcome.heartbeat_ms, "connected");
+        sessions.heartbeat = Duration::from_millis(if welcome.heartbeat_ms == 0 { 1000 } else { welcome.heartbeat_ms });
+        sessions.welcomed.send_modify(|n| *n += 1);
 
         // Results finished while disconnected are among the recent ones.
         while results.try_recv().is_ok() {}
@@ -270,4 +336,26 @@ fn log_failure(last: &mut String, e: &str) {
 fn jitter(d: Duration) -> Duration {
     let ms = d.as_millis() as u64;
     d + Duration::from_millis(rand::random_range(0..=ms / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_stops_before_the_leader_can_hand_it_over() {
+        // (heartbeat period, how long after the break the node stops)
+        let cases = [(500, 1500), (1000, 1000), (100, 1900), (4000, 0), (60_000, 0)];
+        for (heartbeat, want) in cases {
+            let hb = Duration::from_millis(heartbeat);
+            let got = stop_after(hb);
+            assert_eq!(got, Duration::from_millis(want), "heartbeat {heartbeat} ms");
+            // The leader hands work over no earlier than a lease after the
+            // last heartbeat it heard: the node must be done by then.
+            let worst_break = KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT + hb;
+            if want > 0 {
+                assert!(worst_break + got + STOP_MARGIN <= Duration::from_millis(NODE_LEASE_MS as u64), "heartbeat {heartbeat} ms");
+            }
+        }
+    }
 }

@@ -14,6 +14,10 @@ use tonic::transport::Channel;
 
 /// How long connecting to a coordinator may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 ping interval on the work stream.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the stream counts as broken.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A [`TlsError`], with the flag (`--ca`, `--cert`, `--key`, `--coord`)
 /// whose value caused it.
@@ -80,8 +84,8 @@ impl NodeIdentity {
             // Notice a coordinator that vanished (or froze) without closing
             // the stream within ~2 s: well inside the leader's 5 s node
             // lease, so a failover does not make healthy nodes look lost.
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(1))
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
         Ok(endpoint.connect_lazy())
     }
