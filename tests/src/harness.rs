@@ -74,17 +74,31 @@ impl Cluster {
     }
 
     /// Start coordinator `id` (again) listening on `listen`.
+    /// Every coordinator serves its HTTP API too (address in
+    /// `coord-N.http`, see [`Cluster::http_addr`]), on the same port again
+    /// after a restart.
     pub fn spawn(&mut self, id: u64, bootstrap: bool, listen: &str) -> anyhow::Result<()> {
-        let spec = CoordSpec {
-            id,
-            dir: self.dir.path().to_path_buf(),
-            bootstrap,
-            listen: listen.to_string(),
-            extra_args: self.extra_args.clone(),
-        };
+        let http_file = self.http_file(id);
+        let http_listen = std::fs::read_to_string(&http_file).map(|a| a.trim().to_string()).unwrap_or_else(|_| "127.0.0.1:0".into());
+        let _ = std::fs::remove_file(&http_file);
+        let mut extra_args = self.extra_args.clone();
+        extra_args.extend(["--http-addr".into(), http_listen, "--http-addr-file".into(), http_file.display().to_string()]);
+        let spec = CoordSpec { id, dir: self.dir.path().to_path_buf(), bootstrap, listen: listen.to_string(), extra_args };
         let (child, addr) = dev::spawn_coordinator(&self.bin, &spec, Duration::from_secs(30))?;
         self.coords.insert(id, Coord { spec, child: Some(child), addr });
         Ok(())
+    }
+
+    fn http_file(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("coord-{id}.http"))
+    }
+
+    /// Coordinator `id`'s HTTPS API address (HOST:PORT). The file is
+    /// written before the gRPC address file `spawn` waits for.
+    pub fn http_addr(&self, id: u64) -> anyhow::Result<String> {
+        let path = self.http_file(id);
+        let addr = std::fs::read_to_string(&path).with_context(|| format!("coordinator {id} wrote no HTTP address to {}", path.display()))?;
+        Ok(addr.trim().to_string())
     }
 
     /// Every coordinator address, in id order.
@@ -333,12 +347,23 @@ pub struct Node {
     pub child: Option<Child>,
     args: Vec<std::ffi::OsString>,
     path_env: std::ffi::OsString,
+    /// A command the node runs under (`ip netns exec NS`, see
+    /// `crate::netns`); empty = the node's binary directly.
+    wrap: Vec<std::ffi::OsString>,
 }
 
 impl Node {
     fn spawn(&mut self, bin: &Path) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_file)?;
-        let child = Command::new(bin)
+        let mut cmd = match self.wrap.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args(&self.args)
             .env(OWNER_ENV, &self.dir)
             .env("PATH", &self.path_env)
@@ -515,6 +540,13 @@ impl Cluster {
     /// Issue a node certificate named `name` and start `fleet-node` with
     /// `labels`; its data dir, witness file and log live in `nodes/<name>/`.
     pub fn start_node(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<Node> {
+        self.start_node_wrapped(name, labels, &[])
+    }
+
+    /// [`Cluster::start_node`] with the node run under `wrap` (a command
+    /// prefix such as `ip netns exec NS`; it must exec the node, so the
+    /// child's pid is the node's).
+    pub fn start_node_wrapped(&self, name: &str, labels: &[(&str, &str)], wrap: &[std::ffi::OsString]) -> anyhow::Result<Node> {
         let certs = self.path().join("certs");
         fleetctl::certs::issue(&certs, fleet_core::auth::Role::Node, name, &[], &certs)?;
         let bin = dev::find_binary("fleet-node")?;
@@ -557,6 +589,7 @@ impl Cluster {
             child: None,
             args,
             path_env,
+            wrap: wrap.to_vec(),
         };
         node.spawn(&bin)?;
         Ok(node)
@@ -655,6 +688,12 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// A fleet of a cluster and nodes started elsewhere (by `crate::netns`,
+    /// in network namespaces), holding `slot` for its lifetime.
+    pub fn assemble(slot: TestSlot, cluster: Cluster, nodes: Vec<Node>) -> Fleet {
+        Fleet { nodes, cluster, reported: false, _slot: slot }
+    }
+
     /// 3 coordinators, then one node per `(name, labels)`, then
     /// `destinations_yaml`; returns when every node is connected.
     pub async fn start(nodes: &[(&str, &[(&str, &str)])], destinations_yaml: &str) -> anyhow::Result<Fleet> {

@@ -2,4 +2,5 @@ pub mod checks;
 pub mod harness;
 pub mod json;
 pub mod linearizability;
+pub mod netns;
 pub mod values;
