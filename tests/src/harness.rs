@@ -74,17 +74,31 @@ impl Cluster {
     }
 
     /// Start coordinator `id` (again) listening on `listen`.
+    /// Every coordinator serves its HTTP API too (address in
+    /// `coord-N.http`, see [`Cluster::http_addr`]), on the same port again
+    /// after a restart.
     pub fn spawn(&mut self, id: u64, bootstrap: bool, listen: &str) -> anyhow::Result<()> {
-        let spec = CoordSpec {
-            id,
-            dir: self.dir.path().to_path_buf(),
-            bootstrap,
-            listen: listen.to_string(),
-            extra_args: self.extra_args.clone(),
-        };
+        let http_file = self.http_file(id);
+        let http_listen = std::fs::read_to_string(&http_file).map(|a| a.trim().to_string()).unwrap_or_else(|_| "127.0.0.1:0".into());
+        let _ = std::fs::remove_file(&http_file);
+        let mut extra_args = self.extra_args.clone();
+        extra_args.extend(["--http-addr".into(), http_listen, "--http-addr-file".into(), http_file.display().to_string()]);
+        let spec = CoordSpec { id, dir: self.dir.path().to_path_buf(), bootstrap, listen: listen.to_string(), extra_args };
         let (child, addr) = dev::spawn_coordinator(&self.bin, &spec, Duration::from_secs(30))?;
         self.coords.insert(id, Coord { spec, child: Some(child), addr });
         Ok(())
+    }
+
+    fn http_file(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("coord-{id}.http"))
+    }
+
+    /// Coordinator `id`'s HTTPS API address (HOST:PORT). The file is
+    /// written before the gRPC address file `spawn` waits for.
+    pub fn http_addr(&self, id: u64) -> anyhow::Result<String> {
+        let path = self.http_file(id);
+        let addr = std::fs::read_to_string(&path).with_context(|| format!("coordinator {id} wrote no HTTP address to {}", path.display()))?;
+        Ok(addr.trim().to_string())
     }
 
     /// Every coordinator address, in id order.

@@ -74,6 +74,17 @@ pub struct RawConfig {
     /// the nodes report, in milliseconds (default 5000).
     #[arg(long)]
     pub sync_interval_ms: Option<u64>,
+    /// Serve the HTTPS JSON API, events, health and /metrics on this
+    /// address (mTLS with the same certificates and roles as gRPC); port 0
+    /// picks a free one (see --http-addr-file). Off when not given.
+    #[arg(long)]
+    pub http_addr: Option<String>,
+    /// Write the bound HTTP API address to this file once listening.
+    #[arg(long)]
+    pub http_addr_file: Option<PathBuf>,
+    /// Log format on stderr: `text` (default) or `json` (one JSON object per line).
+    #[arg(long)]
+    pub log_format: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +103,29 @@ pub struct Config {
     pub snapshot_logs: u64,
     /// How often each destination's servers are synced (`crate::sync`).
     pub sync_interval: Duration,
+    pub http_addr: Option<SocketAddr>,
+    pub http_addr_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+}
+
+/// How the coordinator writes its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("`{other}` is not a log format; use text or json")),
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -129,6 +163,9 @@ impl RawConfig {
             election_timeout_ms: self.election_timeout_ms.or(file.election_timeout_ms),
             snapshot_logs: self.snapshot_logs.or(file.snapshot_logs),
             sync_interval_ms: self.sync_interval_ms.or(file.sync_interval_ms),
+            http_addr: self.http_addr.or(file.http_addr),
+            http_addr_file: self.http_addr_file.or(file.http_addr_file),
+            log_format: self.log_format.or(file.log_format),
         })
     }
 
@@ -169,6 +206,20 @@ impl RawConfig {
         if snapshot_logs == 0 {
             return Err(field("snapshot-logs", "must be more than 0"));
         }
+        let http_addr = match &self.http_addr {
+            None => None,
+            Some(a) => Some(
+                a.parse::<SocketAddr>()
+                    .map_err(|e| field("http-addr", format!("`{a}` is not IP:PORT ({e}); for example 127.0.0.1:7480")))?,
+            ),
+        };
+        if self.http_addr_file.is_some() && http_addr.is_none() {
+            return Err(field("http-addr-file", "needs --http-addr (the API is off without it)"));
+        }
+        let log_format = match &self.log_format {
+            None => LogFormat::Text,
+            Some(f) => f.parse().map_err(|e: String| field("log-format", e))?,
+        };
         let sync_interval_ms = self.sync_interval_ms.unwrap_or(5000);
         if sync_interval_ms < 100 {
             return Err(field("sync-interval-ms", format!("{sync_interval_ms} is too short; use 100 or more (default 5000)")));
@@ -187,6 +238,9 @@ impl RawConfig {
             heartbeat: Duration::from_millis(heartbeat_ms),
             election_timeout: Duration::from_millis(election_ms),
             snapshot_logs,
+            http_addr,
+            http_addr_file: self.http_addr_file,
+            log_format,
         })
     }
 }
@@ -224,6 +278,9 @@ mod tests {
             ("election-timeout-ms", Box::new(|c| c.election_timeout_ms = Some(50))),
             ("heartbeat-ms", Box::new(|c| c.heartbeat_ms = Some(0))),
             ("snapshot-logs", Box::new(|c| c.snapshot_logs = Some(0))),
+            ("http-addr", Box::new(|c| c.http_addr = Some("localhost".into()))),
+            ("http-addr-file", Box::new(|c| c.http_addr_file = Some("http.addr".into()))),
+            ("log-format", Box::new(|c| c.log_format = Some("xml".into()))),
         ];
         for (want, mutate) in cases {
             let mut raw = base(dir.path());

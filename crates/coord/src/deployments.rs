@@ -131,6 +131,9 @@ impl ControlService {
                 if (!r.app.is_empty() && d.app != r.app) || (!r.destination.is_empty() && !d.destinations().contains(&r.destination)) {
                     continue;
                 }
+                if !r.state.is_empty() && d.state.as_str() != r.state {
+                    continue;
+                }
                 out.push(to_json(d)?);
                 if out.len() >= limit {
                     break;

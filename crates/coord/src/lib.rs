@@ -10,6 +10,8 @@
 //! * [`scheduler`]: the leader's loop that turns saga state into node work.
 //! * [`tls`]: per-call role checks on the caller's certificate (loading
 //!   certificates is `fleet_net::tls`).
+//! * [`http`]: the HTTPS JSON API, server-sent events, health and
+//!   `/metrics` (`--http-addr`); [`metrics`]: what `/metrics` reports.
 //! * [`sync`]: the leader's per-destination sync tasks (servers from the
 //!   nodes' reports, catch-up deployments); [`servers`]: `ListServers` and
 //!   `RemoveDestination`.
@@ -18,7 +20,9 @@
 pub mod config;
 pub mod control;
 pub mod deployments;
+pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod network;
 pub mod propose;
 pub mod raft_service;

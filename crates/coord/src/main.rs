@@ -5,16 +5,22 @@ use fleet_coord::config::RawConfig;
 const EXIT_CONFIG: i32 = 2;
 
 fn main() {
-    let raw = RawConfig::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let config = match raw.merge_file().and_then(|r| r.validate()) {
+    let raw = RawConfig::parse().merge_file();
+    // A bad format is reported by validate() below; log as text until then.
+    let json = raw.as_ref().ok().and_then(|r| r.log_format.as_deref()) == Some("json");
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    if json {
+        // One JSON object per line; span fields (deployment, step, token) included.
+        tracing_subscriber::fmt().json().with_current_span(true).with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+    let config = match raw.and_then(|r| r.validate()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("fleet-coord: configuration error: {e}");

@@ -24,7 +24,13 @@ pub(crate) fn leader_redirect_if_follower(raft: &Raft) -> Result<(), Status> {
 /// answers what the state machine answered and the entry's log index.
 pub(crate) async fn propose(raft: &Raft, request_id: Option<String>, command: Command) -> Result<(Outcome, u64), Status> {
     let req = Cmd { request_id, at_ms: now_ms(), command };
-    match raft.client_write(req).await {
+    let started = std::time::Instant::now();
+    let written = raft.client_write(req).await;
+    match &written {
+        Ok(_) => crate::metrics::proposal_committed(started.elapsed()),
+        Err(_) => crate::metrics::proposal_failed(),
+    }
+    match written {
         Ok(r) => Ok((r.data, r.log_id.index)),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(redirect(&f)),
         Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),

@@ -60,7 +60,24 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let hub = Arc::new(crate::hub::Hub::default());
     let scheduler = crate::scheduler::spawn(raft.clone(), reader.clone(), hub.clone());
     let sync = crate::sync::spawn(raft.clone(), reader.clone(), hub.clone(), config.sync_interval);
-    let control = ControlService::new(raft.clone(), reader.clone(), cluster_id.clone(), hub.clone());
+    let control = Arc::new(ControlService::new(raft.clone(), reader.clone(), cluster_id.clone(), hub.clone()));
+    crate::metrics::watch_leader(&raft);
+    let http = match config.http_addr {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the HTTP API; pick another --http-addr"))?;
+            let bound = listener.local_addr().context("reading the bound HTTP address")?;
+            let api = crate::http::HttpApi::new(control.clone(), tls.clone(), raft.clone(), reader.clone(), hub.clone());
+            let task = crate::http::spawn(listener, &tls, api)?;
+            if let Some(path) = &config.http_addr_file {
+                write_atomically(path, &bound.to_string())?;
+            }
+            tracing::info!(%bound, "HTTP API listening (HTTPS, client certificates required)");
+            Some(task)
+        }
+    };
     let worker = crate::worker::WorkerService::new(raft.clone(), reader, hub);
     let server = tonic::transport::Server::builder()
         .tls_config(tls.server_config())
@@ -71,7 +88,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(ControlServer::new(control))
+        .add_service(ControlServer::from_arc(control))
         .add_service(WorkerServer::new(worker))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
 
@@ -79,11 +96,18 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         write_atomically(path, &bound.to_string())?;
     }
     tracing::info!(id = config.id, %bound, %advertise, cluster = %cluster_id, "coordinator listening");
-    println!("fleet-coord {} listening on {bound} (cluster {cluster_id})", config.id);
+    if config.log_format == crate::config::LogFormat::Text {
+        // With --log-format json every line of output is a JSON log line;
+        // the log line above says the same.
+        println!("fleet-coord {} listening on {bound} (cluster {cluster_id})", config.id);
+    }
 
     let served = server.await;
     scheduler.abort();
     sync.abort();
+    if let Some(http) = http {
+        http.abort();
+    }
     // Stop Raft whether serving ended cleanly or not.
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

@@ -5,18 +5,31 @@
 use fleet_core::auth::{Access, Role};
 pub use fleet_net::tls::{TlsError, TlsMaterial};
 
-/// Who is calling: name and role from the peer's verified certificate.
-///
-/// The TLS layer has already checked the chain against the cluster CA, so
-/// what the certificate says is what the CA signed.
-pub fn caller<T>(req: &tonic::Request<T>) -> Result<(String, Role), tonic::Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| tonic::Status::unauthenticated("no client certificate; connect with mTLS (FLEET_CERT/FLEET_KEY or --cert/--key)"))?;
-    let der = certs.first().ok_or_else(|| {
-        tonic::Status::unauthenticated("empty client certificate chain; present a certificate from `fleetctl certs issue`")
-    })?;
-    let subject = fleet_net::tls::subject_of_der(der.as_ref())
+/// Metadata key under which a coordinator forwarding a call for a client
+/// of its HTTP API names that client (`ROLE/NAME`). Honoured only on a call
+/// whose own certificate is a coordinator's: coordinators already append
+/// Raft entries, so trusting their word adds no power.
+pub const ON_BEHALF_OF: &str = "fleet-on-behalf-of";
+
+/// A caller already identified by this process (the HTTP API read its
+/// certificate), set as a request extension for in-process calls of the
+/// `Control` service. Extensions never come from the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownCaller {
+    pub name: String,
+    pub role: Role,
+}
+
+impl KnownCaller {
+    /// `ROLE/NAME`, the [`ON_BEHALF_OF`] value.
+    pub fn to_metadata(&self) -> String {
+        format!("{}/{}", self.role, self.name)
+    }
+}
+
+/// Name and role from a verified DER certificate (a TLS peer's).
+pub fn identity_of_der(der: &[u8]) -> Result<(String, Role), tonic::Status> {
+    let subject = fleet_net::tls::subject_of_der(der)
         .map_err(|e| tonic::Status::unauthenticated(format!("client certificate does not parse: {e}")))?;
     let role = subject.role.as_deref().and_then(|r| r.parse::<Role>().ok()).ok_or_else(|| {
         tonic::Status::permission_denied(
@@ -27,6 +40,38 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Result<(String, Role), tonic::Statu
         tonic::Status::permission_denied("client certificate has no common name; issue one with `fleetctl certs issue ROLE NAME`")
     })?;
     Ok((name, role))
+}
+
+/// Who is calling: name and role from the peer's verified certificate (or
+/// the client a coordinator's HTTP API called or forwarded for).
+///
+/// The TLS layer has already checked the chain against the cluster CA, so
+/// what the certificate says is what the CA signed.
+pub fn caller<T>(req: &tonic::Request<T>) -> Result<(String, Role), tonic::Status> {
+    if let Some(k) = req.extensions().get::<KnownCaller>() {
+        return Ok((k.name.clone(), k.role));
+    }
+    let (name, role) = peer_identity(req)?;
+    if role == Role::Coordinator {
+        if let Some(v) = req.metadata().get(ON_BEHALF_OF) {
+            let (r, n) = v.to_str().ok().and_then(|v| v.split_once('/')).ok_or_else(|| {
+                tonic::Status::invalid_argument(format!("`{ON_BEHALF_OF}` must be ROLE/NAME; upgrade the forwarding coordinator"))
+            })?;
+            let role = r.parse::<Role>().map_err(|e| tonic::Status::invalid_argument(format!("`{ON_BEHALF_OF}`: {e}")))?;
+            return Ok((n.to_string(), role));
+        }
+    }
+    Ok((name, role))
+}
+
+fn peer_identity<T>(req: &tonic::Request<T>) -> Result<(String, Role), tonic::Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| tonic::Status::unauthenticated("no client certificate; connect with mTLS (FLEET_CERT/FLEET_KEY or --cert/--key)"))?;
+    let der = certs.first().ok_or_else(|| {
+        tonic::Status::unauthenticated("empty client certificate chain; present a certificate from `fleetctl certs issue`")
+    })?;
+    identity_of_der(der.as_ref())
 }
 
 /// Check the caller may make a call that needs `access`; returns its name.

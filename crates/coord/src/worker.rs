@@ -197,13 +197,20 @@ async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, 
         key.epoch,
         key.token
     );
+    let took = std::time::Duration::from_millis(outcome.finished_ms.saturating_sub(outcome.started_ms).max(0) as u64);
+    let (ok, undo) = (outcome.ok, outcome.undo);
     let command = Command::StepResult { deployment: key.deployment.clone(), outcome };
     match propose(raft, Some(id), command).await {
         Ok((Outcome::Stale { reason }, _)) => {
-            tracing::info!(%node, deployment = %key.deployment, step = key.step, %reason, "stale step result ignored");
+            tracing::info!(%node, deployment = %key.deployment, step = key.step, token = key.token, %reason, "stale step result ignored");
             hub.finished_by(&work, node);
         }
-        Ok(_) => hub.finished(&work),
+        Ok(_) => {
+            let adapter = state
+                .read(|a| a.state.deployment(&key.deployment).and_then(|d| d.steps.get(key.step as usize)).map(|s| s.plan.adapter.clone()));
+            crate::metrics::step_recorded(adapter.as_deref().unwrap_or("unknown"), ok, undo, took);
+            hub.finished(&work);
+        }
         // Not the leader any more: the node sends it again to the next one.
         Err(e) => tracing::warn!(%node, deployment = %key.deployment, error = %e.message(), "step result not committed"),
     }

@@ -82,6 +82,10 @@ struct Args {
     #[arg(long, env = "FLEET_NODE_LOG_LEVEL", value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     log_level: String,
 
+    /// Log format on stderr: `text`, or `json` (one JSON object per line).
+    #[arg(long, env = "FLEET_NODE_LOG_FORMAT", value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+
     /// The Docker Engine's unix socket, for `docker` destinations (default:
     /// DOCKER_HOST, else /var/run/docker.sock). The node connects on its
     /// first docker step; a missing or refused socket fails that step with
@@ -121,11 +125,16 @@ fn usage(msg: impl std::fmt::Display) -> ! {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log_level))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::new(&args.log_level);
+    if args.log_format == "json" {
+        tracing_subscriber::fmt().json().with_current_span(true).with_writer(std::io::stderr).with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_env_filter(filter)
+            .init();
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let identity = match NodeIdentity::load(&args.ca, &args.cert, &args.key) {

@@ -1,0 +1,612 @@
+//! The routes of the HTTP API. Each `/api` handler checks what only HTTP
+//! has (path, query, body), then makes the `Control` call `fleetctl` would
+//! make, for the same caller, through [`Forwarder::call`]: roles, request
+//! ids, validation and state are the gRPC service's.
+//!
+//! [`Forwarder::call`]: super::forward::Forwarder::call
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use fleet_core::deploy::{DeployState, Deployment};
+use fleet_core::manifest::{parse_manifest, Overrides, MAX_DOCUMENT_BYTES};
+use fleet_core::views::{DestinationView, NodeView, ServerView};
+use fleet_proto::control_server::Control;
+use fleet_proto::*;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiError, Code};
+use super::listener::Peer;
+use super::HttpApi;
+use crate::tls::KnownCaller;
+
+/// The largest request body: a manifest at its limit, JSON-escaped, with room.
+pub const MAX_BODY_BYTES: usize = 2 * MAX_DOCUMENT_BYTES + 64 * 1024;
+/// Lists answer at most this many records.
+const MAX_LIST_LIMIT: u32 = 1000;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(api: HttpApi) -> Router {
+    Router::new()
+        .route("/api/apps/{app}/deployments", post(submit))
+        .route("/api/deployments", get(list_deployments))
+        .route("/api/deployments/{id}", get(get_deployment))
+        .route("/api/deployments/{id}/cancel", put(cancel))
+        .route("/api/deployments/{id}/rollback", put(rollback))
+        .route("/api/destinations", get(destinations))
+        .route("/api/destinations/{id}/servers", get(servers))
+        .route("/api/locks", get(locks))
+        .route("/api/nodes", get(nodes))
+        .route("/api/cluster", get(cluster))
+        .route("/api/events", get(events))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(api)
+}
+
+/// The caller, or 401 when its certificate says nothing usable.
+fn who(peer: &Peer) -> ApiResult<KnownCaller> {
+    peer.caller.clone().map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, Code::Unauthenticated, m))
+}
+
+/// Read access without a `Control` call (health, metrics, events).
+fn may_read(peer: &Peer, what: &str) -> ApiResult<KnownCaller> {
+    let c = who(peer)?;
+    if !fleet_core::auth::allows(c.role, fleet_core::auth::Access::Read) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            Code::Forbidden,
+            format!("{what} needs a viewer or operator certificate; `{}` presented a `{}` certificate", c.name, c.role),
+        ));
+    }
+    Ok(c)
+}
+
+fn body<T: DeserializeOwned + Default>(bytes: Result<Bytes, BytesRejection>) -> ApiResult<T> {
+    let bytes = bytes.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::BodyTooLarge,
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes; send a smaller manifest"),
+        ),
+        _ => ApiError::field("body", format!("cannot read the request body: {}", e.body_text())),
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() { "body".to_string() } else { path };
+        ApiError::field(field, format!("the request body is not valid: {}", e.inner()))
+    })
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::field("query", format!("{}; the parameters are listed in the README's HTTP API section", e.body_text())))
+}
+
+fn name_field(field: &'static str, value: &str) -> ApiResult<()> {
+    fleet_core::names::validate_name(field, value).map_err(|e| ApiError::field(field, e.to_string()))
+}
+
+fn deployment_of(json: &str) -> ApiResult<Deployment> {
+    serde_json::from_str(json).map_err(|e| ApiError::internal(format!("a deployment record does not parse: {e}")))
+}
+
+/// A request id for a write: the client's (body `request_id`, so a client
+/// retrying the same write is answered once), else a fresh one, so that a
+/// call forwarded again after a leader change is applied once.
+fn request_id(given: &str) -> String {
+    if given.is_empty() {
+        uuid::Uuid::new_v4().to_string()
+    } else {
+        given.to_string()
+    }
+}
+
+// ---------------------------------------------------------------- writes
+
+/// `POST /api/apps/{app}/deployments`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubmitBody {
+    /// The manifest (`fleet.yaml`) as text.
+    manifest: String,
+    release: String,
+    destinations: Vec<String>,
+    timeout_ms: u64,
+    lock_wait_ms: u64,
+    idempotency_key: String,
+    request_id: String,
+    dry_run: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub id: String,
+    pub url: String,
+    pub state: DeployState,
+    pub applied_index: u64,
+    pub deployment: Deployment,
+}
+
+async fn submit(
+    State(api): State<HttpApi>,
+    Extension(peer): Extension<Peer>,
+    app: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let caller = who(&peer)?;
+    let Path(app) = app.map_err(|e| ApiError::field("app", e.body_text()))?;
+    name_field("app", &app)?;
+    let b: SubmitBody = body(bytes)?;
+    if b.manifest.trim().is_empty() {
+        return Err(ApiError::field("manifest", "missing; send the text of fleet.yaml as `manifest`"));
+    }
+    if !b.release.is_empty() {
+        name_field("release", &b.release)?;
+    }
+    // The coordinator validates again; here to name the field in the answer.
+    let overrides =
+        Overrides { release: (!b.release.is_empty()).then(|| b.release.clone()), destinations: b.destinations.clone(), timeout_ms: None };
+    let spec = parse_manifest("manifest", &b.manifest, &overrides).map_err(|e| ApiError::manifest(&e))?;
+    if spec.app != app {
+        return Err(ApiError::field(
+            "app",
+            format!("the URL names app `{app}` but the manifest deploys `{}`; use /api/apps/{}/deployments", spec.app, spec.app),
+        ));
+    }
+    let msg = SubmitDeploymentRequest {
+        manifest_yaml: b.manifest,
+        file_name: "manifest".into(),
+        release: b.release,
+        destinations: b.destinations,
+        dry_run: b.dry_run,
+        timeout_ms: b.timeout_ms,
+        lock_wait_ms: b.lock_wait_ms,
+        idempotency_key: b.idempotency_key,
+        request_id: request_id(&b.request_id),
+        ..Default::default()
+    };
+    let r = api
+        .forward
+        .call(
+            &caller,
+            msg,
+            |c, r| async move { Control::submit_deployment(&*c, r).await },
+            |mut c, r| async move { c.submit_deployment(r).await },
+        )
+        .await?;
+    let d = deployment_of(&r.deployment_json)?;
+    let url = format!("/api/deployments/{}", d.id);
+    let status = if b.dry_run { StatusCode::OK } else { StatusCode::ACCEPTED };
+    tracing::info!(deployment = %d.id, actor = %caller.name, from = %peer.addr, "deployment submitted over HTTP");
+    let accepted = Accepted { id: d.id.clone(), url: url.clone(), state: d.state, applied_index: r.applied_index, deployment: d };
+    Ok((status, [(header::LOCATION, url)], Json(accepted)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CancelBody {
+    reason: String,
+    request_id: String,
+}
+
+async fn cancel(
+    State(api): State<HttpApi>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<DeploymentAnswer>> {
+    let caller = who(&peer)?;
+    let b: CancelBody = body(bytes)?;
+    if !b.reason.is_empty() {
+        fleet_core::names::validate_text("reason", &b.reason, fleet_core::names::MAX_REASON_LEN)
+            .map_err(|e| ApiError::field("reason", e.to_string()))?;
+    }
+    let msg = CancelDeploymentRequest { id, reason: b.reason, request_id: request_id(&b.request_id) };
+    let r = api
+        .forward
+        .call(
+            &caller,
+            msg,
+            |c, r| async move { Control::cancel_deployment(&*c, r).await },
+            |mut c, r| async move { c.cancel_deployment(r).await },
+        )
+        .await?;
+    answer(r)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RollbackBody {
+    to_release: String,
+    timeout_ms: u64,
+    request_id: String,
+}
+
+async fn rollback(
+    State(api): State<HttpApi>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let caller = who(&peer)?;
+    let b: RollbackBody = body(bytes)?;
+    if !b.to_release.is_empty() {
+        name_field("to_release", &b.to_release)?;
+    }
+    let msg = RollbackDeploymentRequest { id, to_release: b.to_release, timeout_ms: b.timeout_ms, request_id: request_id(&b.request_id) };
+    let r = api
+        .forward
+        .call(
+            &caller,
+            msg,
+            |c, r| async move { Control::rollback_deployment(&*c, r).await },
+            |mut c, r| async move { c.rollback_deployment(r).await },
+        )
+        .await?;
+    let d = deployment_of(&r.deployment_json)?;
+    let url = format!("/api/deployments/{}", d.id);
+    let accepted = Accepted { id: d.id.clone(), url: url.clone(), state: d.state, applied_index: r.applied_index, deployment: d };
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, url)], Json(accepted)).into_response())
+}
+
+// ----------------------------------------------------------------- reads
+
+#[derive(Debug, Serialize)]
+pub struct DeploymentAnswer {
+    pub applied_index: u64,
+    pub deployment: Deployment,
+}
+
+fn answer(r: DeploymentReply) -> ApiResult<Json<DeploymentAnswer>> {
+    Ok(Json(DeploymentAnswer { applied_index: r.applied_index, deployment: deployment_of(&r.deployment_json)? }))
+}
+
+async fn get_deployment(
+    State(api): State<HttpApi>,
+    Extension(peer): Extension<Peer>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DeploymentAnswer>> {
+    let caller = who(&peer)?;
+    let msg = GetDeploymentRequest { id };
+    let r = api
+        .forward
+        .call(
+            &caller,
+            msg,
+            |c, r| async move { Control::get_deployment(&*c, r).await },
+            |mut c, r| async move { c.get_deployment(r).await },
+        )
+        .await?;
+    answer(r)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListQuery {
+    app: String,
+    destination: String,
+    state: String,
+    limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeploymentList {
+    pub applied_index: u64,
+    pub deployments: Vec<Deployment>,
+}
+
+async fn list_deployments(
+    State(api): State<HttpApi>,
+    Extension(peer): Extension<Peer>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<DeploymentList>> {
+    let caller = who(&peer)?;
+    let q = query(q)?;
+    if !q.app.is_empty() {
+        name_field("app", &q.app)?;
+    }
+    if !q.destination.is_empty() {
+        name_field("destination", &q.destination)?;
+    }
+    if !q.state.is_empty() {
+        serde_json::from_value::<DeployState>(serde_json::Value::String(q.state.clone())).map_err(|_| {
+            ApiError::field(
+                "state",
+                format!("`{}` is not a deployment state; use queued, running, compensating, failed, cancelling, cancelled, succeeded, compensation_failed or superseded", q.state),
+            )
+        })?;
+    }
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(ApiError::field("limit", format!("must be 1 to {MAX_LIST_LIMIT}")));
+    }
+    let msg = ListDeploymentsRequest { app: q.app, destination: q.destination, limit, state: q.state };
+    let r = api
+        .forward
+        .call(
+            &caller,
+            msg,
+            |c, r| async move { Control::list_deployments(&*c, r).await },
+            |mut c, r| async move { c.list_deployments(r).await },
+        )
+        .await?;
+    let deployments = r.deployments_json.iter().map(|j| deployment_of(j)).collect::<ApiResult<Vec<_>>>()?;
+    Ok(Json(DeploymentList { applied_index: r.applied_index, deployments }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct DestinationList {
+    pub applied_index: u64,
+    pub destinations: Vec<DestinationView>,
+}
+
+async fn destination_views(api: &HttpApi, caller: &KnownCaller) -> ApiResult<DestinationList> {
+    let r = api
+        .forward
+        .call(
+            caller,
+            ListDestinationsRequest::default(),
+            |c, r| async move { Control::list_destinations(&*c, r).await },
+            |mut c, r| async move { c.list_destinations(r).await },
+        )
+        .await?;
+    let destinations = r
+        .destinations_json
+        .iter()
+        .map(|j| serde_json::from_str(j).map_err(|e| ApiError::internal(format!("a destination record does not parse: {e}"))))
+        .collect::<ApiResult<Vec<DestinationView>>>()?;
+    Ok(DestinationList { applied_index: r.applied_index, destinations })
+}
+
+async fn destinations(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Json<DestinationList>> {
+    let caller = who(&peer)?;
+    Ok(Json(destination_views(&api, &caller).await?))
+}
+
+async fn node_views(api: &HttpApi, caller: &KnownCaller) -> ApiResult<Vec<NodeView>> {
+    let r = api
+        .forward
+        .call(
+            caller,
+            ListNodesRequest::default(),
+            |c, r| async move { Control::list_nodes(&*c, r).await },
+            |mut c, r| async move { c.list_nodes(r).await },
+        )
+        .await?;
+    r.nodes_json
+        .iter()
+        .map(|j| serde_json::from_str(j).map_err(|e| ApiError::internal(format!("a node record does not parse: {e}"))))
+        .collect()
+}
+
+async fn nodes(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Json<Vec<NodeView>>> {
+    let caller = who(&peer)?;
+    Ok(Json(node_views(&api, &caller).await?))
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServerList {
+    pub destination: String,
+    pub applied_index: u64,
+    /// What the leader's sync task last recorded of each server (as
+    /// `fleetctl servers DEST -o json`): health, release and address per
+    /// app, drift.
+    pub servers: Vec<ServerView>,
+}
+
+async fn servers(State(api): State<HttpApi>, Extension(peer): Extension<Peer>, Path(id): Path<String>) -> ApiResult<Json<ServerList>> {
+    let caller = who(&peer)?;
+    name_field("destination", &id)?;
+    let msg = ListServersRequest { destination: id.clone() };
+    let r = api
+        .forward
+        .call(&caller, msg, |c, r| async move { Control::list_servers(&*c, r).await }, |mut c, r| async move { c.list_servers(r).await })
+        .await?;
+    let servers = r
+        .servers_json
+        .iter()
+        .map(|j| serde_json::from_str(j).map_err(|e| ApiError::internal(format!("a server record does not parse: {e}"))))
+        .collect::<ApiResult<Vec<ServerView>>>()?;
+    Ok(Json(ServerList { destination: id, applied_index: r.applied_index, servers }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct LockJson {
+    pub destination: String,
+    pub holder: String,
+    pub reason: String,
+    pub since_ms: i64,
+    pub fencing_token: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LockList {
+    pub locks: Vec<LockJson>,
+    pub applied_index: u64,
+}
+
+async fn locks(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Json<LockList>> {
+    let caller = who(&peer)?;
+    let msg = LockStatusRequest { destination: String::new() };
+    let r = api
+        .forward
+        .call(&caller, msg, |c, r| async move { Control::lock_status(&*c, r).await }, |mut c, r| async move { c.lock_status(r).await })
+        .await?;
+    let locks = r
+        .locks
+        .into_iter()
+        .map(|l| LockJson {
+            destination: l.destination,
+            holder: l.holder,
+            reason: l.reason,
+            since_ms: l.since_ms,
+            fencing_token: l.fencing_token,
+        })
+        .collect();
+    Ok(Json(LockList { locks, applied_index: r.applied_index }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemberJson {
+    pub id: u64,
+    pub addr: String,
+    pub kind: String,
+    pub role: String,
+    pub matched_index: u64,
+    /// `null` when unknown.
+    pub lag: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClusterJson {
+    pub cluster_id: String,
+    pub leader_id: Option<u64>,
+    pub leader_addr: String,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub purged_index: u64,
+    pub answered_by: u64,
+    pub members: Vec<MemberJson>,
+}
+
+async fn cluster(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Json<ClusterJson>> {
+    let caller = who(&peer)?;
+    let msg = ClusterStatusRequest { local: false };
+    let r = api
+        .forward
+        .call(
+            &caller,
+            msg,
+            |c, r| async move { Control::cluster_status(&*c, r).await },
+            |mut c, r| async move { c.cluster_status(r).await },
+        )
+        .await?;
+    Ok(Json(ClusterJson {
+        cluster_id: r.cluster_id,
+        leader_id: (r.leader_id != 0).then_some(r.leader_id),
+        leader_addr: r.leader_addr,
+        term: r.term,
+        last_log_index: r.last_log_index,
+        commit_index: r.commit_index,
+        applied_index: r.applied_index,
+        snapshot_index: r.snapshot_index,
+        purged_index: r.purged_index,
+        answered_by: r.answered_by,
+        members: r
+            .members
+            .into_iter()
+            .map(|m| MemberJson {
+                id: m.id,
+                addr: m.addr,
+                kind: m.kind,
+                role: m.role,
+                matched_index: m.matched_index,
+                lag: (m.lag != u64::MAX).then_some(m.lag),
+            })
+            .collect(),
+    }))
+}
+
+/// `GET /api/events`: SSE, answered from this coordinator's applied state.
+async fn events(State(api): State<HttpApi>, Extension(peer): Extension<Peer>, headers: HeaderMap) -> ApiResult<Response> {
+    may_read(&peer, "the event stream")?;
+    let last = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::field("Last-Event-ID", "must be an event id this API sent (a Raft log index)"))?,
+        ),
+    };
+    Ok(api.journal.stream(last).into_response())
+}
+
+// ------------------------------------------------------ health, metrics
+
+#[derive(Debug, Serialize)]
+pub struct Health {
+    pub status: &'static str,
+    pub id: u64,
+    pub leader_id: Option<u64>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    /// Why not ready (`/readyz` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A coordinator is ready when this many entries or fewer of its own log
+/// are not yet applied (and it knows a leader).
+pub const READY_LAG: u64 = 64;
+
+fn health(api: &HttpApi) -> Health {
+    let m = api.raft.metrics().borrow().clone();
+    let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+    let last = m.last_log_index.unwrap_or(0);
+    let reason = if let Err(e) = &m.running_state {
+        Some(format!("Raft stopped: {e}; restart this coordinator"))
+    } else if m.current_leader.is_none() {
+        Some("no known leader (an election is in progress, or this coordinator is cut off)".to_string())
+    } else if last.saturating_sub(applied) > READY_LAG {
+        Some(format!("catching up: {applied} of {last} log entries applied"))
+    } else {
+        None
+    };
+    Health {
+        status: if reason.is_none() { "ready" } else { "not_ready" },
+        id: m.id,
+        leader_id: m.current_leader,
+        term: m.current_term,
+        last_log_index: last,
+        applied_index: applied,
+        reason,
+    }
+}
+
+/// Alive: the process serves and Raft has not stopped.
+async fn healthz(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Response> {
+    who(&peer)?;
+    let running = api.raft.metrics().borrow().running_state.is_ok();
+    let mut h = health(&api);
+    h.reason = None;
+    h.status = if running { "ok" } else { "stopped" };
+    let code = if running { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok((code, Json(h)).into_response())
+}
+
+/// Ready: a leader is known and the state machine has caught up.
+async fn readyz(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Response> {
+    who(&peer)?;
+    let h = health(&api);
+    let code = if h.reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok((code, Json(h)).into_response())
+}
+
+async fn metrics(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Response> {
+    may_read(&peer, "/metrics")?;
+    let text = crate::metrics::render(&api.raft, &api.state, &api.hub);
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; the README's HTTP API section lists them")
+}

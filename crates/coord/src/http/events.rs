@@ -1,0 +1,232 @@
+//! `GET /api/events`: server-sent events of deployment and destination
+//! changes, resumable with `Last-Event-ID`.
+//!
+//! One task (the journal) owns the last state it saw. Whenever entries are
+//! applied it compares, and publishes the records that changed as one
+//! batch, keyed by the Raft log index applied at that moment. Every
+//! coordinator applies the same log, so indexes mean the same on all of
+//! them. A batch's last event carries the index as its SSE `id` (earlier
+//! ones carry none), so a client that reconnects with the last id it saw
+//! gets every batch after it, and a batch it saw part of again: nothing is
+//! lost. The journal keeps recent batches in memory; a client asking for an
+//! index older than that (or from before this coordinator started) gets a
+//! `reset` event and should reload its lists.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use fleet_core::deploy::Deployment;
+use fleet_core::views::DestinationView;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::store::sm::StateReader;
+
+/// Batches kept for clients that reconnect.
+const KEEP_BATCHES: usize = 4096;
+/// The journal compares at most this often (many entries per batch under load).
+const MIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// One record that changed. `kind` is the SSE event name.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub kind: &'static str,
+    pub data: String,
+}
+
+/// The changes seen when the applied index reached `index`.
+#[derive(Debug)]
+pub struct Batch {
+    pub index: u64,
+    pub changes: Vec<Change>,
+}
+
+#[derive(Default)]
+struct Ring {
+    /// Batches after this index are all in `batches`.
+    since: u64,
+    batches: VecDeque<Arc<Batch>>,
+}
+
+/// A handle on the journal: subscribe to new batches, replay recent ones.
+#[derive(Clone)]
+pub struct Journal {
+    ring: Arc<Mutex<Ring>>,
+    tx: broadcast::Sender<Arc<Batch>>,
+}
+
+#[derive(Serialize)]
+struct Removed<'a> {
+    id: &'a str,
+}
+
+#[derive(Serialize)]
+struct Reset {
+    /// The index from which this stream is complete.
+    index: u64,
+    reason: &'static str,
+}
+
+impl Journal {
+    /// Start the journal over `state`. Detached: it ends when the state
+    /// machine's applied-index channel closes (Raft stopped).
+    pub fn spawn(state: StateReader) -> Journal {
+        let (tx, _) = broadcast::channel(1024);
+        let ring = Arc::new(Mutex::new(Ring::default()));
+        let journal = Journal { ring: ring.clone(), tx: tx.clone() };
+        tokio::spawn(async move {
+            let mut applied = state.applied_index();
+            let mut deployments: BTreeMap<String, Deployment> = BTreeMap::new();
+            let mut destinations: BTreeMap<String, DestinationView> = BTreeMap::new();
+            // The first look only fills the memory: the stream is complete from here.
+            let first = diff(&state, &mut deployments, &mut destinations);
+            ring.lock().unwrap_or_else(|p| p.into_inner()).since = first.index;
+            loop {
+                let tick = tokio::time::Instant::now() + MIN_INTERVAL;
+                if applied.changed().await.is_err() {
+                    return;
+                }
+                tokio::time::sleep_until(tick).await;
+                applied.borrow_and_update();
+                let batch = diff(&state, &mut deployments, &mut destinations);
+                if batch.changes.is_empty() {
+                    continue;
+                }
+                let batch = Arc::new(batch);
+                {
+                    let mut r = ring.lock().unwrap_or_else(|p| p.into_inner());
+                    r.batches.push_back(batch.clone());
+                    while r.batches.len() > KEEP_BATCHES {
+                        if let Some(old) = r.batches.pop_front() {
+                            r.since = old.index;
+                        }
+                    }
+                }
+                // No subscriber is fine.
+                let _ = tx.send(batch);
+            }
+        });
+        journal
+    }
+
+    /// An SSE stream: batches after `last_seen` (if still kept), then live.
+    pub fn stream(&self, last_seen: Option<u64>) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+        // Subscribe before reading the ring: a batch published in between
+        // is then in both, and the index check drops the copy.
+        let mut rx = self.tx.subscribe();
+        let (backlog, since, newest) = {
+            let r = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            let newest = r.batches.back().map(|b| b.index).unwrap_or(r.since);
+            let backlog: Vec<Arc<Batch>> = match last_seen {
+                Some(n) if n >= r.since => r.batches.iter().filter(|b| b.index > n).cloned().collect(),
+                _ => vec![],
+            };
+            (backlog, r.since, newest)
+        };
+        let (tx, out) = tokio::sync::mpsc::channel::<SseEvent>(64);
+        // Detached: ends when the client goes away (send fails) or the journal stops.
+        tokio::spawn(async move {
+            let mut sent = match last_seen {
+                Some(n) if n >= since => n,
+                Some(n) => {
+                    let reason = "the events after this id are no longer kept here; reload the lists";
+                    let data = serde_json::to_string(&Reset { index: newest, reason }).unwrap_or_default();
+                    tracing::debug!(last_seen = n, since, "SSE client resumed too far back; sent reset");
+                    if tx.send(SseEvent::default().event("reset").id(newest.to_string()).data(data)).await.is_err() {
+                        return;
+                    }
+                    newest
+                }
+                None => {
+                    let data = serde_json::to_string(&Reset { index: newest, reason: "start" }).unwrap_or_default();
+                    if tx.send(SseEvent::default().event("hello").id(newest.to_string()).data(data)).await.is_err() {
+                        return;
+                    }
+                    newest
+                }
+            };
+            for b in backlog {
+                if !send_batch(&tx, &b).await {
+                    return;
+                }
+                sent = b.index;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(b) if b.index <= sent => {}
+                    Ok(b) => {
+                        if !send_batch(&tx, &b).await {
+                            return;
+                        }
+                        sent = b.index;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Too slow a reader: let it resume from what it has.
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(out);
+        Sse::new(futures::StreamExt::map(stream, Ok)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    }
+}
+
+async fn send_batch(tx: &tokio::sync::mpsc::Sender<SseEvent>, b: &Batch) -> bool {
+    let last = b.changes.len().saturating_sub(1);
+    for (i, c) in b.changes.iter().enumerate() {
+        let mut e = SseEvent::default().event(c.kind).data(c.data.clone());
+        if i == last {
+            e = e.id(b.index.to_string());
+        }
+        if tx.send(e).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// What changed since the journal last looked; updates its memory.
+fn diff(
+    state: &StateReader,
+    deployments: &mut BTreeMap<String, Deployment>,
+    destinations: &mut BTreeMap<String, DestinationView>,
+) -> Batch {
+    state.read(|a| {
+        let index = a.last_applied.map(|l| l.index).unwrap_or(0);
+        let mut changes = Vec::new();
+        for d in a.state.deployments() {
+            if deployments.get(&d.id) != Some(d) {
+                if let Ok(data) = serde_json::to_string(d) {
+                    changes.push(Change { kind: "deployment", data });
+                }
+                deployments.insert(d.id.clone(), d.clone());
+            }
+        }
+        // Deployments pruned from history end without an event.
+        deployments.retain(|id, _| a.state.deployment(id).is_some());
+        let mut seen = Vec::new();
+        for d in a.state.destinations() {
+            seen.push(d.name.clone());
+            let Some(v) = DestinationView::of(&a.state, &d.name) else { continue };
+            if destinations.get(&d.name) != Some(&v) {
+                if let Ok(data) = serde_json::to_string(&v) {
+                    changes.push(Change { kind: "destination", data });
+                }
+                destinations.insert(d.name.clone(), v);
+            }
+        }
+        let gone: Vec<String> = destinations.keys().filter(|k| !seen.contains(k)).cloned().collect();
+        for name in gone {
+            destinations.remove(&name);
+            if let Ok(data) = serde_json::to_string(&Removed { id: &name }) {
+                changes.push(Change { kind: "destination_removed", data });
+            }
+        }
+        Batch { index, changes }
+    })
+}

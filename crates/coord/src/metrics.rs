@@ -1,0 +1,243 @@
+//! The coordinator's Prometheus metrics (`GET /metrics` on the HTTP API).
+//!
+//! Two kinds: what is *observed* as it happens (proposal latency, step
+//! durations, leader changes) lives in one process-wide registry, recorded
+//! by the code that sees it; what is *state* (Raft term and indexes,
+//! deployments by state, queue lengths, connected nodes) is read from Raft's
+//! metrics, the applied state and the leader's hub when scraped, so it can
+//! never drift from what `fleetctl` shows.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use fleet_core::deploy::DeployState;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::hub::Hub;
+use crate::raft_types::Raft;
+use crate::store::sm::StateReader;
+
+/// Content type of [`render`]'s text (OpenMetrics, which Prometheus reads).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    ok,
+    failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub adapter: String,
+    pub outcome: Outcome,
+    /// `run` or `undo`.
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationLabel {
+    destination: String,
+}
+
+struct Metrics {
+    registry: Registry,
+    proposal_seconds: Histogram,
+    proposals_failed: Counter,
+    step_seconds: Family<StepLabels, Histogram>,
+    leader_changes: Counter,
+    term: Gauge,
+    last_log_index: Gauge,
+    commit_index: Gauge,
+    applied_index: Gauge,
+    is_leader: Gauge,
+    deployments: Family<StateLabel, Gauge>,
+    queue_length: Family<DestinationLabel, Gauge>,
+    nodes_connected: Gauge,
+    nodes_registered: Gauge,
+}
+
+fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let mut registry = Registry::with_prefix("fleet");
+        let proposal_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "raft_proposal_seconds",
+            "Time from proposing a command to its commit and apply (leader)",
+            proposal_seconds.clone(),
+        );
+        let proposals_failed = Counter::default();
+        registry.register("raft_proposals_failed", "Proposals that did not commit (not the leader, shut down)", proposals_failed.clone());
+        let step_seconds = Family::<StepLabels, Histogram>::new_with_constructor(step_histogram as fn() -> Histogram);
+        registry.register("step_seconds", "Duration of step results recorded by this leader, by adapter and outcome", step_seconds.clone());
+        let leader_changes = Counter::default();
+        registry.register("raft_leader_changes", "Times this coordinator saw the leader change", leader_changes.clone());
+        let term = Gauge::default();
+        registry.register("raft_term", "Current Raft term", term.clone());
+        let last_log_index = Gauge::default();
+        registry.register("raft_last_log_index", "Last index in this coordinator's Raft log", last_log_index.clone());
+        let commit_index = Gauge::default();
+        registry.register(
+            "raft_commit_index",
+            "Highest index a majority holds (leader); the applied index elsewhere",
+            commit_index.clone(),
+        );
+        let applied_index = Gauge::default();
+        registry.register("raft_applied_index", "Last index applied to this coordinator's state machine", applied_index.clone());
+        let is_leader = Gauge::default();
+        registry.register("raft_is_leader", "1 on the leader, 0 elsewhere", is_leader.clone());
+        let deployments = Family::<StateLabel, Gauge>::default();
+        registry.register("deployments", "Deployments in the replicated state, by lifecycle state", deployments.clone());
+        let queue_length = Family::<DestinationLabel, Gauge>::default();
+        registry.register("queue_length", "Deployments holding or waiting for each destination", queue_length.clone());
+        let nodes_connected = Gauge::default();
+        registry.register(
+            "nodes_connected",
+            "Worker nodes with a work stream open to this coordinator (the leader)",
+            nodes_connected.clone(),
+        );
+        let nodes_registered = Gauge::default();
+        registry.register("nodes_registered", "Worker nodes registered and not presumed lost", nodes_registered.clone());
+        Metrics {
+            registry,
+            proposal_seconds,
+            proposals_failed,
+            step_seconds,
+            leader_changes,
+            term,
+            last_log_index,
+            commit_index,
+            applied_index,
+            is_leader,
+            deployments,
+            queue_length,
+            nodes_connected,
+            nodes_registered,
+        }
+    })
+}
+
+fn step_histogram() -> Histogram {
+    // 10 ms .. ~160 s.
+    Histogram::new(exponential_buckets(0.01, 2.0, 15))
+}
+
+/// A proposal committed (and was applied) after `took`.
+pub fn proposal_committed(took: Duration) {
+    metrics().proposal_seconds.observe(took.as_secs_f64());
+}
+
+/// A proposal did not commit.
+pub fn proposal_failed() {
+    metrics().proposals_failed.inc();
+}
+
+/// The leader recorded a step result that took `took` on its node.
+pub fn step_recorded(adapter: &str, ok: bool, undo: bool, took: Duration) {
+    let labels = StepLabels {
+        adapter: adapter.to_string(),
+        outcome: if ok { Outcome::ok } else { Outcome::failed },
+        direction: if undo { "undo" } else { "run" }.to_string(),
+    };
+    metrics().step_seconds.get_or_create(&labels).observe(took.as_secs_f64());
+}
+
+/// Count leader changes as this coordinator sees them, for as long as Raft
+/// runs. Detached: it ends when Raft's metrics channel closes at shutdown.
+pub fn watch_leader(raft: &Raft) {
+    let mut rx = raft.metrics();
+    tokio::spawn(async move {
+        let mut leader = rx.borrow_and_update().current_leader;
+        while rx.changed().await.is_ok() {
+            let now = rx.borrow_and_update().current_leader;
+            if now != leader && now.is_some() {
+                metrics().leader_changes.inc();
+            }
+            if now.is_some() {
+                leader = now;
+            }
+        }
+    });
+}
+
+/// The metrics text: state read now, observations so far.
+pub fn render(raft: &Raft, state: &StateReader, hub: &Hub) -> String {
+    let m = metrics();
+    let rm = raft.metrics().borrow().clone();
+    let commit_index = commit_index(&rm);
+    m.term.set(rm.current_term as i64);
+    m.last_log_index.set(rm.last_log_index.unwrap_or(0) as i64);
+    m.applied_index.set(rm.last_applied.map(|l| l.index).unwrap_or(0) as i64);
+    m.commit_index.set(commit_index as i64);
+    m.is_leader.set(i64::from(rm.state == openraft::ServerState::Leader));
+    state.read(|a| {
+        m.deployments.clear();
+        for s in ALL_STATES {
+            m.deployments.get_or_create(&StateLabel { state: s.as_str().into() }).set(0);
+        }
+        for d in a.state.deployments() {
+            m.deployments.get_or_create(&StateLabel { state: d.state.as_str().into() }).inc();
+        }
+        m.queue_length.clear();
+        for d in a.state.destinations() {
+            m.queue_length.get_or_create(&DestinationLabel { destination: d.name.clone() }).set(a.state.queue(&d.name).len() as i64);
+        }
+        let nodes = a.state.nodes().collect::<Vec<_>>();
+        m.nodes_registered.set(nodes.iter().filter(|n| n.lost_ms.is_none()).count() as i64);
+        m.nodes_connected.set(nodes.iter().filter(|n| hub.liveness(&n.id).connected).count() as i64);
+    });
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
+    out
+}
+
+/// The highest index a majority of voters hold, as the leader sees it; a
+/// follower answers its applied index (it cannot know more).
+pub fn commit_index(m: &openraft::RaftMetrics<crate::raft_types::NodeId, openraft::BasicNode>) -> u64 {
+    let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+    if m.state != openraft::ServerState::Leader {
+        return applied;
+    }
+    let last = m.last_log_index.unwrap_or(0);
+    let mut matched: Vec<u64> =
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .map(|id| {
+                if id == m.id {
+                    last
+                } else {
+                    m.replication.as_ref().and_then(|r| r.get(&id)).and_then(|l| l.map(|l| l.index)).unwrap_or(0)
+                }
+            })
+            .collect();
+    if matched.is_empty() {
+        return applied;
+    }
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched[matched.len() / 2]
+}
+
+const ALL_STATES: [DeployState; 9] = [
+    DeployState::Queued,
+    DeployState::Running,
+    DeployState::Compensating,
+    DeployState::Failed,
+    DeployState::Cancelling,
+    DeployState::Cancelled,
+    DeployState::Succeeded,
+    DeployState::CompensationFailed,
+    DeployState::Superseded,
+];

@@ -1,0 +1,593 @@
+//! The HTTPS JSON API of the coordinators, against a real cluster: every
+//! endpoint's happy path, roles (a viewer cannot cancel, a node certificate
+//! cannot deploy), bad input naming its field, writes sent to a follower,
+//! server-sent events resumed with `Last-Event-ID`, `/metrics` parsed as
+//! Prometheus text while a deployment moves its counters, and
+//! `--log-format json`.
+//!
+//! The client is hyper over tokio-rustls with the certificates
+//! `fleetctl certs init` wrote, the way any HTTPS client with a client
+//! certificate would call.
+//!
+//! Build the binaries first:
+//! `cargo build -p fleet-coord -p fleetctl -p fleet-node -p fleet-demo-app`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context as _};
+use fleet_core::deploy::{DeployState, Deployment};
+use fleet_core::views::{DestinationView, NodeView, ServerView};
+use fleet_tests::harness::{eventually, Cluster, Fleet, FAST_RAFT};
+use fleet_tests::json::{ClusterStatusView, LockStatusView};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+const STAGING: &str = "destinations:\n  - name: staging\n    selector: { env: staging }\n";
+const HEALTH: &str = "{ http: /healthz, interval: 100ms, timeout: 1s, healthy_threshold: 2, deadline: 10s }";
+
+fn manifest(app: &str) -> String {
+    format!("app: {app}\ndestination: staging\nrun: [\"fleet-demo-app\"]\nhealth: {HEALTH}\n")
+}
+
+// ------------------------------------------------------------ the client
+
+/// An HTTPS client of one coordinator, presenting one certificate.
+#[derive(Clone)]
+struct Https {
+    addr: String,
+    tls: tokio_rustls::TlsConnector,
+}
+
+struct Answer {
+    status: u16,
+    location: Option<String>,
+    content_type: String,
+    body: String,
+}
+
+impl Answer {
+    fn json<T: DeserializeOwned>(&self) -> anyhow::Result<T> {
+        serde_json::from_str(&self.body)
+            .with_context(|| format!("answer ({}) is not a {}: {}", self.status, std::any::type_name::<T>(), self.body))
+    }
+
+    fn expect(&self, status: u16) -> anyhow::Result<&Self> {
+        ensure!(self.status == status, "expected HTTP {status}, got {}: {}", self.status, self.body);
+        Ok(self)
+    }
+
+    /// The JSON error of a failed call, which must be `status` with `code`.
+    fn error(&self, status: u16, code: &str) -> anyhow::Result<ApiError> {
+        self.expect(status)?;
+        let e: ApiError = self.json()?;
+        ensure!(e.code == code, "expected error code {code}, got {e:?}");
+        ensure!(!e.message.is_empty(), "an error without a message: {e:?}");
+        Ok(e)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiError {
+    code: String,
+    message: String,
+    field: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Accepted {
+    id: String,
+    url: String,
+    state: DeployState,
+    applied_index: u64,
+    deployment: Deployment,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeploymentAnswer {
+    applied_index: u64,
+    deployment: Deployment,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeploymentList {
+    applied_index: u64,
+    deployments: Vec<Deployment>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestinationList {
+    applied_index: u64,
+    destinations: Vec<DestinationView>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerList {
+    destination: String,
+    applied_index: u64,
+    servers: Vec<ServerView>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Health {
+    status: String,
+    id: u64,
+    leader_id: Option<u64>,
+    term: u64,
+    last_log_index: u64,
+    applied_index: u64,
+    reason: Option<String>,
+}
+
+impl Https {
+    fn new(cluster: &Cluster, id: u64, cert: &str) -> anyhow::Result<Https> {
+        let certs = cluster.path().join("certs");
+        let read = |name: String| std::fs::read(certs.join(&name)).with_context(|| format!("reading {name}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&read("ca.pem".into())?) {
+            roots.add(ca?)?;
+        }
+        let chain = CertificateDer::pem_slice_iter(&read(format!("{cert}.pem"))?).collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(&read(format!("{cert}-key.pem"))?)?;
+        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key)?;
+        Ok(Https { addr: cluster.http_addr(id)?, tls: tokio_rustls::TlsConnector::from(Arc::new(config)) })
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        let tcp = tokio::net::TcpStream::connect(&self.addr).await.with_context(|| format!("connecting to {}", self.addr))?;
+        let host = self.addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&self.addr).to_string();
+        let stream = self.tls.connect(ServerName::try_from(host)?, tcp).await.context("TLS handshake")?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        // Ends with the connection.
+        tokio::spawn(conn);
+        let mut req = hyper::Request::builder().method(method).uri(path).header("host", &self.addr);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        Ok(sender.send_request(req).await?)
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<Answer> {
+        let fut = async {
+            let resp = self.send(method, path, body.map(|b| b.to_string()), &[]).await?;
+            let status = resp.status().as_u16();
+            let header = |h: &str| resp.headers().get(h).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let (location, content_type) = (header("location"), header("content-type").unwrap_or_default());
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            anyhow::Ok(Answer { status, location, content_type, body: String::from_utf8_lossy(&bytes).to_string() })
+        };
+        tokio::time::timeout(Duration::from_secs(30), fut).await.with_context(|| format!("{method} {path}: no answer in 30 s"))?
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Answer> {
+        self.call("GET", path, None).await
+    }
+
+    async fn events(&self, last_event_id: Option<u64>) -> anyhow::Result<Events> {
+        let headers: Vec<(&str, String)> = last_event_id.map(|n| ("last-event-id", n.to_string())).into_iter().collect();
+        let resp = self.send("GET", "/api/events", None, &headers).await?;
+        ensure!(resp.status() == 200, "GET /api/events answered {}", resp.status());
+        Ok(Events { body: resp.into_body(), buf: String::new(), last_id: last_event_id })
+    }
+}
+
+// ------------------------------------------------------ server-sent events
+
+#[derive(Debug, Clone, PartialEq)]
+struct Sse {
+    event: String,
+    data: String,
+    /// The stream's last event id after this event (as a browser keeps it).
+    last_id: Option<u64>,
+    /// The id this event itself carried.
+    id: Option<u64>,
+}
+
+struct Events {
+    body: hyper::body::Incoming,
+    buf: String,
+    last_id: Option<u64>,
+}
+
+impl Events {
+    async fn next(&mut self, timeout: Duration) -> anyhow::Result<Sse> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut event, mut data, mut id) = (String::from("message"), Vec::new(), None);
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().parse::<u64>().with_context(|| format!("event id `{v}` is not a log index"))?);
+                    }
+                }
+                if data.is_empty() && id.is_none() {
+                    continue; // a keep-alive comment
+                }
+                if id.is_some() {
+                    self.last_id = id;
+                }
+                return Ok(Sse { event, data: data.join("\n"), last_id: self.last_id, id });
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame()).await.context("no event in time")?;
+            match frame {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        self.buf.push_str(&String::from_utf8_lossy(&d));
+                    }
+                }
+                Some(Err(e)) => bail!("event stream broke: {e}"),
+                None => bail!("event stream ended"),
+            }
+        }
+    }
+
+    /// Events until `done` holds for one of them (that one included).
+    async fn until(&mut self, timeout: Duration, done: impl Fn(&Sse) -> bool) -> anyhow::Result<Vec<Sse>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut out = vec![];
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let e = self.next(left).await.with_context(|| format!("after {} events: {:?}", out.len(), out.last()))?;
+            let stop = done(&e);
+            out.push(e);
+            if stop {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+fn deployment_event(e: &Sse) -> Option<Deployment> {
+    (e.event == "deployment").then(|| serde_json::from_str(&e.data).ok()).flatten()
+}
+
+fn is_terminal_event(id: &str) -> impl Fn(&Sse) -> bool + '_ {
+    move |e| deployment_event(e).is_some_and(|d| d.id == id && d.state.is_terminal())
+}
+
+// ------------------------------------------------------------------ tests
+
+async fn leader_and_follower(c: &Cluster) -> anyhow::Result<(u64, u64)> {
+    let leader = c.leader_id().await?;
+    let follower = c.coords.keys().copied().find(|id| *id != leader).context("a follower")?;
+    Ok((leader, follower))
+}
+
+async fn submit(h: &Https, app: &str, release: &str) -> anyhow::Result<Accepted> {
+    let body = serde_json::json!({ "manifest": manifest(app), "release": release });
+    let a = h.call("POST", &format!("/api/apps/{app}/deployments"), Some(body)).await?;
+    a.expect(202)?;
+    let acc: Accepted = a.json()?;
+    ensure!(acc.url == format!("/api/deployments/{}", acc.id), "url {} for {}", acc.url, acc.id);
+    ensure!(a.location.as_deref() == Some(acc.url.as_str()), "Location {:?} vs {}", a.location, acc.url);
+    ensure!(acc.deployment.id == acc.id && acc.deployment.release == release && acc.state == acc.deployment.state, "{acc:?}");
+    ensure!(acc.applied_index > 0);
+    Ok(acc)
+}
+
+async fn wait_state(h: &Https, id: &str, want: DeployState) -> anyhow::Result<Deployment> {
+    eventually(&format!("{id} {want}"), Duration::from_secs(60), || async {
+        let d = h.get(&format!("/api/deployments/{id}")).await?.expect(200)?.json::<DeploymentAnswer>()?.deployment;
+        if d.state.is_terminal() && d.state != want {
+            bail!("{id} ended {} instead of {want}", d.state);
+        }
+        Ok((d.state == want).then_some(d))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_api_end_to_end() {
+    let f = Fleet::start(&[("node-1", &[("env", "staging")])], STAGING).await.expect("cluster with a node");
+    let r = api(&f).await;
+    f.finish(r);
+}
+
+async fn api(f: &Fleet) -> anyhow::Result<()> {
+    let c = &f.cluster;
+    let (leader, follower) = leader_and_follower(c).await?;
+    let op = Https::new(c, follower, "operator")?;
+    let op_leader = Https::new(c, leader, "operator")?;
+    let viewer = Https::new(c, follower, "viewer")?;
+    let node = Https::new(c, follower, "node")?;
+
+    // Health: alive and ready everywhere.
+    for id in [leader, follower] {
+        let h = Https::new(c, id, "viewer")?;
+        let alive: Health = h.get("/healthz").await?.expect(200)?.json()?;
+        ensure!(alive.status == "ok" && alive.id == id, "{alive:?}");
+        let ready = eventually("ready", Duration::from_secs(10), || async {
+            let a = h.get("/readyz").await?;
+            Ok((a.status == 200).then(|| a.json::<Health>()).transpose()?)
+        })
+        .await?;
+        ensure!(ready.status == "ready" && ready.leader_id == Some(leader) && ready.reason.is_none(), "{ready:?}");
+        ensure!(ready.term > 0 && ready.applied_index <= ready.last_log_index, "{ready:?}");
+    }
+
+    // The event stream, opened before anything happens.
+    let mut stream = viewer.events(None).await?;
+    let hello = stream.next(Duration::from_secs(5)).await?;
+    ensure!(hello.event == "hello" && hello.id.is_some(), "{hello:?}");
+
+    // Metrics before.
+    let before = scrape(&op_leader).await?;
+
+    // Roles: a node certificate cannot deploy; a viewer cannot either.
+    let body = serde_json::json!({ "manifest": manifest("web"), "release": "v1" });
+    node.call("POST", "/api/apps/web/deployments", Some(body.clone())).await?.error(403, "forbidden")?;
+    viewer.call("POST", "/api/apps/web/deployments", Some(body)).await?.error(403, "forbidden")?;
+
+    // Bad input names its field.
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("/api/apps/web/deployments", (serde_json::json!({ "release": "v1" })), "manifest"),
+        ("/api/apps/web/deployments", (serde_json::json!({ "manifest": manifest("web"), "release": "no spaces" })), "release"),
+        ("/api/apps/web/deployments", (serde_json::json!({ "manifest": manifest("web"), "relase": "v1" })), "relase"),
+        ("/api/apps/web/deployments", (serde_json::json!({ "manifest": manifest("web"), "timeout_ms": "soon" })), "timeout_ms"),
+        ("/api/apps/api/deployments", (serde_json::json!({ "manifest": manifest("web") })), "app"),
+        (
+            "/api/apps/web/deployments",
+            (serde_json::json!({ "manifest": "app: web\ndestination: staging\nrun: [\"x\"]\nhealth: { interval: often }\n" })),
+            "manifest.health.interval",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let e = op.call("POST", path, Some(body.clone())).await?.error(400, "invalid_argument").with_context(|| format!("{body}"))?;
+        ensure!(e.field.as_deref() == Some(field), "{body}: expected field {field}, got {e:?}");
+    }
+    // A deeply nested manifest is refused before it is parsed.
+    let deep = format!("app: web\ndestination: staging\nrun: {}x{}\n", "[".repeat(5000), "]".repeat(5000));
+    let e = op
+        .call("POST", "/api/apps/web/deployments", Some(serde_json::json!({ "manifest": deep })))
+        .await?
+        .error(400, "invalid_argument")?;
+    ensure!(e.field.as_deref() == Some("manifest"), "{e:?}");
+    let e = op.get("/api/deployments?state=sleeping").await?.error(400, "invalid_argument")?;
+    ensure!(e.field.as_deref() == Some("state"), "{e:?}");
+    op.get("/api/deployments/d999999").await?.error(404, "not_found")?;
+    op.get("/api/nothing").await?.error(404, "not_found")?;
+
+    // A write sent to a follower succeeds (forwarded to the leader).
+    let v1 = submit(&op, "web", "v1").await?;
+    let d1 = wait_state(&op, &v1.id, DeployState::Succeeded).await?;
+    ensure!(d1.submitted_by == "operator", "the actor is the HTTP caller, not the forwarding coordinator: {}", d1.submitted_by);
+
+    // The event stream saw it run to the end; each deployment event is the full record.
+    let seen = stream.until(Duration::from_secs(30), is_terminal_event(&v1.id)).await?;
+    let states: Vec<DeployState> = seen.iter().filter_map(deployment_event).filter(|d| d.id == v1.id).map(|d| d.state).collect();
+    ensure!(states.last() == Some(&DeployState::Succeeded), "{states:?}");
+    ensure!(seen.iter().any(|e| e.event == "destination"), "no destination event while the lock moved: {seen:?}");
+
+    // Reads.
+    let list: DeploymentList = op.get("/api/deployments?app=web&state=succeeded").await?.expect(200)?.json()?;
+    ensure!(list.deployments.iter().any(|d| d.id == v1.id) && list.applied_index > 0, "{list:?}");
+    ensure!(list.deployments.iter().all(|d| d.state == DeployState::Succeeded && d.app == "web"), "filters ignored: {list:?}");
+    let none: DeploymentList = op.get("/api/deployments?state=running").await?.expect(200)?.json()?;
+    ensure!(none.deployments.is_empty(), "{none:?}");
+    let one: DeploymentList = op.get("/api/deployments?destination=staging&limit=1").await?.expect(200)?.json()?;
+    ensure!(one.deployments.len() == 1, "{one:?}");
+
+    let dests: DestinationList = viewer.get("/api/destinations").await?.expect(200)?.json()?;
+    let staging = dests.destinations.iter().find(|d| d.name == "staging").context("staging listed")?;
+    ensure!(
+        staging.current.get("web").map(String::as_str) == Some("v1") && staging.nodes == ["node-1"] && dests.applied_index > 0,
+        "{dests:?}"
+    );
+    // Servers as the leader's sync task records them (it reports every few seconds).
+    let servers = eventually("node-1 listed as a server running web v1", Duration::from_secs(30), || async {
+        let list: ServerList = viewer.get("/api/destinations/staging/servers").await?.expect(200)?.json()?;
+        ensure!(list.destination == "staging" && list.applied_index > 0, "{list:?}");
+        let runs_v1 = list.servers.iter().any(|s| s.id == "node-1" && s.apps.get("web").and_then(|a| a.release.as_deref()) == Some("v1"));
+        Ok(runs_v1.then_some(list))
+    })
+    .await?;
+    ensure!(servers.servers.len() == 1, "{servers:?}");
+    viewer.get("/api/destinations/prod/servers").await?.error(404, "not_found")?;
+    let nodes: Vec<NodeView> = viewer.get("/api/nodes").await?.expect(200)?.json()?;
+    ensure!(nodes.iter().any(|n| n.id == "node-1" && n.connected), "{nodes:?}");
+    let locks: LockStatusView = viewer.get("/api/locks").await?.expect(200)?.json()?;
+    ensure!(locks.locks.is_empty() && locks.applied_index > 0, "no deployment runs, so no lock: {locks:?}");
+    let cluster: ClusterStatusView = viewer.get("/api/cluster").await?.expect(200)?.json()?;
+    ensure!(cluster.leader_id == Some(leader) && cluster.members.len() == 3 && cluster.answered_by == leader, "{cluster:?}");
+
+    // Cancel: hold the destination so a deployment waits, then cancel it.
+    let lock = c.ctl(&["lock", "acquire", "staging", "-m", "http test"]).await?;
+    lock.expect_code(0)?;
+    let queued = submit(&op, "web", "v2").await?;
+    ensure!(queued.state == DeployState::Queued, "{queued:?}");
+    let locks: LockStatusView = viewer.get("/api/locks").await?.expect(200)?.json()?;
+    ensure!(locks.locks.iter().any(|l| l.destination == "staging" && l.holder == "operator"), "{locks:?}");
+    viewer.call("PUT", &format!("/api/deployments/{}/cancel", queued.id), None).await?.error(403, "forbidden")?;
+    let e = op
+        .call("PUT", &format!("/api/deployments/{}/cancel", queued.id), Some(serde_json::json!({ "reason": 7 })))
+        .await?
+        .error(400, "invalid_argument")?;
+    ensure!(e.field.as_deref() == Some("reason"), "{e:?}");
+    let cancelled: DeploymentAnswer = op
+        .call("PUT", &format!("/api/deployments/{}/cancel", queued.id), Some(serde_json::json!({ "reason": "not today" })))
+        .await?
+        .expect(200)?
+        .json()?;
+    ensure!(cancelled.deployment.id == queued.id && cancelled.applied_index > 0, "{cancelled:?}");
+    wait_state(&op, &queued.id, DeployState::Cancelled).await?;
+    c.ctl(&["lock", "release", "staging"]).await?.expect_code(0)?;
+
+    // Rollback of v2 to v1: deploy v2, roll it back, through the follower.
+    let v2 = submit(&op, "web", "v2").await?;
+    wait_state(&op, &v2.id, DeployState::Succeeded).await?;
+    viewer.call("PUT", &format!("/api/deployments/{}/rollback", v2.id), None).await?.error(403, "forbidden")?;
+    let rb = op.call("PUT", &format!("/api/deployments/{}/rollback", v2.id), None).await?;
+    rb.expect(202)?;
+    let rb: Accepted = rb.json()?;
+    ensure!(rb.deployment.rollback_of.as_deref() == Some(v2.id.as_str()) && rb.deployment.release == "v1", "{rb:?}");
+    wait_state(&op, &rb.id, DeployState::Succeeded).await?;
+
+    // Metrics moved with the deployments.
+    let after = scrape(&op_leader).await?;
+    let succeeded = |m: &Metrics| m.value("fleet_deployments", &[("state", "succeeded")]);
+    ensure!(succeeded(&after) >= succeeded(&before) + 3.0, "succeeded {} → {}", succeeded(&before), succeeded(&after));
+    ensure!(after.value("fleet_deployments", &[("state", "cancelled")]) >= 1.0);
+    let steps = |m: &Metrics| m.sum_of("fleet_step_seconds_count", &[("adapter", "process"), ("outcome", "ok")]);
+    ensure!(steps(&after) > steps(&before), "step count {} → {}", steps(&before), steps(&after));
+    ensure!(after.sum_of("fleet_raft_proposal_seconds_count", &[]) > before.sum_of("fleet_raft_proposal_seconds_count", &[]));
+    ensure!(after.value("fleet_raft_term", &[]) >= 1.0 && after.value("fleet_raft_is_leader", &[]) == 1.0);
+    ensure!(after.value("fleet_raft_applied_index", &[]) > before.value("fleet_raft_applied_index", &[]));
+    ensure!(after.value("fleet_nodes_connected", &[]) == 1.0, "one node is connected to the leader");
+    ensure!(after.value("fleet_queue_length", &[("destination", "staging")]) == 0.0);
+    node.get("/metrics").await?.error(403, "forbidden")?;
+    Ok(())
+}
+
+/// A Prometheus scrape, parsed with a Prometheus text parser.
+struct Metrics(prometheus_parse::Scrape);
+
+impl Metrics {
+    fn matching<'a>(&'a self, name: &'a str, labels: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = f64> + 'a {
+        self.0.samples.iter().filter(move |s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).map(|s| match s
+            .value
+        {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+    }
+
+    /// The one sample `name{labels}` (0 when absent).
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).next().unwrap_or(0.0)
+    }
+
+    /// The sum over samples matching `labels`.
+    fn sum_of(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).sum()
+    }
+}
+
+async fn scrape(h: &Https) -> anyhow::Result<Metrics> {
+    let a = h.get("/metrics").await?;
+    a.expect(200)?;
+    ensure!(a.content_type.contains("openmetrics-text") || a.content_type.contains("text/plain"), "content type {}", a.content_type);
+    let lines = a.body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).context("parsing /metrics as Prometheus text")?;
+    ensure!(!scrape.samples.is_empty(), "no samples in {}", a.body);
+    for name in [
+        "fleet_raft_term",
+        "fleet_raft_commit_index",
+        "fleet_raft_applied_index",
+        "fleet_raft_leader_changes_total",
+        "fleet_nodes_connected",
+    ] {
+        ensure!(scrape.samples.iter().any(|s| s.metric == name), "/metrics has no {name}:\n{}", a.body);
+    }
+    Ok(Metrics(scrape))
+}
+
+/// Events resumed with `Last-Event-ID` are exactly the events that followed
+/// that id on an unbroken stream: the second connection loses nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_resume_after_reconnect_without_loss() {
+    let f = Fleet::start(&[("node-1", &[("env", "staging")])], STAGING).await.expect("cluster with a node");
+    let r = resume(&f).await;
+    f.finish(r);
+}
+
+async fn resume(f: &Fleet) -> anyhow::Result<()> {
+    let c = &f.cluster;
+    let (_, follower) = leader_and_follower(c).await?;
+    let viewer = Https::new(c, follower, "viewer")?;
+    let op = Https::new(c, follower, "operator")?;
+    let mut whole = viewer.events(None).await?;
+    let start = whole.next(Duration::from_secs(5)).await?.id.context("hello has an id")?;
+
+    // A client that drops after the first deployment event reconnects later.
+    let mut first = viewer.events(Some(start)).await?;
+    let d = submit(&op, "web", "v1").await?;
+    let before_drop = first.until(Duration::from_secs(30), |e| deployment_event(e).is_some_and(|x| x.id == d.id)).await?;
+    let resume_from = before_drop.last().and_then(|e| e.last_id).context("an id to resume from")?;
+    drop(first);
+
+    let reference = whole.until(Duration::from_secs(60), is_terminal_event(&d.id)).await?;
+    let mut resumed = viewer.events(Some(resume_from)).await?;
+    let replay = resumed.until(Duration::from_secs(30), is_terminal_event(&d.id)).await?;
+
+    // What the unbroken stream had after `resume_from` (a batch partly seen is sent again in full).
+    let tail: Vec<&Sse> = {
+        let cut = reference.iter().position(|e| e.id == Some(resume_from)).context("the resume id is on the unbroken stream")?;
+        reference[cut + 1..].iter().collect()
+    };
+    ensure!(!tail.is_empty(), "nothing happened after {resume_from}");
+    let replay_ref: Vec<&Sse> = replay.iter().collect();
+    ensure!(
+        replay_ref == tail,
+        "resumed stream differs from the unbroken one after id {resume_from}:\nresumed: {replay:#?}\nunbroken: {tail:#?}"
+    );
+    let last = deployment_event(replay.last().context("events")?).context("a deployment")?;
+    ensure!(last.state == DeployState::Succeeded, "{last:?}");
+
+    // An id from before this coordinator's memory gets a reset, then live events.
+    let mut old = viewer.events(Some(0)).await?;
+    let reset = old.next(Duration::from_secs(5)).await?;
+    ensure!(reset.event == "reset" && reset.id.is_some(), "{reset:?}");
+    let bad = viewer.send("GET", "/api/events", None, &[("last-event-id", "yesterday".into())]).await?;
+    ensure!(bad.status() == 400, "a bad Last-Event-ID answered {}", bad.status());
+    Ok(())
+}
+
+/// `--log-format json`: every line a coordinator writes is one JSON object.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_one_object_per_line() {
+    let mut args: Vec<&str> = FAST_RAFT.to_vec();
+    args.extend(["--log-format", "json"]);
+    let f = Fleet::start_with(&args, &[("node-1", &[("env", "staging")])], STAGING).await.expect("cluster with a node");
+    let r = json_logs(&f).await;
+    f.finish(r);
+}
+
+async fn json_logs(f: &Fleet) -> anyhow::Result<()> {
+    let c = &f.cluster;
+    let (leader, _) = leader_and_follower(c).await?;
+    let op = Https::new(c, leader, "operator")?;
+    let d = submit(&op, "web", "v1").await?;
+    wait_state(&op, &d.id, DeployState::Succeeded).await?;
+    let mut with_deployment = 0;
+    for id in c.coords.keys() {
+        let path = c.path().join(format!("coord-{id}.log"));
+        let text = std::fs::read_to_string(&path)?;
+        ensure!(!text.trim().is_empty(), "{} is empty", path.display());
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON: {line}", path.display()))?;
+            let obj = v.as_object().with_context(|| format!("not an object: {line}"))?;
+            ensure!(obj.contains_key("timestamp") && obj.contains_key("level") && obj.contains_key("fields"), "{line}");
+            if obj["fields"].get("deployment").and_then(|x| x.as_str()) == Some(d.id.as_str()) {
+                with_deployment += 1;
+            }
+        }
+    }
+    ensure!(with_deployment > 0, "no coordinator log line names deployment {} as a field", d.id);
+    Ok(())
+}
