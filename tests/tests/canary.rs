@@ -295,3 +295,98 @@ fn non_loopback_ip() -> Option<std::net::IpAddr> {
     let ip = s.local_addr().ok()?.ip();
     (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
+
+// ------------------------------------------------------------------ containers
+
+/// Removes every container of the test's destination when the test ends.
+struct ContainerGuard(String);
+
+impl Drop for ContainerGuard {
+    fn drop(&mut self) {
+        let destination = self.0.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async {
+                let Ok(engine) = fleet_docker::Engine::connect().await else { return };
+                let Ok(listed) = engine.list(&fleet_docker::LabelFilter::managed().destination(&destination)).await else { return };
+                for c in listed {
+                    let _ = engine.stop_and_remove(&c.id, Duration::ZERO).await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// The releases of the destination's containers, sorted (running or not).
+async fn containers(engine: &fleet_docker::Engine, destination: &str) -> anyhow::Result<Vec<String>> {
+    let listed = engine.list(&fleet_docker::LabelFilter::managed().destination(destination)).await?;
+    let mut releases: Vec<String> = listed.into_iter().map(|c| c.fleet.map(|f| f.release).unwrap_or_default()).collect();
+    releases.sort();
+    Ok(releases)
+}
+
+/// Canary (pause + cancel, analysis + auto promote), `recreate` and
+/// `route.listen` with the `docker` adapter on this machine's engine.
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_canary_recreate_and_listen() {
+    use fleet_docker::testimage::{build_web_image, WebImage, WEB_PORT};
+    let engine = fleet_docker::Engine::connect().await.expect("this test needs the Docker Engine");
+    for r in ["v1", "v2", "v3"] {
+        build_web_image(&engine, &WebImage::new(format!("fleet-test/web-canary:{r}"), r)).await.expect("building a test image");
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let dest = format!("canary-boxes-{}-{}", std::process::id(), nanos % 100_000);
+    let _guard = ContainerGuard(dest.clone());
+    let yaml = format!("destinations:\n  - name: {dest}\n    adapter: docker\n    selector: {{ role: boxes }}\n");
+    let nodes: Vec<(&str, &[(&str, &str)])> = vec![("node-1", &[("role", "boxes")]), ("node-2", &[("role", "boxes")])];
+    let f = Fleet::start(&nodes, &yaml).await.expect("cluster with nodes");
+    let r = containers_canary(&f, &engine, &dest, WEB_PORT).await;
+    f.finish(r);
+}
+
+async fn containers_canary(f: &Fleet, engine: &fleet_docker::Engine, dest: &str, port: u16) -> anyhow::Result<()> {
+    let m = |name: &str, extra: &str| {
+        let text = format!(
+            "app: web\ndestination: {dest}\nimage: \"fleet-test/web-canary:{{release}}\"\ncontainer_port: {port}\npull: never\n\
+             health: {{ http: /healthz, interval: 200ms, deadline: 30s }}\ndrain: 1s\ntimeout: 3m\n{extra}"
+        );
+        f.cluster.write_file(name, &text)
+    };
+    let plain = m("c-web.yaml", "")?;
+    let d1 = deploy(f, &plain, &["--release", "v1"], 0).await?.deployment()?;
+    let routes = vec![("node-1", route(&d1, "node-1")?), ("node-2", route(&d1, "node-2")?)];
+    let mut ids = vec![d1.id.clone()];
+
+    // Paused on node-1, then cancelled: v1 everywhere again, and only v1's containers.
+    let manual = m("c-manual.yaml", "strategy: { canary: { nodes: 1 } }\n")?;
+    let id = submit(f, &manual, "v2").await?;
+    ids.push(id.clone());
+    wait_state(f, &id, DeployState::Paused).await?;
+    ensure!(serving(&routes).await? == pairs(&[("node-1", "v2"), ("node-2", "v1")]), "only the canary has v2");
+    f.cluster.ctl(&["cancel", &id, "--wait", "-o", "json"]).await?.expect_code(4)?;
+    ensure!(serving(&routes).await? == pairs(&[("node-1", "v1"), ("node-2", "v1")]));
+    ensure!(containers(engine, dest).await? == ["v1", "v1"], "containers: {:?}", containers(engine, dest).await?);
+
+    // An analysis that keeps passing promotes it.
+    let analysed = m("c-analysed.yaml", "strategy: { canary: { nodes: 1, pause: 2s, analysis: { http: /healthz, interval: 200ms } } }\n")?;
+    let d2 = deploy(f, &analysed, &["--release", "v2"], 0).await?.deployment()?;
+    ids.push(d2.id.clone());
+    ensure!(has_event(&d2, DeployState::Running, "promoted automatically"), "{:?}", d2.events);
+    ensure!(serving(&routes).await? == pairs(&[("node-1", "v2"), ("node-2", "v2")]));
+    ensure!(containers(engine, dest).await? == ["v2", "v2"], "containers: {:?}", containers(engine, dest).await?);
+
+    // Recreate, listening on every interface.
+    let recreate = m("c-recreate.yaml", "strategy: { type: recreate }\nroute: { listen: 0.0.0.0 }\n")?;
+    let run = deploy(f, &recreate, &["--release", "v3"], 0).await?;
+    let d3 = run.deployment()?;
+    ids.push(d3.id.clone());
+    ensure!(kind(&steps(&d3)[0]) == "stop_current", "recreate stops first: {:?}", steps(&d3).iter().map(kind).collect::<Vec<_>>());
+    for s in run.result()?.served_at {
+        ensure!(s.address.starts_with("0.0.0.0:"), "{s:?}");
+        let p = s.address.rsplit(':').next().context("a port")?;
+        serves(&format!("127.0.0.2:{p}"), "v3").await?;
+    }
+    ensure!(containers(engine, dest).await? == ["v3", "v3"], "containers: {:?}", containers(engine, dest).await?);
+    witness_safe(f, &ids).await
+}

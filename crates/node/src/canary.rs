@@ -55,3 +55,42 @@ pub async fn analyze(
     }
     Ok(json!({ "probes": probes, "failures": failures, "elapsed_ms": started.elapsed().as_millis() as u64, "port": port }))
 }
+
+#[cfg(test)]
+mod tests {
+    use fleet_core::manifest::Probe;
+
+    use super::*;
+
+    fn analysis(argv: &[&str], failure_limit: u32) -> Analysis {
+        Analysis {
+            probe: Probe::Command { argv: argv.iter().map(|s| s.to_string()).collect() },
+            interval_ms: 20,
+            timeout_ms: 1_000,
+            failure_limit,
+        }
+    }
+
+    #[tokio::test]
+    async fn passes_for_the_whole_pause_or_fails_at_its_limit() {
+        let dir = std::env::temp_dir();
+        // (probe, failure limit, passes?)
+        let cases = [(["true"], 1, true), (["false"], 1, false), (["false"], 3, false)];
+        for (argv, limit, passes) in cases {
+            let started = Instant::now();
+            let r = analyze("web@v2", &analysis(&argv, limit), 1, Duration::from_millis(300), &[], &dir).await;
+            match r {
+                Ok(out) => {
+                    assert!(passes, "{argv:?} passed");
+                    assert!(started.elapsed() >= Duration::from_millis(300), "it ran for the whole pause");
+                    assert!(out["probes"].as_u64().unwrap_or(0) >= 3 && out["failures"] == 0, "{out}");
+                }
+                Err(e) => {
+                    assert!(!passes, "{argv:?} failed: {e}");
+                    assert!(e.message.contains(&format!("{limit} of {limit} probes failed")), "{}", e.message);
+                    assert_eq!(e.class, fleet_core::deploy::ErrorClass::Invalid, "never retried");
+                }
+            }
+        }
+    }
+}

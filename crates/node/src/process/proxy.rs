@@ -211,3 +211,38 @@ async fn forward(mut client: TcpStream, shared: Arc<Shared>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_read_and_print_like_clients_write_them() {
+        // (route.listen, port, what the step output says)
+        let cases = [
+            (None, 80, "127.0.0.1:80"),
+            (Some("0.0.0.0"), 8080, "0.0.0.0:8080"),
+            (Some("::"), 80, "[::]:80"),
+            (Some(" ::1 "), 1, "[::1]:1"),
+        ];
+        for (listen, port, want) in cases {
+            assert_eq!(route_text(listen, port), want, "{listen:?}");
+        }
+        assert!(listen_ip(Some("localhost")).is_err(), "a name is not an address");
+    }
+
+    #[tokio::test]
+    async fn a_route_listens_where_it_is_told_and_knows_it() {
+        let conns = Conns::default();
+        let lo = Route::bind("web", None, 0, conns.clone()).expect("loopback");
+        assert!(lo.listens_on(None) && lo.listens_on(Some("127.0.0.1")) && !lo.listens_on(Some("0.0.0.0")));
+        assert_eq!(lo.addr().ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let any = Route::bind("web", Some("0.0.0.0"), 0, conns).expect("every interface");
+        assert!(any.listens_on(Some("0.0.0.0")) && !any.listens_on(None));
+        // 0.0.0.0 takes connections on any local address, 127.0.0.1 only on itself.
+        assert!(TcpStream::connect((Ipv4Addr::new(127, 0, 0, 2), any.port())).await.is_ok());
+        assert!(TcpStream::connect((Ipv4Addr::new(127, 0, 0, 2), lo.port())).await.is_err());
+        lo.close().await;
+        any.close().await;
+    }
+}
