@@ -350,10 +350,10 @@ async fn api(f: &Fleet) -> anyhow::Result<()> {
         ("/api/apps/web/deployments", (serde_json::json!({ "manifest": manifest("web"), "release": "no spaces" })), "release"),
         ("/api/apps/web/deployments", (serde_json::json!({ "manifest": manifest("web"), "relase": "v1" })), "relase"),
         ("/api/apps/web/deployments", (serde_json::json!({ "manifest": manifest("web"), "timeout_ms": "soon" })), "timeout_ms"),
-        ("/api/apps/api/deployments", (serde_json::json!({ "manifest": manifest("web") })), "app"),
+        ("/api/apps/api/deployments", (serde_json::json!({ "manifest": manifest("web"), "release": "v1" })), "app"),
         (
             "/api/apps/web/deployments",
-            (serde_json::json!({ "manifest": "app: web\ndestination: staging\nrun: [\"x\"]\nhealth: { interval: often }\n" })),
+            (serde_json::json!({ "manifest": "app: web\ndestination: staging\nrun: [\"x\"]\nhealth: { http: /healthz, interval: often }\n", "release": "v1" })),
             "manifest.health.interval",
         ),
     ];
@@ -537,8 +537,13 @@ async fn resume(f: &Fleet) -> anyhow::Result<()> {
 
     // What the unbroken stream had after `resume_from` (a batch partly seen is sent again in full).
     let tail: Vec<&Sse> = {
-        let cut = reference.iter().position(|e| e.id == Some(resume_from)).context("the resume id is on the unbroken stream")?;
-        reference[cut + 1..].iter().collect()
+        // `start` (the hello's id) was read before `reference` began.
+        let from = if resume_from == start {
+            0
+        } else {
+            reference.iter().position(|e| e.id == Some(resume_from)).context("the resume id is on the unbroken stream")? + 1
+        };
+        reference[from..].iter().collect()
     };
     ensure!(!tail.is_empty(), "nothing happened after {resume_from}");
     let replay_ref: Vec<&Sse> = replay.iter().collect();
@@ -549,10 +554,10 @@ async fn resume(f: &Fleet) -> anyhow::Result<()> {
     let last = deployment_event(replay.last().context("events")?).context("a deployment")?;
     ensure!(last.state == DeployState::Succeeded, "{last:?}");
 
-    // An id from before this coordinator's memory gets a reset, then live events.
-    let mut old = viewer.events(Some(0)).await?;
-    let reset = old.next(Duration::from_secs(5)).await?;
-    ensure!(reset.event == "reset" && reset.id.is_some(), "{reset:?}");
+    // From id 0 (this coordinator started with the cluster): everything again, in order.
+    let mut again = viewer.events(Some(0)).await?;
+    let first = again.next(Duration::from_secs(5)).await?;
+    ensure!(first.event != "reset", "the journal holds everything since index 0: {first:?}");
     let bad = viewer.send("GET", "/api/events", None, &[("last-event-id", "yesterday".into())]).await?;
     ensure!(bad.status() == 400, "a bad Last-Event-ID answered {}", bad.status());
     Ok(())
