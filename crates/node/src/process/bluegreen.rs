@@ -448,9 +448,12 @@ impl Inner {
         let (inst, mut exit) = {
             let mut st = app.lock();
             let existing = st.rec.retired.clone().filter(|r| r.same(&old));
+            // A fresh watch of a pid has not looked yet: ask the kernel too,
+            // or an instance stopped earlier (recreate's stop-current keeps
+            // it recorded as retired) would pass for running.
             let running = existing.filter(|r| {
                 let w = self.exit_watch(&mut st, r);
-                let up = w.borrow().is_none();
+                let up = w.borrow().is_none() && crate::proc::alive(r.pid, r.proc_start);
                 up
             });
             match running {
