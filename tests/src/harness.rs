@@ -97,7 +97,8 @@ impl Cluster {
     /// written before the gRPC address file `spawn` waits for.
     pub fn http_addr(&self, id: u64) -> anyhow::Result<String> {
         let path = self.http_file(id);
-        let addr = std::fs::read_to_string(&path).with_context(|| format!("coordinator {id} wrote no HTTP address to {}", path.display()))?;
+        let addr =
+            std::fs::read_to_string(&path).with_context(|| format!("coordinator {id} wrote no HTTP address to {}", path.display()))?;
         Ok(addr.trim().to_string())
     }
 
