@@ -324,7 +324,7 @@ async fn api(f: &Fleet) -> anyhow::Result<()> {
         ensure!(alive.status == "ok" && alive.id == id, "{alive:?}");
         let ready = eventually("ready", Duration::from_secs(10), || async {
             let a = h.get("/readyz").await?;
-            Ok((a.status == 200).then(|| a.json::<Health>()).transpose()?)
+            (a.status == 200).then(|| a.json::<Health>()).transpose()
         })
         .await?;
         ensure!(ready.status == "ready" && ready.leader_id == Some(leader) && ready.reason.is_none(), "{ready:?}");

@@ -177,7 +177,6 @@ async fn submit(
         lock_wait_ms: b.lock_wait_ms,
         idempotency_key: b.idempotency_key,
         request_id: request_id(&b.request_id),
-        ..Default::default()
     };
     let r = api
         .forward
