@@ -50,6 +50,13 @@ const LINK_PREFIX: &str = "flt";
 /// Why these tests cannot run here, if they cannot: they need root, `ip
 /// netns` and iptables.
 pub fn skip_reason() -> Option<String> {
+    // Once per process: the tests of one binary run in parallel, and a
+    // probe per test would race on its name.
+    static REASON: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    REASON.get_or_init(probe_reason).clone()
+}
+
+fn probe_reason() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|l| l.split_whitespace().nth(1).map(str::to_string));
     if euid.as_deref() != Some("0") {
