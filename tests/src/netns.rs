@@ -62,7 +62,7 @@ fn probe_reason() -> Option<String> {
     if euid.as_deref() != Some("0") {
         return Some("network namespaces need root; run the partition tests as root".into());
     }
-    let probe = format!("{NS_PREFIX}probe-{}", std::process::id());
+    let probe = format!("{NS_PREFIX}probe-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
     if let Err(e) = run("ip", &["netns", "add", &probe]) {
         return Some(format!("`ip netns` does not work here ({e:#})"));
     }
