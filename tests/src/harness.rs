@@ -349,7 +349,7 @@ pub struct Node {
     args: Vec<std::ffi::OsString>,
     path_env: std::ffi::OsString,
     /// A command the node runs under (`ip netns exec NS`, see
-    /// `crate::netns`); empty = the node's binary directly.
+    /// the `netns` module); empty = the node's binary directly.
     wrap: Vec<std::ffi::OsString>,
 }
 
@@ -689,7 +689,7 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// A fleet of a cluster and nodes started elsewhere (by `crate::netns`,
+    /// A fleet of a cluster and nodes started elsewhere (by the `netns` module,
     /// in network namespaces), holding `slot` for its lifetime.
     pub fn assemble(slot: TestSlot, cluster: Cluster, nodes: Vec<Node>) -> Fleet {
         Fleet { nodes, cluster, reported: false, _slot: slot }
