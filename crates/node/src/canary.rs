@@ -13,7 +13,7 @@ use fleet_core::canary::Analysis;
 use serde_json::{json, Value};
 
 use crate::adapter::StepError;
-use crate::process::probe;
+use crate::probe;
 use crate::util::human;
 
 /// Probe `port` (the canary of `label`, `web@v2`) per `analysis` for `pause`.

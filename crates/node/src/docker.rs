@@ -67,7 +67,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::adapter::{Adapter, StepContext, StepError};
-use crate::process::probe;
+use crate::probe;
 use crate::process::proxy::{route_text, Conns, Route};
 use crate::util::{human, safe_file_part, write_atomic};
 

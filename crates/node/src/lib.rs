@@ -20,6 +20,7 @@ pub mod connection;
 pub mod docker;
 pub mod fencing;
 pub mod identity;
+pub mod probe;
 pub mod proc;
 pub mod process;
 pub mod report;

@@ -14,8 +14,9 @@ use serde_json::{json, Value};
 
 use super::proxy::{route_text, Route};
 use super::state::{persist_error, App, Instance};
-use super::{probe, Inner};
+use super::Inner;
 use crate::adapter::{StepContext, StepError};
+use crate::probe;
 use crate::proc;
 use crate::util::{human, indent, tail, write_atomic};
 

@@ -13,7 +13,7 @@
 //!   instance), restarting a crashed active instance;
 //! * [`bluegreen`]: the steps (`start`, `health`, `switch`, `stop-old`),
 //!   their undos and checks;
-//! * [`probe`]: health probes; [`proxy`]: the routes.
+//! * [`proxy`]: the routes.
 //!
 //! This module holds the [`Adapter`] implementation (a dispatch to those)
 //! and the adapter's handle. Shell `command` steps (and hooks) are the
@@ -21,7 +21,7 @@
 
 mod bluegreen;
 mod discover;
-pub mod probe;
+
 pub mod proxy;
 pub mod state;
 mod supervise;
