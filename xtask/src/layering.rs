@@ -130,7 +130,21 @@ pub fn cycles(graph: &ModuleGraph) -> Vec<Vec<String>> {
 }
 
 /// Words that mean I/O or an async runtime in `fleet-core`'s sources.
-const CORE_FORBIDDEN: &[&str] = &["tokio", "std::fs", "std::net", "std::process", "SystemTime::now", "Instant::now", "std::thread"];
+/// `std::net`'s address types (`IpAddr`, `SocketAddr`) are plain values and
+/// validating a manifest's address with them is pure; its sockets and name
+/// lookups (`ToSocketAddrs` resolves through DNS) are not.
+const CORE_FORBIDDEN: &[&str] = &[
+    "tokio",
+    "std::fs",
+    "TcpStream",
+    "TcpListener",
+    "UdpSocket",
+    "ToSocketAddrs",
+    "std::process",
+    "SystemTime::now",
+    "Instant::now",
+    "std::thread",
+];
 
 /// Every forbidden use in fleet-core's sources outside test code, as `file: word`.
 pub fn core_impurities(core_src: &Path) -> std::io::Result<Vec<String>> {

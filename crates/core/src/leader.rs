@@ -40,8 +40,9 @@ pub const NODE_LEASE_MS: i64 = 5_000;
 /// How many recent deployments a node saying hello is checked against.
 pub const FORGET_LOOKBACK: usize = 500;
 
-/// The actor of what the leader decides on its own.
-pub const LEADER_ACTOR: &str = "coordinator";
+pub use crate::deploy::LEADER_ACTOR;
+
+mod canary;
 
 /// One attempt of one step (or undo) of a deployment, with the fencing it
 /// carries: what a node is sent, runs and reports.
@@ -244,8 +245,8 @@ pub fn due_for(d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Actio
     }
 
     // A paused canary: promote when its pause passed, stop its analysis
-    // when a promote was asked for (`crate::canary::due`).
-    if let Some(action) = crate::canary::due(d, tick, seen) {
+    // when a promote was asked for (`canary::due`).
+    if let Some(action) = canary::due(d, tick, seen) {
         return action;
     }
 

@@ -9,11 +9,11 @@
 //!   what it answers.
 //! * [`state`]: the replicated state machine itself and its `apply` function.
 //! * [`names`]: validation of user-supplied names and texts.
-//! * [`manifest`]: `fleet.yaml` and the destinations file, parsed and validated.
+//! * [`manifest`]: `fleet.yaml` and the destinations file, parsed and validated
+//!   (`strategy`: blue-green, `recreate`, the canary, the route's address).
 //! * [`saga`]: the planner (manifest + nodes → ordered, undoable steps).
 //! * [`deploy`]: the deployment lifecycle and the saga engine.
-//! * [`canary`]: the canary and `recreate` strategies and the route's
-//!   listen address: manifest fields, validation, pause/promote decisions.
+//!   Its `canary` submodule is the canary's pause and promote.
 //! * [`leader`]: the Raft leader's rules (node leases, time limits, aborts,
 //!   what to send, what a returning node must forget) as actions that the
 //!   coordinator carries out.
@@ -21,7 +21,6 @@
 //!   when a catch-up deployment is due).
 
 pub mod auth;
-pub mod canary;
 pub mod command;
 pub mod deploy;
 pub mod leader;

@@ -43,6 +43,9 @@ use thiserror::Error;
 
 use crate::names::{validate_name, validate_text};
 
+mod strategy;
+pub use strategy::{check_nodes, validate_route, validate_strategy, Analysis, AnalysisSpec, Canary, CanarySpec, RouteSpec, StrategyKind};
+
 /// A manifest or destinations file that cannot be used, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Error, Serialize, Deserialize)]
 #[error("{file}: {field}: {reason}")]
@@ -112,7 +115,7 @@ pub struct Manifest {
     pub strategy: Strategy,
     /// Where each node's route listens (`route: { listen: 0.0.0.0 }`).
     #[serde(default)]
-    pub route: crate::canary::RouteSpec,
+    pub route: RouteSpec,
     #[serde(default)]
     pub health: Option<HealthSpec>,
     #[serde(default)]
@@ -212,12 +215,12 @@ pub struct Strategy {
     /// Nodes switched at once (blue-green on each node, rolling across).
     #[serde(default)]
     pub max_unavailable: Option<u32>,
-    /// `blue_green` (default) or `recreate` (see `crate::canary`).
+    /// `blue_green` (default) or `recreate` (see `strategy`).
     #[serde(default, rename = "type")]
-    pub kind: Option<crate::canary::StrategyKind>,
-    /// The release on a few nodes first, then a pause (see `crate::canary`).
+    pub kind: Option<StrategyKind>,
+    /// The release on a few nodes first, then a pause (see `strategy`).
     #[serde(default)]
-    pub canary: Option<crate::canary::CanarySpec>,
+    pub canary: Option<CanarySpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -410,11 +413,11 @@ pub struct Spec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerManifest>,
     /// `strategy.type` (`blue_green` unless `recreate`).
-    #[serde(default, skip_serializing_if = "crate::canary::StrategyKind::is_blue_green")]
-    pub strategy: crate::canary::StrategyKind,
+    #[serde(default, skip_serializing_if = "StrategyKind::is_blue_green")]
+    pub strategy: StrategyKind,
     /// `strategy.canary`, validated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub canary: Option<crate::canary::Canary>,
+    pub canary: Option<Canary>,
     /// `route.listen`: the IP address routes listen on (absent: 127.0.0.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_listen: Option<String>,
@@ -614,9 +617,8 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
         return Err(err("step_timeout", "must be longer than zero".into()));
     }
     let drain_ms = duration_ms(file, "drain", m.drain.as_deref(), 5_000)?;
-    let (strategy, canary) =
-        crate::canary::validate_strategy(file, m.strategy.kind, m.strategy.canary.as_ref(), kind == Kind::Command, timeout_ms)?;
-    let route_listen = crate::canary::validate_route(file, &m.route)?;
+    let (strategy, canary) = validate_strategy(file, m.strategy.kind, m.strategy.canary.as_ref(), kind == Kind::Command, timeout_ms)?;
+    let route_listen = validate_route(file, &m.route)?;
     for (i, h) in m.hooks.pre.iter().enumerate() {
         validate_text("hook", h, 4096).map_err(|e| err(&format!("hooks.pre[{i}]"), e.to_string()))?;
     }
@@ -799,6 +801,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("`{t}` is negative; durations must be positive, e.g. `500ms` or `10s`"));
     }
     humantime::parse_duration(t).map_err(|e| format!("`{t}` is not a duration ({e}); write it like `500ms`, `10s` or `5m`"))
+}
+
+/// `1m 30s` of a length in milliseconds.
+pub(crate) fn fmt_duration_ms(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
 }
 
 fn duration_ms(file: &str, field: &str, value: Option<&str>, default_ms: u64) -> Result<u64, ManifestError> {

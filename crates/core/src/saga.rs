@@ -36,7 +36,7 @@
 //! `strategy.canary` plans the first `canary.nodes` nodes, then one
 //! [`StepAction::CanaryPause`] step (on the first canary node, which runs
 //! the analysis if there is one), then the other nodes; see
-//! [`crate::canary`] for how the deployment pauses there.
+//! `deploy::canary` for how the deployment pauses there.
 //!
 //! A stack (several destinations) is planned destination by destination,
 //! in the manifest's order, into one saga.
@@ -45,7 +45,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::canary::{Analysis, StrategyKind};
+use crate::manifest::{Analysis, StrategyKind};
 use crate::manifest::{ContainerManifest, HealthCheck, Kind, RetryPolicy, Spec};
 
 /// What a node executes for one step. This is the contract between the

@@ -71,7 +71,7 @@ pub struct ResultLine {
     pub exit_code: i32,
     /// Where each node serves the app (its route's address), once switched.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub served_at: Vec<fleet_core::canary::ServedAt>,
+    pub served_at: Vec<fleet_core::deploy::ServedAt>,
     pub deployment: Deployment,
 }
 

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fleet_core::canary::Analysis;
+use fleet_core::manifest::Analysis;
 use serde_json::{json, Value};
 
 use crate::adapter::StepError;

@@ -1001,7 +1001,7 @@ impl Inner {
         ctx: &StepContext,
         name: &str,
         release: &str,
-        analysis: &fleet_core::canary::Analysis,
+        analysis: &fleet_core::manifest::Analysis,
         pause_ms: u64,
     ) -> Result<Value, StepError> {
         let app = self.existing(&ctx.destination, name).ok_or_else(|| not_started(name, release))?;

@@ -16,7 +16,7 @@ impl Deployment {
     }
 
     /// After progress: finish when nothing is left to do; pause at a
-    /// canary's pause step (see `crate::canary`).
+    /// canary's pause step (see `deploy::canary`).
     pub fn settle(&mut self, at_ms: i64, actor: &str) -> Result<(), DeployError> {
         self.lost_canary(at_ms, actor)?;
         self.undo_pauses(at_ms);

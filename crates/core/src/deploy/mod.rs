@@ -27,6 +27,12 @@ use thiserror::Error;
 use crate::manifest::Spec;
 use crate::saga::StepPlan;
 
+pub use canary::{fmt_clock, Pause, ServedAt};
+
+/// The actor of what the leader decides on its own.
+pub const LEADER_ACTOR: &str = "coordinator";
+
+mod canary;
 mod engine;
 mod handover;
 mod lifecycle;
@@ -286,7 +292,7 @@ pub struct Deployment {
     pub resolved: Option<Resolution>,
     /// A canary's pause (set when it pauses; kept after it is promoted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pause: Option<crate::canary::Pause>,
+    pub pause: Option<Pause>,
     /// The servers (nodes) it deploys to; empty = every node of its
     /// destinations. A catch-up deployment of a server that joined targets
     /// that server only (without hooks: the release already ran them).

@@ -86,7 +86,7 @@ impl State {
         }
         if let Some(canary) = &spec.canary {
             for name in &dests {
-                if let Err(reason) = crate::canary::check_nodes(canary, name, &self.nodes_for(name)) {
+                if let Err(reason) = crate::manifest::check_nodes(canary, name, &self.nodes_for(name)) {
                     return Response::Invalid { reason };
                 }
             }

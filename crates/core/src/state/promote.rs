@@ -1,5 +1,5 @@
 //! `PromoteDeployment`: a paused canary continues (the rules are
-//! `Deployment::promote`, in `crate::canary`).
+//! `Deployment::promote`, in `deploy::canary`).
 
 use super::{deployment_number, Ctx, State};
 use crate::command::Response;

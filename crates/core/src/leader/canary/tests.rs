@@ -2,10 +2,10 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::command::{Request, Response};
-use crate::deploy::ErrorClass;
+use crate::deploy::{fmt_clock, DeployState, ErrorClass, StepStatus};
 use crate::leader::{due_for, Sent, StepKey};
 use crate::manifest::{parse_destinations, parse_manifest, Overrides};
-use crate::saga::plan;
+use crate::saga::{plan, StepAction};
 use crate::state::State;
 
 const BASE: &str = "app: web\nrelease: v2\ndestination: d\nrun: [srv]\nhealth: { tcp: true }\n";
