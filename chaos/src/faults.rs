@@ -13,7 +13,9 @@ use fleet_tests::harness::{eventually, CtlRun, Fleet};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::scenario::SETTLE;
+use fleet_tests::netns::Topology;
+
+use crate::scenario::{self, SETTLE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -29,10 +31,42 @@ pub enum FaultKind {
     /// the leader presumed it lost (lease passed) and the deployment moved
     /// on, or the deployment ended.
     NodeKill,
+    /// Every coordinator's Raft log fsync 150–400 ms slower for 1.5–3 s
+    /// (the `raft-log-fsync` failpoint), then normal again.
+    SlowDisk,
+    /// The leader's host cut off from every other host for 1.5–3 s
+    /// (iptables in its network namespace), then healed.
+    LeaderPartition,
+    /// A worker node's host cut off from every coordinator until the
+    /// leader presumed it lost and the deployment moved on, then healed.
+    NodePartition,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 4] = [FaultKind::LeaderKill, FaultKind::LeaderStop, FaultKind::FollowerKill, FaultKind::NodeKill];
+    pub const ALL: [FaultKind; 7] = [
+        FaultKind::LeaderKill,
+        FaultKind::LeaderStop,
+        FaultKind::FollowerKill,
+        FaultKind::NodeKill,
+        FaultKind::SlowDisk,
+        FaultKind::LeaderPartition,
+        FaultKind::NodePartition,
+    ];
+
+    /// The kinds a run can inject: partitions need every process on a host
+    /// of its own (network namespaces).
+    pub fn available(hosts: bool) -> Vec<FaultKind> {
+        FaultKind::ALL.into_iter().filter(|k| hosts || !k.needs_hosts()).collect()
+    }
+
+    pub fn needs_hosts(self) -> bool {
+        matches!(self, FaultKind::LeaderPartition | FaultKind::NodePartition)
+    }
+
+    /// Takes a worker node away from the coordinators (killed or cut off).
+    pub fn loses_a_node(self) -> bool {
+        matches!(self, FaultKind::NodeKill | FaultKind::NodePartition)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -40,6 +74,9 @@ impl FaultKind {
             FaultKind::LeaderStop => "SIGSTOP leader",
             FaultKind::FollowerKill => "kill -9 follower",
             FaultKind::NodeKill => "kill -9 node",
+            FaultKind::SlowDisk => "slow disk",
+            FaultKind::LeaderPartition => "partition leader",
+            FaultKind::NodePartition => "partition node",
         }
     }
 }
@@ -52,7 +89,7 @@ pub struct FaultPlan {
     pub kind: FaultKind,
     /// Picks the follower or node (modulo how many there are).
     pub pick: usize,
-    /// How long a SIGSTOP lasts.
+    /// How long a SIGSTOP or a slow disk lasts.
     pub stop_for: Duration,
 }
 
@@ -76,6 +113,7 @@ pub struct Injected {
 /// `nodes` the workers its steps run on, and bring the cluster back.
 pub async fn inject(
     f: &mut Fleet,
+    topo: Option<&Topology>,
     plan: &FaultPlan,
     id: &str,
     nodes: &[&str],
@@ -86,7 +124,39 @@ pub async fn inject(
         FaultKind::LeaderStop => leader_stop(f, plan.stop_for).await,
         FaultKind::FollowerKill => follower_kill(f, plan.pick, id, watcher).await,
         FaultKind::NodeKill => node_kill(f, nodes[plan.pick % nodes.len()], id, watcher).await,
+        FaultKind::SlowDisk => slow_disk(f, 150 + (plan.pick as u64 % 251), plan.stop_for).await,
+        FaultKind::LeaderPartition | FaultKind::NodePartition => {
+            let topo = topo.context("a partition needs every process on a host of its own (network namespaces)")?;
+            if plan.kind == FaultKind::LeaderPartition {
+                leader_partition(f, topo, plan.stop_for).await
+            } else {
+                node_partition(f, topo, nodes[plan.pick % nodes.len()], id, watcher).await
+            }
+        }
     }
+}
+
+async fn slow_disk(f: &mut Fleet, extra_ms: u64, slow_for: Duration) -> anyhow::Result<Injected> {
+    let ids: Vec<u64> = f.cluster.coords.keys().copied().collect();
+    let at_ms = now_ms();
+    let began = Instant::now();
+    let slow = format!("raft-log-fsync=sleep({extra_ms})\n");
+    for id in &ids {
+        f.cluster.set_failpoints(*id, &slow).await?;
+    }
+    if let Some(left) = slow_for.checked_sub(began.elapsed()) {
+        tokio::time::sleep(left).await; // the length of the fault, not a wait for anything
+    }
+    for id in &ids {
+        f.cluster.set_failpoints(*id, "").await?;
+    }
+    Ok(Injected {
+        kind: FaultKind::SlowDisk,
+        target: "every coordinator".into(),
+        at_ms,
+        detail: format!("fsync {extra_ms} ms slower for {} ms", began.elapsed().as_millis()),
+        down_ms: None,
+    })
 }
 
 async fn leader_kill(f: &mut Fleet) -> anyhow::Result<Injected> {
@@ -166,23 +236,91 @@ async fn follower_kill(f: &mut Fleet, pick: usize, id: &str, watcher: &JoinHandl
 }
 
 async fn node_kill(f: &mut Fleet, victim: &str, id: &str, watcher: &JoinHandle<anyhow::Result<CtlRun>>) -> anyhow::Result<Injected> {
-    let before = f.cluster.deployment(id).await?;
-    let epoch = before.epoch;
+    let epoch = f.cluster.deployment(id).await?.epoch;
     let idx = f.nodes.iter().position(|n| n.name == victim).with_context(|| format!("no node {victim}"))?;
     let at_ms = now_ms();
     f.nodes[idx].kill9()?;
-    // Restart it only after its lease has certainly passed: the leader lists
-    // it as lost and the deployment has moved on (its record changed after
-    // the kill), or the deployment has ended. A quicker return would only
-    // test a reconnect.
-    let how = eventually(&format!("{victim} to be presumed lost and {id} to move on, or {id} to end"), SETTLE, || async {
+    let how = lost_and_moved_on(f, victim, id, epoch, at_ms, watcher).await?;
+    f.nodes[idx].restart().with_context(|| format!("restarting {victim}"))?;
+    let down_ms = Some(now_ms() - at_ms);
+    Ok(Injected { kind: FaultKind::NodeKill, target: victim.to_string(), at_ms, detail: format!("{how}; restarted"), down_ms })
+}
+
+/// Cut a worker node off from every coordinator (it keeps running, and
+/// must stop its work on its own), until the leader presumed it lost and
+/// the deployment moved on; then heal the link.
+async fn node_partition(
+    f: &mut Fleet,
+    topo: &Topology,
+    victim: &str,
+    id: &str,
+    watcher: &JoinHandle<anyhow::Result<CtlRun>>,
+) -> anyhow::Result<Injected> {
+    let epoch = f.cluster.deployment(id).await?.epoch;
+    let at_ms = now_ms();
+    let cut = topo.isolate(scenario::host_of(victim), &scenario::COORD_HOSTS)?;
+    let how = lost_and_moved_on(f, victim, id, epoch, at_ms, watcher).await;
+    let healed = cut.heal();
+    let how = how?;
+    healed?;
+    let down_ms = Some(now_ms() - at_ms);
+    Ok(Injected { kind: FaultKind::NodePartition, target: victim.to_string(), at_ms, detail: format!("{how}; link healed"), down_ms })
+}
+
+/// Cut the leader off from every other coordinator and node for `cut_for`
+/// (past the election timeout, inside the nodes' lease), then heal: the
+/// majority elects a new leader, and the old one must change nothing.
+async fn leader_partition(f: &mut Fleet, topo: &Topology, cut_for: Duration) -> anyhow::Result<Injected> {
+    let leader = f.cluster.leader_id().await?;
+    let host = scenario::coord_host(leader)?;
+    let peers: Vec<&str> = topo.hosts().iter().map(|h| h.name.as_str()).filter(|h| *h != host).collect();
+    let at_ms = now_ms();
+    let began = Instant::now();
+    let cut = topo.isolate(host, &peers)?;
+    let elected = new_leader_without(f, leader, "a new leader on the majority side of the cut").await;
+    if let Some(left) = cut_for.checked_sub(began.elapsed()) {
+        tokio::time::sleep(left).await; // the length of the fault, not a wait for anything
+    }
+    let cut_ms = began.elapsed().as_millis();
+    let healed = cut.heal();
+    let (new_leader, after) = elected?;
+    healed?;
+    eventually(&format!("coordinator {leader} to follow a new leader once the cut healed"), SETTLE, || async {
+        let s = f.cluster.local_status(leader).await?;
+        Ok((s.leader_id != 0 && s.leader_id != leader).then_some(()))
+    })
+    .await?;
+    Ok(Injected {
+        kind: FaultKind::LeaderPartition,
+        target: format!("coordinator {leader}"),
+        at_ms,
+        detail: format!("cut off {cut_ms} ms; coordinator {new_leader} led {} ms after the cut", after.as_millis()),
+        down_ms: None,
+    })
+}
+
+/// Wait until `victim` is listed lost and deployment `id` moved on since
+/// `at_ms` (or ended); a description of what was seen.
+async fn lost_and_moved_on(
+    f: &Fleet,
+    victim: &str,
+    id: &str,
+    epoch: u64,
+    at_ms: i64,
+    watcher: &JoinHandle<anyhow::Result<CtlRun>>,
+) -> anyhow::Result<String> {
+    // Restore the node only after its lease has certainly passed: the
+    // leader lists it as lost and the deployment has moved on (its record
+    // changed after the fault), or the deployment has ended. A quicker
+    // return would only test a reconnect.
+    eventually(&format!("{victim} to be presumed lost and {id} to move on, or {id} to end"), SETTLE, || async {
         let d = f.cluster.deployment(id).await?;
         let state = d.state;
         if state.is_terminal() {
-            return Ok(Some(format!("{id} ended {state} before the node was restarted")));
+            return Ok(Some(format!("{id} ended {state} before the node was back")));
         }
         if watcher.is_finished() {
-            return Ok(Some(format!("the watch of {id} returned before the node was restarted")));
+            return Ok(Some(format!("the watch of {id} returned before the node was back")));
         }
         let nodes = f.cluster.nodes_json().await?;
         let lost = nodes.iter().any(|n| n.id == victim && !n.connected && n.lost_ms.is_some());
@@ -191,16 +329,13 @@ async fn node_kill(f: &mut Fleet, victim: &str, id: &str, watcher: &JoinHandle<a
             let skipped = d.steps.iter().filter(|s| s.plan.node == victim && s.status == StepStatus::Skipped).count();
             let waiting = d.steps.iter().filter(|s| s.plan.node == victim && s.waiting.is_some()).count();
             format!(
-                "presumed lost {} ms after the kill; epoch {epoch} → {}; {skipped} of its steps skipped, {waiting} waiting for it",
+                "presumed lost {} ms after the fault; epoch {epoch} → {}; {skipped} of its steps skipped, {waiting} waiting for it",
                 now_ms() - at_ms,
                 d.epoch
             )
         }))
     })
-    .await?;
-    f.nodes[idx].restart().with_context(|| format!("restarting {victim}"))?;
-    let down_ms = Some(now_ms() - at_ms);
-    Ok(Injected { kind: FaultKind::NodeKill, target: victim.to_string(), at_ms, detail: format!("{how}; restarted"), down_ms })
+    .await
 }
 
 /// Has the deployment's record changed since `at_ms`: a new epoch, an

@@ -11,7 +11,6 @@ use fleet_tests::json::{LockStatusView, ResultLine, StartOutput};
 use fleet_tests::values::{app, kind, output, status, steps};
 use serde::Serialize;
 
-use crate::faults::FaultKind;
 use crate::report::RoundLine;
 use crate::scenario::{Kind, TOPOLOGY};
 
@@ -136,7 +135,7 @@ fn event_log(d: &Deployment) -> Vec<String> {
 ///   command step already applied that only that node could undo,
 ///   compensation_failed (exit 6).
 pub fn allowed_failure(line: &RoundLine) -> Option<String> {
-    if line.fault.kind != FaultKind::NodeKill {
+    if !line.fault.kind.loses_a_node() {
         return None;
     }
     let victim = line.fault.target.as_str();
@@ -324,7 +323,7 @@ fn expected_instances(finals: &BTreeMap<String, Deployment>) -> anyhow::Result<B
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::faults::Injected;
+    use crate::faults::{FaultKind, Injected};
 
     fn line(kind: Kind, fault: FaultKind, target: &str, down_ms: Option<i64>) -> RoundLine {
         RoundLine {
@@ -362,6 +361,11 @@ mod tests {
             ("a leader kill", Command, LeaderKill, "coordinator 1", None, false),
             ("a paused leader", Stack, LeaderStop, "coordinator 2", None, false),
             ("a follower kill", Single, FollowerKill, "coordinator 3", None, false),
+            ("slow disks", Command, SlowDisk, "every coordinator", None, false),
+            ("a partitioned leader", Single, LeaderPartition, "coordinator 1", None, false),
+            ("ops' only node cut off and back in 7 s", Command, NodePartition, "node-c", Some(7_000), false),
+            ("ops' only node cut off past node_wait", Command, NodePartition, "node-c", Some(61_000), true),
+            ("one of dev's nodes cut off", Single, NodePartition, "node-2", Some(600_000), false),
         ];
         for (case, kind, fault, target, down, allowed) in cases {
             assert_eq!(allowed_failure(&line(kind, fault, target, down)).is_some(), allowed, "{case}");

@@ -31,7 +31,7 @@ deployment that switched its route there (no orphans);\n\
   5. a deployment that did not succeed was failed by a fault that may fail it: only losing node-c, the only \
 ops node, may fail a command deployment (exit 3).\n\n\
 Not covered yet: network partitions between coordinators (every process shares loopback).\n\n\
-Build the binaries first: cargo build -p fleet-coord -p fleetctl -p fleet-node -p fleet-demo-app.\n\
+Build the binaries first: cargo build --workspace --exclude fleet-bench --all-targets.\n\
 Exit codes: 0 every invariant held · 1 an invariant broke (or the cluster did not recover; the test dir is \
 kept and printed) · 2 usage · 3 the harness could not run (e.g. binaries not built).",
     after_long_help = "Examples:\n  cargo run -p fleet-chaos -- --rounds 50 --seed 7\n  fleet-chaos --rounds 10 -o json | jq .progress\n  \

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _};
 use fleet_tests::harness::{eventually, Fleet};
 use fleet_tests::json::Line;
+use fleet_tests::netns::{self, NetFleet, NodeOnHost, Topology};
 use serde::Serialize;
 
 pub const DEV_NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -153,10 +154,43 @@ impl Manifests {
     }
 }
 
-pub async fn start() -> anyhow::Result<Fleet> {
+/// The hosts of coordinators 1, 2, 3 when every process has a host of its own.
+pub const COORD_HOSTS: [&str; 3] = ["c1", "c2", "c3"];
+
+/// The host of a coordinator.
+pub fn coord_host(id: u64) -> anyhow::Result<&'static str> {
+    COORD_HOSTS.get((id as usize).wrapping_sub(1)).copied().with_context(|| format!("no host for coordinator {id}"))
+}
+
+/// The host of a worker node: `node-1` on `n1` ... `node-c` on `nc`.
+pub fn host_of(node: &str) -> &str {
+    match node {
+        "node-1" => "n1",
+        "node-2" => "n2",
+        "node-3" => "n3",
+        _ => "nc",
+    }
+}
+
+/// The cluster: every coordinator and node a host of its own in a network
+/// namespace (so links can be cut) when this machine allows it (root,
+/// `ip netns`, iptables) and `FLEET_CHAOS_HOSTS` is not `0`; else every
+/// process on 127.0.0.1, and no partitions.
+pub async fn start() -> anyhow::Result<(Fleet, Option<Topology>)> {
     let nodes: Vec<(&str, &[(&str, &str)])> =
         vec![(DEV_NODES[0], DEV_LABELS), (DEV_NODES[1], DEV_LABELS), (DEV_NODES[2], EDGE_LABELS), (OPS_NODE, OPS_LABELS)];
-    Fleet::start(&nodes, DESTINATIONS).await
+    let why_not = match std::env::var("FLEET_CHAOS_HOSTS").ok().as_deref() {
+        Some("0") => Some("FLEET_CHAOS_HOSTS=0".to_string()),
+        _ => netns::skip_reason(),
+    };
+    if let Some(why) = why_not {
+        eprintln!("chaos: every process on 127.0.0.1, no partitions ({why})");
+        return Ok((Fleet::start(&nodes, DESTINATIONS).await?, None));
+    }
+    let on_hosts: Vec<NodeOnHost> = nodes.iter().map(|(name, labels)| (*name, host_of(name), *labels)).collect();
+    let NetFleet { fleet, topo } = NetFleet::start(&COORD_HOSTS, &on_hosts, DESTINATIONS).await?;
+    eprintln!("chaos: each coordinator and node on a host of its own (network namespaces on 10.77.x.0/24); partitions on");
+    Ok((fleet, Some(topo)))
 }
 
 /// Wait until the cluster is whole again: every coordinator follows the

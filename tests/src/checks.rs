@@ -20,7 +20,9 @@ pub use fleet_net::now_ms;
 /// * on each destination no two actions overlapped in time;
 /// * on each destination no action carried a token lower than one already
 ///   used there;
-/// * no step attempt (or undo attempt) was carried out twice;
+/// * no step attempt (or undo attempt) was carried out twice, except by the
+///   same node again after it restarted (it was killed after the run and
+///   before it stored the result, so it could not know; steps are idempotent);
 /// * every action of one of `deployments` carried that deployment's fencing
 ///   token (one that never got a token has no actions at all).
 pub fn assert_witness_safe(witness: &[WitnessLine], deployments: &[&Deployment]) -> anyhow::Result<()> {
@@ -42,13 +44,20 @@ fn check_witness(witness: &[WitnessLine], tokens: &BTreeMap<&str, Option<u64>>) 
             ensure!(a.token <= b.token, "an action with a lower token ran after a higher one on destination {dest}:\n  {a}\n  {b}");
         }
     }
-    let mut seen = BTreeSet::new();
+    // Who ran each attempt: (node, boot).
+    let mut ran_by: BTreeMap<(&str, u32, bool, u32), BTreeSet<(&str, i64)>> = BTreeMap::new();
     for l in witness {
         // A `check` (a handed-over or resumed step found already done) reads
         // the target and changes nothing: it may follow the run of the same
-        // attempt whose result a killed node never delivered. Two runs may not.
-        let ran = l.action != "check";
-        ensure!(!ran || seen.insert((&l.deployment, l.step, l.undo, l.attempt)), "a step attempt was carried out twice: {l}");
+        // attempt whose result a killed node never delivered. Two runs may
+        // not, unless one node ran it once per boot: killed after the run
+        // and before its result was stored, a restarted node cannot know.
+        if l.action == "check" {
+            continue;
+        }
+        let runs = ran_by.entry((l.deployment.as_str(), l.step, l.undo, l.attempt)).or_default();
+        let legit = runs.iter().all(|(node, boot)| *node == l.node && *boot != l.boot_ms);
+        ensure!(legit && runs.insert((l.node.as_str(), l.boot_ms)), "a step attempt was carried out twice: {l}");
         if let Some(token) = tokens.get(l.deployment.as_str()) {
             ensure!(
                 *token == Some(l.token),
@@ -79,6 +88,7 @@ mod tests {
     fn line(dest: &str, dep: &str, step: u32, token: u64, start: i64, end: i64) -> WitnessLine {
         WitnessLine {
             node: "n".into(),
+            boot_ms: 1,
             destination: dest.into(),
             deployment: dep.into(),
             step,
@@ -133,7 +143,15 @@ mod tests {
         check(&[line("a", "d1", 0, 1, 0, 10), checked.clone()], &[]).unwrap();
         let mut rerun = checked;
         rerun.action = "start".into();
-        assert!(check(&[line("a", "d1", 0, 1, 0, 10), rerun], &[]).is_err());
+        assert!(check(&[line("a", "d1", 0, 1, 0, 10), rerun.clone()], &[]).is_err());
+        // The same node after a restart may run it again (it could not know
+        // it had); another node, or the same boot twice, may not.
+        let mut rebooted = rerun.clone();
+        rebooted.boot_ms = 2;
+        check(&[line("a", "d1", 0, 1, 0, 10), rebooted.clone()], &[]).unwrap();
+        let mut elsewhere = rebooted;
+        elsewhere.node = "m".into();
+        assert!(check(&[line("a", "d1", 0, 1, 0, 10), elsewhere], &[]).is_err());
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Coord {
     pub spec: CoordSpec,
     pub child: Option<Child>,
     pub addr: String,
+    /// The command prefix it runs under (`ip netns exec NS`, see the
+    /// `netns` module); empty = directly.
+    pub wrap: Vec<std::ffi::OsString>,
 }
 
 pub struct Cluster {
@@ -78,14 +81,21 @@ impl Cluster {
     /// `coord-N.http`, see [`Cluster::http_addr`]), on the same port again
     /// after a restart.
     pub fn spawn(&mut self, id: u64, bootstrap: bool, listen: &str) -> anyhow::Result<()> {
+        let wrap = self.coords.get(&id).map(|c| c.wrap.clone()).unwrap_or_default();
+        self.spawn_under(wrap, id, bootstrap, listen)
+    }
+
+    /// [`Cluster::spawn`] under a command prefix (`ip netns exec NS`); a
+    /// restart runs it under the same prefix again.
+    pub fn spawn_under(&mut self, wrap: Vec<std::ffi::OsString>, id: u64, bootstrap: bool, listen: &str) -> anyhow::Result<()> {
         let http_file = self.http_file(id);
         let http_listen = std::fs::read_to_string(&http_file).map(|a| a.trim().to_string()).unwrap_or_else(|_| "127.0.0.1:0".into());
         let _ = std::fs::remove_file(&http_file);
         let mut extra_args = self.extra_args.clone();
         extra_args.extend(["--http-addr".into(), http_listen, "--http-addr-file".into(), http_file.display().to_string()]);
         let spec = CoordSpec { id, dir: self.dir.path().to_path_buf(), bootstrap, listen: listen.to_string(), extra_args };
-        let (child, addr) = dev::spawn_coordinator(&self.bin, &spec, Duration::from_secs(30))?;
-        self.coords.insert(id, Coord { spec, child: Some(child), addr });
+        let (child, addr) = dev::spawn_coordinator_under(&wrap, &self.bin, &spec, Duration::from_secs(30))?;
+        self.coords.insert(id, Coord { spec, child: Some(child), addr, wrap });
         Ok(())
     }
 
@@ -167,6 +177,24 @@ impl Cluster {
         let mut c = Client::new(&ctx)?;
         c.retry_for = Duration::from_secs(5);
         c.call(|mut cl, _| async move { cl.cluster_status(ClusterStatusRequest { local: true }).await.map(|r| r.into_inner()) }).await
+    }
+
+    /// Set coordinator `id`'s disk failpoints (`NAME=ACTIONS` lines, see
+    /// `fleet-coord`'s `faults` module; `""` clears them) and wait until it
+    /// has applied them. A coordinator that is not running reads them when
+    /// it starts.
+    pub async fn set_failpoints(&self, id: u64, text: &str) -> anyhow::Result<()> {
+        let coord = self.coords.get(&id).context("no such coordinator")?;
+        let dir = coord.spec.data_dir();
+        std::fs::write(dir.join("failpoints"), text).with_context(|| format!("writing coordinator {id}'s failpoints"))?;
+        if coord.child.is_none() {
+            return Ok(());
+        }
+        let applied = dir.join("failpoints.applied");
+        eventually(&format!("coordinator {id} to apply its failpoints"), Duration::from_secs(10), || async {
+            Ok((std::fs::read_to_string(&applied).ok().as_deref() == Some(text)).then_some(()))
+        })
+        .await
     }
 
     pub fn log_of(&self, id: u64) -> String {
@@ -382,6 +410,11 @@ impl Node {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Where the node serves `/metrics` (plain HTTP), once it listens.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        std::fs::read_to_string(self.dir.join("metrics.addr")).ok()?.trim().parse().ok()
+    }
+
     /// `kill -9` the node process (its instances stay, as after a crash).
     pub fn kill9(&mut self) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {
@@ -575,6 +608,10 @@ impl Cluster {
             dir.join("data").into(),
             "--witness".into(),
             dir.join("witness.jsonl").into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-addr-file".into(),
+            dir.join("metrics.addr").into(),
         ];
         for (k, v) in labels {
             args.push("--label".into());

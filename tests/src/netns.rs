@@ -33,13 +33,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use fleet_proto::{AddLearnerRequest, PromoteRequest};
-use fleetctl::dev::{self, CoordSpec};
+use fleetctl::dev;
 
-use crate::harness::{install_crypto, pid_alive, Cluster, Coord, Fleet, Node, TestSlot};
+use crate::harness::{install_crypto, pid_alive, Cluster, Fleet, Node, TestSlot};
 
 /// Namespaces of every topology start with this (then `<pid>-<seq>-`).
 const NS_PREFIX: &str = "fleet-";
@@ -376,52 +376,11 @@ pub async fn start_cluster(topo: &Topology, hosts: &[&str], extra_args: &[&str])
     Ok(cluster)
 }
 
-/// `fleet-coord` (as `fleetctl dev` builds it) under `ip netns exec`.
+/// `fleet-coord` on `host` (under `ip netns exec`), listening on the host's
+/// address; a restart puts it there again.
 fn spawn_coordinator(topo: &Topology, cluster: &mut Cluster, id: u64, host: &str) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt;
-    let spec = CoordSpec {
-        id,
-        dir: cluster.path().to_path_buf(),
-        bootstrap: id == 1,
-        listen: format!("{}:0", topo.ip(host)?),
-        extra_args: cluster.extra_args.clone(),
-    };
-    let inner = dev::coordinator_command(&cluster.bin, id, &spec.listen, &spec.data_dir(), &spec.dir.join("certs"));
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &topo.host(host)?.ns]).arg(inner.get_program()).args(inner.get_args());
-    let addr_file = spec.addr_file();
-    let _ = std::fs::remove_file(&addr_file);
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(spec.log_file())?;
-    cmd.arg("--addr-file")
-        .arg(&addr_file)
-        .args(&spec.extra_args)
-        .env_remove("FLEET_CA")
-        .env_remove("FLEET_CERT")
-        .env_remove("FLEET_KEY")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
-    if spec.bootstrap {
-        cmd.arg("--bootstrap");
-    }
-    let mut child = cmd.spawn().context("starting fleet-coord under `ip netns exec`")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr = loop {
-        if let Ok(addr) = std::fs::read_to_string(&addr_file) {
-            break addr.trim().to_string();
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("coordinator {id} on {host} exited ({status}) before listening:\n{}", dev::tail_of(&spec.log_file(), 20));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("coordinator {id} on {host} did not listen within 30 s; see {}", spec.log_file().display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    cluster.coords.insert(id, Coord { spec, child: Some(child), addr });
-    Ok(())
+    let listen = format!("{}:0", topo.ip(host)?);
+    cluster.spawn_under(topo.exec_prefix(host)?, id, id == 1, &listen).with_context(|| format!("coordinator {id} on host {host}"))
 }
 
 /// A [`Fleet`] whose coordinators and nodes are hosts of a [`Topology`].

@@ -168,7 +168,22 @@ impl Https {
         Ok(sender.send_request(req).await?)
     }
 
+    /// One request; a read is repeated while the answer is `503
+    /// unavailable` (the API's "retry in a moment": no leader yet, or a
+    /// leadership check that timed out on a loaded machine), as a
+    /// well-behaved client does, for up to 15 s. Writes are sent once.
     async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<Answer> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let a = self.call_once(method, path, body.clone()).await?;
+            if a.status != 503 || method != "GET" || tokio::time::Instant::now() > deadline {
+                return Ok(a);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn call_once(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<Answer> {
         let fut = async {
             let resp = self.send(method, path, body.map(|b| b.to_string()), &[]).await?;
             let status = resp.status().as_u16();
@@ -311,6 +326,7 @@ async fn http_api_end_to_end() {
 
 async fn api(f: &Fleet) -> anyhow::Result<()> {
     let c = &f.cluster;
+    let node_before = node_scrape(f).await?;
     let (leader, follower) = leader_and_follower(c).await?;
     let op = Https::new(c, follower, "operator")?;
     let op_leader = Https::new(c, leader, "operator")?;
@@ -461,7 +477,26 @@ async fn api(f: &Fleet) -> anyhow::Result<()> {
     ensure!(after.value("fleet_nodes_connected", &[]) == 1.0, "one node is connected to the leader");
     ensure!(after.value("fleet_queue_length", &[("destination", "staging")]) == 0.0);
     node.get("/metrics").await?.error(403, "forbidden")?;
+
+    // The node's own metrics (`fleet-node --metrics-addr`) moved too.
+    let node_after = node_scrape(f).await?;
+    let ran = |m: &Metrics| m.sum_of("fleet_node_steps_total", &[("adapter", "process"), ("outcome", "ok"), ("direction", "run")]);
+    ensure!(ran(&node_after) > ran(&node_before), "node steps {} → {}", ran(&node_before), ran(&node_after));
+    let timed = |m: &Metrics| m.sum_of("fleet_node_step_seconds_count", &[("adapter", "process")]);
+    ensure!(timed(&node_after) > timed(&node_before));
+    ensure!(node_after.value("fleet_node_leader_connected", &[]) == 1.0, "node-1 is connected to the leader");
+    ensure!(node_after.value("fleet_node_steps_running", &[]) == 0.0);
     Ok(())
+}
+
+/// node-1's `/metrics`, parsed as Prometheus text.
+async fn node_scrape(f: &Fleet) -> anyhow::Result<Metrics> {
+    let node = f.nodes.first().context("a node")?;
+    let addr = eventually("node-1 to serve its metrics", Duration::from_secs(10), || async { Ok(node.metrics_addr()) }).await?;
+    let body = fleet_tests::harness::http_get_path(&addr.to_string(), "/metrics", Duration::from_secs(5)).await?;
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).context("parsing the node's /metrics")?;
+    ensure!(scrape.samples.iter().any(|s| s.metric == "fleet_node_leader_connected"), "no fleet_node_leader_connected in:\n{body}");
+    Ok(Metrics(scrape))
 }
 
 /// A Prometheus scrape, parsed with a Prometheus text parser.

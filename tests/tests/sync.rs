@@ -128,6 +128,55 @@ async fn joins(f: &mut Fleet) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A node stopped in the middle of a deployment (kill -9, never restarted)
+/// is a server that is gone, not a failed step: the deployment succeeds on
+/// the others with its steps skipped, and `servers` stops listing it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_stopped_mid_deploy_is_gone_not_a_failed_step() {
+    let mut f = Fleet::start_with(&coord_args(), &[("node-1", LABELS), ("node-2", LABELS)], PROD).await.expect("cluster with two nodes");
+    let r = stopped_mid_deploy(&mut f).await;
+    f.finish(r);
+}
+
+async fn stopped_mid_deploy(f: &mut Fleet) -> anyhow::Result<()> {
+    // Slow pre hooks leave time to stop node-2 while the deployment runs.
+    let m = f.cluster.write_file("web.yaml", &format!("{}hooks: {{ pre: [\"sleep 1\"] }}\n", manifest()))?;
+    f.cluster.deploy(&m, &["--release", "v1"]).await?.expect_code(0)?;
+    wait_serving(f, "node-1", "v1").await?;
+    wait_serving(f, "node-2", "v1").await?;
+
+    let submitted = f.cluster.deploy(&m, &["--release", "v2", "--detach"]).await?;
+    submitted.expect_code(0)?;
+    let id = submitted.id()?;
+    // Stop node-2 once the deployment has started on it.
+    eventually("v2 to run a step on node-2", Duration::from_secs(30), || async {
+        let d = f.cluster.deployment(&id).await?;
+        Ok(d.steps.iter().any(|s| s.plan.node == "node-2" && s.status != fleet_core::deploy::StepStatus::Pending).then_some(()))
+    })
+    .await?;
+    let node2 = f.nodes.iter_mut().find(|n| n.name == "node-2").context("node-2")?;
+    node2.kill9()?;
+
+    let watched = f.cluster.ctl(&["watch", &id]).await?;
+    watched.expect_code(0)?;
+    let d = f.cluster.deployment(&id).await?;
+    ensure!(d.state == DeployState::Succeeded, "{id} is {}", d.state);
+    let skipped = d.steps.iter().filter(|s| s.plan.node == "node-2" && s.status == fleet_core::deploy::StepStatus::Skipped).count();
+    ensure!(skipped > 0, "none of node-2's steps were skipped: {:?}", d.steps);
+    ensure!(
+        !d.steps.iter().any(|s| s.status == fleet_core::deploy::StepStatus::Failed),
+        "a vanished server made a step fail: {:?}",
+        d.steps
+    );
+    wait_serving(f, "node-1", "v2").await?;
+    eventually("servers to stop listing node-2", Duration::from_secs(30), || async {
+        let ids: Vec<String> = servers(f, "prod").await?.into_iter().map(|s| s.id).collect();
+        Ok((ids == ["node-1"]).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn destinations_remove_is_refused_while_busy() {
     let f = Fleet::start_with(&coord_args(), &[("node-1", LABELS)], PROD).await.expect("cluster with a node");

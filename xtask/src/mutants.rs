@@ -16,8 +16,15 @@ use crate::root;
 struct Mutant {
     /// The guarantee it breaks.
     breaks: &'static str,
+    /// The package whose tests run (with `--features FEATURE` unless the
+    /// mutation is in `bins`).
     package: &'static str,
+    /// The mutation; `crate/feature` when it is in another crate.
     feature: &'static str,
+    /// Packages whose binaries the tests start, built first with the same
+    /// features (plus `bin_features`), in the mutants' own target dir.
+    bins: &'static [&'static str],
+    bin_features: &'static [&'static str],
     /// `cargo test` target selection and name filters.
     targets: &'static [&'static str],
     filters: &'static [&'static str],
@@ -30,6 +37,8 @@ const MUTANTS: &[Mutant] = &[
         breaks: "a node refuses steps whose fencing token is older than one it has seen (invariant 6)",
         package: "fleet-node",
         feature: "mutation-skip-fencing",
+        bins: &[],
+        bin_features: &[],
         targets: &["--lib", "--test", "node"],
         filters: &["tokens_only_grow", "stale_fencing_tokens"],
         must_fail: &["fencing::tests::tokens_only_grow_and_survive_a_restart", "stale_fencing_tokens_are_refused_and_remembered"],
@@ -38,9 +47,24 @@ const MUTANTS: &[Mutant] = &[
         breaks: "a held destination lock is not granted to anyone else (invariant 1)",
         package: "fleet-core",
         feature: "mutation-steal-lock",
+        bins: &[],
+        bin_features: &[],
         targets: &["--lib"],
         filters: &["state::tests"],
         must_fail: &["state::tests::lock_table"],
+    },
+    Mutant {
+        breaks: "a write is acknowledged only after a majority fsynced it (invariant 2)",
+        package: "fleet-tests",
+        feature: "fleet-coord/mutation-ack-before-fsync",
+        bins: &["fleet-coord", "fleetctl"],
+        bin_features: &["fleet-coord/failpoints"],
+        targets: &["--test", "disk"],
+        filters: &["slow_fsync_everywhere", "failing_fsync_everywhere"],
+        must_fail: &[
+            "a_slow_fsync_everywhere_delays_every_acknowledgement_and_loses_nothing",
+            "a_failing_fsync_everywhere_acknowledges_nothing_and_stops_the_coordinators",
+        ],
     },
 ];
 
@@ -75,10 +99,58 @@ pub fn mutants() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo_test(m: &Mutant, feature: Option<&str>, target_dir: &std::path::Path) -> anyhow::Result<(bool, String)> {
+fn cargo(subcommand: &str, target_dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root()).args(["test", "--no-fail-fast", "-p", m.package]).arg("--target-dir").arg(target_dir).args(m.targets);
-    if let Some(f) = feature {
+    cmd.current_dir(root()).arg(subcommand).arg("--target-dir").arg(target_dir);
+    // No debug info in these throwaway builds: less to compile and link.
+    cmd.env("CARGO_PROFILE_DEV_DEBUG", "0");
+    // RocksDB as the main build compiled it (same version and flags), so
+    // the mutants' target dir does not compile its C++ a second time.
+    if let Some(lib) = built_rocksdb() {
+        cmd.env("ROCKSDB_LIB_DIR", lib).env("ROCKSDB_STATIC", "1");
+    }
+    cmd
+}
+
+/// The directory holding `librocksdb.a` in the main target dir, if built.
+fn built_rocksdb() -> Option<std::path::PathBuf> {
+    let target = std::path::PathBuf::from(std::env::var_os("CARGO_TARGET_DIR")?);
+    let build = std::fs::read_dir(target.join("debug").join("build")).ok()?;
+    build
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("librocksdb-sys-"))
+        .map(|e| e.path().join("out"))
+        .find(|out| out.join("librocksdb.a").is_file())
+}
+
+/// Build the binaries the tests start, with the mutation or without.
+fn build_bins(m: &Mutant, feature: Option<&str>, target_dir: &std::path::Path) -> anyhow::Result<()> {
+    if m.bins.is_empty() {
+        return Ok(());
+    }
+    let mut cmd = cargo("build", target_dir);
+    cmd.arg("--bins");
+    for p in m.bins {
+        cmd.args(["-p", p]);
+    }
+    let features: Vec<&str> = m.bin_features.iter().copied().chain(feature).collect();
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo_test(m: &Mutant, feature: Option<&str>, target_dir: &std::path::Path) -> anyhow::Result<(bool, String)> {
+    build_bins(m, feature, target_dir)?;
+    let mut cmd = cargo("test", target_dir);
+    cmd.args(["--no-fail-fast", "-p", m.package]).args(m.targets);
+    // With `bins`, the mutation is in the binaries the tests start.
+    if let Some(f) = feature.filter(|_| m.bins.is_empty()) {
         cmd.args(["--features", f]);
     }
     cmd.arg("--").args(m.filters);

@@ -20,6 +20,7 @@ use crate::propose::{leader_redirect_if_follower, propose, redirect, write_error
 use crate::raft_types::{NodeId, Raft};
 use crate::store::sm::StateReader;
 use crate::tls::authorize;
+use fleet_net::wire::bounded;
 
 /// The longest a lock acquire may wait on the server.
 const MAX_LOCK_WAIT: Duration = Duration::from_secs(3600);
@@ -54,6 +55,14 @@ impl ControlService {
     }
 
     pub(crate) async fn propose(&self, request_id: Option<String>, command: Command) -> Result<(Outcome, u64), Status> {
+        // Scoped ids are `<caller>/<client id>[#attempt]`: bound them before
+        // they are written to the log (and remembered for dedup).
+        if let Some(id) = request_id.as_deref().filter(|id| id.len() > MAX_REQUEST_ID_LEN) {
+            return Err(Status::invalid_argument(format!(
+                "request id is {} bytes; keep it under 256 (fleetctl makes a fresh one per call)",
+                id.len()
+            )));
+        }
         propose(&self.raft, request_id, command).await
     }
 
@@ -143,6 +152,10 @@ fn lock_reply(outcome: Outcome, applied_index: u64) -> Result<Response<LockReply
     Ok(Response::new(LockReply { outcome: o as i32, lock, applied_index }))
 }
 
+/// Longest scoped request id: a caller name (at most 64), `/`, a client id
+/// of at most 256 bytes and a lock attempt suffix.
+const MAX_REQUEST_ID_LEN: usize = 64 + 1 + 256 + 16;
+
 /// Request ids are scoped by the caller, so one client can never be
 /// answered with another client's recorded response.
 fn scoped_id(holder: &str, id: &str) -> Option<String> {
@@ -160,188 +173,268 @@ impl Control for ControlService {
     type WatchDeploymentStream = WatchStream;
 
     async fn submit_deployment(&self, req: Request<SubmitDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
-        let (actor, _) = authorize(&req, Access::Write, "deploy")?;
-        self.submit(actor, req.into_inner()).await.map(Response::new)
+        async move {
+            let (actor, _) = authorize(&req, Access::Write, "deploy")?;
+            self.submit(actor, req.into_inner()).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn get_deployment(&self, req: Request<GetDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
-        authorize(&req, Access::Read, "status")?;
-        self.get(&req.into_inner().id).await.map(Response::new)
+        async move {
+            authorize(&req, Access::Read, "status")?;
+            self.get(&req.into_inner().id).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn list_deployments(&self, req: Request<ListDeploymentsRequest>) -> Result<Response<ListDeploymentsReply>, Status> {
-        authorize(&req, Access::Read, "list")?;
-        self.list(req.into_inner()).await.map(Response::new)
+        async move {
+            authorize(&req, Access::Read, "list")?;
+            self.list(req.into_inner()).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn watch_deployment(&self, req: Request<GetDeploymentRequest>) -> Result<Response<WatchStream>, Status> {
-        authorize(&req, Access::Read, "watch")?;
-        self.watch(req.into_inner().id).await.map(Response::new)
+        async move {
+            authorize(&req, Access::Read, "watch")?;
+            self.watch(req.into_inner().id).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn cancel_deployment(&self, req: Request<CancelDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
-        let (actor, _) = authorize(&req, Access::Write, "cancel")?;
-        self.cancel(actor, req.into_inner()).await.map(Response::new)
+        async move {
+            let (actor, _) = authorize(&req, Access::Write, "cancel")?;
+            self.cancel(actor, req.into_inner()).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn rollback_deployment(&self, req: Request<RollbackDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
-        let (actor, _) = authorize(&req, Access::Write, "rollback")?;
-        self.rollback(actor, req.into_inner()).await.map(Response::new)
+        async move {
+            let (actor, _) = authorize(&req, Access::Write, "rollback")?;
+            self.rollback(actor, req.into_inner()).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn resolve_deployment(&self, req: Request<ResolveDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
-        let (actor, _) = authorize(&req, Access::Write, "resolve")?;
-        self.resolve(actor, req.into_inner()).await.map(Response::new)
+        async move {
+            let (actor, _) = authorize(&req, Access::Write, "resolve")?;
+            self.resolve(actor, req.into_inner()).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn promote_deployment(&self, req: Request<PromoteDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
-        let (actor, _) = authorize(&req, Access::Write, "promote")?;
-        self.promote_canary(actor, req.into_inner()).await.map(Response::new)
+        async move {
+            let (actor, _) = authorize(&req, Access::Write, "promote")?;
+            self.promote_canary(actor, req.into_inner()).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn apply_destinations(&self, req: Request<ApplyDestinationsRequest>) -> Result<Response<DestinationsReply>, Status> {
-        let (actor, _) = authorize(&req, Access::Write, "destinations apply")?;
-        ControlService::apply_destinations(self, actor, req.into_inner()).await.map(Response::new)
+        async move {
+            let (actor, _) = authorize(&req, Access::Write, "destinations apply")?;
+            ControlService::apply_destinations(self, actor, req.into_inner()).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn list_destinations(&self, req: Request<ListDestinationsRequest>) -> Result<Response<DestinationsReply>, Status> {
-        authorize(&req, Access::Read, "destinations")?;
-        ControlService::list_destinations(self).await.map(Response::new)
+        async move {
+            authorize(&req, Access::Read, "destinations")?;
+            ControlService::list_destinations(self).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn remove_destination(&self, req: Request<RemoveDestinationRequest>) -> Result<Response<DestinationsReply>, Status> {
-        let (actor, _) = authorize(&req, Access::Write, "destinations remove")?;
-        ControlService::remove_destination(self, actor, req.into_inner()).await.map(Response::new)
+        async move {
+            let (actor, _) = authorize(&req, Access::Write, "destinations remove")?;
+            ControlService::remove_destination(self, actor, req.into_inner()).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn list_servers(&self, req: Request<ListServersRequest>) -> Result<Response<ServersReply>, Status> {
-        authorize(&req, Access::Read, "servers")?;
-        ControlService::list_servers(self, req.into_inner()).map(Response::new)
+        async move {
+            authorize(&req, Access::Read, "servers")?;
+            ControlService::list_servers(self, req.into_inner()).map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn list_nodes(&self, req: Request<ListNodesRequest>) -> Result<Response<NodesReply>, Status> {
-        authorize(&req, Access::Read, "nodes")?;
-        ControlService::list_nodes(self).map(Response::new)
+        async move {
+            authorize(&req, Access::Read, "nodes")?;
+            ControlService::list_nodes(self).map(Response::new)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn acquire_lock(&self, req: Request<AcquireLockRequest>) -> Result<Response<LockReply>, Status> {
-        let (holder, _) = authorize(&req, Access::Write, "lock acquire")?;
-        let r = req.into_inner();
-        validate(&r.destination)?;
-        fleet_core::names::validate_text("reason", &r.reason, fleet_core::names::MAX_REASON_LEN)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let wait = Duration::from_millis(r.wait_ms).min(MAX_LOCK_WAIT);
-        let deadline = tokio::time::Instant::now() + wait;
-        // Each attempt has its own id: a retried RPC replays the attempts
-        // already applied (same answers) and only then proposes new ones.
-        let mut attempt = 0u32;
-        loop {
-            let id = scoped_id(&holder, &r.request_id).map(|id| format!("{id}#{attempt}"));
-            let command = Command::AcquireLock { destination: r.destination.clone(), holder: holder.clone(), reason: r.reason.clone() };
-            let (outcome, index) = self.propose(id, command).await?;
-            let held = matches!(outcome, Outcome::Held { .. });
-            if !held || wait.is_zero() || !self.wait_free(&r.destination, &holder, deadline).await {
-                return lock_reply(outcome, index);
+        async move {
+            let (holder, _) = authorize(&req, Access::Write, "lock acquire")?;
+            let r = req.into_inner();
+            validate(&r.destination)?;
+            fleet_core::names::validate_text("reason", &r.reason, fleet_core::names::MAX_REASON_LEN)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let wait = Duration::from_millis(r.wait_ms).min(MAX_LOCK_WAIT);
+            let deadline = tokio::time::Instant::now() + wait;
+            // Each attempt has its own id: a retried RPC replays the attempts
+            // already applied (same answers) and only then proposes new ones.
+            let mut attempt = 0u32;
+            loop {
+                let id = scoped_id(&holder, &r.request_id).map(|id| format!("{id}#{attempt}"));
+                let command = Command::AcquireLock { destination: r.destination.clone(), holder: holder.clone(), reason: r.reason.clone() };
+                let (outcome, index) = self.propose(id, command).await?;
+                let held = matches!(outcome, Outcome::Held { .. });
+                if !held || wait.is_zero() || !self.wait_free(&r.destination, &holder, deadline).await {
+                    return lock_reply(outcome, index);
+                }
+                attempt += 1;
             }
-            attempt += 1;
         }
+        .await
+        .map_err(bounded)
     }
 
     async fn release_lock(&self, req: Request<ReleaseLockRequest>) -> Result<Response<LockReply>, Status> {
-        let (holder, _) = authorize(&req, Access::Write, "lock release")?;
-        let r = req.into_inner();
-        validate(&r.destination)?;
-        let command = Command::ReleaseLock { destination: r.destination.clone(), holder: holder.clone() };
-        let (outcome, index) = self.propose(scoped_id(&holder, &r.request_id), command).await?;
-        lock_reply(outcome, index)
+        async move {
+            let (holder, _) = authorize(&req, Access::Write, "lock release")?;
+            let r = req.into_inner();
+            validate(&r.destination)?;
+            let command = Command::ReleaseLock { destination: r.destination.clone(), holder: holder.clone() };
+            let (outcome, index) = self.propose(scoped_id(&holder, &r.request_id), command).await?;
+            lock_reply(outcome, index)
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn lock_status(&self, req: Request<LockStatusRequest>) -> Result<Response<LockStatusReply>, Status> {
-        authorize(&req, Access::Read, "lock status")?;
-        let r = req.into_inner();
-        if !r.destination.is_empty() {
-            validate(&r.destination)?;
+        async move {
+            authorize(&req, Access::Read, "lock status")?;
+            let r = req.into_inner();
+            if !r.destination.is_empty() {
+                validate(&r.destination)?;
+            }
+            match self.raft.ensure_linearizable().await {
+                Ok(_) => {}
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => return Err(redirect(&f)),
+                Err(e) => return Err(Status::unavailable(format!("{e}; retry in a moment"))),
+            }
+            let (locks, applied_index) = self.state.read(|a| {
+                let locks = if r.destination.is_empty() {
+                    a.state.locks().map(lock_pb).collect()
+                } else {
+                    a.state.lock(&r.destination).map(lock_pb).into_iter().collect()
+                };
+                (locks, a.last_applied.map(|l| l.index).unwrap_or(0))
+            });
+            Ok(Response::new(LockStatusReply { locks, applied_index }))
         }
-        match self.raft.ensure_linearizable().await {
-            Ok(_) => {}
-            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => return Err(redirect(&f)),
-            Err(e) => return Err(Status::unavailable(format!("{e}; retry in a moment"))),
-        }
-        let (locks, applied_index) = self.state.read(|a| {
-            let locks = if r.destination.is_empty() {
-                a.state.locks().map(lock_pb).collect()
-            } else {
-                a.state.lock(&r.destination).map(lock_pb).into_iter().collect()
-            };
-            (locks, a.last_applied.map(|l| l.index).unwrap_or(0))
-        });
-        Ok(Response::new(LockStatusReply { locks, applied_index }))
+        .await
+        .map_err(bounded)
     }
 
     async fn cluster_status(&self, req: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusReply>, Status> {
-        authorize(&req, Access::Read, "cluster status")?;
-        let local = req.into_inner().local;
-        if !local {
-            self.leader_redirect_if_follower()?;
+        async move {
+            authorize(&req, Access::Read, "cluster status")?;
+            let local = req.into_inner().local;
+            if !local {
+                self.leader_redirect_if_follower()?;
+            }
+            let m = self.raft.metrics().borrow().clone();
+            let members = self.members(m.state == ServerState::Leader);
+            // The commit index is the highest index a majority of voters hold.
+            let voters: Vec<&Member> = members.iter().filter(|x| x.kind == "voter").collect();
+            let commit_index = if m.state == ServerState::Leader && !voters.is_empty() {
+                let mut matched: Vec<u64> = voters.iter().map(|x| x.matched_index).collect();
+                matched.sort_unstable_by(|a, b| b.cmp(a));
+                matched[voters.len() / 2]
+            } else {
+                m.last_applied.map(|l| l.index).unwrap_or(0)
+            };
+            let leader_addr =
+                m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())).unwrap_or_default();
+            Ok(Response::new(ClusterStatusReply {
+                cluster_id: self.cluster_id.clone(),
+                leader_id: m.current_leader.unwrap_or(0),
+                leader_addr,
+                term: m.current_term,
+                last_log_index: m.last_log_index.unwrap_or(0),
+                commit_index,
+                applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+                snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+                purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+                members,
+                answered_by: m.id,
+                locks: self.state.read(|a| a.state.locks().count() as u64),
+            }))
         }
-        let m = self.raft.metrics().borrow().clone();
-        let members = self.members(m.state == ServerState::Leader);
-        // The commit index is the highest index a majority of voters hold.
-        let voters: Vec<&Member> = members.iter().filter(|x| x.kind == "voter").collect();
-        let commit_index = if m.state == ServerState::Leader && !voters.is_empty() {
-            let mut matched: Vec<u64> = voters.iter().map(|x| x.matched_index).collect();
-            matched.sort_unstable_by(|a, b| b.cmp(a));
-            matched[voters.len() / 2]
-        } else {
-            m.last_applied.map(|l| l.index).unwrap_or(0)
-        };
-        let leader_addr =
-            m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())).unwrap_or_default();
-        Ok(Response::new(ClusterStatusReply {
-            cluster_id: self.cluster_id.clone(),
-            leader_id: m.current_leader.unwrap_or(0),
-            leader_addr,
-            term: m.current_term,
-            last_log_index: m.last_log_index.unwrap_or(0),
-            commit_index,
-            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
-            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
-            members,
-            answered_by: m.id,
-            locks: self.state.read(|a| a.state.locks().count() as u64),
-        }))
+        .await
+        .map_err(bounded)
     }
 
     async fn add_learner(&self, req: Request<AddLearnerRequest>) -> Result<Response<MembershipReply>, Status> {
-        authorize(&req, Access::Write, "cluster add-learner")?;
-        let r = req.into_inner();
-        if r.id == 0 {
-            return Err(Status::invalid_argument("coordinator ids start at 1"));
+        async move {
+            authorize(&req, Access::Write, "cluster add-learner")?;
+            let r = req.into_inner();
+            if r.id == 0 {
+                return Err(Status::invalid_argument("coordinator ids start at 1"));
+            }
+            r.addr
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| Status::invalid_argument(format!("address `{}` is not HOST:PORT with an IP host: {e}", r.addr)))?;
+            // Blocking: answer once the learner has caught up (through a
+            // snapshot when the log it needs was purged).
+            match self.raft.add_learner(r.id, BasicNode::new(r.addr), true).await {
+                Ok(resp) => Ok(Response::new(MembershipReply { members: self.members(true), applied_index: resp.log_id.index })),
+                Err(e) => Err(write_error(e)),
+            }
         }
-        r.addr
-            .parse::<std::net::SocketAddr>()
-            .map_err(|e| Status::invalid_argument(format!("address `{}` is not HOST:PORT with an IP host: {e}", r.addr)))?;
-        // Blocking: answer once the learner has caught up (through a
-        // snapshot when the log it needs was purged).
-        match self.raft.add_learner(r.id, BasicNode::new(r.addr), true).await {
-            Ok(resp) => Ok(Response::new(MembershipReply { members: self.members(true), applied_index: resp.log_id.index })),
-            Err(e) => Err(write_error(e)),
-        }
+        .await
+        .map_err(bounded)
     }
 
     async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<MembershipReply>, Status> {
-        authorize(&req, Access::Write, "cluster promote")?;
-        let id = req.into_inner().id;
-        self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+        async move {
+            authorize(&req, Access::Write, "cluster promote")?;
+            let id = req.into_inner().id;
+            self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+        }
+        .await
+        .map_err(bounded)
     }
 
     async fn remove_member(&self, req: Request<RemoveMemberRequest>) -> Result<Response<MembershipReply>, Status> {
-        authorize(&req, Access::Write, "cluster remove")?;
-        let id = req.into_inner().id;
-        let is_voter = self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
-        let change =
-            if is_voter { ChangeMembers::RemoveVoters(BTreeSet::from([id])) } else { ChangeMembers::RemoveNodes(BTreeSet::from([id])) };
-        self.change_membership(change).await
+        async move {
+            authorize(&req, Access::Write, "cluster remove")?;
+            let id = req.into_inner().id;
+            let is_voter = self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
+            let change =
+                if is_voter { ChangeMembers::RemoveVoters(BTreeSet::from([id])) } else { ChangeMembers::RemoveNodes(BTreeSet::from([id])) };
+            self.change_membership(change).await
+        }
+        .await
+        .map_err(bounded)
     }
 }

@@ -32,7 +32,33 @@ fn outcome_error(outcome: Outcome) -> Status {
     }
 }
 
+/// Longest deployment id a request may name (ids look like `d42`).
+const MAX_ID_LEN: usize = 64;
+
+/// A deployment id fit to look up and to repeat in an answer.
+fn check_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("deployment id is empty; `fleetctl list` shows the deployments"));
+    }
+    if id.len() > MAX_ID_LEN {
+        let shown = fleet_core::names::shorten(id);
+        return Err(Status::invalid_argument(format!(
+            "deployment id `{shown}` is not an id (ids look like `d42`); `fleetctl list` shows them"
+        )));
+    }
+    Ok(())
+}
+
 impl ControlService {
+    /// Before proposing a change to deployment `id`: the leader (this
+    /// coordinator, or a redirect to it) knows it. `apply` checks again;
+    /// this keeps a request that can only be refused out of the Raft log.
+    fn known_deployment(&self, id: &str) -> Result<(), Status> {
+        check_id(id)?;
+        self.leader_redirect_if_follower()?;
+        self.deployment_reply(id).map(drop)
+    }
+
     async fn linearizable(&self) -> Result<(), Status> {
         self.leader_redirect_if_follower()?;
         match self.raft().ensure_linearizable().await {
@@ -109,6 +135,12 @@ impl ControlService {
     }
 
     pub(crate) async fn resolve(&self, actor: String, r: ResolveDeploymentRequest) -> Result<DeploymentReply, Status> {
+        fleet_core::names::validate_text("note", &r.note, fleet_core::names::MAX_REASON_LEN)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.note.trim().is_empty() {
+            return Err(Status::invalid_argument("a note is required: say what you checked or fixed (`--note \"...\"`)"));
+        }
+        self.known_deployment(&r.id)?;
         let id = self.scoped(&actor, &r.request_id);
         let (outcome, _) = self.propose(id, Command::ResolveDeployment { id: r.id.clone(), note: r.note.clone(), actor }).await?;
         match outcome {
@@ -118,6 +150,7 @@ impl ControlService {
     }
 
     pub(crate) async fn get(&self, id: &str) -> Result<DeploymentReply, Status> {
+        check_id(id)?;
         self.linearizable().await?;
         self.deployment_reply(id)
     }
@@ -149,6 +182,7 @@ impl ControlService {
         &self,
         id: String,
     ) -> Result<tokio_stream::wrappers::ReceiverStream<Result<DeploymentReply, Status>>, Status> {
+        check_id(&id)?;
         // This coordinator may be a little behind the one that acknowledged
         // the submit: give it a moment to apply before saying "no such".
         if self.deployment_reply(&id).is_err() {
@@ -204,6 +238,7 @@ impl ControlService {
 
     /// `fleetctl promote`: a paused canary continues.
     pub(crate) async fn promote_canary(&self, actor: String, r: PromoteDeploymentRequest) -> Result<DeploymentReply, Status> {
+        self.known_deployment(&r.id)?;
         let id = self.scoped(&actor, &r.request_id);
         let (outcome, _) = self.propose(id, Command::PromoteDeployment { id: r.id.clone(), actor }).await?;
         match outcome {
@@ -216,6 +251,7 @@ impl ControlService {
         let reason = if r.reason.is_empty() { format!("cancelled by {actor}") } else { r.reason.clone() };
         fleet_core::names::validate_text("reason", &reason, fleet_core::names::MAX_REASON_LEN)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.known_deployment(&r.id)?;
         let id = self.scoped(&actor, &r.request_id);
         let command = Command::CancelDeployment { id: r.id.clone(), reason, actor, timed_out: false };
         let (outcome, _) = self.propose(id, command).await?;
@@ -229,6 +265,7 @@ impl ControlService {
         if !r.to_release.is_empty() {
             fleet_core::names::validate_name("release", &r.to_release).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
+        self.known_deployment(&r.id)?;
         let id = self.scoped(&actor, &r.request_id);
         let command = Command::RollbackDeployment {
             id: r.id.clone(),

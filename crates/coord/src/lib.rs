@@ -15,11 +15,15 @@
 //! * [`sync`]: the leader's per-destination sync tasks (servers from the
 //!   nodes' reports, catch-up deployments); [`servers`]: `ListServers` and
 //!   `RemoveDestination`.
-//! * [`server`]: wiring it together.
+//! * [`faults`]: failpoints in the log's write and fsync paths, set at run
+//!   time through a file (builds with the `failpoints` feature only).
+//! * [`server`]: wiring it together; a coordinator whose storage fails
+//!   stops serving.
 
 pub mod config;
 pub mod control;
 pub mod deployments;
+pub mod faults;
 pub mod http;
 pub mod hub;
 pub mod metrics;

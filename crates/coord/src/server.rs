@@ -19,6 +19,9 @@ use crate::raft_types::Raft;
 use crate::store::{self, log::LogStore, sm::StateMachine};
 use crate::tls::TlsMaterial;
 
+/// How long open streams get to end after a storage failure stopped Raft.
+const STORAGE_FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Snapshot chunk size: well under the gRPC message limit.
 const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 
@@ -26,6 +29,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let tls = TlsMaterial::load(&config.ca, &config.cert, &config.key, Some(Role::Coordinator))?;
     let cluster_id = tls.cluster_id();
     let db = store::open(&config.data_dir, &cluster_id, config.id)?;
+    crate::faults::watch(&config.data_dir).context("starting the failpoint watcher")?;
     let log_store = LogStore::new(db.clone());
     let (state_machine, reader) = StateMachine::open(db).context("loading the state machine from the data dir")?;
 
@@ -78,6 +82,37 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             Some(task)
         }
     };
+    // A coordinator whose storage failed (a write or fsync of the log, the
+    // state machine) must not go on answering: Raft has stopped, and
+    // clients and nodes should turn to the others.
+    let storage_failed = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let gave_up = std::sync::Arc::new(tokio::sync::Notify::new());
+    let shutdown = {
+        let failed = storage_failed.clone();
+        let gave_up = gave_up.clone();
+        let mut metrics = raft.metrics();
+        async move {
+            let fatal = async {
+                loop {
+                    if let Err(fatal) = &metrics.borrow_and_update().running_state {
+                        return fatal.to_string();
+                    }
+                    if metrics.changed().await.is_err() {
+                        // Raft was shut down by us: not a failure.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown => {}
+                why = fatal => {
+                    tracing::error!(error = %why, "Raft stopped on a storage error; this coordinator stops serving");
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                    gave_up.notify_one();
+                }
+            }
+        }
+    };
     let worker = crate::worker::WorkerService::new(raft.clone(), reader, hub);
     let server = tonic::transport::Server::builder()
         .tls_config(tls.server_config())
@@ -102,7 +137,15 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         println!("fleet-coord {} listening on {bound} (cluster {cluster_id})", config.id);
     }
 
-    let served = server.await;
+    // A graceful stop waits for open streams (nodes' work streams, watches)
+    // to end; after a storage failure they get a few seconds, no more.
+    let served = tokio::select! {
+        served = server => served,
+        _ = async {
+            gave_up.notified().await;
+            tokio::time::sleep(STORAGE_FAILURE_GRACE).await;
+        } => Ok(()),
+    };
     scheduler.abort();
     sync.abort();
     if let Some(http) = http {
@@ -113,6 +156,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         tracing::warn!(error = %e, "raft shutdown");
     }
     served.context("serving gRPC")?;
+    if let Some(why) = storage_failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        anyhow::bail!(
+            "Raft stopped: {why}. This coordinator stopped serving rather than acknowledge what it could not store; \
+             check the disk under {} (free space, I/O errors in the kernel log), then start it again: it catches up from the others",
+            config.data_dir.display()
+        );
+    }
     Ok(())
 }
 

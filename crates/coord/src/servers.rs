@@ -40,6 +40,11 @@ impl ControlService {
     /// destination is busy; its sync task stops when the removal applies.
     pub(crate) async fn remove_destination(&self, actor: String, r: RemoveDestinationRequest) -> Result<DestinationsReply, Status> {
         validate(&r.name)?;
+        // Known to the leader before anything is written (apply checks again).
+        self.leader_redirect_if_follower()?;
+        if self.state().read(|a| a.state.destination(&r.name).is_none()) {
+            return Err(Status::not_found(format!("no destination `{}`; `fleetctl destinations` lists them", r.name)));
+        }
         let id = self.scoped(&actor, &r.request_id);
         let (outcome, index) = self.propose(id, Command::RemoveDestination { name: r.name.clone() }).await?;
         match outcome {

@@ -31,7 +31,7 @@ pub fn validate_name(field: &'static str, value: &str) -> Result<(), NameError> 
         return Err(NameError::Empty { field });
     }
     if value.len() > MAX_NAME_LEN {
-        return Err(NameError::TooLong { field, value: value.to_string(), max: MAX_NAME_LEN });
+        return Err(NameError::TooLong { field, value: shorten(value), max: MAX_NAME_LEN });
     }
     for (i, c) in value.chars().enumerate() {
         let ok = c.is_ascii_lowercase() || c.is_ascii_digit() || (i > 0 && matches!(c, '-' | '_' | '.'));
@@ -40,6 +40,16 @@ pub fn validate_name(field: &'static str, value: &str) -> Result<(), NameError> 
         }
     }
     Ok(())
+}
+
+/// The start of a value too long to repeat whole in an error message (an
+/// error echoing a 70 KB name would not even fit in a gRPC header).
+pub fn shorten(value: &str) -> String {
+    const KEEP: usize = 40;
+    match value.char_indices().nth(KEEP) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &value[..cut], value.len()),
+        None => value.to_string(),
+    }
 }
 
 /// Free text (a lock reason): bounded size, anything else goes.
@@ -80,5 +90,14 @@ mod tests {
         assert!(e.contains("use lowercase"), "{e}");
         let e = validate_text("reason", &"x".repeat(MAX_REASON_LEN + 1), MAX_REASON_LEN).unwrap_err().to_string();
         assert!(e.contains("keep it under"), "{e}");
+    }
+
+    #[test]
+    fn a_long_value_is_not_repeated_whole() {
+        let long = "ä".repeat(70_000);
+        let e = validate_name("deployment id", &long).unwrap_err().to_string();
+        assert!(e.len() < 300, "{} bytes: {}", e.len(), &e[..300]);
+        assert!(e.contains("140000 bytes"), "{e}");
+        assert_eq!(shorten("short"), "short");
     }
 }

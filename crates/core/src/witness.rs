@@ -15,6 +15,10 @@ use thiserror::Error;
 pub struct WitnessLine {
     /// The node that carried the action out.
     pub node: String,
+    /// When that node's process started (ms since the epoch): a node killed
+    /// after running a step and before its result was stored runs the same
+    /// attempt again after its restart, under a new `boot_ms`.
+    pub boot_ms: i64,
     pub destination: String,
     pub deployment: String,
     pub step: u32,
@@ -74,6 +78,7 @@ mod tests {
     fn line() -> WitnessLine {
         WitnessLine {
             node: "node-1".into(),
+            boot_ms: 1,
             destination: "dev".into(),
             deployment: "d1".into(),
             step: 2,

@@ -84,6 +84,17 @@ pub fn coordinator_command(bin: &Path, id: u64, listen: &str, data_dir: &Path, c
 /// terminal that ran `dev up` does not stop it) and wait until it listens.
 /// Returns the child and its address.
 pub fn spawn_coordinator(bin: &Path, spec: &CoordSpec, wait: Duration) -> anyhow::Result<(Child, String)> {
+    spawn_coordinator_under(&[], bin, spec, wait)
+}
+
+/// [`spawn_coordinator`] run under a command prefix `wrap` that execs it
+/// (the tests' `ip netns exec NS`: the child's pid is the coordinator's).
+pub fn spawn_coordinator_under(
+    wrap: &[std::ffi::OsString],
+    bin: &Path,
+    spec: &CoordSpec,
+    wait: Duration,
+) -> anyhow::Result<(Child, String)> {
     use std::os::unix::process::CommandExt;
     let certs = spec.dir.join("certs");
     let addr_file = spec.addr_file();
@@ -93,7 +104,15 @@ pub fn spawn_coordinator(bin: &Path, spec: &CoordSpec, wait: Duration) -> anyhow
         .append(true)
         .open(spec.log_file())
         .with_context(|| format!("opening {}", spec.log_file().display()))?;
-    let mut cmd = coordinator_command(bin, spec.id, &spec.listen, &spec.data_dir(), &certs);
+    let inner = coordinator_command(bin, spec.id, &spec.listen, &spec.data_dir(), &certs);
+    let mut cmd = match wrap.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(inner.get_program()).args(inner.get_args());
+            c
+        }
+        None => inner,
+    };
     cmd.arg("--addr-file")
         .arg(&addr_file)
         .args(&spec.extra_args)

@@ -21,6 +21,28 @@ pub fn rejected(message: impl Into<String>) -> Status {
     status_with(Code::FailedPrecondition, message, ErrorCode::Rejected)
 }
 
+/// Longest error message sent on the wire. An error travels in a header
+/// (`grpc-message`), and one over HTTP/2's header list limit reaches the
+/// client as a protocol error instead of the refusal it was.
+pub const MAX_MESSAGE_LEN: usize = 2048;
+
+/// The same status with its message cut to [`MAX_MESSAGE_LEN`] (at a
+/// character boundary, saying so); code, details and metadata are kept.
+pub fn bounded(status: Status) -> Status {
+    let message = status.message();
+    if message.len() <= MAX_MESSAGE_LEN {
+        return status;
+    }
+    let mut cut = MAX_MESSAGE_LEN - 40;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let short = format!("{}… (message cut, {} bytes in all)", &message[..cut], message.len());
+    let mut out = Status::with_details(status.code(), short, status.details().to_vec().into());
+    *out.metadata_mut() = status.metadata().clone();
+    out
+}
+
 /// The structured code of an error status, if it carries one this version knows.
 pub fn detail_of(status: &Status) -> Option<ErrorCode> {
     if status.details().is_empty() {
@@ -71,6 +93,17 @@ mod tests {
         }
         assert_eq!(class_from_wire(0), Err(UnknownClass(0)));
         assert_eq!(class_from_wire(99), Err(UnknownClass(99)));
+    }
+
+    #[test]
+    fn long_messages_are_cut_and_keep_their_code_and_detail() {
+        let s = bounded(rejected("é".repeat(40_000)));
+        assert!(s.message().len() <= MAX_MESSAGE_LEN, "{}", s.message().len());
+        assert!(s.message().ends_with("(message cut, 80000 bytes in all)"), "{}", s.message());
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(detail_of(&s), Some(ErrorCode::Rejected));
+        let short = bounded(Status::not_found("no deployment `d1`"));
+        assert_eq!(short.message(), "no deployment `d1`");
     }
 
     #[test]

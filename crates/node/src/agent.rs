@@ -96,6 +96,8 @@ pub struct Agent {
     reports: std::sync::OnceLock<crate::report::Reports>,
     fencing: Mutex<Fencing>,
     witness: Option<Witness>,
+    /// When this process started; witness lines carry it.
+    boot_ms: i64,
     steps: Mutex<Steps>,
     results: mpsc::UnboundedSender<StepResult>,
     /// Where finished results are kept across restarts; the mutex orders
@@ -220,6 +222,7 @@ impl Agent {
             reports: std::sync::OnceLock::new(),
             fencing: Mutex::new(fencing),
             witness,
+            boot_ms: now_ms(),
             steps: Mutex::new(steps),
             results: tx,
             journal: journal.map(Mutex::new),
@@ -305,6 +308,7 @@ impl Agent {
                     ErrorClass::Invalid,
                 );
                 tracing::warn!(step = %id, destination = %a.destination, token = key.token, highest, "refused: stale fencing token");
+                crate::metrics::stale_token_refused();
                 self.finish(id, r);
                 return;
             }
@@ -473,6 +477,7 @@ impl Agent {
             }
         };
         tracing::info!(step = %id, action = action.verb(), adapter = adapter.name(), app = %a.app, release = %a.release, "step started");
+        crate::metrics::step_started();
         // Set when the check said the work is done (nothing was run).
         let mut checked = false;
         let fut = async {
@@ -534,6 +539,12 @@ impl Agent {
             }
         };
         let finished_ms = now_ms();
+        crate::metrics::step_finished(
+            adapter.name(),
+            outcome.is_ok(),
+            ctx.undo,
+            Duration::from_millis((finished_ms - started_ms).max(0) as u64),
+        );
         match &outcome {
             Ok(_) => tracing::info!(step = %id, action = action.verb(), ms = finished_ms - started_ms, "step succeeded"),
             Err(e) => tracing::warn!(step = %id, action = action.verb(), class = ?e.class, error = %e.message, "step failed"),
@@ -541,6 +552,7 @@ impl Agent {
         if let Some(w) = &self.witness {
             let line = WitnessLine {
                 node: self.node.clone(),
+                boot_ms: self.boot_ms,
                 destination: a.destination.clone(),
                 deployment: key.deployment.clone(),
                 step: key.step,

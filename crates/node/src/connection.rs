@@ -92,6 +92,7 @@ impl Connector {
             let welcomed = *sessions.welcomed.borrow();
             let end = self.session(&addr, &mut results, &mut sessions).await;
             if *sessions.welcomed.borrow() != welcomed {
+                crate::metrics::leader_connected(false);
                 // A stream to the leader was up and ended (broke, or the
                 // leader stepped down): stop acting unless another comes up.
                 self.stop_unless_reconnected(&sessions);
@@ -202,6 +203,7 @@ impl Connector {
         tracing::info!(%addr, leader = welcome.leader_id, term = welcome.term, heartbeat_ms = welcome.heartbeat_ms, "connected");
         sessions.heartbeat = Duration::from_millis(if welcome.heartbeat_ms == 0 { 1000 } else { welcome.heartbeat_ms });
         sessions.welcomed.send_modify(|n| *n += 1);
+        crate::metrics::leader_connected(true);
 
         // Results finished while disconnected are among the recent ones.
         while results.try_recv().is_ok() {}

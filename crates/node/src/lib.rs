@@ -11,6 +11,7 @@
 //! the same route).
 //! [`proc`] is what both know of local child processes. [`report`]: what
 //! the adapters run, reported to the leader for destination sync.
+//! [`metrics`]: Prometheus metrics (`--metrics-addr`).
 
 pub mod adapter;
 pub mod agent;
@@ -20,6 +21,7 @@ pub mod connection;
 pub mod docker;
 pub mod fencing;
 pub mod identity;
+pub mod metrics;
 pub mod probe;
 pub mod proc;
 pub mod process;

@@ -92,6 +92,16 @@ struct Args {
     /// a message naming the socket.
     #[arg(long, env = "FLEET_NODE_DOCKER_SOCKET", value_name = "PATH")]
     docker_socket: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP: steps
+    /// by adapter and outcome, their durations, steps running, stale tokens
+    /// refused, leader connection). Off unless given; e.g. 127.0.0.1:9101.
+    #[arg(long, env = "FLEET_NODE_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Write the metrics endpoint's bound address here (useful with port 0).
+    #[arg(long, value_name = "FILE", requires = "metrics_addr")]
+    metrics_addr_file: Option<PathBuf>,
 }
 
 fn parse_addr(s: &str) -> Result<String, String> {
@@ -198,6 +208,13 @@ async fn run(args: Args, identity: NodeIdentity, witness: Option<Witness>) -> an
         }
     }
     let _lock = lock_data_dir(&args.data_dir)?;
+    if let Some(addr) = args.metrics_addr {
+        let bound = fleet_node::metrics::serve(addr).await?;
+        if let Some(path) = &args.metrics_addr_file {
+            std::fs::write(path, bound.to_string()).with_context(|| format!("--metrics-addr-file {}", path.display()))?;
+        }
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     let adapter = ProcessAdapter::open(ProcessConfig::new(&args.data_dir)).await.context("opening the process adapter's state")?;
     let fencing = Fencing::open(&args.data_dir)?;
     let adopted = adapter.instances().len();

@@ -46,6 +46,7 @@ mod tests {
         let w = Witness::open(&path).unwrap();
         let line = WitnessLine {
             node: "node-1".into(),
+            boot_ms: 5,
             destination: "dev".into(),
             deployment: "d1".into(),
             step: 0,

@@ -90,13 +90,34 @@ impl LogStore {
     }
 }
 
+/// Make every write so far durable. Failpoint `raft-log-fsync` (builds
+/// with the `failpoints` feature) makes it slow (`sleep(MS)`) or fail
+/// (`return`, `return(MESSAGE)`).
+fn fsync(db: &DB) -> std::io::Result<()> {
+    fail::fail_point!("raft-log-fsync", |msg| Err(std::io::Error::other(msg.unwrap_or_else(|| "injected fsync failure".into()))));
+    let started = std::time::Instant::now();
+    let r = db.flush_wal(true).map_err(|e| std::io::Error::other(e.to_string()));
+    crate::metrics::fsync_seconds(started.elapsed());
+    r
+}
+
 fn flusher(db: Arc<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         waiting.extend(rx.try_iter());
+        if cfg!(feature = "mutation-ack-before-fsync") {
+            // The broken guarantee `cargo xtask mutants` must see caught:
+            // acknowledged first, stored (maybe) afterwards.
+            for cb in waiting.drain(..) {
+                cb.log_io_completed(Ok(()));
+            }
+        }
         // Every callback here was queued after its entries were written, so
         // this one fsync makes all of them durable.
-        let result = db.flush_wal(true).map_err(|e| std::io::Error::other(e.to_string()));
+        let result = fsync(&db);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "fsync of the Raft log failed; nothing written since the last good fsync is acknowledged");
+        }
         for cb in waiting {
             let r = match &result {
                 Ok(()) => Ok(()),
@@ -178,6 +199,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Failpoint `raft-log-append`: the write itself fails (`return`:
+        // a full disk, say) before anything of this batch is stored.
+        fail::fail_point!("raft-log-append", |msg| Err(write_err(
+            msg.unwrap_or_else(|| "injected write failure: no space left on device".into())
+        )));
         let mut batch = WriteBatch::default();
         for entry in entries {
             let raw = serde_json::to_vec(&entry).map_err(write_err)?;
