@@ -64,6 +64,8 @@ const ROUND_BOUND: Duration = Duration::from_secs(150);
 pub struct ChaosConfig {
     /// How many deployments (one fault each).
     pub rounds: usize,
+    /// Start no round after this much time (a soak); `None`: `rounds` only.
+    pub until: Option<Duration>,
     /// Seeds every random choice: kind, fault point, fault, victim, pause.
     pub seed: u64,
     /// Print one line per round to stderr as it ends.
@@ -72,7 +74,7 @@ pub struct ChaosConfig {
 
 impl Default for ChaosConfig {
     fn default() -> Self {
-        ChaosConfig { rounds: 20, seed: DEFAULT_SEED, verbose: true }
+        ChaosConfig { rounds: 20, until: None, seed: DEFAULT_SEED, verbose: true }
     }
 }
 
@@ -172,7 +174,11 @@ struct Chaos {
 impl Chaos {
     async fn all(&mut self) -> anyhow::Result<()> {
         let manifests = Manifests::write(&self.f)?;
+        let began = Instant::now();
         for round in 1..=self.cfg.rounds {
+            if self.cfg.until.is_some_and(|d| began.elapsed() >= d) {
+                break;
+            }
             self.round = Some(round);
             // `one` records the round in the report before checking it, so a
             // broken invariant is reported with the round that broke it.

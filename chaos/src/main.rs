@@ -34,13 +34,19 @@ Not covered yet: network partitions between coordinators (every process shares l
 Build the binaries first: cargo build --workspace --exclude fleet-bench --all-targets.\n\
 Exit codes: 0 every invariant held · 1 an invariant broke (or the cluster did not recover; the test dir is \
 kept and printed) · 2 usage · 3 the harness could not run (e.g. binaries not built).",
-    after_long_help = "Examples:\n  cargo run -p fleet-chaos -- --rounds 50 --seed 7\n  fleet-chaos --rounds 10 -o json | jq .progress\n  \
+    after_long_help = "Examples:\n  cargo xtask chaos --rounds 40 --seed 0x1234     # builds first, then runs\n  \
+cargo xtask chaos --soak 30m --seed 7           # rounds until 30 minutes have passed\n  \
+fleet-chaos --rounds 10 -o json | jq .progress\n  \
 FLEET_KEEP_TEST_DIR=1 fleet-chaos      # keep logs and witness files even when every invariant holds"
 )]
 struct Cli {
     /// How many deployments to run (one fault each).
     #[arg(long, default_value_t = 20)]
     rounds: usize,
+    /// Instead of a number of rounds: start rounds until this much time
+    /// has passed (e.g. 30m), then run the final checks.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "rounds")]
+    soak: Option<std::time::Duration>,
     /// Seed of every random choice; the same seed replays the same kinds,
     /// fault points and faults (decimal or 0x hex).
     #[arg(long, default_value = "0xF1EE7", value_parser = parse_seed)]
@@ -78,7 +84,10 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(cli.rounds > 0, "--rounds must be at least 1");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    let cfg = ChaosConfig { rounds: cli.rounds, seed: cli.seed, verbose: true };
+    let cfg = match cli.soak {
+        Some(d) => ChaosConfig { rounds: usize::MAX, until: Some(d), seed: cli.seed, verbose: true },
+        None => ChaosConfig { rounds: cli.rounds, until: None, seed: cli.seed, verbose: true },
+    };
     match rt.block_on(fleet_chaos::run(cfg)) {
         Ok(report) => {
             print_report(cli.output, &report)?;

@@ -4,8 +4,8 @@
 //! disks, mid-deploy; every invariant must hold. `cargo test --workspace`
 //! runs it; `fleet-chaos --rounds N --seed S` runs longer streams.
 //!
-//! Replay a run: `FLEET_CHAOS_SEED=<seed> cargo test -p fleet-chaos`, or
-//! `cargo run -p fleet-chaos -- --rounds 8 --seed <seed>`.
+//! Replay a run: `FLEET_CHAOS_SEED=<seed> cargo xtask test --test chaos`, or
+//! `cargo xtask chaos --rounds 8 --seed <seed>`.
 //! `FLEET_CHAOS_ROUNDS=N` changes the length. Build the binaries first:
 //! `cargo build --workspace --exclude fleet-bench --all-targets`.
 //! `FLEET_KEEP_TEST_DIR=1` keeps logs and witness files of a passing run too.
@@ -27,8 +27,8 @@ fn from_env<T: std::str::FromStr>(name: &str) -> Option<T> {
 async fn a_few_faulty_rounds_on_a_random_seed_keep_every_invariant() {
     let seed: u64 = from_env("FLEET_CHAOS_SEED").unwrap_or_else(rand::random);
     let rounds: usize = from_env("FLEET_CHAOS_ROUNDS").unwrap_or(ROUNDS);
-    eprintln!("chaos: seed {seed:#x}, {rounds} rounds (replay: FLEET_CHAOS_SEED={seed:#x} cargo test -p fleet-chaos)");
-    let cfg = ChaosConfig { rounds, seed, verbose: true };
+    eprintln!("chaos: seed {seed:#x}, {rounds} rounds (replay: FLEET_CHAOS_SEED={seed:#x} cargo xtask test --test chaos)");
+    let cfg = ChaosConfig { rounds, until: None, seed, verbose: true };
     match fleet_chaos::run(cfg).await {
         Ok(report) => {
             eprintln!("{}", report.text());
@@ -38,7 +38,7 @@ async fn a_few_faulty_rounds_on_a_random_seed_keep_every_invariant() {
         }
         Err(e) => match e.downcast_ref::<Violation>() {
             Some(v) => panic!(
-                "{}\n##### last lines of every log:\n{}\n{v}\nreplay: FLEET_CHAOS_SEED={seed:#x} cargo test -p fleet-chaos",
+                "{}\n##### last lines of every log:\n{}\n{v}\nreplay: FLEET_CHAOS_SEED={seed:#x} cargo xtask test --test chaos",
                 v.report.text(),
                 v.logs
             ),

@@ -44,8 +44,9 @@ fn check_witness(witness: &[WitnessLine], tokens: &BTreeMap<&str, Option<u64>>) 
             ensure!(a.token <= b.token, "an action with a lower token ran after a higher one on destination {dest}:\n  {a}\n  {b}");
         }
     }
-    // Who ran each attempt: (node, boot).
-    let mut ran_by: BTreeMap<(&str, u32, bool, u32), BTreeSet<(&str, i64)>> = BTreeMap::new();
+    // Who ran each attempt (deployment, step, undo, attempt): (node, boot).
+    type Attempt<'a> = (&'a str, u32, bool, u32);
+    let mut ran_by: BTreeMap<Attempt, BTreeSet<(&str, i64)>> = BTreeMap::new();
     for l in witness {
         // A `check` (a handed-over or resumed step found already done) reads
         // the target and changes nothing: it may follow the run of the same

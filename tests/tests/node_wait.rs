@@ -12,7 +12,7 @@
 //!   resolve`; a process destination fails cleanly (exit 3).
 //!
 //! The chaos seeds that found this (issue 12) replay with
-//! `cargo run -p fleet-chaos -- --rounds 40 --seed 0xC0FFEE` (chaos/README.md).
+//! `cargo xtask chaos --rounds 40 --seed 0xC0FFEE` (chaos/README.md).
 //!
 //! Build the binaries first (`cargo xtask test` does).
 

@@ -32,8 +32,9 @@ fn main() -> ExitCode {
         Some("layering") => check_layering(),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("mutants") => mutants::mutants(),
+        Some("chaos") => chaos(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|lint|deps|bench|fuzz|mutants>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  lint  cargo fmt --check and clippy -D warnings on every crate (CI runs it)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. -- --duration 10s);\n        `bench -- steps` measures the per-step deployment overhead (e.g. -- steps --steps 200 --destinations 100)\n  fuzz  run the fuzz targets in fuzz/ for a bounded time each (--seconds N, default 60; needs nightly)\n  mutants  build deliberately broken guarantees and check the tests catch each");
+            eprintln!("usage: cargo xtask <demo|test|lint|deps|bench|fuzz|mutants>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  lint  cargo fmt --check and clippy -D warnings on every crate (CI runs it)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. -- --duration 10s);\n        `bench -- steps` measures the per-step deployment overhead (e.g. -- steps --steps 200 --destinations 100)\n  fuzz  run the fuzz targets in fuzz/ for a bounded time each (--seconds N, default 60; needs nightly)\n  mutants  build deliberately broken guarantees and check the tests catch each\n  chaos build, then run fleet-chaos (args go to it: --rounds N --seed S, --soak 30m)");
             return ExitCode::from(2);
         }
     };
@@ -209,6 +210,20 @@ fn check_layering() -> anyhow::Result<()> {
     }
     eprintln!("layering: no module cycles; fleet-core is pure");
     Ok(())
+}
+
+/// `cargo xtask chaos ARGS`: the shared build (coordinators with their
+/// disk failpoints), then `fleet-chaos ARGS`. Running it through `cargo run
+/// -p fleet-chaos` would resolve features for that one package and compile
+/// RocksDB a second time.
+fn chaos(extra: &[String]) -> anyhow::Result<()> {
+    build_all()?;
+    let extra = match extra.first().map(String::as_str) {
+        Some("--") => &extra[1..],
+        _ => extra,
+    };
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join("target"));
+    run(Command::new(target.join("debug").join("fleet-chaos")).args(extra).current_dir(root()))
 }
 
 fn demo() -> anyhow::Result<()> {

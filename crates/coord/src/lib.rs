@@ -11,7 +11,8 @@
 //! * [`tls`]: per-call role checks on the caller's certificate (loading
 //!   certificates is `fleet_net::tls`).
 //! * [`http`]: the HTTPS JSON API, server-sent events, health and
-//!   `/metrics` (`--http-addr`); [`metrics`]: what `/metrics` reports.
+//!   `/metrics` (`--http-addr`); [`metrics`]: what `/metrics` reports;
+//!   [`observe`]: measurements the store records for it.
 //! * [`sync`]: the leader's per-destination sync tasks (servers from the
 //!   nodes' reports, catch-up deployments); [`servers`]: `ListServers` and
 //!   `RemoveDestination`.
@@ -28,6 +29,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod network;
+pub mod observe;
 pub mod propose;
 pub mod raft_service;
 pub mod raft_types;

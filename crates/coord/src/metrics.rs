@@ -54,7 +54,6 @@ struct Metrics {
     registry: Registry,
     proposal_seconds: Histogram,
     proposals_failed: Counter,
-    fsync_seconds: Histogram,
     step_seconds: Family<StepLabels, Histogram>,
     leader_changes: Counter,
     term: Gauge,
@@ -80,12 +79,10 @@ fn metrics() -> &'static Metrics {
         );
         let proposals_failed = Counter::default();
         registry.register("raft_proposals_failed", "Proposals that did not commit (not the leader, shut down)", proposals_failed.clone());
-        // 50 µs .. ~1.6 s.
-        let fsync_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
         registry.register(
             "raft_log_fsync_seconds",
             "Duration of each fsync of the Raft log (one covers every append queued meanwhile)",
-            fsync_seconds.clone(),
+            crate::observe::fsync_histogram().clone(),
         );
         let step_seconds = Family::<StepLabels, Histogram>::new_with_constructor(step_histogram as fn() -> Histogram);
         registry.register("step_seconds", "Duration of step results recorded by this leader, by adapter and outcome", step_seconds.clone());
@@ -121,7 +118,6 @@ fn metrics() -> &'static Metrics {
             registry,
             proposal_seconds,
             proposals_failed,
-            fsync_seconds,
             step_seconds,
             leader_changes,
             term,
@@ -145,11 +141,6 @@ fn step_histogram() -> Histogram {
 /// A proposal committed (and was applied) after `took`.
 pub fn proposal_committed(took: Duration) {
     metrics().proposal_seconds.observe(took.as_secs_f64());
-}
-
-/// One fsync of the Raft log took `took`.
-pub fn fsync_seconds(took: Duration) {
-    metrics().fsync_seconds.observe(took.as_secs_f64());
 }
 
 /// A proposal did not commit.

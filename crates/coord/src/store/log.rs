@@ -97,7 +97,7 @@ fn fsync(db: &DB) -> std::io::Result<()> {
     fail::fail_point!("raft-log-fsync", |msg| Err(std::io::Error::other(msg.unwrap_or_else(|| "injected fsync failure".into()))));
     let started = std::time::Instant::now();
     let r = db.flush_wal(true).map_err(|e| std::io::Error::other(e.to_string()));
-    crate::metrics::fsync_seconds(started.elapsed());
+    crate::observe::fsync(started.elapsed());
     r
 }
 
