@@ -113,10 +113,16 @@ impl Hub {
         self.lock().last_seen.insert(node.to_string(), now_ms);
     }
 
+    /// What `fleetctl nodes` shows. A stream that has been silent for
+    /// longer than the node lease does not count as connected: the node is
+    /// cut off (a partition its TCP connection has not noticed yet) or
+    /// frozen, and the leader has presumed it dead.
     pub fn liveness(&self, node: &str) -> Liveness {
         let g = self.lock();
         let c = g.conns.get(node);
-        Liveness { connected: c.is_some(), connected_ms: c.map(|c| c.connected_ms), last_seen_ms: g.last_seen.get(node).copied() }
+        let last_seen_ms = g.last_seen.get(node).copied();
+        let silent = last_seen_ms.is_some_and(|t| fleet_net::now_ms().saturating_sub(t) > fleet_core::leader::NODE_LEASE_MS);
+        Liveness { connected: c.is_some() && !silent, connected_ms: c.map(|c| c.connected_ms), last_seen_ms }
     }
 
     /// When `node` was last known alive: its last message, or its stream
