@@ -193,11 +193,7 @@ async fn leader_stop(f: &mut Fleet, stop_for: Duration) -> anyhow::Result<Inject
     let (new_leader, after) = elected?;
     woke?;
     // The woken coordinator learns that it no longer leads.
-    eventually(&format!("coordinator {leader} to follow a new leader after SIGCONT"), SETTLE, || async {
-        let s = f.cluster.local_status(leader).await?;
-        Ok((s.leader_id != 0 && s.leader_id != leader).then_some(()))
-    })
-    .await?;
+    follows_another(f, leader, "after SIGCONT").await?;
     Ok(Injected {
         kind: FaultKind::LeaderStop,
         target: format!("coordinator {leader}"),
@@ -285,11 +281,7 @@ async fn leader_partition(f: &mut Fleet, topo: &Topology, cut_for: Duration) -> 
     let healed = cut.heal();
     let (new_leader, after) = elected?;
     healed?;
-    eventually(&format!("coordinator {leader} to follow a new leader once the cut healed"), SETTLE, || async {
-        let s = f.cluster.local_status(leader).await?;
-        Ok((s.leader_id != 0 && s.leader_id != leader).then_some(()))
-    })
-    .await?;
+    follows_another(f, leader, "once the cut healed").await?;
     Ok(Injected {
         kind: FaultKind::LeaderPartition,
         target: format!("coordinator {leader}"),
@@ -345,6 +337,15 @@ fn moved_on_since(d: &Deployment, epoch: u64, at_ms: i64) -> bool {
     d.epoch > epoch
         || d.events.iter().any(|e| e.at_ms >= at_ms)
         || d.steps.iter().any(|s| after(s.finished_ms) || after(s.undo_finished_ms))
+}
+
+/// Wait until the old leader `old` follows another (it learned it no longer leads).
+async fn follows_another(f: &Fleet, old: u64, when: &str) -> anyhow::Result<()> {
+    eventually(&format!("coordinator {old} to follow a new leader {when}"), SETTLE, || async {
+        let s = f.cluster.local_status(old).await?;
+        Ok((s.leader_id != 0 && s.leader_id != old).then_some(()))
+    })
+    .await
 }
 
 /// The first leader other than `old` that any other coordinator reports,
