@@ -291,6 +291,51 @@ mod tests {
         assert!(base(dir.path()).validate().is_ok());
     }
 
+    // Bad input is a fault too: whatever a config file holds, reading and
+    // validating it answers Ok or an error naming the problem, never a panic.
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, failure_persistence: None, ..Default::default() })]
+        #[test]
+        fn any_config_file_is_read_or_refused_without_a_panic(
+            text in proptest::prop_oneof![
+                proptest::prelude::any::<String>(),
+                "[a-z-]{1,20} = [0-9]{1,25}\n[a-z-]{1,20} = \"[ -~]{0,30}\"\n",
+                proptest::collection::vec(
+                    proptest::prop_oneof![
+                        "id = -?[0-9]{1,22}",
+                        "heartbeat-ms = [0-9]{1,22}",
+                        "election-timeout-ms = [0-9]{1,22}",
+                        "snapshot-logs = [0-9]{1,22}",
+                        "listen = \"[ -~]{0,40}\"",
+                        "http-addr = \"[ -~]{0,40}\"",
+                        "log-format = \"[a-z]{0,6}\"",
+                        "data-dir = \"[ -~]{0,40}\"",
+                        "\\[[a-z]{1,8}\\]",
+                    ],
+                    0..8,
+                ).prop_map(|lines: Vec<String>| lines.join("\n")),
+            ]
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = dir.path().join("coord.toml");
+            std::fs::write(&cfg, &text).unwrap();
+            let mut raw = base(dir.path());
+            raw.id = None;
+            raw.listen = None;
+            raw.config = Some(cfg);
+            match raw.merge_file() {
+                Ok(raw) => {
+                    if let Err(e) = raw.validate() {
+                        proptest::prop_assert!(!e.to_string().is_empty());
+                    }
+                }
+                Err(e) => proptest::prop_assert!(e.to_string().contains("coord.toml") || !e.to_string().is_empty()),
+            }
+        }
+    }
+
     #[test]
     fn file_values_fill_gaps_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
