@@ -581,6 +581,17 @@ impl Cluster {
     /// prefix such as `ip netns exec NS`; it must exec the node, so the
     /// child's pid is the node's).
     pub fn start_node_wrapped(&self, name: &str, labels: &[(&str, &str)], wrap: &[std::ffi::OsString]) -> anyhow::Result<Node> {
+        self.start_node_full(name, labels, wrap, &self.addrs())
+    }
+
+    /// [`Cluster::start_node`] with the node told to reach the coordinators
+    /// at `coords` (a proxy in front of them, say) instead of their own
+    /// addresses.
+    pub fn start_node_via(&self, name: &str, labels: &[(&str, &str)], coords: &[String]) -> anyhow::Result<Node> {
+        self.start_node_full(name, labels, &[], coords)
+    }
+
+    fn start_node_full(&self, name: &str, labels: &[(&str, &str)], wrap: &[std::ffi::OsString], coords: &[String]) -> anyhow::Result<Node> {
         let certs = self.path().join("certs");
         fleetctl::certs::issue(&certs, fleet_core::auth::Role::Node, name, &[], &certs)?;
         let bin = dev::find_binary("fleet-node")?;
@@ -597,7 +608,7 @@ impl Cluster {
         let path_env = std::env::join_paths(path_dirs)?;
         let mut args: Vec<std::ffi::OsString> = vec![
             "--coord".into(),
-            self.addrs().join(",").into(),
+            coords.join(",").into(),
             "--ca".into(),
             certs.join("ca.pem").into(),
             "--cert".into(),

@@ -3,4 +3,5 @@ pub mod harness;
 pub mod json;
 pub mod linearizability;
 pub mod netns;
+pub mod proxy;
 pub mod values;
