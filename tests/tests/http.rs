@@ -631,3 +631,81 @@ async fn json_logs(f: &Fleet) -> anyhow::Result<()> {
     ensure!(with_deployment > 0, "no coordinator log line names deployment {} as a field", d.id);
     Ok(())
 }
+
+/// A value in `secret_env` reaches the instance and nothing else: not the
+/// coordinators' or the node's logs, not `fleetctl deploy/watch/status/list`
+/// (gRPC), not the HTTP API's answers, not the event stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_reaches_the_instance_and_no_output() {
+    let f = Fleet::start(&[("node-1", &[("env", "staging")])], STAGING).await.expect("cluster with a node");
+    let r = secret(&f).await;
+    f.finish(r);
+}
+
+async fn secret(f: &Fleet) -> anyhow::Result<()> {
+    let c = &f.cluster;
+    let value = format!("s3cr3t-{:016x}", rand::random::<u64>());
+    let m = c.write_file("web.yaml", &format!("{}env: {{ PLAIN: shown }}\nsecret_env: {{ API_TOKEN: \"{value}\" }}\n", manifest("web")))?;
+    let leader = c.leader_id().await?;
+    let op = Https::new(c, leader, "operator")?;
+    let mut events = op.events(None).await?;
+    let deployed = c.deploy(&m, &["--release", "v1"]).await?;
+    deployed.expect_code(0)?;
+    let id = deployed.id()?;
+
+    // The instance got it.
+    let d = c.deployment(&id).await?;
+    let start = d.steps.iter().find(|s| fleet_tests::values::kind(s) == "start_instance").context("a start step")?;
+    let pid = fleet_tests::values::output::<fleet_tests::json::StartOutput>(start)?.pid;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).with_context(|| format!("reading the environment of instance {pid}"))?;
+    let environ = String::from_utf8_lossy(&environ);
+    ensure!(environ.split('\0').any(|kv| kv == format!("API_TOKEN={value}")), "the instance has API_TOKEN={value}");
+    ensure!(environ.split('\0').any(|kv| kv == "PLAIN=shown"));
+    ensure!(
+        d.spec.secret_env.get("API_TOKEN").map(String::as_str) == Some("(secret)"),
+        "status shows the key, masked: {:?}",
+        d.spec.secret_env
+    );
+
+    // Nothing a client, a log or an event shows has it.
+    let mut outputs: Vec<(String, String)> = vec![("fleetctl deploy".into(), deployed.text())];
+    for args in [
+        vec!["status", id.as_str(), "-o", "json"],
+        vec!["list", "-o", "json"],
+        vec!["history", "-o", "json"],
+        vec!["watch", id.as_str(), "-o", "json"],
+    ] {
+        let run = c.ctl(&args).await?;
+        outputs.push((format!("fleetctl {}", args.join(" ")), run.text()));
+    }
+    for path in [format!("/api/deployments/{id}"), "/api/deployments".to_string()] {
+        let a = op.get(&path).await?;
+        a.expect(200)?;
+        ensure!(a.body.contains("API_TOKEN"), "{path} lists the secret's name: {}", a.body);
+        outputs.push((format!("GET {path}"), a.body));
+    }
+    let mut seen = String::new();
+    loop {
+        let e = events.next(Duration::from_secs(10)).await?;
+        seen.push_str(&e.data);
+        if is_terminal_event(&id)(&e) {
+            break;
+        }
+    }
+    outputs.push(("GET /api/events".into(), seen));
+    for id in c.coords.keys() {
+        outputs.push((format!("coordinator {id}'s log"), std::fs::read_to_string(c.coords[id].spec.log_file())?));
+    }
+    for n in &f.nodes {
+        outputs.push((format!("{}'s log", n.name), std::fs::read_to_string(&n.log_file)?));
+    }
+    for (what, text) in &outputs {
+        let leaks: Vec<&str> = text
+            .match_indices(&value)
+            .map(|(i, _)| &text[text.floor_char_boundary(i.saturating_sub(300))..text.ceil_char_boundary((i + 60).min(text.len()))])
+            .collect();
+        ensure!(leaks.is_empty(), "{what} shows the secret value: {leaks:?}");
+    }
+    ensure!(outputs.iter().any(|(_, t)| t.contains("(secret)")), "no output shows the masked value");
+    Ok(())
+}

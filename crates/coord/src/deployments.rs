@@ -22,6 +22,11 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
     serde_json::to_string(v).map_err(|e| Status::internal(format!("encoding a record: {e}")))
 }
 
+/// A deployment as a client may see it: secret values masked.
+fn deployment_json(d: &Deployment) -> Result<String, Status> {
+    to_json(&d.redacted())
+}
+
 /// Map what the state machine answered to a gRPC status.
 fn outcome_error(outcome: Outcome) -> Status {
     match outcome {
@@ -74,7 +79,7 @@ impl ControlService {
                 .state
                 .deployment(id)
                 .ok_or_else(|| Status::not_found(format!("no deployment `{id}`; `fleetctl list` shows the deployments")))?;
-            Ok(DeploymentReply { deployment_json: to_json(d)?, applied_index: a.last_applied.map(|l| l.index).unwrap_or(0) })
+            Ok(DeploymentReply { deployment_json: deployment_json(d)?, applied_index: a.last_applied.map(|l| l.index).unwrap_or(0) })
         })
     }
 
@@ -127,7 +132,7 @@ impl ControlService {
                         d.steps = copy.plan(&d.spec);
                     }
                     d.id = "dry-run".into();
-                    Ok(DeploymentReply { deployment_json: to_json(&d)?, applied_index: index - 1 })
+                    Ok(DeploymentReply { deployment_json: deployment_json(&d)?, applied_index: index - 1 })
                 }
                 other => Err(outcome_error(other)),
             }
@@ -167,7 +172,7 @@ impl ControlService {
                 if !r.state.is_empty() && d.state.as_str() != r.state {
                     continue;
                 }
-                out.push(to_json(d)?);
+                out.push(deployment_json(d)?);
                 if out.len() >= limit {
                     break;
                 }
@@ -208,7 +213,7 @@ impl ControlService {
                 let now = state.read(|a| a.state.deployment(&id).cloned().map(|d| (d, a.last_applied.map(|l| l.index).unwrap_or(0))));
                 let Some((d, index)) = now else { return };
                 if last.as_ref() != Some(&d) {
-                    let json = match serde_json::to_string(&d) {
+                    let json = match serde_json::to_string(&d.redacted()) {
                         Ok(j) => j,
                         Err(e) => {
                             let _ = tx.send(Err(Status::internal(e.to_string()))).await;

@@ -111,6 +111,11 @@ pub struct Manifest {
     pub steps: Vec<StepSpec>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Environment variables whose values are secret: the instance gets
+    /// them like `env`, but every record a client, a log or an event sees
+    /// shows `(secret)` instead (see `Deployment::redacted`).
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
     #[serde(default)]
     pub strategy: Strategy,
     /// Where each node's route listens (`route: { listen: 0.0.0.0 }`).
@@ -398,6 +403,10 @@ pub struct Spec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<CommandStep>,
     pub env: BTreeMap<String, String>,
+    /// Secret variables (`secret_env:`), stored replicated like the rest of
+    /// the spec and shown to nobody: `Deployment::redacted` masks them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, String>,
     pub max_unavailable: u32,
     /// Absent for command manifests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -423,7 +432,26 @@ pub struct Spec {
     pub route_listen: Option<String>,
 }
 
+/// What a client, a log or an event sees instead of a secret value.
+pub const REDACTED: &str = "(secret)";
+
 impl Spec {
+    /// The environment an instance starts with: `env` and `secret_env`.
+    pub fn instance_env(&self) -> BTreeMap<String, String> {
+        let mut env = self.env.clone();
+        env.extend(self.secret_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env
+    }
+
+    /// The same spec with every secret value replaced by [`REDACTED`].
+    pub fn redacted(&self) -> Spec {
+        let mut s = self.clone();
+        for v in s.secret_env.values_mut() {
+            *v = REDACTED.to_string();
+        }
+        s
+    }
+
     /// Every destination, in order.
     pub fn destinations(&self) -> &[String] {
         if self.stack.is_empty() {
@@ -589,6 +617,20 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
         }
         validate_text("value", v, 16 * 1024).map_err(|e| err(&format!("env.{k}"), e.to_string()))?;
     }
+    if m.env.len() + m.secret_env.len() > MAX_ENV {
+        return Err(err("secret_env", format!("{} variables with env; at most {MAX_ENV} in all", m.env.len() + m.secret_env.len())));
+    }
+    for (k, v) in &m.secret_env {
+        let ok = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !k.starts_with(|c: char| c.is_ascii_digit());
+        if !ok {
+            return Err(err(&format!("secret_env.{k}"), "not a valid variable name; use letters, digits and `_`".into()));
+        }
+        if m.env.contains_key(k) {
+            return Err(err(&format!("secret_env.{k}"), "is also in env; give each variable once".into()));
+        }
+        // The value itself is never repeated in an error.
+        validate_text("value", v, 16 * 1024).map_err(|e| err(&format!("secret_env.{k}"), e.to_string()))?;
+    }
 
     let max_unavailable = m.strategy.max_unavailable.unwrap_or(1);
     if max_unavailable == 0 {
@@ -668,6 +710,7 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
         run: m.run,
         steps,
         env: m.env,
+        secret_env: m.secret_env,
         max_unavailable,
         health,
         pre_hooks: m.hooks.pre,

@@ -201,7 +201,7 @@ fn diff(
         let mut changes = Vec::new();
         for d in a.state.deployments() {
             if deployments.get(&d.id) != Some(d) {
-                if let Ok(data) = serde_json::to_string(d) {
+                if let Ok(data) = serde_json::to_string(&d.redacted()) {
                     changes.push(Change { kind: "deployment", data });
                 }
                 deployments.insert(d.id.clone(), d.clone());

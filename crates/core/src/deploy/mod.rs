@@ -359,6 +359,61 @@ fn jitter_seed(id: &str, step: usize, attempt: u32) -> u64 {
 }
 
 impl Deployment {
+    /// The record as clients, logs and events may see it: the values of
+    /// `secret_env` masked in the spec and in every start step's
+    /// environment. The state machine keeps the real values (nodes need
+    /// them); everything that leaves a coordinator for a client goes
+    /// through this.
+    pub fn redacted(&self) -> Deployment {
+        let mut d = self.clone();
+        if d.spec.secret_env.is_empty() {
+            return d;
+        }
+        d.spec = d.spec.redacted();
+        let secret = |k: &String| self.spec.secret_env.contains_key(k);
+        // Step outputs and errors are the nodes' own text (a process
+        // adapter's switch output records the instance it started, env
+        // included): mask the values wherever they appear, also as they
+        // read inside JSON strings (escaped once or twice).
+        let mut forms: Vec<String> = vec![];
+        for v in self.spec.secret_env.values().filter(|v| !v.is_empty()) {
+            let once = serde_json::to_string(v).map(|q| q[1..q.len() - 1].to_string()).unwrap_or_default();
+            let twice = serde_json::to_string(&once).map(|q| q[1..q.len() - 1].to_string()).unwrap_or_default();
+            forms.extend([twice, once, v.clone()]);
+        }
+        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        let mask = |text: &mut String| {
+            for f in forms.iter().filter(|f| !f.is_empty()) {
+                if text.contains(f.as_str()) {
+                    *text = text.replace(f.as_str(), crate::manifest::REDACTED);
+                }
+            }
+        };
+        for s in &mut d.steps {
+            if let Some(o) = s.output.as_mut() {
+                mask(o);
+            }
+            if let Some(e) = s.error.as_mut() {
+                mask(e);
+            }
+        }
+        for e in &mut d.events {
+            mask(&mut e.reason);
+        }
+        for s in &mut d.steps {
+            if let crate::saga::StepAction::StartInstance { env, .. } | crate::saga::StepAction::StartContainer { env, .. } =
+                &mut s.plan.action
+            {
+                for (k, v) in env.iter_mut() {
+                    if secret(k) {
+                        *v = crate::manifest::REDACTED.to_string();
+                    }
+                }
+            }
+        }
+        d
+    }
+
     pub fn label(&self) -> String {
         format!("{}@{} → {}", self.app, self.release, self.destinations().join(" + "))
     }

@@ -487,3 +487,40 @@ fn a_cancelled_deployment_waits_for_the_node_of_its_step_in_flight() {
     assert_eq!(d.state, CompensationFailed, "a's undo has nowhere to run either");
     assert_eq!(d.exit_code(), Some(6));
 }
+
+#[test]
+fn redacted_masks_secret_values_everywhere_a_client_looks() {
+    let mut d = deployment(&["n1"]);
+    let secret = "p@ss\"word\\1";
+    d.spec.secret_env.insert("API_TOKEN".into(), secret.into());
+    d.steps = plan(&d.spec, "d", &["n1".to_string()]).into_iter().map(StepRecord::new).collect();
+    // What nodes write: plain, and inside JSON once and twice.
+    let once = serde_json::json!({ "env": { "API_TOKEN": secret } }).to_string();
+    let twice = serde_json::json!({ "instance": once }).to_string();
+    d.steps[0].output = Some(twice.clone());
+    d.steps[1].output = Some(once.clone());
+    d.steps[1].error = Some(format!("failed with {secret} in the message"));
+    d.events.push(Event { at_ms: 1, from: None, to: DeployState::Queued, reason: format!("x {secret} y"), actor: "op".into() });
+
+    let r = d.redacted();
+    let text = serde_json::to_string(&r).unwrap();
+    let escaped_once = serde_json::to_string(secret).unwrap();
+    for form in [secret.to_string(), escaped_once[1..escaped_once.len() - 1].to_string()] {
+        assert!(!text.contains(&form), "{form} in {text}");
+    }
+    assert_eq!(r.spec.secret_env["API_TOKEN"], crate::manifest::REDACTED);
+    let start = r.steps.iter().find_map(|s| match &s.plan.action {
+        crate::saga::StepAction::StartInstance { env, .. } => Some(env.clone()),
+        _ => None,
+    });
+    assert_eq!(start.unwrap()["API_TOKEN"], crate::manifest::REDACTED);
+    // The real values stay in the state machine's record (nodes need them).
+    assert_eq!(d.spec.secret_env["API_TOKEN"], secret);
+    assert!(d
+        .steps
+        .iter()
+        .any(|s| matches!(&s.plan.action, crate::saga::StepAction::StartInstance { env, .. } if env["API_TOKEN"] == secret)));
+    // Without secrets, nothing changes.
+    let plain = deployment(&["n1"]);
+    assert_eq!(plain.redacted(), plain);
+}
