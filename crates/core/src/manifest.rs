@@ -432,6 +432,11 @@ pub struct Spec {
     pub route_listen: Option<String>,
 }
 
+/// A variable name an instance can be given: letters, digits and `_`, not starting with a digit.
+fn is_env_name(k: &str) -> bool {
+    !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !k.starts_with(|c: char| c.is_ascii_digit())
+}
+
 /// What a client, a log or an event sees instead of a secret value.
 pub const REDACTED: &str = "(secret)";
 
@@ -611,8 +616,7 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
         return Err(err("env", format!("{} variables; at most {MAX_ENV}", m.env.len())));
     }
     for (k, v) in &m.env {
-        let ok = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !k.starts_with(|c: char| c.is_ascii_digit());
-        if !ok {
+        if !is_env_name(k) {
             return Err(err(&format!("env.{k}"), "not a valid variable name; use letters, digits and `_`".into()));
         }
         validate_text("value", v, 16 * 1024).map_err(|e| err(&format!("env.{k}"), e.to_string()))?;
@@ -621,8 +625,7 @@ fn validate_manifest(file: &str, m: Manifest, o: &Overrides) -> Result<Spec, Man
         return Err(err("secret_env", format!("{} variables with env; at most {MAX_ENV} in all", m.env.len() + m.secret_env.len())));
     }
     for (k, v) in &m.secret_env {
-        let ok = !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !k.starts_with(|c: char| c.is_ascii_digit());
-        if !ok {
+        if !is_env_name(k) {
             return Err(err(&format!("secret_env.{k}"), "not a valid variable name; use letters, digits and `_`".into()));
         }
         if m.env.contains_key(k) {
