@@ -534,8 +534,24 @@ pub async fn http_get_path(addr: &str, path: &str, timeout: Duration) -> anyhow:
         let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
         let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.context("sending the request")?;
+        // Read to the end, or to Content-Length: some servers (chromedriver)
+        // keep the connection open despite `Connection: close`.
         let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.context("reading the answer")?;
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = s.read(&mut chunk).await.context("reading the answer")?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let length = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+                if length.is_some_and(|len| buf.len() >= end + 4 + len) {
+                    break;
+                }
+            }
+        }
         let text = String::from_utf8_lossy(&buf).to_string();
         let (head, body) = text.split_once("\r\n\r\n").with_context(|| format!("no HTTP answer from {addr}: {text:?}"))?;
         let status = head.lines().next().unwrap_or("");

@@ -135,7 +135,13 @@ async fn random_call(rng: &mut StdRng, c: &mut ControlClient<Channel>) -> (&'sta
         }
         1 => ("GetDeployment", c.get_deployment(GetDeploymentRequest { id: nasty(rng) }).await.map(drop)),
         2 => {
-            let req = ListDeploymentsRequest { app: nasty(rng), destination: nasty(rng), limit: rng.random(), state: nasty(rng) };
+            let req = ListDeploymentsRequest {
+                app: nasty(rng),
+                destination: nasty(rng),
+                limit: rng.random(),
+                state: nasty(rng),
+                before: nasty(rng),
+            };
             ("ListDeployments", c.list_deployments(req).await.map(drop))
         }
         3 => {

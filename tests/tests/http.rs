@@ -41,6 +41,8 @@ fn manifest(app: &str) -> String {
 struct Https {
     addr: String,
     tls: tokio_rustls::TlsConnector,
+    /// Sent as `Authorization: Bearer ...` when set.
+    bearer: Option<String>,
 }
 
 struct Answer {
@@ -101,6 +103,8 @@ struct DeploymentAnswer {
 struct DeploymentList {
     applied_index: u64,
     deployments: Vec<Deployment>,
+    #[serde(default)]
+    next_before: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,7 +145,22 @@ impl Https {
         let chain = CertificateDer::pem_slice_iter(&read(format!("{cert}.pem"))?).collect::<Result<Vec<_>, _>>()?;
         let key = PrivateKeyDer::from_pem_slice(&read(format!("{cert}-key.pem"))?)?;
         let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(chain, key)?;
-        Ok(Https { addr: cluster.http_addr(id)?, tls: tokio_rustls::TlsConnector::from(Arc::new(config)) })
+        Ok(Https { addr: cluster.http_addr(id)?, tls: tokio_rustls::TlsConnector::from(Arc::new(config)), bearer: None })
+    }
+
+    /// A client without a certificate, sending `token` (if any) as a bearer
+    /// token: what a browser or a script with an API token is.
+    fn with_token(cluster: &Cluster, id: u64, token: Option<&str>) -> anyhow::Result<Https> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(cluster.path().join("certs").join("ca.pem"))? {
+            roots.add(ca?)?;
+        }
+        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        Ok(Https {
+            addr: cluster.http_addr(id)?,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            bearer: token.map(str::to_string),
+        })
     }
 
     async fn send(
@@ -160,6 +179,9 @@ impl Https {
         let mut req = hyper::Request::builder().method(method).uri(path).header("host", &self.addr);
         for (k, v) in headers {
             req = req.header(*k, v);
+        }
+        if let Some(t) = &self.bearer {
+            req = req.header("authorization", format!("Bearer {t}"));
         }
         if body.is_some() {
             req = req.header("content-type", "application/json");
@@ -707,5 +729,185 @@ async fn secret(f: &Fleet) -> anyhow::Result<()> {
         ensure!(leaks.is_empty(), "{what} shows the secret value: {leaks:?}");
     }
     ensure!(outputs.iter().any(|(_, t)| t.contains("(secret)")), "no output shows the masked value");
+    Ok(())
+}
+
+// ------------------------------------------------------- tokens and audit
+
+/// What `fleetctl tokens create NAME --role ROLE -o json` prints.
+#[derive(Debug, Deserialize)]
+struct TokenCreated {
+    name: String,
+    role: String,
+    token: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WhoAmI {
+    name: String,
+    role: String,
+    via: String,
+    from: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditRecord {
+    index: u64,
+    at_ms: i64,
+    actor: String,
+    via: String,
+    from: String,
+    action: String,
+    target: String,
+    outcome: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditList {
+    applied_index: u64,
+    records: Vec<AuditRecord>,
+    #[serde(default)]
+    next_before: Option<u64>,
+}
+
+async fn make_token(c: &Cluster, name: &str, role: &str, extra: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec!["tokens", "create", name, "--role", role, "-o", "json"];
+    args.extend_from_slice(extra);
+    let run = c.ctl(&args).await?;
+    run.expect_code(0)?;
+    let t: TokenCreated = run.json()?;
+    ensure!(t.name == name && t.role == role && t.token.starts_with("fleet_"), "{t:?}");
+    Ok(t.token)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_roles_revocation_and_the_audit_log() {
+    let f = Fleet::start(&[("node-1", &[("env", "staging")])], STAGING).await.expect("cluster with a node");
+    let r = tokens_and_audit(&f).await;
+    f.finish(r);
+}
+
+async fn tokens_and_audit(f: &Fleet) -> anyhow::Result<()> {
+    let c = &f.cluster;
+    let (leader, follower) = leader_and_follower(c).await?;
+
+    // Neither a certificate nor a token: 401, saying how to get one.
+    let anonymous = Https::with_token(c, follower, None)?;
+    let e = anonymous.get("/api/deployments").await?.error(401, "unauthenticated")?;
+    ensure!(e.message.contains("fleetctl tokens create"), "{e:?}");
+    Https::with_token(c, follower, Some("fleet_0123456789abcdef0123456789abcdef"))?
+        .get("/api/whoami")
+        .await?
+        .error(401, "unauthenticated")?;
+    Https::with_token(c, follower, Some("not-a-token"))?.get("/api/whoami").await?.error(401, "unauthenticated")?;
+
+    let ops = make_token(c, "ops", "operator", &[]).await?;
+    let look = make_token(c, "look", "viewer", &[]).await?;
+    // A token's secret is never stored or shown again.
+    let listed = c.ctl(&["tokens", "list", "-o", "json"]).await?;
+    listed.expect_code(0)?;
+    ensure!(!listed.stdout.contains(&ops) && !listed.stdout.contains(&look), "tokens list shows a secret");
+    let names: Vec<String> =
+        listed.json::<Vec<serde_json::Value>>()?.iter().filter_map(|t| t["name"].as_str().map(str::to_string)).collect();
+    ensure!(names == ["look", "ops"], "{names:?}");
+    ensure!(!listed.stdout.contains("sha256"), "tokens list shows the hash: {}", listed.stdout);
+    // Two of the same name are refused.
+    c.ctl(&["tokens", "create", "ops", "--role", "viewer"]).await?.expect_code(7)?;
+
+    // whoami, on a follower (the token was made on the leader).
+    let viewer = Https::with_token(c, follower, Some(&look))?;
+    let me: WhoAmI = viewer.get("/api/whoami").await?.expect(200)?.json()?;
+    ensure!(me.name == "token:look" && me.role == "viewer" && me.via == "token" && me.from.starts_with("127.0.0.1:"), "{me:?}");
+    let cert: WhoAmI = Https::new(c, follower, "operator")?.get("/api/whoami").await?.expect(200)?.json()?;
+    ensure!(cert.name == "operator" && cert.role == "operator" && cert.via == "certificate", "{cert:?}");
+
+    // A viewer token reads but cannot deploy, cancel or promote.
+    viewer.get("/api/destinations").await?.expect(200)?;
+    let body = serde_json::json!({ "manifest": manifest("web"), "release": "v1" });
+    let e = viewer.call("POST", "/api/apps/web/deployments", Some(body.clone())).await?.error(403, "forbidden")?;
+    ensure!(e.message.contains("token"), "the refusal should speak of tokens: {e:?}");
+
+    // An operator token deploys through a follower (forwarded to the leader).
+    let op = Https::with_token(c, follower, Some(&ops))?;
+    let v1 = submit(&op, "web", "v1").await?;
+    let d1 = wait_state(&op, &v1.id, DeployState::Succeeded).await?;
+    ensure!(d1.submitted_by == "token:ops", "submitted by {}", d1.submitted_by);
+    viewer.call("PUT", &format!("/api/deployments/{}/cancel", v1.id), Some(serde_json::json!({}))).await?.error(403, "forbidden")?;
+    viewer.call("PUT", &format!("/api/deployments/{}/promote", v1.id), None).await?.error(403, "forbidden")?;
+    // Promote is for a paused canary: a succeeded deployment is refused, naming why.
+    let e = op.call("PUT", &format!("/api/deployments/{}/promote", v1.id), None).await?;
+    ensure!(e.status == 409 || e.status == 400, "promoting a succeeded deployment answered {}: {}", e.status, e.body);
+
+    // Pages: newest first, `next_before` leads to the older ones.
+    let v2 = submit(&op, "web", "v2").await?;
+    wait_state(&op, &v2.id, DeployState::Succeeded).await?;
+    let page1: DeploymentList = viewer.get("/api/deployments?limit=1").await?.expect(200)?.json()?;
+    ensure!(page1.deployments.iter().map(|d| d.id.as_str()).collect::<Vec<_>>() == [v2.id.as_str()], "{page1:?}");
+    let next = page1.next_before.clone().context("a first page of one of two has a next page")?;
+    ensure!(next == v2.id, "next_before {next}");
+    let page2: DeploymentList = viewer.get(&format!("/api/deployments?limit=1&before={next}")).await?.expect(200)?.json()?;
+    ensure!(page2.deployments.iter().map(|d| d.id.as_str()).collect::<Vec<_>>() == [v1.id.as_str()], "{page2:?}");
+    ensure!(page2.next_before.is_none(), "the last page has no next: {page2:?}");
+    let e = viewer.get("/api/deployments?before=yesterday").await?.error(400, "invalid_argument")?;
+    ensure!(e.field.as_deref() == Some("before"), "{e:?}");
+
+    // The audit log: who (certificate or token), how, from where, what, outcome.
+    let audit: AuditList = viewer.get("/api/audit?limit=100").await?.expect(200)?.json()?;
+    ensure!(audit.applied_index > 0 && audit.records.windows(2).all(|w| w[0].index > w[1].index), "newest first: {audit:?}");
+    let find = |action: &str, target: &str| audit.records.iter().find(|r| r.action == action && r.target.starts_with(target));
+    let deploy = find("deploy", "web").context("the HTTP deploy is audited")?;
+    ensure!(deploy.actor == "token:ops" && deploy.via == "token" && deploy.from.starts_with("127.0.0.1:"), "{deploy:?}");
+    ensure!(deploy.outcome.starts_with(&v2.id) && deploy.at_ms > 0, "{deploy:?}");
+    let made = find("tokens.create", "ops").context("making a token is audited")?;
+    ensure!(made.actor == "operator" && made.via == "certificate" && made.from.starts_with("127.0.0.1:"), "{made:?}");
+    let refused = audit.records.iter().filter(|r| r.action == "tokens.create" && r.outcome.starts_with("rejected")).count();
+    ensure!(refused == 1, "the refused duplicate is audited once with its outcome: {audit:?}");
+    ensure!(
+        !audit.records.iter().any(|r| r.action == "step_result" || r.action == "node.register"),
+        "the system's own entries are not operator actions"
+    );
+    // Paged, and the same through fleetctl.
+    let first: AuditList = viewer.get("/api/audit?limit=1").await?.expect(200)?.json()?;
+    let before = first.next_before.context("more than one record")?;
+    let second: AuditList = viewer.get(&format!("/api/audit?limit=1&before={before}")).await?.expect(200)?.json()?;
+    ensure!(second.records.first().map(|r| r.index) == audit.records.get(1).map(|r| r.index), "{first:?} then {second:?}");
+    let cli = c.ctl(&["history", "--audit", "-o", "json"]).await?;
+    cli.expect_code(0)?;
+    let cli: Vec<serde_json::Value> = cli.json()?;
+    ensure!(
+        cli.iter().any(|r| r["actor"] == "token:ops" && r["action"] == "deploy" && r["index"] == deploy.index),
+        "fleetctl history --audit lacks the deploy: {cli:?}"
+    );
+
+    // Revoked: refused by the leader at once, by every follower once applied.
+    let before_revoke = op.get("/api/whoami").await?.expect(200)?.json::<WhoAmI>()?;
+    ensure!(before_revoke.name == "token:ops");
+    c.ctl(&["tokens", "revoke", "ops"]).await?.expect_code(0)?;
+    let e = Https::with_token(c, leader, Some(&ops))?.get("/api/whoami").await?.error(401, "unauthenticated")?;
+    ensure!(e.message.contains("revoked"), "{e:?}");
+    for id in c.coords.keys().copied() {
+        let h = Https::with_token(c, id, Some(&ops))?;
+        eventually(&format!("coordinator {id} refuses the revoked token"), Duration::from_secs(10), || async {
+            Ok((h.get("/api/whoami").await?.status == 401).then_some(()))
+        })
+        .await?;
+    }
+    // The viewer's token still works; revoking an unknown token is refused.
+    viewer.get("/api/whoami").await?.expect(200)?;
+    c.ctl(&["tokens", "revoke", "ops"]).await?.expect_code(2)?;
+
+    // An expiring token stops working by itself.
+    let brief = make_token(c, "brief", "viewer", &["--expires", "2s"]).await?;
+    let h = Https::with_token(c, leader, Some(&brief))?;
+    h.get("/api/whoami").await?.expect(200)?;
+    let e = eventually("the brief token expires", Duration::from_secs(15), || async {
+        let a = h.get("/api/whoami").await?;
+        (a.status == 401).then(|| a.json::<ApiError>()).transpose()
+    })
+    .await?;
+    ensure!(e.message.contains("expired"), "{e:?}");
     Ok(())
 }

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::propose::{leader_redirect_if_follower, propose, redirect, write_error};
 use crate::raft_types::{NodeId, Raft};
 use crate::store::sm::StateReader;
-use crate::tls::authorize;
+use crate::tls::{authorize, KnownCaller};
 use fleet_net::wire::bounded;
 
 /// The longest a lock acquire may wait on the server.
@@ -54,7 +54,8 @@ impl ControlService {
         scoped_id(holder, id)
     }
 
-    pub(crate) async fn propose(&self, request_id: Option<String>, command: Command) -> Result<(Outcome, u64), Status> {
+    /// Propose `command` for `who` (recorded in the audit log).
+    pub(crate) async fn propose(&self, who: &KnownCaller, request_id: Option<String>, command: Command) -> Result<(Outcome, u64), Status> {
         // Scoped ids are `<caller>/<client id>[#attempt]`: bound them before
         // they are written to the log (and remembered for dedup).
         if let Some(id) = request_id.as_deref().filter(|id| id.len() > MAX_REQUEST_ID_LEN) {
@@ -63,7 +64,7 @@ impl ControlService {
                 id.len()
             )));
         }
-        propose(&self.raft, request_id, command).await
+        propose(&self.raft, Some(who.origin()), request_id, command).await
     }
 
     /// Wait until `destination` is free (or held by `holder`), or `deadline`.
@@ -174,8 +175,8 @@ impl Control for ControlService {
 
     async fn submit_deployment(&self, req: Request<SubmitDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
         async move {
-            let (actor, _) = authorize(&req, Access::Write, "deploy")?;
-            self.submit(actor, req.into_inner()).await.map(Response::new)
+            let who = authorize(&req, Access::Write, "deploy")?;
+            self.submit(&who, req.into_inner()).await.map(Response::new)
         }
         .await
         .map_err(bounded)
@@ -210,8 +211,8 @@ impl Control for ControlService {
 
     async fn cancel_deployment(&self, req: Request<CancelDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
         async move {
-            let (actor, _) = authorize(&req, Access::Write, "cancel")?;
-            self.cancel(actor, req.into_inner()).await.map(Response::new)
+            let who = authorize(&req, Access::Write, "cancel")?;
+            self.cancel(&who, req.into_inner()).await.map(Response::new)
         }
         .await
         .map_err(bounded)
@@ -219,8 +220,8 @@ impl Control for ControlService {
 
     async fn rollback_deployment(&self, req: Request<RollbackDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
         async move {
-            let (actor, _) = authorize(&req, Access::Write, "rollback")?;
-            self.rollback(actor, req.into_inner()).await.map(Response::new)
+            let who = authorize(&req, Access::Write, "rollback")?;
+            self.rollback(&who, req.into_inner()).await.map(Response::new)
         }
         .await
         .map_err(bounded)
@@ -228,8 +229,8 @@ impl Control for ControlService {
 
     async fn resolve_deployment(&self, req: Request<ResolveDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
         async move {
-            let (actor, _) = authorize(&req, Access::Write, "resolve")?;
-            self.resolve(actor, req.into_inner()).await.map(Response::new)
+            let who = authorize(&req, Access::Write, "resolve")?;
+            self.resolve(&who, req.into_inner()).await.map(Response::new)
         }
         .await
         .map_err(bounded)
@@ -237,8 +238,8 @@ impl Control for ControlService {
 
     async fn promote_deployment(&self, req: Request<PromoteDeploymentRequest>) -> Result<Response<DeploymentReply>, Status> {
         async move {
-            let (actor, _) = authorize(&req, Access::Write, "promote")?;
-            self.promote_canary(actor, req.into_inner()).await.map(Response::new)
+            let who = authorize(&req, Access::Write, "promote")?;
+            self.promote_canary(&who, req.into_inner()).await.map(Response::new)
         }
         .await
         .map_err(bounded)
@@ -246,8 +247,8 @@ impl Control for ControlService {
 
     async fn apply_destinations(&self, req: Request<ApplyDestinationsRequest>) -> Result<Response<DestinationsReply>, Status> {
         async move {
-            let (actor, _) = authorize(&req, Access::Write, "destinations apply")?;
-            ControlService::apply_destinations(self, actor, req.into_inner()).await.map(Response::new)
+            let who = authorize(&req, Access::Write, "destinations apply")?;
+            ControlService::apply_destinations(self, &who, req.into_inner()).await.map(Response::new)
         }
         .await
         .map_err(bounded)
@@ -264,8 +265,8 @@ impl Control for ControlService {
 
     async fn remove_destination(&self, req: Request<RemoveDestinationRequest>) -> Result<Response<DestinationsReply>, Status> {
         async move {
-            let (actor, _) = authorize(&req, Access::Write, "destinations remove")?;
-            ControlService::remove_destination(self, actor, req.into_inner()).await.map(Response::new)
+            let who = authorize(&req, Access::Write, "destinations remove")?;
+            ControlService::remove_destination(self, &who, req.into_inner()).await.map(Response::new)
         }
         .await
         .map_err(bounded)
@@ -291,7 +292,8 @@ impl Control for ControlService {
 
     async fn acquire_lock(&self, req: Request<AcquireLockRequest>) -> Result<Response<LockReply>, Status> {
         async move {
-            let (holder, _) = authorize(&req, Access::Write, "lock acquire")?;
+            let who = authorize(&req, Access::Write, "lock acquire")?;
+            let holder = who.name.clone();
             let r = req.into_inner();
             validate(&r.destination)?;
             fleet_core::names::validate_text("reason", &r.reason, fleet_core::names::MAX_REASON_LEN)
@@ -304,7 +306,7 @@ impl Control for ControlService {
             loop {
                 let id = scoped_id(&holder, &r.request_id).map(|id| format!("{id}#{attempt}"));
                 let command = Command::AcquireLock { destination: r.destination.clone(), holder: holder.clone(), reason: r.reason.clone() };
-                let (outcome, index) = self.propose(id, command).await?;
+                let (outcome, index) = self.propose(&who, id, command).await?;
                 let held = matches!(outcome, Outcome::Held { .. });
                 if !held || wait.is_zero() || !self.wait_free(&r.destination, &holder, deadline).await {
                     return lock_reply(outcome, index);
@@ -318,11 +320,12 @@ impl Control for ControlService {
 
     async fn release_lock(&self, req: Request<ReleaseLockRequest>) -> Result<Response<LockReply>, Status> {
         async move {
-            let (holder, _) = authorize(&req, Access::Write, "lock release")?;
+            let who = authorize(&req, Access::Write, "lock release")?;
+            let holder = who.name.clone();
             let r = req.into_inner();
             validate(&r.destination)?;
             let command = Command::ReleaseLock { destination: r.destination.clone(), holder: holder.clone() };
-            let (outcome, index) = self.propose(scoped_id(&holder, &r.request_id), command).await?;
+            let (outcome, index) = self.propose(&who, scoped_id(&holder, &r.request_id), command).await?;
             lock_reply(outcome, index)
         }
         .await
@@ -396,7 +399,7 @@ impl Control for ControlService {
 
     async fn add_learner(&self, req: Request<AddLearnerRequest>) -> Result<Response<MembershipReply>, Status> {
         async move {
-            authorize(&req, Access::Write, "cluster add-learner")?;
+            let who = authorize(&req, Access::Write, "cluster add-learner")?;
             let r = req.into_inner();
             if r.id == 0 {
                 return Err(Status::invalid_argument("coordinator ids start at 1"));
@@ -406,8 +409,12 @@ impl Control for ControlService {
                 .map_err(|e| Status::invalid_argument(format!("address `{}` is not HOST:PORT with an IP host: {e}", r.addr)))?;
             // Blocking: answer once the learner has caught up (through a
             // snapshot when the log it needs was purged).
+            let target = format!("{} at {}", r.id, r.addr);
             match self.raft.add_learner(r.id, BasicNode::new(r.addr), true).await {
-                Ok(resp) => Ok(Response::new(MembershipReply { members: self.members(true), applied_index: resp.log_id.index })),
+                Ok(resp) => {
+                    self.record_action(&who, "cluster.add_learner", target, "ok".into()).await;
+                    Ok(Response::new(MembershipReply { members: self.members(true), applied_index: resp.log_id.index }))
+                }
                 Err(e) => Err(write_error(e)),
             }
         }
@@ -417,9 +424,11 @@ impl Control for ControlService {
 
     async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<MembershipReply>, Status> {
         async move {
-            authorize(&req, Access::Write, "cluster promote")?;
+            let who = authorize(&req, Access::Write, "cluster promote")?;
             let id = req.into_inner().id;
-            self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+            let reply = self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await?;
+            self.record_action(&who, "cluster.promote", id.to_string(), "ok".into()).await;
+            Ok(reply)
         }
         .await
         .map_err(bounded)
@@ -427,12 +436,50 @@ impl Control for ControlService {
 
     async fn remove_member(&self, req: Request<RemoveMemberRequest>) -> Result<Response<MembershipReply>, Status> {
         async move {
-            authorize(&req, Access::Write, "cluster remove")?;
+            let who = authorize(&req, Access::Write, "cluster remove")?;
             let id = req.into_inner().id;
             let is_voter = self.raft.metrics().borrow().membership_config.membership().voter_ids().any(|v| v == id);
             let change =
                 if is_voter { ChangeMembers::RemoveVoters(BTreeSet::from([id])) } else { ChangeMembers::RemoveNodes(BTreeSet::from([id])) };
-            self.change_membership(change).await
+            let reply = self.change_membership(change).await?;
+            self.record_action(&who, "cluster.remove", id.to_string(), "ok".into()).await;
+            Ok(reply)
+        }
+        .await
+        .map_err(bounded)
+    }
+
+    async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<TokensReply>, Status> {
+        async move {
+            let who = authorize(&req, Access::Write, "tokens create")?;
+            ControlService::create_token(self, &who, req.into_inner()).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
+    }
+
+    async fn list_tokens(&self, req: Request<ListTokensRequest>) -> Result<Response<TokensReply>, Status> {
+        async move {
+            authorize(&req, Access::Read, "tokens list")?;
+            ControlService::list_tokens(self).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
+    }
+
+    async fn revoke_token(&self, req: Request<RevokeTokenRequest>) -> Result<Response<TokensReply>, Status> {
+        async move {
+            let who = authorize(&req, Access::Write, "tokens revoke")?;
+            ControlService::revoke_token(self, &who, req.into_inner()).await.map(Response::new)
+        }
+        .await
+        .map_err(bounded)
+    }
+
+    async fn list_audit(&self, req: Request<ListAuditRequest>) -> Result<Response<AuditReply>, Status> {
+        async move {
+            authorize(&req, Access::Read, "history --audit")?;
+            ControlService::list_audit(self, req.into_inner()).await.map(Response::new)
         }
         .await
         .map_err(bounded)

@@ -15,10 +15,11 @@ use tonic::Status;
 
 use crate::control::ControlService;
 use crate::propose::redirect;
+use crate::tls::KnownCaller;
 
 const DEFAULT_LIST_LIMIT: usize = 50;
 
-fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, Status> {
     serde_json::to_string(v).map_err(|e| Status::internal(format!("encoding a record: {e}")))
 }
 
@@ -28,7 +29,7 @@ fn deployment_json(d: &Deployment) -> Result<String, Status> {
 }
 
 /// Map what the state machine answered to a gRPC status.
-fn outcome_error(outcome: Outcome) -> Status {
+pub(crate) fn outcome_error(outcome: Outcome) -> Status {
     match outcome {
         Outcome::Invalid { reason } => Status::invalid_argument(reason),
         Outcome::Rejected { reason } => fleet_net::wire::rejected(format!("rejected: {reason}")),
@@ -64,7 +65,7 @@ impl ControlService {
         self.deployment_reply(id).map(drop)
     }
 
-    async fn linearizable(&self) -> Result<(), Status> {
+    pub(crate) async fn linearizable(&self) -> Result<(), Status> {
         self.leader_redirect_if_follower()?;
         match self.raft().ensure_linearizable().await {
             Ok(_) => Ok(()),
@@ -83,7 +84,8 @@ impl ControlService {
         })
     }
 
-    pub(crate) async fn submit(&self, actor: String, r: SubmitDeploymentRequest) -> Result<DeploymentReply, Status> {
+    pub(crate) async fn submit(&self, who: &KnownCaller, r: SubmitDeploymentRequest) -> Result<DeploymentReply, Status> {
+        let actor = who.name.clone();
         let file = if r.file_name.is_empty() { "fleet.yaml" } else { r.file_name.as_str() };
         let overrides = Overrides {
             release: (!r.release.is_empty()).then_some(r.release.clone()),
@@ -105,7 +107,7 @@ impl ControlService {
             lock_wait_ms: (r.lock_wait_ms > 0).then_some(r.lock_wait_ms),
             idempotency_key,
         };
-        let (outcome, _) = self.propose(id, command).await?;
+        let (outcome, _) = self.propose(who, id, command).await?;
         match outcome {
             Outcome::Deployment { id, .. } => self.deployment_reply(&id),
             other => Err(outcome_error(other)),
@@ -123,6 +125,7 @@ impl ControlService {
                 request_id: None,
                 at_ms: fleet_net::now_ms(),
                 command: Command::SubmitDeployment { spec: Box::new(spec), actor, lock_wait_ms: None, idempotency_key: None },
+                origin: None,
             };
             match copy.apply(index, &req).0 {
                 Outcome::Deployment { id, .. } => {
@@ -139,7 +142,8 @@ impl ControlService {
         })
     }
 
-    pub(crate) async fn resolve(&self, actor: String, r: ResolveDeploymentRequest) -> Result<DeploymentReply, Status> {
+    pub(crate) async fn resolve(&self, who: &KnownCaller, r: ResolveDeploymentRequest) -> Result<DeploymentReply, Status> {
+        let actor = who.name.clone();
         fleet_core::names::validate_text("note", &r.note, fleet_core::names::MAX_REASON_LEN)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if r.note.trim().is_empty() {
@@ -147,7 +151,7 @@ impl ControlService {
         }
         self.known_deployment(&r.id)?;
         let id = self.scoped(&actor, &r.request_id);
-        let (outcome, _) = self.propose(id, Command::ResolveDeployment { id: r.id.clone(), note: r.note.clone(), actor }).await?;
+        let (outcome, _) = self.propose(who, id, Command::ResolveDeployment { id: r.id.clone(), note: r.note.clone(), actor }).await?;
         match outcome {
             Outcome::Deployment { id, .. } => self.deployment_reply(&id),
             other => Err(outcome_error(other)),
@@ -163,21 +167,32 @@ impl ControlService {
     pub(crate) async fn list(&self, r: ListDeploymentsRequest) -> Result<ListDeploymentsReply, Status> {
         self.linearizable().await?;
         let limit = if r.limit == 0 { DEFAULT_LIST_LIMIT } else { r.limit as usize };
+        let before = match r.before.as_str() {
+            "" => None,
+            b => Some(fleet_core::state::deployment_number(b).ok_or_else(|| {
+                Status::invalid_argument(format!("before: `{b}` is not a deployment id (d42); pass the `next_before` of the previous page"))
+            })?),
+        };
         self.state().read(|a| {
             let mut out = Vec::new();
-            for d in a.state.deployments().rev() {
+            let mut next_before = String::new();
+            let mut out_last_id = String::new();
+            for d in a.state.deployments_before(before) {
                 if (!r.app.is_empty() && d.app != r.app) || (!r.destination.is_empty() && !d.destinations().contains(&r.destination)) {
                     continue;
                 }
                 if !r.state.is_empty() && d.state.as_str() != r.state {
                     continue;
                 }
-                out.push(deployment_json(d)?);
                 if out.len() >= limit {
+                    // One more matches: the next page starts below the last one shown.
+                    next_before = out_last_id;
                     break;
                 }
+                out.push(deployment_json(d)?);
+                out_last_id.clone_from(&d.id);
             }
-            Ok(ListDeploymentsReply { deployments_json: out, applied_index: a.last_applied.map(|l| l.index).unwrap_or(0) })
+            Ok(ListDeploymentsReply { deployments_json: out, applied_index: a.last_applied.map(|l| l.index).unwrap_or(0), next_before })
         })
     }
 
@@ -242,31 +257,34 @@ impl ControlService {
     }
 
     /// `fleetctl promote`: a paused canary continues.
-    pub(crate) async fn promote_canary(&self, actor: String, r: PromoteDeploymentRequest) -> Result<DeploymentReply, Status> {
+    pub(crate) async fn promote_canary(&self, who: &KnownCaller, r: PromoteDeploymentRequest) -> Result<DeploymentReply, Status> {
+        let actor = who.name.clone();
         self.known_deployment(&r.id)?;
         let id = self.scoped(&actor, &r.request_id);
-        let (outcome, _) = self.propose(id, Command::PromoteDeployment { id: r.id.clone(), actor }).await?;
+        let (outcome, _) = self.propose(who, id, Command::PromoteDeployment { id: r.id.clone(), actor }).await?;
         match outcome {
             Outcome::Deployment { id, .. } => self.deployment_reply(&id),
             other => Err(outcome_error(other)),
         }
     }
 
-    pub(crate) async fn cancel(&self, actor: String, r: CancelDeploymentRequest) -> Result<DeploymentReply, Status> {
+    pub(crate) async fn cancel(&self, who: &KnownCaller, r: CancelDeploymentRequest) -> Result<DeploymentReply, Status> {
+        let actor = who.name.clone();
         let reason = if r.reason.is_empty() { format!("cancelled by {actor}") } else { r.reason.clone() };
         fleet_core::names::validate_text("reason", &reason, fleet_core::names::MAX_REASON_LEN)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.known_deployment(&r.id)?;
         let id = self.scoped(&actor, &r.request_id);
         let command = Command::CancelDeployment { id: r.id.clone(), reason, actor, timed_out: false };
-        let (outcome, _) = self.propose(id, command).await?;
+        let (outcome, _) = self.propose(who, id, command).await?;
         match outcome {
             Outcome::Deployment { id, .. } => self.deployment_reply(&id),
             other => Err(outcome_error(other)),
         }
     }
 
-    pub(crate) async fn rollback(&self, actor: String, r: RollbackDeploymentRequest) -> Result<DeploymentReply, Status> {
+    pub(crate) async fn rollback(&self, who: &KnownCaller, r: RollbackDeploymentRequest) -> Result<DeploymentReply, Status> {
+        let actor = who.name.clone();
         if !r.to_release.is_empty() {
             fleet_core::names::validate_name("release", &r.to_release).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
@@ -278,19 +296,20 @@ impl ControlService {
             timeout_ms: (r.timeout_ms > 0).then_some(r.timeout_ms),
             actor,
         };
-        let (outcome, _) = self.propose(id, command).await?;
+        let (outcome, _) = self.propose(who, id, command).await?;
         match outcome {
             Outcome::Deployment { id, .. } => self.deployment_reply(&id),
             other => Err(outcome_error(other)),
         }
     }
 
-    pub(crate) async fn apply_destinations(&self, actor: String, r: ApplyDestinationsRequest) -> Result<DestinationsReply, Status> {
+    pub(crate) async fn apply_destinations(&self, who: &KnownCaller, r: ApplyDestinationsRequest) -> Result<DestinationsReply, Status> {
+        let actor = who.name.clone();
         let file = if r.file_name.is_empty() { "destinations.yaml" } else { r.file_name.as_str() };
         let destinations = parse_destinations(file, &r.destinations_yaml).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let names: Vec<String> = destinations.iter().map(|d| d.name.clone()).collect();
         let id = self.scoped(&actor, &r.request_id);
-        let (outcome, _) = self.propose(id, Command::PutDestinations { destinations }).await?;
+        let (outcome, _) = self.propose(who, id, Command::PutDestinations { destinations }).await?;
         if !matches!(outcome, Outcome::Done) {
             return Err(outcome_error(outcome));
         }

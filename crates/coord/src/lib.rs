@@ -3,7 +3,8 @@
 //! * [`config`]: two-stage configuration (raw → validated).
 //! * [`store`]: RocksDB log, vote and state machine; snapshots.
 //! * [`network`] / [`raft_service`]: Raft RPCs between coordinators.
-//! * [`control`] / [`deployments`]: the `Control` service `fleetctl` talks to.
+//! * [`control`] / [`deployments`]: the `Control` service `fleetctl` talks to;
+//!   [`access`]: its API-token and audit-log calls.
 //! * [`propose`]: proposing through Raft, redirects to the leader.
 //! * [`worker`]: the `Worker` service nodes keep a work stream open to.
 //! * [`hub`]: the leader's memory of connected nodes and steps in flight.
@@ -21,6 +22,7 @@
 //! * [`server`]: wiring it together; a coordinator whose storage fails
 //!   stops serving.
 
+pub mod access;
 pub mod config;
 pub mod control;
 pub mod deployments;

@@ -2,7 +2,7 @@
 //! where openraft's write errors become gRPC statuses. Used by the Control
 //! service, the Worker service and the leader's scheduler alike.
 
-use fleet_core::{Command, Request as Cmd, Response as Outcome};
+use fleet_core::{Command, Origin, Request as Cmd, Response as Outcome};
 use fleet_net::{now_ms, LEADER_METADATA};
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{BasicNode, ServerState};
@@ -22,8 +22,15 @@ pub(crate) fn leader_redirect_if_follower(raft: &Raft) -> Result<(), Status> {
 
 /// Propose `command` through Raft on this coordinator (it must lead);
 /// answers what the state machine answered and the entry's log index.
-pub(crate) async fn propose(raft: &Raft, request_id: Option<String>, command: Command) -> Result<(Outcome, u64), Status> {
-    let req = Cmd { request_id, at_ms: now_ms(), command };
+/// `origin` is the operator who asked (recorded in the audit log); `None`
+/// for the leader's and nodes' own commands.
+pub(crate) async fn propose(
+    raft: &Raft,
+    origin: Option<Origin>,
+    request_id: Option<String>,
+    command: Command,
+) -> Result<(Outcome, u64), Status> {
+    let req = Cmd { request_id, at_ms: now_ms(), command, origin };
     let started = std::time::Instant::now();
     let written = raft.client_write(req).await;
     match &written {

@@ -183,7 +183,7 @@ fn once(proposed: &mut HashMap<String, Instant>, key: &str) -> bool {
 fn spawn_proposal(raft: &Raft, hub: &Arc<Hub>, request_id: Option<String>, command: Command) {
     let (raft, hub) = (raft.clone(), hub.clone());
     tokio::spawn(async move {
-        if let Err(e) = propose(&raft, request_id, command).await {
+        if let Err(e) = propose(&raft, None, request_id, command).await {
             tracing::warn!(error = %e.message(), "scheduler proposal failed; will retry");
         }
         hub.changed.notify_one();

@@ -8,6 +8,7 @@ use fleet_proto::*;
 use tonic::Status;
 
 use crate::control::ControlService;
+use crate::tls::KnownCaller;
 
 fn validate(destination: &str) -> Result<(), Status> {
     fleet_core::names::validate_name("destination", destination).map_err(|e| Status::invalid_argument(e.to_string()))
@@ -38,7 +39,8 @@ impl ControlService {
 
     /// Refused with the `rejected` detail (fleetctl exit 7) while the
     /// destination is busy; its sync task stops when the removal applies.
-    pub(crate) async fn remove_destination(&self, actor: String, r: RemoveDestinationRequest) -> Result<DestinationsReply, Status> {
+    pub(crate) async fn remove_destination(&self, who: &KnownCaller, r: RemoveDestinationRequest) -> Result<DestinationsReply, Status> {
+        let actor = who.name.clone();
         validate(&r.name)?;
         // Known to the leader before anything is written (apply checks again).
         self.leader_redirect_if_follower()?;
@@ -46,7 +48,7 @@ impl ControlService {
             return Err(Status::not_found(format!("no destination `{}`; `fleetctl destinations` lists them", r.name)));
         }
         let id = self.scoped(&actor, &r.request_id);
-        let (outcome, index) = self.propose(id, Command::RemoveDestination { name: r.name.clone() }).await?;
+        let (outcome, index) = self.propose(who, id, Command::RemoveDestination { name: r.name.clone() }).await?;
         match outcome {
             Outcome::Done => Ok(DestinationsReply { destinations_json: vec![], applied_index: index }),
             Outcome::Rejected { reason } => Err(fleet_net::wire::rejected(format!("refused: {reason}"))),

@@ -141,7 +141,7 @@ async fn run(destination: String, raft: Raft, state: StateReader, hub: Arc<Hub>,
             let up: Vec<String> = upserts.iter().map(|o| format!("{}={}", o.id, o.health.as_str())).collect();
             tracing::info!(%destination, upserts = ?up, removals = ?removals, "servers changed; committing the differences");
         }
-        match propose(&raft, None, command).await {
+        match propose(&raft, None, None, command).await {
             Ok((Outcome::Done, _)) => {}
             Ok((other, _)) => tracing::warn!(%destination, answer = ?other, "server sync refused"),
             // Not the leader any more: the supervisor stops this task.

@@ -3,6 +3,7 @@
 //! building TLS configs is `fleet_net::tls`, shared with nodes and fleetctl.
 
 use fleet_core::auth::{Access, Role};
+use fleet_core::{Origin, Via};
 pub use fleet_net::tls::{TlsError, TlsMaterial};
 
 /// Metadata key under which a coordinator forwarding a call for a client
@@ -10,20 +11,37 @@ pub use fleet_net::tls::{TlsError, TlsMaterial};
 /// whose own certificate is a coordinator's: coordinators already append
 /// Raft entries, so trusting their word adds no power.
 pub const ON_BEHALF_OF: &str = "fleet-on-behalf-of";
+/// Beside [`ON_BEHALF_OF`]: how that client proved who it is and its
+/// address (`VIA ADDR`, e.g. `token 10.0.0.5:51234`), for the audit log.
+pub const ON_BEHALF_ORIGIN: &str = "fleet-on-behalf-origin";
 
 /// A caller already identified by this process (the HTTP API read its
 /// certificate), set as a request extension for in-process calls of the
 /// `Control` service. Extensions never come from the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnownCaller {
+    /// The certificate's common name, or `token:NAME`.
     pub name: String,
     pub role: Role,
+    pub via: Via,
+    /// The client's address (`ip:port`) as this process saw it; empty if unknown.
+    pub from: String,
 }
 
 impl KnownCaller {
     /// `ROLE/NAME`, the [`ON_BEHALF_OF`] value.
     pub fn to_metadata(&self) -> String {
         format!("{}/{}", self.role, self.name)
+    }
+
+    /// `VIA ADDR`, the [`ON_BEHALF_ORIGIN`] value.
+    pub fn origin_metadata(&self) -> String {
+        format!("{} {}", self.via.as_str(), self.from)
+    }
+
+    /// What the audit log records of this caller.
+    pub fn origin(&self) -> Origin {
+        Origin { actor: self.name.clone(), via: self.via, from: self.from.clone() }
     }
 }
 
@@ -47,21 +65,30 @@ pub fn identity_of_der(der: &[u8]) -> Result<(String, Role), tonic::Status> {
 ///
 /// The TLS layer has already checked the chain against the cluster CA, so
 /// what the certificate says is what the CA signed.
-pub fn caller<T>(req: &tonic::Request<T>) -> Result<(String, Role), tonic::Status> {
+pub fn caller<T>(req: &tonic::Request<T>) -> Result<KnownCaller, tonic::Status> {
     if let Some(k) = req.extensions().get::<KnownCaller>() {
-        return Ok((k.name.clone(), k.role));
+        return Ok(k.clone());
     }
     let (name, role) = peer_identity(req)?;
+    let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
     if role == Role::Coordinator {
         if let Some(v) = req.metadata().get(ON_BEHALF_OF) {
             let (r, n) = v.to_str().ok().and_then(|v| v.split_once('/')).ok_or_else(|| {
                 tonic::Status::invalid_argument(format!("`{ON_BEHALF_OF}` must be ROLE/NAME; upgrade the forwarding coordinator"))
             })?;
             let role = r.parse::<Role>().map_err(|e| tonic::Status::invalid_argument(format!("`{ON_BEHALF_OF}`: {e}")))?;
-            return Ok((n.to_string(), role));
+            // An older forwarder sends no origin: a certificate, address unknown.
+            let (via, from) = match req.metadata().get(ON_BEHALF_ORIGIN).and_then(|v| v.to_str().ok()) {
+                Some(o) => {
+                    let (via, from) = o.split_once(' ').unwrap_or((o, ""));
+                    (if via == "token" { Via::Token } else { Via::Certificate }, from.to_string())
+                }
+                None => (Via::Certificate, String::new()),
+            };
+            return Ok(KnownCaller { name: n.to_string(), role, via, from });
         }
     }
-    Ok((name, role))
+    Ok(KnownCaller { name, role, via: Via::Certificate, from })
 }
 
 fn peer_identity<T>(req: &tonic::Request<T>) -> Result<(String, Role), tonic::Status> {
@@ -74,9 +101,10 @@ fn peer_identity<T>(req: &tonic::Request<T>) -> Result<(String, Role), tonic::St
     identity_of_der(der.as_ref())
 }
 
-/// Check the caller may make a call that needs `access`; returns its name.
-pub fn authorize<T>(req: &tonic::Request<T>, access: Access, call: &str) -> Result<(String, Role), tonic::Status> {
-    let (name, role) = caller(req)?;
+/// Check the caller may make a call that needs `access`; returns who it is.
+pub fn authorize<T>(req: &tonic::Request<T>, access: Access, call: &str) -> Result<KnownCaller, tonic::Status> {
+    let who = caller(req)?;
+    let (name, role) = (&who.name, who.role);
     if !fleet_core::auth::allows(role, access) {
         let need = match access {
             Access::Peer => "a coordinator",
@@ -84,9 +112,14 @@ pub fn authorize<T>(req: &tonic::Request<T>, access: Access, call: &str) -> Resu
             Access::Write => "an operator",
             Access::Work => "a node",
         };
-        return Err(tonic::Status::permission_denied(format!(
-            "{call} needs {need} certificate; `{name}` presented a `{role}` certificate. Use an operator certificate (`fleetctl certs issue operator NAME`)"
-        )));
+        return Err(tonic::Status::permission_denied(match who.via {
+            Via::Certificate => format!(
+                "{call} needs {need} certificate; `{name}` presented a `{role}` certificate. Use an operator certificate (`fleetctl certs issue operator NAME`)"
+            ),
+            Via::Token => format!(
+                "{call} needs {need} token; `{name}` is a `{role}` token. Use an operator token (`fleetctl tokens create NAME --role operator`)"
+            ),
+        }));
     }
-    Ok((name, role))
+    Ok(who)
 }

@@ -55,7 +55,7 @@ impl Worker for WorkerService {
     type WorkStream = WorkStream;
 
     async fn work(&self, req: Request<Streaming<NodeMessage>>) -> Result<Response<WorkStream>, Status> {
-        let (node, _) = authorize(&req, Access::Work, "the work stream")?;
+        let node = authorize(&req, Access::Work, "the work stream")?.name;
         leader_redirect_if_follower(&self.raft)?;
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
@@ -70,7 +70,7 @@ impl Worker for WorkerService {
         let labels: std::collections::BTreeMap<String, String> = hello.labels.into_iter().collect();
         let known = self.state.read(|a| a.state.node(&node).filter(|n| n.lost_ms.is_none()).map(|n| n.labels.clone()));
         if known.as_ref() != Some(&labels) {
-            let (outcome, _) = propose(&self.raft, None, Command::RegisterNode { id: node.clone(), labels }).await?;
+            let (outcome, _) = propose(&self.raft, None, None, Command::RegisterNode { id: node.clone(), labels }).await?;
             if let Outcome::Invalid { reason } = outcome {
                 return Err(Status::invalid_argument(format!("node `{node}` cannot register: {reason}")));
             }
@@ -200,7 +200,7 @@ async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, 
     let took = std::time::Duration::from_millis(outcome.finished_ms.saturating_sub(outcome.started_ms).max(0) as u64);
     let (ok, undo) = (outcome.ok, outcome.undo);
     let command = Command::StepResult { deployment: key.deployment.clone(), outcome };
-    match propose(raft, Some(id), command).await {
+    match propose(raft, None, Some(id), command).await {
         Ok((Outcome::Stale { reason }, _)) => {
             tracing::info!(%node, deployment = %key.deployment, step = key.step, token = key.token, %reason, "stale step result ignored");
             hub.finished_by(&work, node);

@@ -19,6 +19,42 @@ pub struct Request {
     /// Every replica applies the same value, so `apply` stays deterministic.
     pub at_ms: i64,
     pub command: Command,
+    /// Who asked, how they proved it and from where: set on every command
+    /// an operator (or a token) caused, absent on the leader's and nodes'
+    /// own. The state machine keeps it as an audit record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// How a caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// A client certificate signed by the cluster CA.
+    Certificate,
+    /// A bearer token (`fleetctl tokens create`) on the HTTP API.
+    Token,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Certificate => "certificate",
+            Via::Token => "token",
+        }
+    }
+}
+
+/// The origin of an operator action: what the audit log records of who.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The certificate's common name, or `token:NAME`.
+    pub actor: String,
+    pub via: Via,
+    /// The client's address as the coordinator it connected to saw it
+    /// (`ip:port`); empty when unknown.
+    #[serde(default)]
+    pub from: String,
 }
 
 /// Who asks: the subject common name of the caller's certificate.
@@ -78,6 +114,58 @@ pub enum Command {
     },
     /// Remove a destination and its servers (refused while busy).
     RemoveDestination { name: String },
+    /// Create an API token. Only the SHA-256 of its secret (hex) is
+    /// stored; `fleetctl` makes the secret and never sends it.
+    CreateToken {
+        name: String,
+        role: crate::auth::Role,
+        sha256: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_ms: Option<i64>,
+        actor: Holder,
+    },
+    /// Revoke (forget) an API token: it is refused from then on.
+    RevokeToken { name: String },
+    /// Record an operator action that is not itself a state change (a
+    /// Raft membership change): the audit log is its only effect.
+    RecordAction { action: String, target: String, outcome: String },
+}
+
+impl Command {
+    /// What the audit log calls this command, and what it acted on.
+    pub fn action(&self) -> (&'static str, String) {
+        match self {
+            Command::AcquireLock { destination, .. } => ("lock.acquire", destination.clone()),
+            Command::ReleaseLock { destination, .. } => ("lock.release", destination.clone()),
+            Command::SubmitDeployment { spec, .. } => ("deploy", format!("{} to {}", spec.app, spec.destinations().join(","))),
+            Command::ResolveDeployment { id, .. } => ("resolve", id.clone()),
+            Command::RollbackDeployment { id, .. } => ("rollback", id.clone()),
+            Command::CancelDeployment { id, .. } => ("cancel", id.clone()),
+            Command::PromoteDeployment { id, .. } => ("promote", id.clone()),
+            Command::StepResult { deployment, .. } => ("step_result", deployment.clone()),
+            Command::RegisterNode { id, .. } => ("node.register", id.clone()),
+            Command::NodeLost { node, .. } => ("node.lost", node.clone()),
+            Command::NodeWaitExpired { deployment } => ("node_wait.expired", deployment.clone()),
+            Command::PutDestinations { destinations } => {
+                ("destinations.apply", destinations.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(","))
+            }
+            Command::SyncServers { destination, .. } => ("sync", destination.clone()),
+            Command::RemoveDestination { name } => ("destinations.remove", name.clone()),
+            Command::CreateToken { name, .. } => ("tokens.create", name.clone()),
+            Command::RevokeToken { name } => ("tokens.revoke", name.clone()),
+            Command::RecordAction { action, target, .. } => (audit_action_name(action), target.clone()),
+        }
+    }
+}
+
+/// `RecordAction`'s free-text action, as one of the audit log's names.
+fn audit_action_name(action: &str) -> &'static str {
+    match action {
+        "cluster.add_learner" => "cluster.add_learner",
+        "cluster.promote" => "cluster.promote",
+        "cluster.remove" => "cluster.remove",
+        _ => "other",
+    }
 }
 
 /// A granted lock as clients see it.
@@ -121,4 +209,24 @@ pub enum Response {
     Done,
     /// A non-command entry (blank or membership change) was applied.
     Noop,
+    /// An API token was created.
+    TokenCreated { name: String },
+}
+
+impl Response {
+    /// One line for the audit log: `ok`, or why nothing (or not all) happened.
+    pub fn summary(&self) -> String {
+        match self {
+            Response::Granted { lock } => format!("granted, fencing token {}", lock.fencing_token),
+            Response::Held { lock } => format!("refused: held by {}", lock.holder),
+            Response::Released { .. } | Response::Done | Response::Noop | Response::TokenCreated { .. } => "ok".into(),
+            Response::NotHeld { .. } => "refused: not held".into(),
+            Response::NotOwner { lock } => format!("refused: held by {}", lock.holder),
+            Response::Invalid { reason } => format!("invalid: {}", crate::names::shorten(reason)),
+            Response::Deployment { id, state } => format!("{id} {}", state.as_str()),
+            Response::Rejected { reason } => format!("rejected: {}", crate::names::shorten(reason)),
+            Response::NotFound { what } => format!("not found: {}", crate::names::shorten(what)),
+            Response::Stale { reason } => format!("stale: {}", crate::names::shorten(reason)),
+        }
+    }
 }

@@ -170,7 +170,7 @@ fn run(ops: &[Op]) -> (State, BTreeMap<String, Vec<u8>>) {
     let mut index = 0u64;
     let mut apply = |s: &mut State, at_ms: i64, request_id: Option<String>, command: Command| {
         index += 1;
-        let (_, changes) = s.apply(index, &Request { request_id, at_ms, command });
+        let (_, changes) = s.apply(index, &Request { request_id, at_ms, command, origin: None });
         for c in changes {
             match c.value {
                 Some(v) => kv.insert(c.key, v),

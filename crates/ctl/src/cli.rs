@@ -90,17 +90,22 @@ pub enum Cmd {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
-    /// Which releases were deployed where, and how each ended.
+    /// Which releases were deployed where, and how each ended; with
+    /// --audit, every operator action (who, how, from where, what, outcome).
     #[command(
-        after_long_help = "Examples:\n  fleetctl history --app web --destination prod\n  fleetctl history -o json | jq '.[] | select(.state == \"succeeded\") | .release'"
+        after_long_help = "Examples:\n  fleetctl history --app web --destination prod\n  fleetctl history -o json | jq '.[] | select(.state == \"succeeded\") | .release'\n  fleetctl history --audit               # deploys, cancels, locks, tokens, membership changes\n  fleetctl history --audit -o json | jq '.[] | select(.via == \"token\")'"
     )]
     History {
         /// Only this app.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "audit")]
         app: Option<String>,
         /// Only this destination.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "audit")]
         destination: Option<String>,
+        /// The audit log instead: operator actions, newest first (the
+        /// newest 10,000 are kept).
+        #[arg(long)]
+        audit: bool,
         /// How many, newest first.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -170,6 +175,10 @@ pub enum Cmd {
     /// Coordinator membership and health.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// API tokens for the HTTP API and the dashboard (browsers, scripts).
+    /// Managed with an operator certificate; the cluster keeps only a hash.
+    #[command(subcommand)]
+    Tokens(TokensCmd),
     /// Create the cluster CA and certificates.
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -178,6 +187,48 @@ pub enum Cmd {
     Dev(DevCmd),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+pub enum TokensCmd {
+    /// Make a token and print it (once): `Authorization: Bearer <token>` on
+    /// the HTTP API, or sign in to the dashboard with it.
+    #[command(
+        after_long_help = "Examples:\n  fleetctl tokens create alice --role viewer\n  fleetctl tokens create ci-deployer --role operator --expires 90d -o json | jq -r .token\n\nThe token is shown only now; the cluster stores its SHA-256. Revoke it with `fleetctl tokens revoke NAME`."
+    )]
+    Create {
+        /// A name for the token (the audit log records actions as `token:NAME`).
+        name: String,
+        /// viewer: read everything; operator: also deploy, cancel, roll back, promote.
+        #[arg(long, value_enum)]
+        role: TokenRole,
+        /// Expire after this long (e.g. 12h, 90d); default never.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// The tokens: name, role, when and by whom made, expiry (never the secret).
+    List,
+    /// Revoke a token: each coordinator refuses it once it has applied the
+    /// revocation (the leader at once, followers within a heartbeat).
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TokenRole {
+    Viewer,
+    Operator,
+}
+
+impl TokenRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Viewer => "viewer",
+            TokenRole::Operator => "operator",
+        }
+    }
 }
 
 #[derive(Subcommand)]

@@ -6,6 +6,7 @@
 //! of I/O that coordinators, nodes and `fleetctl` have in common.
 
 pub mod tls;
+pub mod token;
 pub mod wire;
 
 pub use tls::{error_chain, TlsError, TlsMaterial};

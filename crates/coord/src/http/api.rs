@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use fleet_core::deploy::{DeployState, Deployment};
 use fleet_core::manifest::{parse_manifest, Overrides, MAX_DOCUMENT_BYTES};
 use fleet_core::views::{DestinationView, NodeView, ServerView};
@@ -20,8 +20,8 @@ use fleet_proto::*;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::auth::Caller;
 use super::error::{ApiError, Code};
-use super::listener::Peer;
 use super::HttpApi;
 use crate::tls::KnownCaller;
 
@@ -39,6 +39,9 @@ pub fn router(api: HttpApi) -> Router {
         .route("/api/deployments/{id}", get(get_deployment))
         .route("/api/deployments/{id}/cancel", put(cancel))
         .route("/api/deployments/{id}/rollback", put(rollback))
+        .route("/api/deployments/{id}/promote", put(promote))
+        .route("/api/audit", get(audit))
+        .route("/api/whoami", get(whoami))
         .route("/api/destinations", get(destinations))
         .route("/api/destinations/{id}/servers", get(servers))
         .route("/api/locks", get(locks))
@@ -48,27 +51,22 @@ pub fn router(api: HttpApi) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(super::dashboard::routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(api)
 }
 
-/// The caller, or 401 when its certificate says nothing usable.
-fn who(peer: &Peer) -> ApiResult<KnownCaller> {
-    peer.caller.clone().map_err(|m| ApiError::new(StatusCode::UNAUTHORIZED, Code::Unauthenticated, m))
-}
-
 /// Read access without a `Control` call (health, metrics, events).
-fn may_read(peer: &Peer, what: &str) -> ApiResult<KnownCaller> {
-    let c = who(peer)?;
+fn may_read(c: &KnownCaller, what: &str) -> ApiResult<()> {
     if !fleet_core::auth::allows(c.role, fleet_core::auth::Access::Read) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             Code::Forbidden,
-            format!("{what} needs a viewer or operator certificate; `{}` presented a `{}` certificate", c.name, c.role),
+            format!("{what} needs a viewer or operator certificate or token; `{}` is a `{}`", c.name, c.role),
         ));
     }
-    Ok(c)
+    Ok(())
 }
 
 fn body<T: DeserializeOwned + Default>(bytes: Result<Bytes, BytesRejection>) -> ApiResult<T> {
@@ -143,11 +141,10 @@ pub struct Accepted {
 
 async fn submit(
     State(api): State<HttpApi>,
-    Extension(peer): Extension<Peer>,
+    Caller(caller): Caller,
     app: Result<Path<String>, axum::extract::rejection::PathRejection>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let caller = who(&peer)?;
     let Path(app) = app.map_err(|e| ApiError::field("app", e.body_text()))?;
     name_field("app", &app)?;
     let b: SubmitBody = body(bytes)?;
@@ -190,7 +187,7 @@ async fn submit(
     let d = deployment_of(&r.deployment_json)?;
     let url = format!("/api/deployments/{}", d.id);
     let status = if b.dry_run { StatusCode::OK } else { StatusCode::ACCEPTED };
-    tracing::info!(deployment = %d.id, actor = %caller.name, from = %peer.addr, "deployment submitted over HTTP");
+    tracing::info!(deployment = %d.id, actor = %caller.name, from = %caller.from, "deployment submitted over HTTP");
     let accepted = Accepted { id: d.id.clone(), url: url.clone(), state: d.state, applied_index: r.applied_index, deployment: d };
     Ok((status, [(header::LOCATION, url)], Json(accepted)).into_response())
 }
@@ -204,11 +201,10 @@ pub struct CancelBody {
 
 async fn cancel(
     State(api): State<HttpApi>,
-    Extension(peer): Extension<Peer>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<DeploymentAnswer>> {
-    let caller = who(&peer)?;
     let b: CancelBody = body(bytes)?;
     if !b.reason.is_empty() {
         fleet_core::names::validate_text("reason", &b.reason, fleet_core::names::MAX_REASON_LEN)
@@ -237,11 +233,10 @@ pub struct RollbackBody {
 
 async fn rollback(
     State(api): State<HttpApi>,
-    Extension(peer): Extension<Peer>,
+    Caller(caller): Caller,
     Path(id): Path<String>,
     bytes: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let caller = who(&peer)?;
     let b: RollbackBody = body(bytes)?;
     if !b.to_release.is_empty() {
         name_field("to_release", &b.to_release)?;
@@ -262,6 +257,33 @@ async fn rollback(
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, url)], Json(accepted)).into_response())
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromoteBody {
+    request_id: String,
+}
+
+/// `PUT /api/deployments/{id}/promote`: a paused canary continues.
+async fn promote(
+    State(api): State<HttpApi>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<DeploymentAnswer>> {
+    let b: PromoteBody = body(bytes)?;
+    let msg = PromoteDeploymentRequest { id, request_id: request_id(&b.request_id) };
+    let r = api
+        .forward
+        .call(
+            &caller,
+            msg,
+            |c, r| async move { Control::promote_deployment(&*c, r).await },
+            |mut c, r| async move { c.promote_deployment(r).await },
+        )
+        .await?;
+    answer(r)
+}
+
 // ----------------------------------------------------------------- reads
 
 #[derive(Debug, Serialize)]
@@ -274,12 +296,7 @@ fn answer(r: DeploymentReply) -> ApiResult<Json<DeploymentAnswer>> {
     Ok(Json(DeploymentAnswer { applied_index: r.applied_index, deployment: deployment_of(&r.deployment_json)? }))
 }
 
-async fn get_deployment(
-    State(api): State<HttpApi>,
-    Extension(peer): Extension<Peer>,
-    Path(id): Path<String>,
-) -> ApiResult<Json<DeploymentAnswer>> {
-    let caller = who(&peer)?;
+async fn get_deployment(State(api): State<HttpApi>, Caller(caller): Caller, Path(id): Path<String>) -> ApiResult<Json<DeploymentAnswer>> {
     let msg = GetDeploymentRequest { id };
     let r = api
         .forward
@@ -300,20 +317,25 @@ pub struct ListQuery {
     destination: String,
     state: String,
     limit: Option<u32>,
+    /// Only deployments older than this one (`d42`): the `next_before` of the previous page.
+    before: String,
 }
 
 #[derive(Debug, Serialize)]
 pub struct DeploymentList {
     pub applied_index: u64,
+    /// Newest first.
     pub deployments: Vec<Deployment>,
+    /// Pass as `before` for the next (older) page; absent when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<String>,
 }
 
 async fn list_deployments(
     State(api): State<HttpApi>,
-    Extension(peer): Extension<Peer>,
+    Caller(caller): Caller,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<DeploymentList>> {
-    let caller = who(&peer)?;
     let q = query(q)?;
     if !q.app.is_empty() {
         name_field("app", &q.app)?;
@@ -333,7 +355,13 @@ async fn list_deployments(
     if limit == 0 || limit > MAX_LIST_LIMIT {
         return Err(ApiError::field("limit", format!("must be 1 to {MAX_LIST_LIMIT}")));
     }
-    let msg = ListDeploymentsRequest { app: q.app, destination: q.destination, limit, state: q.state };
+    if !q.before.is_empty() && fleet_core::state::deployment_number(&q.before).is_none() {
+        return Err(ApiError::field(
+            "before",
+            format!("`{}` is not a deployment id (d42); pass the `next_before` of the previous page", q.before),
+        ));
+    }
+    let msg = ListDeploymentsRequest { app: q.app, destination: q.destination, limit, state: q.state, before: q.before };
     let r = api
         .forward
         .call(
@@ -344,7 +372,8 @@ async fn list_deployments(
         )
         .await?;
     let deployments = r.deployments_json.iter().map(|j| deployment_of(j)).collect::<ApiResult<Vec<_>>>()?;
-    Ok(Json(DeploymentList { applied_index: r.applied_index, deployments }))
+    let next_before = (!r.next_before.is_empty()).then_some(r.next_before);
+    Ok(Json(DeploymentList { applied_index: r.applied_index, deployments, next_before }))
 }
 
 #[derive(Debug, Serialize)]
@@ -371,8 +400,7 @@ async fn destination_views(api: &HttpApi, caller: &KnownCaller) -> ApiResult<Des
     Ok(DestinationList { applied_index: r.applied_index, destinations })
 }
 
-async fn destinations(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Json<DestinationList>> {
-    let caller = who(&peer)?;
+async fn destinations(State(api): State<HttpApi>, Caller(caller): Caller) -> ApiResult<Json<DestinationList>> {
     Ok(Json(destination_views(&api, &caller).await?))
 }
 
@@ -392,8 +420,7 @@ async fn node_views(api: &HttpApi, caller: &KnownCaller) -> ApiResult<Vec<NodeVi
         .collect()
 }
 
-async fn nodes(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Json<Vec<NodeView>>> {
-    let caller = who(&peer)?;
+async fn nodes(State(api): State<HttpApi>, Caller(caller): Caller) -> ApiResult<Json<Vec<NodeView>>> {
     Ok(Json(node_views(&api, &caller).await?))
 }
 
@@ -407,8 +434,7 @@ pub struct ServerList {
     pub servers: Vec<ServerView>,
 }
 
-async fn servers(State(api): State<HttpApi>, Extension(peer): Extension<Peer>, Path(id): Path<String>) -> ApiResult<Json<ServerList>> {
-    let caller = who(&peer)?;
+async fn servers(State(api): State<HttpApi>, Caller(caller): Caller, Path(id): Path<String>) -> ApiResult<Json<ServerList>> {
     name_field("destination", &id)?;
     let msg = ListServersRequest { destination: id.clone() };
     let r = api
@@ -438,8 +464,7 @@ pub struct LockList {
     pub applied_index: u64,
 }
 
-async fn locks(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Json<LockList>> {
-    let caller = who(&peer)?;
+async fn locks(State(api): State<HttpApi>, Caller(caller): Caller) -> ApiResult<Json<LockList>> {
     let msg = LockStatusRequest { destination: String::new() };
     let r = api
         .forward
@@ -485,8 +510,7 @@ pub struct ClusterJson {
     pub members: Vec<MemberJson>,
 }
 
-async fn cluster(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Json<ClusterJson>> {
-    let caller = who(&peer)?;
+async fn cluster(State(api): State<HttpApi>, Caller(caller): Caller) -> ApiResult<Json<ClusterJson>> {
     let msg = ClusterStatusRequest { local: false };
     let r = api
         .forward
@@ -523,9 +547,69 @@ async fn cluster(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -
     }))
 }
 
+/// `GET /api/whoami`: who this request is authenticated as.
+#[derive(Debug, Serialize)]
+pub struct WhoAmI {
+    /// The certificate's common name, or `token:NAME`.
+    pub name: String,
+    pub role: fleet_core::auth::Role,
+    /// `certificate` or `token`.
+    pub via: fleet_core::Via,
+    /// Your address as this coordinator sees it.
+    pub from: String,
+}
+
+async fn whoami(Caller(caller): Caller) -> Json<WhoAmI> {
+    Json(WhoAmI { name: caller.name, role: caller.role, via: caller.via, from: caller.from })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditQuery {
+    limit: Option<u32>,
+    before: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditList {
+    pub applied_index: u64,
+    /// Newest first.
+    pub records: Vec<fleet_core::state::AuditRecord>,
+    /// Pass as `before` for the next (older) page; absent when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<u64>,
+}
+
+/// `GET /api/audit?limit=&before=`: operator actions, newest first.
+async fn audit(
+    State(api): State<HttpApi>,
+    Caller(caller): Caller,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> ApiResult<Json<AuditList>> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(ApiError::field("limit", format!("must be 1 to {MAX_LIST_LIMIT}")));
+    }
+    if q.before == Some(0) {
+        return Err(ApiError::field("before", "must be a log index above 0 (the `next_before` of the previous page)"));
+    }
+    let msg = ListAuditRequest { limit, before: q.before.unwrap_or(0) };
+    let r = api
+        .forward
+        .call(&caller, msg, |c, r| async move { Control::list_audit(&*c, r).await }, |mut c, r| async move { c.list_audit(r).await })
+        .await?;
+    let records = r
+        .records_json
+        .iter()
+        .map(|j| serde_json::from_str(j).map_err(|e| ApiError::internal(format!("an audit record does not parse: {e}"))))
+        .collect::<ApiResult<Vec<_>>>()?;
+    Ok(Json(AuditList { applied_index: r.applied_index, records, next_before: (r.next_before != 0).then_some(r.next_before) }))
+}
+
 /// `GET /api/events`: SSE, answered from this coordinator's applied state.
-async fn events(State(api): State<HttpApi>, Extension(peer): Extension<Peer>, headers: HeaderMap) -> ApiResult<Response> {
-    may_read(&peer, "the event stream")?;
+async fn events(State(api): State<HttpApi>, Caller(caller): Caller, headers: HeaderMap) -> ApiResult<Response> {
+    may_read(&caller, "the event stream")?;
     let last = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(
@@ -582,8 +666,7 @@ fn health(api: &HttpApi) -> Health {
 }
 
 /// Alive: the process serves and Raft has not stopped.
-async fn healthz(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Response> {
-    who(&peer)?;
+async fn healthz(State(api): State<HttpApi>, _: Caller) -> ApiResult<Response> {
     let running = api.raft.metrics().borrow().running_state.is_ok();
     let mut h = health(&api);
     h.reason = None;
@@ -593,15 +676,14 @@ async fn healthz(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -
 }
 
 /// Ready: a leader is known and the state machine has caught up.
-async fn readyz(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Response> {
-    who(&peer)?;
+async fn readyz(State(api): State<HttpApi>, _: Caller) -> ApiResult<Response> {
     let h = health(&api);
     let code = if h.reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     Ok((code, Json(h)).into_response())
 }
 
-async fn metrics(State(api): State<HttpApi>, Extension(peer): Extension<Peer>) -> ApiResult<Response> {
-    may_read(&peer, "/metrics")?;
+async fn metrics(State(api): State<HttpApi>, Caller(caller): Caller) -> ApiResult<Response> {
+    may_read(&caller, "/metrics")?;
     let text = crate::metrics::render(&api.raft, &api.state, &api.hub);
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

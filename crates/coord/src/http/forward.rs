@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::control::ControlService;
-use crate::tls::{KnownCaller, TlsMaterial, ON_BEHALF_OF};
+use crate::tls::{KnownCaller, TlsMaterial, ON_BEHALF_OF, ON_BEHALF_ORIGIN};
 
 /// How many times a call follows a redirect (a leader change mid-call).
 const MAX_HOPS: usize = 3;
@@ -86,6 +86,10 @@ impl Forwarder {
                 .parse()
                 .map_err(|_| Status::invalid_argument("the caller's name cannot travel as gRPC metadata; use a plain ASCII name"))?;
             req.metadata_mut().insert(ON_BEHALF_OF, who);
+            // How the client proved itself and its address, for the audit log.
+            if let Ok(origin) = caller.origin_metadata().parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>() {
+                req.metadata_mut().insert(ON_BEHALF_ORIGIN, origin);
+            }
             match remote(self.client(&addr)?, req).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => status = s,

@@ -1,7 +1,7 @@
-//! The HTTPS listener: rustls with the gRPC listener's settings (this
-//! coordinator's certificate, client certificates required and verified
-//! against the cluster CA), HTTP/1.1 by hyper, requests handed to the axum
-//! router with the caller read from the verified client certificate.
+//! The HTTPS listener: rustls with this coordinator's certificate; client
+//! certificates are verified against the cluster CA when presented but not
+//! required (browsers use bearer tokens, see `auth`). HTTP/1.1 by hyper;
+//! requests are handed to the axum router with the connection's [`Peer`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +14,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+
+use fleet_core::Via;
 
 use crate::tls::{identity_of_der, KnownCaller, TlsMaterial};
 
@@ -43,7 +45,10 @@ pub fn server_config(tls: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, Lis
     for ca in CertificateDer::pem_slice_iter(&tls.ca_pem) {
         roots.add(ca.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
     }
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).build().map_err(|e| bad(&e))?;
+    // A certificate is verified when presented, but not required: browsers
+    // and scripts authenticate with a bearer token instead (`auth`), and a
+    // request with neither is answered 401.
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().map_err(|e| bad(&e))?;
     let certs = CertificateDer::pem_slice_iter(&tls.cert_pem).collect::<Result<Vec<_>, _>>().map_err(|e| bad(&e))?;
     let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|e| bad(&e))?;
     let mut config =
@@ -83,9 +88,9 @@ pub async fn serve(listener: TcpListener, config: Arc<rustls::ServerConfig>, rou
                 }
             };
             let caller = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-                Some(der) => {
-                    identity_of_der(der.as_ref()).map(|(name, role)| KnownCaller { name, role }).map_err(|s| s.message().to_string())
-                }
+                Some(der) => identity_of_der(der.as_ref())
+                    .map(|(name, role)| KnownCaller { name, role, via: Via::Certificate, from: addr.to_string() })
+                    .map_err(|s| s.message().to_string()),
                 None => Err("no client certificate; connect with mTLS (a certificate from `fleetctl certs issue`)".to_string()),
             };
             let peer = Peer { addr, caller };

@@ -1,7 +1,11 @@
 //! The HTTP JSON API of a coordinator (`--http-addr`), over HTTPS with the
 //! same mTLS identities and roles as gRPC.
 //!
-//! * [`listener`]: rustls + hyper; the caller is read from its certificate.
+//! * [`listener`]: rustls + hyper; a client certificate is verified when
+//!   presented. [`auth`]: the caller is a bearer token's (`fleetctl tokens
+//!   create`) or, without one, the certificate's.
+//! * [`dashboard`]: `GET /`, the live dashboard (one embedded page that
+//!   reads the API with the token its user signs in with).
 //! * [`api`]: the routes. Every `/api` call is a call of the `Control`
 //!   service's handlers for the same caller ([`forward`]): on this
 //!   coordinator, and on the leader when this one redirects (writes, and
@@ -13,6 +17,8 @@
 //! `/healthz`, `/readyz` and `/metrics` are answered locally.
 
 pub mod api;
+pub mod auth;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod forward;

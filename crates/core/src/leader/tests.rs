@@ -42,7 +42,7 @@ impl World {
 
     fn apply_at(&mut self, at_ms: i64, command: Command) -> Response {
         self.index += 1;
-        self.s.apply(self.index, &Request { request_id: None, at_ms, command }).0
+        self.s.apply(self.index, &Request { request_id: None, at_ms, command, origin: None }).0
     }
 
     fn submit(&mut self, manifest: &str, lock_wait_ms: Option<u64>) -> String {

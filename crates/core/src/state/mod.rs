@@ -15,6 +15,8 @@
 //! * `dest/<name>`         -> [`Destination`]
 //! * `idem/<actor>/<key>`  -> deployment number (idempotency keys)
 //! * `server/<destination>/<id>` -> [`crate::sync::ServerRecord`] (what the destination's sync task found)
+//! * `token/<name>`        -> [`TokenRecord`] (API tokens, their secrets' SHA-256 only)
+//! * `audit/<log index>`   -> [`AuditRecord`] (operator actions, the newest [`MAX_AUDIT_RECORDS`])
 //!
 //! Commands are applied by concern, one submodule each: `locks` (manual
 //! locks, destination queues and grants), `deployments` (submit, rollback,
@@ -32,11 +34,14 @@ use crate::deploy::{DeployState, Deployment, LiveNodes, NodeWaits, StepRecord};
 use crate::manifest::{selects, Destination, Spec};
 use crate::saga::plan;
 
+mod access;
 mod deployments;
 mod locks;
 mod nodes;
 mod promote;
 mod servers;
+
+pub use access::{AuditRecord, TokenRecord, MAX_AUDIT_RECORDS};
 
 /// How long a request id is remembered. A client retries for seconds, so
 /// ten minutes is far beyond any retry, and bounds the table.
@@ -53,6 +58,8 @@ const NODE_PREFIX: &str = "node/";
 const DEST_PREFIX: &str = "dest/";
 const IDEM_PREFIX: &str = "idem/";
 const SERVER_PREFIX: &str = "server/";
+const TOKEN_PREFIX: &str = "token/";
+const AUDIT_PREFIX: &str = "audit/";
 /// Lock holder name of a deployment.
 pub const DEPLOYMENT_HOLDER_PREFIX: &str = "deployment/";
 
@@ -104,6 +111,12 @@ pub struct State {
     idempotency: BTreeMap<String, u64>,
     /// Servers per destination, by id.
     servers: BTreeMap<String, BTreeMap<String, crate::sync::ServerRecord>>,
+    /// API tokens by name.
+    tokens: BTreeMap<String, TokenRecord>,
+    /// Token SHA-256 → name. Derived, never persisted.
+    token_hashes: BTreeMap<String, String>,
+    /// Audit records by log index.
+    audit: BTreeMap<u64, AuditRecord>,
 }
 
 /// `d42` → 42.
@@ -144,6 +157,13 @@ impl State {
                 let (dest, id) = rest.split_once('/').ok_or_else(|| LoadError::UnknownKey(key.to_string()))?;
                 let rec = serde_json::from_slice(value.as_ref()).map_err(bad)?;
                 state.servers.entry(dest.to_string()).or_default().insert(id.to_string(), rec);
+            } else if let Some(name) = key.strip_prefix(TOKEN_PREFIX) {
+                let rec: TokenRecord = serde_json::from_slice(value.as_ref()).map_err(bad)?;
+                state.token_hashes.insert(rec.sha256.clone(), name.to_string());
+                state.tokens.insert(name.to_string(), rec);
+            } else if let Some(n) = key.strip_prefix(AUDIT_PREFIX) {
+                let n: u64 = n.parse().map_err(|_| LoadError::UnknownKey(key.to_string()))?;
+                state.audit.insert(n, serde_json::from_slice(value.as_ref()).map_err(bad)?);
             } else {
                 return Err(LoadError::UnknownKey(key.to_string()));
             }
@@ -180,6 +200,12 @@ impl State {
                 out.push((format!("{SERVER_PREFIX}{dest}/{id}"), encode(rec)));
             }
         }
+        for (name, rec) in &self.tokens {
+            out.push((format!("{TOKEN_PREFIX}{name}"), encode(rec)));
+        }
+        for (n, rec) in &self.audit {
+            out.push((format!("{AUDIT_PREFIX}{n}"), encode(rec)));
+        }
         out
     }
 
@@ -190,6 +216,12 @@ impl State {
     /// Every deployment, oldest first.
     pub fn deployments(&self) -> impl DoubleEndedIterator<Item = &Deployment> {
         self.deployments.values()
+    }
+
+    /// Deployments numbered below `before` (all when `None`), newest first:
+    /// one page of a listing starts where the last one ended.
+    pub fn deployments_before(&self, before: Option<u64>) -> impl Iterator<Item = &Deployment> {
+        self.deployments.range(..before.unwrap_or(u64::MAX)).rev().map(|(_, d)| d)
     }
 
     /// Deployments that have not ended.
@@ -297,7 +329,15 @@ impl State {
             Command::SyncServers { destination, upserts, removals } => self.sync_servers(&mut cx, destination, upserts, removals),
             Command::RemoveDestination { name } => self.remove_destination(&mut cx, name),
             Command::PromoteDeployment { id, actor } => self.promote(&mut cx, id, actor),
+            Command::CreateToken { name, role, sha256, expires_ms, actor } => {
+                self.create_token(&mut cx, name, *role, sha256, *expires_ms, actor)
+            }
+            Command::RevokeToken { name } => self.revoke_token(&mut cx, name),
+            Command::RecordAction { .. } => Response::Done,
         };
+        if let Some(origin) = &req.origin {
+            self.record_audit(&mut cx, origin, &req.command, &response);
+        }
 
         if let Some(id) = &req.request_id {
             let entry = DedupEntry { at_ms: req.at_ms, response: response.clone() };

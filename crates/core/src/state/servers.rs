@@ -245,7 +245,7 @@ mod tests {
         fn apply(&mut self, command: Command) -> Response {
             self.index += 1;
             self.at_ms += 100;
-            self.s.apply(self.index, &Request { request_id: None, at_ms: self.at_ms, command }).0
+            self.s.apply(self.index, &Request { request_id: None, at_ms: self.at_ms, command, origin: None }).0
         }
 
         fn deploy(&mut self, release: &str) -> String {

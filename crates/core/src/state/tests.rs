@@ -2,7 +2,7 @@ use super::*;
 use crate::manifest::{QueuePolicy, DEFAULT_NODE_WAIT_MS};
 
 fn req(id: Option<&str>, at_ms: i64, command: Command) -> Request {
-    Request { request_id: id.map(str::to_string), at_ms, command }
+    Request { request_id: id.map(str::to_string), at_ms, command, origin: None }
 }
 fn acquire(dest: &str, holder: &str) -> Command {
     Command::AcquireLock { destination: dest.into(), holder: holder.into(), reason: "r".into() }
@@ -536,5 +536,151 @@ mod deployments {
         // Dedup expiry compares times of both signs.
         w.s.apply(101, &req(Some("early"), i64::MIN, acquire("b", "alice")));
         w.s.apply(102, &req(Some("later"), i64::MAX, acquire("c", "alice")));
+    }
+}
+
+mod access {
+    use super::*;
+    use crate::auth::Role;
+    use crate::command::{Origin, Via};
+
+    const H1: &str = "0000000000000000000000000000000000000000000000000000000000000001";
+    const H2: &str = "00000000000000000000000000000000000000000000000000000000000000a2";
+
+    fn create(name: &str, role: Role, sha256: &str, expires_ms: Option<i64>) -> Command {
+        Command::CreateToken { name: name.into(), role, sha256: sha256.into(), expires_ms, actor: "alice".into() }
+    }
+
+    fn outcome(r: &Response) -> &'static str {
+        match r {
+            Response::TokenCreated { .. } => "created",
+            Response::Done => "done",
+            Response::Invalid { .. } => "invalid",
+            Response::Rejected { .. } => "rejected",
+            Response::NotFound { .. } => "not_found",
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn token_table() {
+        // (command, answer, tokens known by hash afterwards), in order, at t = 100.
+        let steps: Vec<(Command, &str, &[&str])> = vec![
+            (create("ci", Role::Operator, H1, None), "created", &[H1]),
+            (create("ci", Role::Viewer, H2, None), "rejected", &[H1]), // name taken
+            (create("other", Role::Viewer, H1, None), "rejected", &[H1]), // same secret
+            (create("node", Role::Node, H2, None), "invalid", &[H1]),  // tokens are for people and scripts
+            (create("coord", Role::Coordinator, H2, None), "invalid", &[H1]),
+            (create("Bad Name", Role::Viewer, H2, None), "invalid", &[H1]),
+            (create("short", Role::Viewer, "abc", None), "invalid", &[H1]),
+            (create("upper", Role::Viewer, &H2.to_uppercase(), None), "invalid", &[H1]),
+            (create("past", Role::Viewer, H2, Some(100)), "invalid", &[H1]), // expires as it is made
+            (create("dash", Role::Viewer, H2, Some(1_000)), "created", &[H1, H2]),
+            (Command::RevokeToken { name: "ci".into() }, "done", &[H2]),
+            (Command::RevokeToken { name: "ci".into() }, "not_found", &[H2]),
+            (create("ci", Role::Viewer, H1, None), "created", &[H1, H2]), // a revoked name can be reused
+        ];
+        let mut s = State::default();
+        for (i, (cmd, want, known)) in steps.into_iter().enumerate() {
+            let (got, _) = s.apply(i as u64 + 1, &req(None, 100, cmd.clone()));
+            assert_eq!(outcome(&got), want, "step {i}: {cmd:?}: {got:?}");
+            for h in [H1, H2] {
+                assert_eq!(s.token_by_hash(h).is_some(), known.contains(&h), "step {i}: hash {h}");
+            }
+        }
+        let dash = s.token_by_hash(H2).expect("dash exists");
+        assert_eq!((dash.name.as_str(), dash.role, dash.created_by.as_str()), ("dash", Role::Viewer, "alice"));
+        assert!(dash.valid_at(999) && !dash.valid_at(1_000), "expiry is exclusive");
+        assert_eq!(s.token_by_hash(H1).map(|t| t.role), Some(Role::Viewer), "the reused name has its new role");
+        // Survives a snapshot, and the derived hash index is rebuilt.
+        let loaded = State::load(s.dump()).expect("loads");
+        assert_eq!(loaded, s);
+    }
+
+    fn with_origin(id: Option<&str>, at_ms: i64, command: Command, actor: &str) -> Request {
+        Request {
+            request_id: id.map(str::to_string),
+            at_ms,
+            command,
+            origin: Some(Origin { actor: actor.into(), via: Via::Certificate, from: "10.0.0.1:5000".into() }),
+        }
+    }
+
+    #[test]
+    fn operator_actions_are_audited_and_nothing_else() {
+        let mut s = State::default();
+        // (command, origin actor or none, audit (action, target, outcome) expected)
+        type Audited<'a> = Option<(&'a str, &'a str, &'a str)>;
+        let steps: Vec<(Command, Option<&str>, Audited)> = vec![
+            (acquire("web", "alice"), Some("alice"), Some(("lock.acquire", "web", "granted, fencing token 1"))),
+            (acquire("web", "bob"), Some("bob"), Some(("lock.acquire", "web", "refused: held by alice"))),
+            (release("web", "alice"), Some("alice"), Some(("lock.release", "web", "ok"))),
+            // The leader's and nodes' own commands carry no origin: no record.
+            (Command::RegisterNode { id: "n1".into(), labels: BTreeMap::new() }, None, None),
+            (
+                Command::CancelDeployment { id: "d99".into(), reason: "x".into(), actor: "alice".into(), timed_out: false },
+                Some("alice"),
+                Some(("cancel", "d99", "not found: deployment `d99`")),
+            ),
+            (create("ci", Role::Operator, H1, None), Some("alice"), Some(("tokens.create", "ci", "ok"))),
+            (Command::RevokeToken { name: "ci".into() }, Some("token:ops"), Some(("tokens.revoke", "ci", "ok"))),
+            (
+                Command::RecordAction { action: "cluster.promote".into(), target: "4".into(), outcome: "ok".into() },
+                Some("alice"),
+                Some(("cluster.promote", "4", "ok")),
+            ),
+        ];
+        let mut want = Vec::new();
+        for (i, (cmd, actor, audited)) in steps.into_iter().enumerate() {
+            let index = i as u64 + 1;
+            let r = match actor {
+                Some(a) => with_origin(None, 50 + i as i64, cmd, a),
+                None => req(None, 50 + i as i64, cmd),
+            };
+            s.apply(index, &r);
+            if let Some((action, target, outcome)) = audited {
+                want.push((index, actor.unwrap_or_default().to_string(), action.to_string(), target.to_string(), outcome.to_string()));
+            }
+        }
+        want.reverse();
+        // Outcomes are shortened to one line: compare their beginnings.
+        let got: Vec<_> = s
+            .audit(None)
+            .zip(&want)
+            .map(|(r, w)| {
+                let outcome = if r.outcome.starts_with(&w.4) { w.4.clone() } else { r.outcome.clone() };
+                (r.index, r.actor.clone(), r.action.clone(), r.target.clone(), outcome)
+            })
+            .collect();
+        assert_eq!(s.audit(None).count(), want.len(), "one record per operator command");
+        assert_eq!(got, want, "newest first, one record per operator command");
+        assert!(s.audit(None).all(|r| r.from == "10.0.0.1:5000" && r.via == Via::Certificate));
+        assert_eq!(s.audit(Some(3)).map(|r| r.index).collect::<Vec<_>>(), vec![2, 1], "paged with `before`");
+        // A retried request (same id) is answered once and recorded once.
+        let retry = with_origin(Some("r1"), 100, acquire("db", "alice"), "alice");
+        s.apply(20, &retry);
+        s.apply(21, &retry);
+        assert_eq!(s.audit(None).filter(|r| r.target == "db").count(), 1);
+        assert_eq!(State::load(s.dump()).expect("loads"), s);
+    }
+
+    #[test]
+    fn the_audit_log_is_bounded_and_drops_the_oldest() {
+        let mut s = State::default();
+        let mut kv: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let extra = 5;
+        for i in 0..(MAX_AUDIT_RECORDS + extra) as u64 {
+            let cmd = Command::RecordAction { action: "cluster.remove".into(), target: i.to_string(), outcome: "ok".into() };
+            let (_, changes) = s.apply(i + 1, &with_origin(None, 1, cmd, "alice"));
+            for c in changes {
+                match c.value {
+                    Some(v) => kv.insert(c.key, v),
+                    None => kv.remove(&c.key),
+                };
+            }
+        }
+        assert_eq!(s.audit(None).count(), MAX_AUDIT_RECORDS);
+        assert_eq!(s.audit(None).last().map(|r| r.index), Some(extra as u64 + 1), "the oldest were dropped");
+        assert_eq!(State::load(kv).expect("the persisted changes load"), s, "deletions were persisted too");
     }
 }

@@ -61,7 +61,13 @@ pub async fn cancel(id: String, reason: Option<String>, wait: bool, conn: &ConnA
 }
 
 async fn list_deployments(c: &mut Client, app: &str, destination: &str, limit: u32) -> Result<Vec<String>, Exit> {
-    let req = ListDeploymentsRequest { app: app.to_string(), destination: destination.to_string(), limit, state: String::new() };
+    let req = ListDeploymentsRequest {
+        app: app.to_string(),
+        destination: destination.to_string(),
+        limit,
+        state: String::new(),
+        before: String::new(),
+    };
     let r = c.unary(req, |mut cl, r| async move { cl.list_deployments(r).await }).await?;
     Ok(r.deployments_json)
 }

@@ -12,6 +12,7 @@ mod dev;
 mod lock;
 mod nodes;
 mod servers;
+mod tokens;
 
 use clap::CommandFactory as _;
 use fleetctl::exit;
@@ -29,7 +30,8 @@ pub async fn run(cli: Cli) -> Result<i32, Exit> {
         Cmd::Watch { id } => deployments::watch(id, conn, out).await,
         Cmd::Status { id } => deployments::status(id, conn, out).await,
         Cmd::List { limit } => deployments::list(limit, conn, out).await,
-        Cmd::History { app, destination, limit } => deployments::history(app, destination, limit, conn, out).await,
+        Cmd::History { audit: true, limit, .. } => tokens::audit(limit, conn, out).await,
+        Cmd::History { app, destination, limit, audit: false } => deployments::history(app, destination, limit, conn, out).await,
         Cmd::Cancel { id, reason, wait } => deployments::cancel(id, reason, wait, conn, out).await,
         Cmd::Resolve { id, note } => deployments::resolve(id, note, conn, out).await,
         Cmd::Promote { id, wait } => deploy::promote(id, wait, conn, out).await,
@@ -38,6 +40,7 @@ pub async fn run(cli: Cli) -> Result<i32, Exit> {
         Cmd::Servers { destination } => servers::servers(destination, conn, out).await,
         Cmd::Lock(cmd) => lock::lock(cmd, conn, out).await,
         Cmd::Cluster(cmd) => cluster::cluster(cmd, conn, out).await,
+        Cmd::Tokens(cmd) => tokens::tokens(cmd, conn, out).await,
         Cmd::Certs(cmd) => certs::certs(cmd, out),
         Cmd::Dev(cmd) => dev::dev(cmd, out).await,
         Cmd::Completions { shell } => {

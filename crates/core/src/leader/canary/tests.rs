@@ -185,7 +185,7 @@ impl World {
 
     fn apply(&mut self, command: Command) -> Response {
         self.index += 1;
-        self.s.apply(self.index, &Request { request_id: None, at_ms: self.now, command }).0
+        self.s.apply(self.index, &Request { request_id: None, at_ms: self.now, command, origin: None }).0
     }
 
     fn submit(&mut self, extra: &str) -> Response {
