@@ -118,7 +118,7 @@ async fn last_log_index(c: &mut ControlClient<Channel>) -> anyhow::Result<u64> {
 /// One random `Control` call. Returns its name and its answer (Ok = accepted).
 async fn random_call(rng: &mut StdRng, c: &mut ControlClient<Channel>) -> (&'static str, Result<(), tonic::Status>) {
     let rid = if rng.random_bool(0.5) { nasty(rng) } else { format!("fuzz-{}", rng.random::<u64>()) };
-    match rng.random_range(0..19) {
+    match rng.random_range(0..23) {
         0 => {
             let req = SubmitDeploymentRequest {
                 manifest_yaml: nasty_yaml(rng, VALID_MANIFEST),
@@ -202,6 +202,14 @@ async fn random_call(rng: &mut StdRng, c: &mut ControlClient<Channel>) -> (&'sta
             };
             ("WatchDeployment", answer)
         }
+        19 => {
+            let sha256 = if rng.random_bool(0.5) { format!("{:064x}", rng.random::<u128>()) } else { nasty(rng) };
+            let role = ["viewer", "operator", "node", "coordinator", ""][rng.random_range(0..5)].to_string();
+            let req = CreateTokenRequest { name: nasty(rng), role, sha256, expires_ms: nasty_number(rng) as i64, request_id: rid };
+            ("CreateToken", c.create_token(req).await.map(drop))
+        }
+        20 => ("RevokeToken", c.revoke_token(RevokeTokenRequest { name: nasty(rng), request_id: rid }).await.map(drop)),
+        21 => ("ListAudit", c.list_audit(ListAuditRequest { limit: rng.random(), before: nasty_number(rng) }).await.map(drop)),
         _ => ("ListNodes", c.list_nodes(ListNodesRequest {}).await.map(drop)),
     }
 }

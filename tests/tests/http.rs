@@ -911,3 +911,82 @@ async fn tokens_and_audit(f: &Fleet) -> anyhow::Result<()> {
     ensure!(e.message.contains("expired"), "{e:?}");
     Ok(())
 }
+
+// ------------------------------------------------- the OpenAPI document
+
+/// schemathesis, as `cargo xtask test` installs it (a virtualenv under the
+/// cargo target dir), or `FLEET_SCHEMATHESIS`.
+fn schemathesis() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("FLEET_SCHEMATHESIS") {
+        return Ok(p.into());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"));
+    let p = target.join("tools").join("venv").join("bin").join("schemathesis");
+    ensure!(p.is_file(), "{} is missing: `cargo xtask test` installs schemathesis there (or set FLEET_SCHEMATHESIS)", p.display());
+    Ok(p)
+}
+
+/// The running API against the OpenAPI document it serves, by schemathesis
+/// (property-based: examples, boundary values and random inputs for every
+/// operation, valid and invalid), with an operator token. Every answer must
+/// have a documented status and content type and match its schema, and no
+/// input may cause a server error.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_conforms_to_its_openapi_document() {
+    let f = Fleet::start(&[("node-1", &[("env", "staging")])], STAGING).await.expect("cluster with a node");
+    let r = conformance(&f).await;
+    f.finish(r);
+}
+
+async fn conformance(f: &Fleet) -> anyhow::Result<()> {
+    let c = &f.cluster;
+    let tool = schemathesis()?;
+    let (_, follower) = leader_and_follower(c).await?;
+    let token = make_token(c, "schemathesis", "operator", &[]).await?;
+    let op = Https::with_token(c, follower, Some(&token))?;
+    // Something to read: one deployment that succeeded.
+    let v1 = submit(&op, "web", "v1").await?;
+    wait_state(&op, &v1.id, DeployState::Succeeded).await?;
+
+    let doc: serde_json::Value = op.get("/api/openapi.json").await?.expect(200)?.json()?;
+    ensure!(doc["openapi"] == "3.1.0", "{}", doc["openapi"]);
+    ensure!(doc["paths"]["/api/apps/{app}/deployments"]["post"].is_object(), "the submit operation is missing");
+
+    let addr = c.http_addr(follower)?;
+    let report = c.path().join("schemathesis");
+    let out = tokio::process::Command::new(&tool)
+        .args(["run", &format!("https://{addr}/api/openapi.json")])
+        .args(["--header", &format!("Authorization: Bearer {token}")])
+        .arg("--tls-verify")
+        .arg(c.path().join("certs").join("ca.pem"))
+        // The event stream never ends by design (tests above cover it).
+        .args(["--exclude-path", "/api/events"])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance",
+        ])
+        .args(["--max-examples", "25", "--seed", "1", "--workers", "1", "--request-timeout", "20", "--no-color"])
+        .args(["--generation-database", "none"])
+        .arg("--report-dir")
+        .arg(&report)
+        .args(["--report", "junit"])
+        .env("SCHEMATHESIS_HOOKS", "")
+        // Its cache goes in the working directory: the test's own.
+        .current_dir(c.path())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(600), out).await.context("schemathesis ran over 10 minutes")??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "schemathesis found answers that do not match the document ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It really tested: every operation, many cases.
+    ensure!(stdout.contains("passed") && !stdout.contains("0 passed"), "{stdout}");
+    println!("{stdout}");
+    Ok(())
+}

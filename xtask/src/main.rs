@@ -171,7 +171,29 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // tests/dashboard.rs drives the dashboard in headless Chromium through chromedriver.
     ensure_command("chromium", "chromium")?;
     ensure_command("chromedriver", "chromium-driver")?;
-    run(cargo().args(["test", "--workspace", "--exclude", "fleet-bench", "--no-fail-fast"]).args(extra))
+    // tests/http.rs checks the running API against its OpenAPI document.
+    let schemathesis = ensure_schemathesis()?;
+    run(cargo()
+        .args(["test", "--workspace", "--exclude", "fleet-bench", "--no-fail-fast"])
+        .args(extra)
+        .env("FLEET_SCHEMATHESIS", schemathesis))
+}
+
+/// schemathesis (PyPI, pinned) in a virtualenv under the cargo target dir,
+/// installed when missing; returns its executable.
+fn ensure_schemathesis() -> anyhow::Result<PathBuf> {
+    const VERSION: &str = "4.32.5";
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root().join("target"));
+    let venv = target.join("tools").join("venv");
+    let bin = venv.join("bin").join("schemathesis");
+    let installed =
+        Command::new(&bin).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).contains(VERSION)).unwrap_or(false);
+    if !installed {
+        eprintln!("installing schemathesis {VERSION} into {}", venv.display());
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context("python3 -m venv (install python3-venv if it is missing)")?;
+        run(Command::new(venv.join("bin").join("pip")).args(["install", "-q", &format!("schemathesis=={VERSION}")]))?;
+    }
+    Ok(bin)
 }
 
 /// Formatting and clippy on every crate, fleet-bench included (its etcd

@@ -60,6 +60,14 @@ impl ControlService {
 
     pub(crate) async fn create_token(&self, who: &KnownCaller, r: CreateTokenRequest) -> Result<TokensReply, Status> {
         certificate_only(who, "tokens create")?;
+        // Checked again on apply; here so that nonsense never reaches the log.
+        fleet_core::names::validate_name("token name", &r.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.sha256.len() != 64 || !r.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(Status::invalid_argument("sha256: the token's hash must be a SHA-256 in lowercase hex (fleetctl makes it)"));
+        }
+        if r.expires_ms != 0 && r.expires_ms <= fleet_net::now_ms() {
+            return Err(Status::invalid_argument("expires_ms: the token would expire before it is made; give a later expiry"));
+        }
         let role = r
             .role
             .parse::<Role>()
@@ -87,6 +95,7 @@ impl ControlService {
 
     pub(crate) async fn revoke_token(&self, who: &KnownCaller, r: RevokeTokenRequest) -> Result<TokensReply, Status> {
         certificate_only(who, "tokens revoke")?;
+        fleet_core::names::validate_name("token name", &r.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let id = self.scoped(&who.name, &r.request_id);
         match self.propose(who, id, Command::RevokeToken { name: r.name.clone() }).await?.0 {
             Outcome::Done => self.tokens_reply(None),

@@ -9,7 +9,7 @@ use fleet_proto::ErrorCode;
 use serde::Serialize;
 
 /// Stable error codes (the `code` field); scripts may match on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Code {
     /// A field of the request is wrong (`field` names it).
@@ -31,9 +31,10 @@ pub enum Code {
     Internal,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ApiError {
     #[serde(skip)]
+    #[schema(ignore)]
     pub status: StatusCode,
     pub code: Code,
     pub message: String,
@@ -89,4 +90,34 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, axum::Json(&self)).into_response()
     }
+}
+
+/// The error answers any API call may give, for the OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only described, never built
+pub enum Errors {
+    /// A field of the request is wrong; `field` names it.
+    #[response(status = 400)]
+    BadRequest(ApiError),
+    /// No client certificate and no (valid) bearer token.
+    #[response(status = 401)]
+    Unauthenticated(ApiError),
+    /// The caller's role may not make this call.
+    #[response(status = 403)]
+    Forbidden(ApiError),
+    /// No such deployment, destination or route.
+    #[response(status = 404)]
+    NotFound(ApiError),
+    /// Refused in the current state (`rejected`, `failed_precondition`).
+    #[response(status = 409)]
+    Conflict(ApiError),
+    /// The request body is larger than the API accepts.
+    #[response(status = 413)]
+    TooLarge(ApiError),
+    /// No leader right now, or this coordinator cannot serve: retry.
+    #[response(status = 503)]
+    Unavailable(ApiError),
+    /// The cluster did not answer in time: retry.
+    #[response(status = 504)]
+    Timeout(ApiError),
 }
