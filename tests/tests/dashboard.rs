@@ -221,12 +221,14 @@ struct Header {
     url: String,
     /// A window property set once by the test: gone after a reload.
     marker: Option<String>,
+    /// The header's line about the coordinator serving the page.
+    coord: String,
 }
 
 const HEADER_JS: &str = r#"
   const me = document.getElementById('me');
   return { role: me.dataset.role || '', me: me.textContent, live: document.querySelector('[data-live="true"]') !== null,
-           url: location.href, marker: window.__fleetTestMarker || null };
+           url: location.href, marker: window.__fleetTestMarker || null, coord: document.getElementById('coord').textContent };
 "#;
 
 #[derive(Debug, Deserialize)]
@@ -412,7 +414,7 @@ async fn dashboard(f: &Fleet) -> anyhow::Result<()> {
     c.ctl(&["lock", "acquire", "staging", "-m", "dashboard test: hold the deployment", "-o", "json"]).await?.expect_code(0)?;
 
     let browser = Browser::start(&c.path().join("browser")).await?;
-    let r = in_browser(f, &browser, &base, &operator, &viewer).await;
+    let r = in_browser(f, &browser, &base, id_of_page, &operator, &viewer).await;
     if r.is_err() {
         let shot = artifacts_dir()?.join("dashboard-failed.png");
         let _ = browser.screenshot(&shot).await;
@@ -421,7 +423,7 @@ async fn dashboard(f: &Fleet) -> anyhow::Result<()> {
     browser.close().await
 }
 
-async fn in_browser(f: &Fleet, b: &Browser, base: &str, operator: &str, viewer: &str) -> anyhow::Result<()> {
+async fn in_browser(f: &Fleet, b: &Browser, base: &str, id_of_page: u64, operator: &str, viewer: &str) -> anyhow::Result<()> {
     let c = &f.cluster;
     let artifacts = artifacts_dir()?;
 
@@ -431,6 +433,12 @@ async fn in_browser(f: &Fleet, b: &Browser, base: &str, operator: &str, viewer: 
     ensure!(h.me.contains("dash-operator"), "the header names {:?}", h.me);
     ensure!(!h.url.contains(operator), "the token stays in the address bar: {}", h.url);
     b.js::<bool>("window.__fleetTestMarker = 'the same page'; return true;").await?;
+    // The header names the coordinator serving the page (a follower), not the leader that answers for the cluster.
+    let serving = format!("coordinator {id_of_page} · leader {}", c.leader_id().await?);
+    eventually(&format!("the header to say `{serving}`"), PAGE_WAIT, || async {
+        Ok(b.header().await?.coord.contains(&serving).then_some(()))
+    })
+    .await?;
 
     // ---- a deployment submitted with fleetctl appears in the list
     let m = c.write_file("fleet.yaml", &format!("app: web\ndestination: staging\nrun: [\"fleet-demo-app\"]\nhealth: {HEALTH}\n"))?;
