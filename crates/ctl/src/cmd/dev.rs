@@ -118,7 +118,16 @@ async fn dev_up(n: u64, nodes: u32, destinations: Option<&Path>, dir: &Path, out
             .filter(|_| !fresh)
             .map(|a| a.trim().to_string())
             .unwrap_or_else(|| "127.0.0.1:0".to_string());
-        let spec = dev::CoordSpec { id, dir: dir.clone(), bootstrap: id == 1 && fresh, listen, extra_args: vec![] };
+        // The HTTP API and dashboard, on the port it had before if restarted.
+        let http_file = dir.join(format!("coord-{id}.http"));
+        let http_listen = std::fs::read_to_string(&http_file)
+            .ok()
+            .filter(|_| !fresh)
+            .map(|a| a.trim().to_string())
+            .unwrap_or_else(|| "127.0.0.1:0".to_string());
+        let _ = std::fs::remove_file(&http_file);
+        let extra_args = vec!["--http-addr".into(), http_listen, "--http-addr-file".into(), http_file.display().to_string()];
+        let spec = dev::CoordSpec { id, dir: dir.clone(), bootstrap: id == 1 && fresh, listen, extra_args };
         let (child, addr) = dev::spawn_coordinator(&bin, &spec, Duration::from_secs(30))?;
         eprintln!("started coordinator {id} at {addr} (pid {}, log {})", child.id(), spec.log_file().display());
         pids.push(child.id());
@@ -171,9 +180,17 @@ async fn dev_up(n: u64, nodes: u32, destinations: Option<&Path>, dir: &Path, out
     if !started.is_empty() {
         wait_for_nodes(&mut c, &started, Duration::from_secs(30)).await?;
     }
+    let dashboard = dev_dashboard(&mut c, &dir, fresh).await;
     print_status(&status, out);
     if out == Output::Text {
         println!("\nThe cluster is up. Point fleetctl at it:\n  export FLEET_CONTEXT={}", ctx_path.display());
+        match &dashboard {
+            Ok(url) => println!(
+                "The dashboard (your browser will not know the dev CA, {}: accept it or import it):\n  {url}",
+                certs_dir.join("ca.pem").display()
+            ),
+            Err(e) => eprintln!("fleetctl: no dashboard link: {e:#}"),
+        }
         if started.is_empty() {
             println!("Then try:\n  fleetctl lock acquire web -m \"maintenance\"\n  fleetctl lock status\n  fleetctl dev down");
         } else {
@@ -185,6 +202,38 @@ async fn dev_up(n: u64, nodes: u32, destinations: Option<&Path>, dir: &Path, out
         }
     }
     Ok(exit::OK)
+}
+
+/// The dashboard's address with an operator token to sign in with: made
+/// once per dev cluster and kept (mode 0600) in `dashboard-token`.
+async fn dev_dashboard(c: &mut Client, dir: &Path, fresh: bool) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let http_file = dir.join("coord-1.http");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let http = loop {
+        match std::fs::read_to_string(&http_file) {
+            Ok(a) if !a.trim().is_empty() => break a.trim().to_string(),
+            _ if std::time::Instant::now() > deadline => anyhow::bail!("coordinator 1 did not write {}", http_file.display()),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let token_file = dir.join("dashboard-token");
+    let token = match std::fs::read_to_string(&token_file).ok().filter(|_| !fresh) {
+        Some(t) => t.trim().to_string(),
+        None => {
+            let t = super::tokens::make_token(c, "dev-dashboard", "operator", None).await?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&token_file)
+                .with_context(|| format!("writing {}", token_file.display()))?;
+            std::io::Write::write_all(&mut f, t.as_bytes())?;
+            t
+        }
+    };
+    Ok(format!("https://{http}/#token={token}"))
 }
 
 /// A started worker node: its name, pid and log file.

@@ -98,10 +98,9 @@ pub async fn tokens(cmd: TokensCmd, conn: &ConnArgs, out: Output) -> Result<i32,
     }
 }
 
-async fn create(c: &mut Client, name: &str, role: &str, expires: Option<Duration>, out: Output) -> Result<i32, Exit> {
-    fleet_core::names::validate_name("token name", name).map_err(usage)?;
+/// Make a token on the cluster; returns its secret (shown nowhere else).
+pub async fn make_token(c: &mut Client, name: &str, role: &str, expires_ms: Option<i64>) -> anyhow::Result<String> {
     let secret = new_secret();
-    let expires_ms = expires.map(|d| now_ms().saturating_add(d.as_millis().min(i64::MAX as u128) as i64));
     let req = CreateTokenRequest {
         name: name.to_string(),
         role: role.to_string(),
@@ -110,6 +109,13 @@ async fn create(c: &mut Client, name: &str, role: &str, expires: Option<Duration
         request_id: request_id(),
     };
     c.unary(req, |mut cl, r| async move { cl.create_token(r).await }).await?;
+    Ok(secret)
+}
+
+async fn create(c: &mut Client, name: &str, role: &str, expires: Option<Duration>, out: Output) -> Result<i32, Exit> {
+    fleet_core::names::validate_name("token name", name).map_err(usage)?;
+    let expires_ms = expires.map(|d| now_ms().saturating_add(d.as_millis().min(i64::MAX as u128) as i64));
+    let secret = make_token(c, name, role, expires_ms).await?;
     match out {
         Output::Json => print_json(&Created { name, role, token: &secret, expires_ms }),
         Output::Text => {
