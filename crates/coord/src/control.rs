@@ -64,6 +64,11 @@ impl ControlService {
                 id.len()
             )));
         }
+        // An id already used for another kind of command is refused before
+        // it reaches the log (the state machine checks again when it applies).
+        if let Some(reason) = request_id.as_deref().and_then(|id| self.state.read(|a| a.state.request_id_conflict(id, &command))) {
+            return Err(Status::already_exists(reason));
+        }
         propose(&self.raft, Some(who.origin()), request_id, command).await
     }
 

@@ -87,6 +87,12 @@ pub struct Change {
 pub struct DedupEntry {
     pub at_ms: i64,
     pub response: Response,
+    /// The kind of command the id was used for (`Command::action`'s name):
+    /// a retry repeats it, a different command under the same id is a
+    /// client's mistake and must not get the other command's answer.
+    /// Empty in entries written before it was recorded (any kind matches).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub action: String,
 }
 
 #[derive(Debug, Error)]
@@ -299,12 +305,31 @@ impl State {
         self.locks.values()
     }
 
+    /// Why `command` may not be sent under request id `id`: the id was used
+    /// for a different kind of command (a retry repeats its request; a new
+    /// request needs a new id). Coordinators ask before proposing, and the
+    /// state machine again when it applies (a race between the two).
+    pub fn request_id_conflict(&self, id: &str, command: &Command) -> Option<String> {
+        let seen = self.dedup.get(id)?;
+        let action = command.action().0;
+        (!seen.action.is_empty() && seen.action != action).then(|| {
+            format!(
+                "request id `{id}` was already used for a `{}` request, not `{action}`: a retry repeats the same request; give a new request a new id",
+                seen.action
+            )
+        })
+    }
+
     /// Apply one committed entry at log `index`.
     pub fn apply(&mut self, index: u64, req: &Request) -> (Response, Vec<Change>) {
         let mut cx = Ctx { index, at_ms: req.at_ms, changes: Vec::new() };
         self.expire_dedup(&mut cx);
 
+        let action = req.command.action().0;
         if let Some(id) = &req.request_id {
+            if let Some(reason) = self.request_id_conflict(id, &req.command) {
+                return (Response::Invalid { reason }, cx.changes);
+            }
             if let Some(seen) = self.dedup.get(id) {
                 return (seen.response.clone(), cx.changes);
             }
@@ -340,7 +365,7 @@ impl State {
         }
 
         if let Some(id) = &req.request_id {
-            let entry = DedupEntry { at_ms: req.at_ms, response: response.clone() };
+            let entry = DedupEntry { at_ms: req.at_ms, response: response.clone(), action: action.to_string() };
             cx.put(format!("{DEDUP_PREFIX}{id}"), &entry);
             self.dedup_order.insert((req.at_ms, id.clone()));
             self.dedup.insert(id.clone(), entry);

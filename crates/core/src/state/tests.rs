@@ -71,6 +71,44 @@ fn request_ids_apply_once() {
 }
 
 #[test]
+fn a_request_id_reused_for_another_command_is_refused_and_changes_nothing() {
+    // (first command, second command under the same id, what the second gets)
+    let cases = [
+        (acquire("web", "alice"), release("web", "alice"), "invalid"),
+        (release("web", "alice"), acquire("web", "alice"), "invalid"),
+        (acquire("web", "alice"), acquire("web", "alice"), "replay"),
+        (acquire("web", "alice"), acquire("api", "alice"), "replay"),
+    ];
+    for (first, second, want) in cases {
+        let mut s = State::default();
+        let (answer, _) = s.apply(1, &req(Some("c1"), 0, first.clone()));
+        let before = s.clone();
+        let (got, changes) = s.apply(2, &req(Some("c1"), 0, second.clone()));
+        assert!(changes.is_empty(), "{first:?} then {second:?}: {changes:?}");
+        assert_eq!(s, before, "{first:?} then {second:?} changed the state");
+        match want {
+            "invalid" => assert!(
+                matches!(&got, Response::Invalid { reason } if reason.contains("c1") && reason.contains("new id")),
+                "{first:?} then {second:?}: {got:?}"
+            ),
+            _ => assert_eq!(got, answer, "{first:?} then {second:?}"),
+        }
+        // The first command's retry still gets its own answer.
+        assert_eq!(s.apply(3, &req(Some("c1"), 0, first.clone())).0, answer);
+    }
+}
+
+#[test]
+fn dedup_entries_written_without_a_kind_still_replay() {
+    let mut s = State::default();
+    let (answer, _) = s.apply(1, &req(Some("old"), 0, acquire("web", "alice")));
+    if let Some(e) = s.dedup.get_mut("old") {
+        e.action.clear();
+    }
+    assert_eq!(s.apply(2, &req(Some("old"), 0, release("web", "alice"))).0, answer);
+}
+
+#[test]
 fn dedup_entries_expire_after_ttl() {
     let mut s = State::default();
     s.apply(1, &req(Some("old"), 0, acquire("web", "alice")));
