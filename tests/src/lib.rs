@@ -1,5 +1,6 @@
 pub mod checks;
 pub mod harness;
+pub mod https;
 pub mod json;
 pub mod linearizability;
 pub mod netns;

@@ -47,8 +47,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// The workspace root of the checkout `cargo xtask` was run in. Read at run
+/// time (`cargo run` sets CARGO_MANIFEST_DIR): with a target dir shared by
+/// several checkouts, cargo may reuse an xtask binary built in another
+/// one, whose compiled-in path would send every command there.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.parent().map(Path::to_path_buf).unwrap_or(dir)
 }
 
 fn cargo() -> Command {

@@ -30,16 +30,17 @@ pub struct Args {
 }
 
 #[derive(Debug, Clone)]
-struct RunResult {
-    system: &'static str,
-    clients: usize,
-    ops: usize,
-    secs: f64,
-    lat: Vec<Duration>,
+pub struct RunResult {
+    pub system: &'static str,
+    pub clients: usize,
+    pub ops: usize,
+    pub secs: f64,
+    /// Every operation's latency, sorted.
+    pub lat: Vec<Duration>,
 }
 
 impl RunResult {
-    fn q(&self, f: f64) -> f64 {
+    pub fn q(&self, f: f64) -> f64 {
         if self.lat.is_empty() {
             return f64::NAN;
         }
@@ -69,7 +70,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let floor = floor(cluster.path())?;
     println!("{}", floor);
     for &n in &args.clients {
-        let r = fleet_run(&cluster, n, args.duration).await?;
+        let r = fleet_run(&cluster, "bench", n, args.duration).await?;
         println!("{}", r.report());
         rows.push(r);
     }
@@ -165,22 +166,29 @@ async fn join_latencies(tasks: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<Du
     Ok(lat)
 }
 
-async fn fleet_run(cluster: &Cluster, clients: usize, duration: Duration) -> anyhow::Result<RunResult> {
+/// `clients` clients, each with its own mTLS connection, alternating
+/// `AcquireLock`/`ReleaseLock` on destination `{prefix}-{clients}-{k}` for
+/// `duration`. Each ends on a release, so a later run on the same
+/// destinations starts unlocked.
+pub async fn fleet_run(cluster: &Cluster, prefix: &str, clients: usize, duration: Duration) -> anyhow::Result<RunResult> {
+    // Request ids are idempotency keys: unique per run, or a repeated run
+    // would get the first run's answers back without writing anything.
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
     for k in 0..clients {
         let mut c = cluster.client("operator")?;
+        let dest = format!("{prefix}-{clients}-{k}");
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            let dest = format!("bench-{clients}-{k}");
             let mut i = 0u64;
-            while Instant::now() < deadline {
+            while Instant::now() < deadline || !i.is_multiple_of(2) {
                 let t = Instant::now();
                 if i.is_multiple_of(2) {
-                    acquire(&mut c, &dest, "bench", &format!("b{clients}-{k}-{i}")).await?;
+                    acquire(&mut c, &dest, "bench", &format!("{dest}-{run}-{i}")).await?;
                 } else {
-                    release(&mut c, &dest, &format!("b{clients}-{k}-{i}")).await?;
+                    release(&mut c, &dest, &format!("{dest}-{run}-{i}")).await?;
                 }
                 lat.push(t.elapsed());
                 i += 1;

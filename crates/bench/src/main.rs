@@ -6,7 +6,11 @@
 //! * `fleet-bench steps [--steps 200 --destinations 100 ...]`: the
 //!   coordinator's overhead per saga step against the commit latency of the
 //!   same cluster (see [`steps`]).
+//! * `fleet-bench api [--streams 4 ...]`: replicated writes with and without
+//!   dashboards streaming events and scrapers polling the HTTP API, in
+//!   alternating rounds of one run (see [`api`]).
 
+mod api;
 mod locks;
 mod procstat;
 mod steps;
@@ -14,7 +18,9 @@ mod steps;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "Fleet benchmarks: replicated lock writes vs etcd (default), per-step deployment overhead (`steps`)")]
+#[command(
+    about = "Fleet benchmarks: replicated lock writes vs etcd (default), per-step deployment overhead (`steps`), the HTTP API's cost (`api`)"
+)]
 struct Cli {
     #[command(subcommand)]
     mode: Option<Mode>,
@@ -30,6 +36,9 @@ enum Mode {
     /// Per-step overhead of a deployment (no-op hook steps) against the
     /// cluster's own commit latency, for one destination and for many at once.
     Steps(steps::Args),
+    /// Replicated writes with and without dashboards streaming and
+    /// scrapers polling the HTTP API (alternating rounds of one run).
+    Api(api::Args),
 }
 
 #[tokio::main]
@@ -40,5 +49,6 @@ async fn main() -> anyhow::Result<()> {
         None => locks::run(cli.locks).await,
         Some(Mode::Locks(a)) => locks::run(a).await,
         Some(Mode::Steps(a)) => steps::run(a).await,
+        Some(Mode::Api(a)) => api::run(a).await,
     }
 }
