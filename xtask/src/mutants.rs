@@ -113,7 +113,7 @@ fn cargo(subcommand: &str, target_dir: &std::path::Path) -> Command {
 }
 
 /// The directory holding `librocksdb.a` in the main target dir, if built.
-fn built_rocksdb() -> Option<std::path::PathBuf> {
+pub(crate) fn built_rocksdb() -> Option<std::path::PathBuf> {
     let target = std::path::PathBuf::from(std::env::var_os("CARGO_TARGET_DIR")?);
     let build = std::fs::read_dir(target.join("debug").join("build")).ok()?;
     build
