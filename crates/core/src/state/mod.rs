@@ -325,7 +325,6 @@ impl State {
         let mut cx = Ctx { index, at_ms: req.at_ms, changes: Vec::new() };
         self.expire_dedup(&mut cx);
 
-        let action = req.command.action().0;
         if let Some(id) = &req.request_id {
             if let Some(reason) = self.request_id_conflict(id, &req.command) {
                 return (Response::Invalid { reason }, cx.changes);
@@ -365,7 +364,8 @@ impl State {
         }
 
         if let Some(id) = &req.request_id {
-            let entry = DedupEntry { at_ms: req.at_ms, response: response.clone(), action: action.to_string() };
+            // Named only for entries with an id: `action()` formats its target.
+            let entry = DedupEntry { at_ms: req.at_ms, response: response.clone(), action: req.command.action().0.to_string() };
             cx.put(format!("{DEDUP_PREFIX}{id}"), &entry);
             self.dedup_order.insert((req.at_ms, id.clone()));
             self.dedup.insert(id.clone(), entry);
