@@ -45,13 +45,19 @@ pub struct Cluster {
 impl Cluster {
     /// Certificates plus `n` coordinators joined as voters.
     pub async fn start(n: u64, extra_args: &[&str]) -> anyhow::Result<Cluster> {
+        Self::start_with(dev::find_binary("fleet-coord")?, n, extra_args).await
+    }
+
+    /// [`Cluster::start`] with the coordinator binary `bin` (a benchmark
+    /// compares an earlier build with this one in the same run).
+    pub async fn start_with(bin: PathBuf, n: u64, extra_args: &[&str]) -> anyhow::Result<Cluster> {
         install_crypto();
         // FLEET_KEEP_TEST_DIR=1 keeps logs and data of a failed run for a post-mortem.
         let keep = std::env::var_os("FLEET_KEEP_TEST_DIR").is_some();
         let dir = tempfile::Builder::new().prefix("fleet-test-").disable_cleanup(keep).tempdir()?;
         fleetctl::certs::init(&dir.path().join("certs"), false)?;
         let mut cluster = Cluster {
-            bin: dev::find_binary("fleet-coord")?,
+            bin,
             ctl: dev::find_binary("fleetctl")?,
             dir,
             coords: BTreeMap::new(),

@@ -6,11 +6,10 @@
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fleet_tests::harness::{acquire, release, Cluster};
+use fleet_tests::harness::{acquire, eventually, release, Cluster};
 use serde_json::json;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -27,6 +26,26 @@ pub struct Args {
     /// Skip etcd (Fleet and the floor only).
     #[arg(long)]
     pub skip_etcd: bool,
+    /// A directory holding the `fleet-coord` binary of an earlier build:
+    /// its cluster runs beside this build's, round for round, as
+    /// `fleet@baseline` (how a change is measured against what it changed).
+    #[arg(long)]
+    pub baseline_bin_dir: Option<std::path::PathBuf>,
+    /// Runs per client count and system, interleaved between the systems;
+    /// the table sums them (ops/s over all rounds, latency over all
+    /// operations) and the JSON lines show each round.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Leader kills per system: each kill -9s the leader, times the first
+    /// acknowledged write, restarts the killed member and waits until it
+    /// has caught up before the next.
+    #[arg(long, default_value_t = 20)]
+    pub failovers: usize,
+    /// An extra `fleet-coord` argument for this build's cluster only
+    /// (repeatable), e.g. `--coord-arg=--election-timeout-ms=200` to
+    /// measure a setting against the baseline's defaults.
+    #[arg(long = "coord-arg", allow_hyphen_values = true)]
+    pub coord_args: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +59,14 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    /// Fold another run of the same system and client count into this one.
+    pub fn add(&mut self, other: RunResult) {
+        self.ops += other.ops;
+        self.secs += other.secs;
+        self.lat.extend(other.lat);
+        self.lat.sort();
+    }
+
     pub fn q(&self, f: f64) -> f64 {
         if self.lat.is_empty() {
             return f64::NAN;
@@ -63,52 +90,129 @@ pub fn percentile(mut v: Vec<Duration>, f: f64) -> f64 {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let mut rows = Vec::new();
-
-    // ---- Fleet
-    let mut cluster = Cluster::start(3, &[]).await.context("starting a Fleet cluster")?;
-    let floor = floor(cluster.path())?;
-    println!("{}", floor);
-    for &n in &args.clients {
-        let r = fleet_run(&cluster, "bench", n, args.duration).await?;
-        println!("{}", r.report());
-        rows.push(r);
+    // etcd first: if it cannot start, nothing else is worth running. Its
+    // script is stopped however the rest ends.
+    let etcd = match args.skip_etcd {
+        true => None,
+        false => Some(start_etcd(&args.etcd_script)?),
+    };
+    let result = compare(&args, etcd.as_ref().map(|(_, endpoints)| endpoints.as_slice())).await;
+    if let Some(script) = etcd.map(|(script, _)| script) {
+        stop_etcd(script);
     }
-    let fleet_failover = fleet_failover(&mut cluster).await?;
-    println!("{}", json!({"system": "fleet", "run": "failover_kill9_leader_until_write_ok", "seconds": round3(fleet_failover)}));
-    drop(cluster);
-
-    // ---- etcd
-    let mut etcd_failover = None;
+    let (rows, mut failovers, floor) = result?;
+    // etcd's failovers each on a cluster of their own (the script's ports
+    // are fixed, so after the one above is gone): a member it killed does
+    // not come back when started again by hand with the script's flags.
     if !args.skip_etcd {
-        let (mut script, endpoints) = start_etcd(&args.etcd_script)?;
-        let result = async {
-            for &n in &args.clients {
-                let r = etcd_run(&endpoints, n, args.duration).await?;
-                println!("{}", r.report());
-                rows.push(r);
-            }
-            let f = etcd_failover_run(&endpoints).await?;
-            println!("{}", json!({"system": "etcd-3.4", "run": "failover_kill9_leader_until_write_ok", "seconds": round3(f)}));
-            anyhow::Ok(f)
+        let mut times = Vec::new();
+        for _ in 0..args.failovers {
+            let (script, endpoints) = start_etcd(&args.etcd_script)?;
+            let t = etcd_failover_run(&endpoints).await;
+            stop_etcd(script);
+            times.push(t?);
         }
-        .await;
-        // SIGTERM: the script's trap kills its etcd members.
-        let _ = Command::new("kill").arg(script.id().to_string()).status();
-        let _ = script.wait();
-        etcd_failover = Some(result?);
+        print_failover("etcd-3.4", &times);
+        failovers.push(("etcd-3.4", times));
     }
 
     println!("\n| system | clients | ops/s | p50 ms | p99 ms |\n|---|---|---|---|---|");
     for r in &rows {
         println!("| {} | {} | {:.0} | {:.3} | {:.3} |", r.system, r.clients, r.ops as f64 / r.secs, r.q(0.5), r.q(0.99));
     }
-    println!(
-        "\nfailover (kill -9 leader → first successful write): fleet {fleet_failover:.3} s{}",
-        etcd_failover.map(|f| format!(", etcd {f:.3} s")).unwrap_or_default()
-    );
+    println!("\n| kill -9 leader → first acknowledged write | kills | p50 s | p99 s | max s |\n|---|---|---|---|---|");
+    for (system, times) in &failovers {
+        let q = |f| percentile(times.clone(), f) / 1000.0;
+        println!("| {system} | {} | {:.3} | {:.3} | {:.3} |", times.len(), q(0.5), q(0.99), q(1.0));
+    }
     println!("floor: {floor}");
     Ok(())
+}
+
+fn stop_etcd(mut script: std::process::Child) {
+    // SIGTERM: the script's trap kills its etcd members.
+    let _ = Command::new("kill").arg(script.id().to_string()).status();
+    let _ = script.wait();
+}
+
+fn print_failover(system: &str, times: &[Duration]) {
+    let q = |f| round3(percentile(times.to_vec(), f) / 1000.0);
+    println!(
+        "{}",
+        json!({"system": system, "run": "failover_kill9_leader_until_write_ok", "kills": times.len(),
+               "p50_s": q(0.5), "p99_s": q(0.99), "max_s": q(1.0),
+               "each_s": times.iter().map(|t| round3(t.as_secs_f64())).collect::<Vec<_>>()})
+    );
+}
+
+/// Kill-9 failover times per system, in the order they ran.
+type Failovers = Vec<(&'static str, Vec<Duration>)>;
+
+/// The systems under comparison in one run.
+enum System<'a> {
+    Fleet(&'static str, &'a Cluster),
+    Etcd(&'a [String]),
+}
+
+async fn compare(args: &Args, etcd: Option<&[String]>) -> anyhow::Result<(Vec<RunResult>, Failovers, serde_json::Value)> {
+    let mut rows = Vec::new();
+    let coord_args: Vec<&str> = args.coord_args.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start(3, &coord_args).await.context("starting a Fleet cluster")?;
+    let mut baseline = match &args.baseline_bin_dir {
+        Some(dir) => Some(Cluster::start_with(dir.join("fleet-coord"), 3, &[]).await.context("starting the baseline cluster")?),
+        None => None,
+    };
+    let floor = floor(cluster.path())?;
+    println!("{}", floor);
+    // A leader change under load (a follower that missed heartbeats) shows
+    // as a higher term after the runs than before.
+    let mut terms = vec![("fleet", cluster.status().await?.term)];
+    if let Some(b) = &baseline {
+        terms.push(("fleet@baseline", b.status().await?.term));
+    }
+    // Every system runs each client count once per round, in turn, so a
+    // machine that gets busier or quieter affects them alike.
+    for &n in &args.clients {
+        let mut runs: Vec<RunResult> = Vec::new();
+        for _ in 0..args.rounds.max(1) {
+            let mut systems = vec![System::Fleet("fleet", &cluster)];
+            systems.extend(baseline.as_ref().map(|b| System::Fleet("fleet@baseline", b)));
+            systems.extend(etcd.map(System::Etcd));
+            for system in systems {
+                let r = match system {
+                    System::Fleet(name, c) => {
+                        let mut r = fleet_run(c, "bench", n, args.duration).await?;
+                        r.system = name;
+                        r
+                    }
+                    System::Etcd(endpoints) => etcd_run(endpoints, n, args.duration).await?,
+                };
+                println!("{}", r.report());
+                match runs.iter_mut().find(|x| x.system == r.system) {
+                    Some(sum) => sum.add(r),
+                    None => runs.push(r),
+                }
+            }
+        }
+        rows.extend(runs);
+    }
+
+    for (system, before) in terms {
+        let c = if system == "fleet" { &cluster } else { baseline.as_ref().context("the baseline cluster")? };
+        let after = c.status().await?.term;
+        println!("{}", json!({"system": system, "run": "elections_under_load", "terms": after - before}));
+    }
+    let mut failovers = Vec::new();
+    let fleet = fleet_failovers(&mut cluster, args.failovers).await?;
+    print_failover("fleet", &fleet);
+    failovers.push(("fleet", fleet));
+    drop(cluster);
+    if let Some(b) = baseline.as_mut() {
+        let times = fleet_failovers(b, args.failovers).await?;
+        print_failover("fleet@baseline", &times);
+        failovers.push(("fleet@baseline", times));
+    }
+    Ok((rows, failovers, floor))
 }
 
 /// fdatasync of a small append on the disk the cluster uses, and a
@@ -200,14 +304,29 @@ pub async fn fleet_run(cluster: &Cluster, prefix: &str, clients: usize, duration
     Ok(RunResult { system: "fleet", clients, ops: lat.len(), secs: start.elapsed().as_secs_f64(), lat })
 }
 
-async fn fleet_failover(cluster: &mut Cluster) -> anyhow::Result<f64> {
+/// `count` times: kill -9 the leader and time the first acknowledged write
+/// after it; then restart the killed coordinator and wait until it has
+/// applied what the new leader committed.
+async fn fleet_failovers(cluster: &mut Cluster, count: usize) -> anyhow::Result<Vec<Duration>> {
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
     let mut c = cluster.client("operator")?;
-    acquire(&mut c, "failover-warmup", "x", "warm").await?;
-    let leader = cluster.status().await?.leader_id;
-    let t = Instant::now();
-    cluster.kill9(leader)?;
-    acquire(&mut c, "failover", "x", "after-kill").await?;
-    Ok(t.elapsed().as_secs_f64())
+    let mut times = Vec::new();
+    for k in 0..count {
+        acquire(&mut c, "failover", "x", &format!("warm-{run}-{k}")).await?;
+        let leader = cluster.status().await?.leader_id;
+        let t = Instant::now();
+        cluster.kill9(leader)?;
+        acquire(&mut c, "failover", "x", &format!("after-{run}-{k}")).await?;
+        times.push(t.elapsed());
+        cluster.restart(leader)?;
+        let target = cluster.status().await?.commit_index;
+        let cluster = &*cluster;
+        eventually(&format!("coordinator {leader} to catch up after its restart"), Duration::from_secs(60), || async move {
+            Ok(cluster.local_status(leader).await.ok().filter(|s| s.applied_index >= target).map(|_| ()))
+        })
+        .await?;
+    }
+    Ok(times)
 }
 
 fn start_etcd(script: &str) -> anyhow::Result<(std::process::Child, Vec<String>)> {
@@ -274,13 +393,14 @@ async fn etcd_run(endpoints: &[String], clients: usize, duration: Duration) -> a
     Ok(RunResult { system: "etcd-3.4", clients, ops: lat.len(), secs: start.elapsed().as_secs_f64(), lat })
 }
 
-async fn etcd_failover_run(endpoints: &[String]) -> anyhow::Result<f64> {
+/// kill -9 etcd's leader and time the first acknowledged write through a
+/// survivor.
+async fn etcd_failover_run(endpoints: &[String]) -> anyhow::Result<Duration> {
     let leader = etcd_leader(endpoints).await?;
     let port = leader.rsplit(':').next().context("endpoint port")?;
     let pids = Command::new("pgrep").arg("-f").arg(format!("listen-client-urls http://127.0.0.1:{port} ")).output()?;
     let pid = String::from_utf8_lossy(&pids.stdout).lines().next().context("etcd leader pid")?.trim().to_string();
     let survivor = endpoints.iter().find(|e| **e != leader).context("a surviving endpoint")?.clone();
-    let survivor = Arc::new(survivor);
     let t = Instant::now();
     Command::new("kill").arg("-9").arg(&pid).status()?;
     loop {
@@ -288,7 +408,7 @@ async fn etcd_failover_run(endpoints: &[String]) -> anyhow::Result<f64> {
             etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(300)).with_connect_timeout(Duration::from_millis(300));
         if let Ok(mut c) = etcd_client::Client::connect([survivor.as_str()], Some(opts)).await {
             if c.put("failover", "ok", None).await.is_ok() {
-                return Ok(t.elapsed().as_secs_f64());
+                return Ok(t.elapsed());
             }
         }
         if t.elapsed() > Duration::from_secs(30) {

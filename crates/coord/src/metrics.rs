@@ -54,6 +54,7 @@ struct Metrics {
     registry: Registry,
     proposal_seconds: Histogram,
     proposals_failed: Counter,
+    entry_requests: Histogram,
     step_seconds: Family<StepLabels, Histogram>,
     leader_changes: Counter,
     term: Gauge,
@@ -79,6 +80,12 @@ fn metrics() -> &'static Metrics {
         );
         let proposals_failed = Counter::default();
         registry.register("raft_proposals_failed", "Proposals that did not commit (not the leader, shut down)", proposals_failed.clone());
+        let entry_requests = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        registry.register(
+            "raft_entry_requests",
+            "Client requests per log entry this leader proposed (it batches what is waiting)",
+            entry_requests.clone(),
+        );
         registry.register(
             "raft_log_fsync_seconds",
             "Duration of each fsync of the Raft log (one covers every append queued meanwhile)",
@@ -118,6 +125,7 @@ fn metrics() -> &'static Metrics {
             registry,
             proposal_seconds,
             proposals_failed,
+            entry_requests,
             step_seconds,
             leader_changes,
             term,
@@ -141,6 +149,11 @@ fn step_histogram() -> Histogram {
 /// A proposal committed (and was applied) after `took`.
 pub fn proposal_committed(took: Duration) {
     metrics().proposal_seconds.observe(took.as_secs_f64());
+}
+
+/// The leader proposed one log entry carrying `requests` client requests.
+pub fn entry_proposed(requests: usize) {
+    metrics().entry_requests.observe(requests as f64);
 }
 
 /// A proposal did not commit.

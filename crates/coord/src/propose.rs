@@ -1,14 +1,114 @@
 //! Proposing through Raft and sending callers to the leader: the one place
 //! where openraft's write errors become gRPC statuses. Used by the Control
 //! service, the Worker service and the leader's scheduler alike.
+//!
+//! Proposals are batched. Every caller's request goes into one queue; a
+//! task takes whatever is waiting (up to [`MAX_BATCH`]) and writes it as
+//! ONE log entry, so one append, one fsync on each coordinator and one
+//! replication round answer all of them. At most [`IN_FLIGHT`] entries are
+//! being written at once: while they are, new requests gather into the
+//! next one, so a busy leader writes few large entries. When nothing is
+//! being written at all, a caller writes its request itself at once: a
+//! lone request never waits for a batch, nor pays a hop through the task. Each
+//! request still gets its own answer and its own sequence number (see
+//! `fleet_core::State::apply`); a request is acknowledged only once its
+//! entry is committed, as before.
 
-use fleet_core::{Command, Origin, Request as Cmd, Response as Outcome};
+use std::sync::Arc;
+
+use fleet_core::{Command, Origin, Proposal, Request as Cmd, Response as Outcome};
 use fleet_net::{now_ms, LEADER_METADATA};
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{BasicNode, ServerState};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::Status;
 
-use crate::raft_types::{NodeId, Raft};
+use crate::raft_types::{NodeId, Raft, TypeConfig};
+
+/// Requests in one log entry at most (bounds an entry's size and its apply).
+pub const MAX_BATCH: usize = 64;
+/// Entries being written at once. Two let the leader append the next entry
+/// while the previous one is being replicated.
+pub const IN_FLIGHT: usize = 2;
+
+/// What a request's proposer is answered: the state machine's response
+/// and the log index of the entry that carried it.
+type Written = Result<(Outcome, u64), Status>;
+
+struct Waiting {
+    request: Cmd,
+    reply: oneshot::Sender<Written>,
+}
+
+/// The queue of requests waiting to be proposed, drained by one task, and
+/// the slots of entries being written (shared with callers that write
+/// alone).
+#[derive(Clone)]
+pub(crate) struct Queue {
+    tx: mpsc::UnboundedSender<Waiting>,
+    slots: Arc<Semaphore>,
+}
+
+impl Queue {
+    pub(crate) fn start(raft: openraft::Raft<TypeConfig>) -> Queue {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        tokio::spawn(batch(raft, rx, slots.clone()));
+        Queue { tx, slots }
+    }
+}
+
+/// Take what is waiting, write it as one entry, repeat; never more than
+/// [`IN_FLIGHT`] entries at once. Ends when every [`Queue`] is dropped.
+async fn batch(raft: openraft::Raft<TypeConfig>, mut queue: mpsc::UnboundedReceiver<Waiting>, slots: Arc<Semaphore>) {
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        // Whatever arrived while the slot was busy joins this entry.
+        let mut waiting = vec![first];
+        while waiting.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(w) => waiting.push(w),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            write(&raft, waiting).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn write(raft: &openraft::Raft<TypeConfig>, waiting: Vec<Waiting>) {
+    let (requests, replies): (Vec<Cmd>, Vec<_>) = waiting.into_iter().map(|w| (w.request, w.reply)).unzip();
+    crate::metrics::entry_proposed(requests.len());
+    match raft.client_write(Proposal(requests)).await {
+        Ok(r) if r.data.len() == replies.len() => {
+            let index = r.log_id.index;
+            for (reply, outcome) in replies.into_iter().zip(r.data) {
+                // A caller that gave up is fine: its request was applied anyway.
+                let _ = reply.send(Ok((outcome, index)));
+            }
+        }
+        Ok(r) => {
+            let status = Status::internal(format!(
+                "the state machine answered {} of {} requests in entry {}; this is a bug, please report it",
+                r.data.len(),
+                replies.len(),
+                r.log_id.index
+            ));
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+        }
+        Err(e) => {
+            let status = write_error(e);
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+        }
+    }
+}
 
 /// `Ok` on the leader; a redirect to the leader elsewhere.
 pub(crate) fn leader_redirect_if_follower(raft: &Raft) -> Result<(), Status> {
@@ -21,28 +121,51 @@ pub(crate) fn leader_redirect_if_follower(raft: &Raft) -> Result<(), Status> {
 }
 
 /// Propose `command` through Raft on this coordinator (it must lead);
-/// answers what the state machine answered and the entry's log index.
-/// `origin` is the operator who asked (recorded in the audit log); `None`
-/// for the leader's and nodes' own commands.
+/// answers what the state machine answered and the index of the log entry
+/// that carried it, once that entry is committed and applied. `origin` is
+/// the operator who asked (recorded in the audit log); `None` for the
+/// leader's and nodes' own commands.
 pub(crate) async fn propose(
     raft: &Raft,
     origin: Option<Origin>,
     request_id: Option<String>,
     command: Command,
 ) -> Result<(Outcome, u64), Status> {
-    let req = Cmd { request_id, at_ms: now_ms(), command, origin };
+    let request = Cmd { request_id, at_ms: now_ms(), command, origin };
     let started = std::time::Instant::now();
-    let written = raft.client_write(req).await;
+    let q = &raft.proposals;
+    // Nothing being written: write alone, now. (Dropped with its caller,
+    // the slot comes back; only this request was in the entry.)
+    let alone = match q.slots.available_permits() == IN_FLIGHT {
+        true => q.slots.clone().try_acquire_owned().ok(),
+        false => None,
+    };
+    let written = match alone {
+        Some(_slot) => {
+            crate::metrics::entry_proposed(1);
+            match raft.client_write(Proposal(vec![request])).await {
+                Ok(r) => match r.data.into_iter().next() {
+                    Some(outcome) => Ok((outcome, r.log_id.index)),
+                    None => Err(Status::internal(format!(
+                        "entry {} was applied without an answer; this is a bug, please report it",
+                        r.log_id.index
+                    ))),
+                },
+                Err(e) => Err(write_error(e)),
+            }
+        }
+        None => {
+            let (reply, answer) = oneshot::channel();
+            let stopped = || Status::unavailable("this coordinator is shutting down; use another address");
+            q.tx.send(Waiting { request, reply }).map_err(|_| stopped())?;
+            answer.await.unwrap_or_else(|_| Err(stopped()))
+        }
+    };
     match &written {
         Ok(_) => crate::metrics::proposal_committed(started.elapsed()),
         Err(_) => crate::metrics::proposal_failed(),
     }
-    match written {
-        Ok(r) => Ok((r.data, r.log_id.index)),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(redirect(&f)),
-        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => Err(Status::failed_precondition(e.to_string())),
-        Err(RaftError::Fatal(e)) => Err(Status::unavailable(format!("this coordinator stopped serving: {e}; use another address"))),
-    }
+    written
 }
 
 pub(crate) fn redirect(f: &ForwardToLeader<NodeId, BasicNode>) -> Status {

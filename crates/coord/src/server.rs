@@ -38,18 +38,27 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         cluster_name: format!("fleet-{cluster_id}"),
         heartbeat_interval: config.heartbeat.as_millis() as u64,
         election_timeout_min: election_ms,
+        // Also openraft's leader lease: a follower that knew a leader stands
+        // only after lease + its own timeout (see `RawConfig::election_timeout_ms`).
         election_timeout_max: election_ms * 2,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs),
         snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
         // Keep some log behind a snapshot so a briefly lagging follower is
         // caught up by entries, not by a whole snapshot.
         max_in_snapshot_log_to_keep: config.snapshot_logs.min(1000),
-        max_payload_entries: 512,
+        // openraft bounds each AppendEntries by the heartbeat interval, and
+        // a batched entry carries up to `propose::MAX_BATCH` requests: keep
+        // a catch-up payload small enough to be sent, decoded and fsynced
+        // within one heartbeat on a busy machine (a lagging follower that
+        // times out on every payload never catches up).
+        max_payload_entries: 32,
         install_snapshot_timeout: 10_000,
         ..Default::default()
     };
     let raft_config = Arc::new(raft_config.validate().context("invalid Raft timing settings")?);
-    let raft = Raft::new(config.id, raft_config, Network::new(tls.clone()), log_store, state_machine).await.context("starting Raft")?;
+    let raft =
+        openraft::Raft::new(config.id, raft_config, Network::new(tls.clone()), log_store, state_machine).await.context("starting Raft")?;
+    let raft = Raft::start(raft);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

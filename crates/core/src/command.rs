@@ -7,7 +7,68 @@ use serde::{Deserialize, Serialize};
 use crate::deploy::{DeployState, StepOutcome};
 use crate::manifest::{Destination, Spec};
 
-/// One Raft log entry's payload.
+/// One Raft log entry's payload: the requests the leader proposed together,
+/// applied in order, each answered on its own.
+///
+/// The leader batches the requests waiting to be proposed into one entry
+/// (one log append, one fsync, one replication round for all of them).
+/// On the wire and on disk a single request is written exactly as a bare
+/// [`Request`] (what entries looked like before batching, so logs written
+/// by earlier versions read back unchanged) and several as
+/// `{"batch": [request, ...]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Proposal(pub Vec<Request>);
+
+impl From<Request> for Proposal {
+    fn from(r: Request) -> Self {
+        Proposal(vec![r])
+    }
+}
+
+impl Serialize for Proposal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Batch<'a> {
+            batch: &'a [Request],
+        }
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => Batch { batch: many }.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Proposal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        // One pass over the input: either a batch or a bare request's fields.
+        #[derive(Deserialize)]
+        struct Wire {
+            #[serde(default)]
+            batch: Option<Vec<Request>>,
+            #[serde(default)]
+            request_id: Option<String>,
+            #[serde(default)]
+            at_ms: Option<i64>,
+            #[serde(default)]
+            command: Option<Command>,
+            #[serde(default)]
+            origin: Option<Origin>,
+        }
+        let w = Wire::deserialize(d)?;
+        match (w.batch, w.command, w.at_ms) {
+            (Some(batch), None, None) => Ok(Proposal(batch)),
+            (None, Some(command), Some(at_ms)) => {
+                Ok(Proposal(vec![Request { request_id: w.request_id, at_ms, command, origin: w.origin }]))
+            }
+            (Some(_), _, _) => Err(D::Error::custom("a log entry has both a batch and a command of its own")),
+            (None, None, _) => Err(D::Error::missing_field("command")),
+            (None, Some(_), None) => Err(D::Error::missing_field("at_ms")),
+        }
+    }
+}
+
+/// One client request, as the state machine applies it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     /// Client-chosen id. A request whose id was already applied is answered
@@ -175,9 +236,11 @@ pub struct LockView {
     pub holder: Holder,
     pub reason: String,
     pub since_ms: i64,
-    /// Raft log index of the entry that granted the lock. It only grows
-    /// from one grant of a destination to the next, so a target that
-    /// remembers the highest token it has seen can refuse a stale writer.
+    /// Sequence number of the request that granted the lock (its Raft log
+    /// index unless the leader batched it with others, see
+    /// [`crate::State::apply`]). It only grows from one grant of a
+    /// destination to the next, so a target that remembers the highest
+    /// token it has seen can refuse a stale writer.
     pub fencing_token: u64,
 }
 
@@ -227,6 +290,52 @@ impl Response {
             Response::Rejected { reason } => format!("rejected: {}", crate::names::shorten(reason)),
             Response::NotFound { what } => format!("not found: {}", crate::names::shorten(what)),
             Response::Stale { reason } => format!("stale: {}", crate::names::shorten(reason)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: &str, at_ms: i64) -> Request {
+        Request {
+            request_id: Some(id.into()),
+            at_ms,
+            command: Command::ReleaseLock { destination: "web".into(), holder: "ci".into() },
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn proposals_round_trip_and_read_entries_written_before_batching() {
+        let one = Proposal(vec![req("a", 1)]);
+        let many = Proposal(vec![req("a", 1), req("b", 2), req("c", 3)]);
+        // (what is encoded, what it must look like on disk)
+        let cases: [(&Proposal, serde_json::Value); 2] = [
+            (&one, serde_json::to_value(&one.0[0]).unwrap()),
+            (&many, serde_json::json!({ "batch": serde_json::to_value(&many.0).unwrap() })),
+        ];
+        for (p, on_disk) in cases {
+            let raw = serde_json::to_vec(p).unwrap();
+            assert_eq!(serde_json::from_slice::<serde_json::Value>(&raw).unwrap(), on_disk);
+            assert_eq!(&serde_json::from_slice::<Proposal>(&raw).unwrap(), p);
+        }
+        // An entry an earlier version wrote: a bare request.
+        let old = serde_json::to_vec(&req("z", 9)).unwrap();
+        assert_eq!(serde_json::from_slice::<Proposal>(&old).unwrap(), Proposal(vec![req("z", 9)]));
+    }
+
+    #[test]
+    fn malformed_entries_are_refused_with_a_reason() {
+        let cases = [
+            (r#"{"at_ms": 1}"#, "command"),
+            (r#"{"command": {"op": "release_lock", "destination": "w", "holder": "h"}}"#, "at_ms"),
+            (r#"{"batch": [], "at_ms": 1, "command": {"op": "release_lock", "destination": "w", "holder": "h"}}"#, "both"),
+        ];
+        for (raw, says) in cases {
+            let e = serde_json::from_str::<Proposal>(raw).unwrap_err().to_string();
+            assert!(e.contains(says), "{raw}: {e}");
         }
     }
 }

@@ -32,5 +32,5 @@ pub mod sync;
 pub mod views;
 pub mod witness;
 
-pub use command::{Command, LockView, Origin, Request, Response, Via};
+pub use command::{Command, LockView, Origin, Proposal, Request, Response, Via};
 pub use state::{Change, State};

@@ -20,6 +20,12 @@ use tonic::{Code, Status};
 
 /// How long to wait for a coordinator to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(800);
+/// Pause after every address failed once, doubled each round up to
+/// [`MAX_BACKOFF`]. Short: while a new leader is being elected the answers
+/// are cheap refusals, and the new leader should be found within a few
+/// tens of milliseconds of its election.
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(50);
 /// Largest reply fleetctl accepts.
 const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
 
@@ -124,10 +130,14 @@ impl Client {
     {
         let deadline = tokio::time::Instant::now() + self.retry_for;
         let mut addr = self.addrs[self.current].clone();
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = FIRST_BACKOFF;
         // Failures since the last pause: try every address once before
         // sleeping, so a dead leader costs one refused connection, not a backoff.
         let mut failed_in_round = 0usize;
+        // The last address that failed without naming a leader: a follower
+        // that has not yet noticed the leader died still points there, and
+        // following it would only fail again.
+        let mut failed_addr: Option<String> = None;
         loop {
             // Lock status of every lock can be large (reasons are up to 16 KiB each).
             let client = ControlClient::new(self.channel(&addr)?).max_decoding_message_size(MAX_REPLY_BYTES);
@@ -143,14 +153,17 @@ impl Client {
                 }
                 Err(s) => s,
             };
-            if let Some(leader) = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()) {
-                if leader != addr {
+            let leader = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok());
+            if let Some(leader) = leader {
+                if leader != addr && failed_addr.as_deref() != Some(leader) {
                     addr = leader.to_string();
                     if !self.addrs.contains(&addr) {
                         self.addrs.push(addr.clone());
                     }
                     continue;
                 }
+            } else {
+                failed_addr = Some(addr.clone());
             }
             let detail = error_chain(&status);
             if !retryable(&status, &detail) {
@@ -167,7 +180,7 @@ impl Client {
             failed_in_round += 1;
             if failed_in_round >= self.addrs.len() {
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(200));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 failed_in_round = 0;
             }
             self.current = (self.current + 1) % self.addrs.len();

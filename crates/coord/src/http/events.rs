@@ -1,9 +1,13 @@
 //! `GET /api/events`: server-sent events of deployment and destination
 //! changes, resumable with `Last-Event-ID`.
 //!
-//! One task (the journal) owns the last state it saw. Whenever entries are
-//! applied it compares, and publishes the records that changed as one
-//! batch, keyed by the Raft log index applied at that moment. Every
+//! One task (the journal) publishes, whenever entries are applied (at most
+//! every [`MIN_INTERVAL`]), the records that changed as one batch, keyed by
+//! the Raft log index applied at that moment. It looks only at what the
+//! applied entries touched (the state machine hands it the changed keys),
+//! so its cost follows the write rate, not the size of the state; when too
+//! much changed at once to list (or a snapshot replaced the state) it
+//! publishes a `reset` and clients reload their lists. Every
 //! coordinator applies the same log, so indexes mean the same on all of
 //! them. A batch's last event carries the index as its SSE `id` (earlier
 //! ones carry none), so a client that reconnects with the last id it saw
@@ -12,13 +16,13 @@
 //! index older than that (or from before this coordinator started) gets a
 //! `reset` event and should reload its lists.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use fleet_core::deploy::Deployment;
+use fleet_core::state::{touched, Touched};
 use fleet_core::views::DestinationView;
 use serde::Serialize;
 use tokio::sync::broadcast;
@@ -79,10 +83,9 @@ impl Journal {
         let journal = Journal { ring: ring.clone(), tx: tx.clone() };
         tokio::spawn(async move {
             let mut applied = state.applied_index();
-            let mut deployments: BTreeMap<String, Deployment> = BTreeMap::new();
             let mut destinations: BTreeMap<String, DestinationView> = BTreeMap::new();
             // The first look only fills the memory: the stream is complete from here.
-            let first = diff(&state, &mut deployments, &mut destinations);
+            let first = diff(&state, &mut destinations);
             ring.lock().unwrap_or_else(|p| p.into_inner()).since = first.index;
             loop {
                 let tick = tokio::time::Instant::now() + MIN_INTERVAL;
@@ -91,7 +94,7 @@ impl Journal {
                 }
                 tokio::time::sleep_until(tick).await;
                 applied.borrow_and_update();
-                let batch = diff(&state, &mut deployments, &mut destinations);
+                let batch = diff(&state, &mut destinations);
                 if batch.changes.is_empty() {
                     continue;
                 }
@@ -190,41 +193,70 @@ async fn send_batch(tx: &tokio::sync::mpsc::Sender<SseEvent>, b: &Batch) -> bool
     true
 }
 
-/// What changed since the journal last looked; updates its memory.
-fn diff(
-    state: &StateReader,
-    deployments: &mut BTreeMap<String, Deployment>,
-    destinations: &mut BTreeMap<String, DestinationView>,
-) -> Batch {
+/// What changed since the journal last looked; updates its memory of the
+/// destination views (a lock or queue change may leave a view as it was).
+fn diff(state: &StateReader, destinations: &mut BTreeMap<String, DestinationView>) -> Batch {
+    // Take the keys before reading the state: a key applied in between is
+    // both seen now and listed next time (sent twice, never lost).
+    let took = state.take_touched();
     state.read(|a| {
         let index = a.last_applied.map(|l| l.index).unwrap_or(0);
         let mut changes = Vec::new();
-        for d in a.state.deployments() {
-            if deployments.get(&d.id) != Some(d) {
-                if let Ok(data) = serde_json::to_string(&d.redacted()) {
-                    changes.push(Change { kind: "deployment", data });
+        if took.everything {
+            destinations.clear();
+            for d in a.state.destinations() {
+                if let Some(v) = DestinationView::of(&a.state, &d.name) {
+                    destinations.insert(d.name.clone(), v);
                 }
-                deployments.insert(d.id.clone(), d.clone());
+            }
+            // (The journal's first look is not published: it only fills the memory.)
+            let reason = "more changed at once than the journal lists; reload the lists";
+            if let Ok(data) = serde_json::to_string(&Reset { index, reason }) {
+                changes.push(Change { kind: "reset", data });
+            }
+            return Batch { index, changes };
+        }
+        let mut dirty: BTreeSet<&str> = BTreeSet::new();
+        let mut all_destinations = false;
+        for key in &took.keys {
+            match touched(key) {
+                Touched::Deployment(n) => {
+                    // Pruned deployments end without an event.
+                    let Some(d) = a.state.deployment(&format!("d{n}")) else { continue };
+                    if let Ok(data) = serde_json::to_string(&d.redacted()) {
+                        changes.push(Change { kind: "deployment", data });
+                    }
+                    // Its destinations show what runs there and what waits.
+                    dirty.extend(d.destinations().iter().map(String::as_str));
+                }
+                Touched::Destination(name) => {
+                    dirty.insert(name);
+                }
+                Touched::Nodes => all_destinations = true,
+                Touched::Other => {}
             }
         }
-        // Deployments pruned from history end without an event.
-        deployments.retain(|id, _| a.state.deployment(id).is_some());
-        let mut seen = Vec::new();
-        for d in a.state.destinations() {
-            seen.push(d.name.clone());
-            let Some(v) = DestinationView::of(&a.state, &d.name) else { continue };
-            if destinations.get(&d.name) != Some(&v) {
-                if let Ok(data) = serde_json::to_string(&v) {
-                    changes.push(Change { kind: "destination", data });
+        let names: Vec<String> = match all_destinations {
+            true => a.state.destinations().map(|d| d.name.clone()).chain(destinations.keys().cloned()).collect(),
+            false => dirty.into_iter().map(str::to_string).collect(),
+        };
+        for name in names {
+            match DestinationView::of(&a.state, &name) {
+                Some(v) if destinations.get(&name) != Some(&v) => {
+                    if let Ok(data) = serde_json::to_string(&v) {
+                        changes.push(Change { kind: "destination", data });
+                    }
+                    destinations.insert(name, v);
                 }
-                destinations.insert(d.name.clone(), v);
-            }
-        }
-        let gone: Vec<String> = destinations.keys().filter(|k| !seen.contains(k)).cloned().collect();
-        for name in gone {
-            destinations.remove(&name);
-            if let Ok(data) = serde_json::to_string(&Removed { id: &name }) {
-                changes.push(Change { kind: "destination_removed", data });
+                Some(_) => {}
+                // A lock or queue of a name that is no destination is not shown.
+                None => {
+                    if destinations.remove(&name).is_some() {
+                        if let Ok(data) = serde_json::to_string(&Removed { id: &name }) {
+                            changes.push(Change { kind: "destination_removed", data });
+                        }
+                    }
+                }
             }
         }
         Batch { index, changes }

@@ -13,8 +13,9 @@
 // every trait boundary.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeSet;
 use std::io::Cursor;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use fleet_core::{Response, State};
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -44,11 +45,29 @@ struct AppliedMeta {
     membership: StoredMembership,
 }
 
+/// The keys applied entries changed since the change journal (behind
+/// `/api/events`) last took them, so it recomputes only what they touch.
+#[derive(Debug, Default)]
+pub struct Touched {
+    pub keys: BTreeSet<String>,
+    /// Too many keys to list, or the whole state was replaced (a snapshot
+    /// was installed): anything may have changed.
+    pub everything: bool,
+}
+
+/// More changed keys than this between two looks count as "everything".
+const MAX_TOUCHED_KEYS: usize = 65_536;
+
+/// `None` until someone takes the touched keys: nothing is collected for
+/// nobody.
+type TouchedCell = Arc<Mutex<Option<Touched>>>;
+
 /// Read access to the applied state for the services.
 #[derive(Clone)]
 pub struct StateReader {
     applied: Arc<RwLock<Applied>>,
     index: watch::Receiver<u64>,
+    touched: TouchedCell,
 }
 
 impl StateReader {
@@ -62,6 +81,17 @@ impl StateReader {
     pub fn applied_index(&self) -> watch::Receiver<u64> {
         self.index.clone()
     }
+
+    /// The keys changed since the last call. The first call answers
+    /// `everything` and starts the collection (one taker per coordinator:
+    /// the change journal).
+    pub fn take_touched(&self) -> Touched {
+        let mut cell = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        match cell.replace(Touched::default()) {
+            Some(t) => t,
+            None => Touched { everything: true, ..Touched::default() },
+        }
+    }
 }
 
 pub struct StateMachine {
@@ -69,6 +99,7 @@ pub struct StateMachine {
     applied: Arc<RwLock<Applied>>,
     index_tx: Arc<watch::Sender<u64>>,
     snapshot_seq: u64,
+    touched: TouchedCell,
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError {
@@ -109,8 +140,9 @@ impl StateMachine {
         let index = last_applied.map(|l| l.index).unwrap_or(0);
         let applied = Arc::new(RwLock::new(Applied { state, last_applied, membership }));
         let (tx, rx) = watch::channel(index);
-        let reader = StateReader { applied: applied.clone(), index: rx };
-        Ok((StateMachine { db, applied, index_tx: Arc::new(tx), snapshot_seq: 0 }, reader))
+        let touched = TouchedCell::default();
+        let reader = StateReader { applied: applied.clone(), index: rx, touched: touched.clone() };
+        Ok((StateMachine { db, applied, index_tx: Arc::new(tx), snapshot_seq: 0, touched }, reader))
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -220,7 +252,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((guard.last_applied, guard.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Response>>, StorageError>
     where
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -229,22 +261,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut batch = WriteBatch::default();
         let sm_cf = self.cf(CF_SM);
         let mut guard = self.applied.write().unwrap_or_else(|p| p.into_inner());
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
         let mut last = None;
         for entry in entries {
             last = Some(entry.log_id);
             guard.last_applied = Some(entry.log_id);
             let response = match entry.payload {
-                EntryPayload::Blank => Response::Noop,
+                EntryPayload::Blank => vec![Response::Noop],
                 EntryPayload::Membership(m) => {
                     guard.membership = StoredMembership::new(Some(entry.log_id), m);
-                    Response::Noop
+                    vec![Response::Noop]
                 }
-                EntryPayload::Normal(req) => {
-                    let (response, changes) = guard.state.apply(entry.log_id.index, &req);
+                EntryPayload::Normal(proposal) => {
+                    let (response, changes) = guard.state.apply_entry(entry.log_id.index, &proposal);
                     for c in changes {
                         match c.value {
                             Some(v) => batch.put_cf(sm_cf, c.key.as_bytes(), v),
                             None => batch.delete_cf(sm_cf, c.key.as_bytes()),
+                        }
+                        if let Some(t) = touched.as_mut().filter(|t| !t.everything) {
+                            t.keys.insert(c.key);
+                            if t.keys.len() > MAX_TOUCHED_KEYS {
+                                *t = Touched { everything: true, ..Touched::default() };
+                            }
                         }
                     }
                     response
@@ -256,6 +295,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let meta = AppliedMeta { last_applied: guard.last_applied, membership: guard.membership.clone() };
         batch.put_cf(self.cf(CF_SM_META), APPLIED_KEY, serde_json::to_vec(&meta).expect("applied meta serializes"));
         self.db.write(batch).map_err(sm_err)?;
+        drop(touched);
         drop(guard);
         self.index_tx.send_replace(last.index);
         Ok(responses)
@@ -294,6 +334,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         guard.state = state;
         guard.last_applied = meta.last_log_id;
         guard.membership = meta.last_membership.clone();
+        if let Some(t) = self.touched.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            *t = Touched { everything: true, ..Touched::default() };
+        }
         drop(guard);
         self.index_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         Ok(())

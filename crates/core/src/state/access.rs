@@ -4,7 +4,7 @@
 //! * Tokens: `token/<name>` → [`TokenRecord`]. Only the SHA-256 of a
 //!   token's secret is kept; the secret is made by `fleetctl` and never
 //!   reaches a coordinator's log. Tokens carry the viewer or operator role.
-//! * Audit: `audit/<log index>` → [`AuditRecord`], one per entry that
+//! * Audit: `audit/<seq>` → [`AuditRecord`], one per request that
 //!   carried an [`Origin`], kept for the newest [`MAX_AUDIT_RECORDS`].
 
 use serde::{Deserialize, Serialize};
@@ -42,7 +42,8 @@ impl TokenRecord {
 /// One operator action.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {
-    /// The Raft log index of the entry (orders records, pages with `before`).
+    /// The request's sequence number, its log index unless batched
+    /// (orders records, pages with `before`).
     pub index: u64,
     pub at_ms: i64,
     pub actor: String,
@@ -121,7 +122,7 @@ impl State {
             _ => response.summary(),
         };
         let rec = AuditRecord {
-            index: cx.index,
+            index: cx.seq,
             at_ms: cx.at_ms,
             actor: origin.actor.clone(),
             via: origin.via,
@@ -130,8 +131,8 @@ impl State {
             target: crate::names::shorten(&target),
             outcome,
         };
-        cx.put(format!("{AUDIT_PREFIX}{}", cx.index), &rec);
-        self.audit.insert(cx.index, rec);
+        cx.put(format!("{AUDIT_PREFIX}{}", cx.seq), &rec);
+        self.audit.insert(cx.seq, rec);
         while self.audit.len() > MAX_AUDIT_RECORDS {
             let Some((old, _)) = self.audit.pop_first() else { break };
             cx.delete(format!("{AUDIT_PREFIX}{old}"));

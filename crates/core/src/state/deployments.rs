@@ -24,7 +24,7 @@ impl State {
         }
         let r = self.submit(cx, spec.clone(), actor, None, "submitted");
         if let Response::Deployment { .. } = &r {
-            let index = cx.index;
+            let index = cx.seq;
             if let Some(d) = self.deployments.get_mut(&index) {
                 if d.state == DeployState::Queued {
                     d.lock_wait_until_ms = lock_wait_ms.map(|w| cx.at_ms.saturating_add(w.min(i64::MAX as u64) as i64));
@@ -39,7 +39,7 @@ impl State {
         r
     }
 
-    /// Queue a deployment of `spec` (number = this entry's index) and start
+    /// Queue a deployment of `spec` (number = this request's sequence number) and start
     /// it if its destinations are free.
     fn submit(&mut self, cx: &mut Ctx, spec: Spec, actor: &str, rollback_of: Option<String>, reason: &str) -> Response {
         self.submit_to(cx, spec, actor, rollback_of, reason, vec![])
@@ -55,7 +55,7 @@ impl State {
         reason: &str,
         targets: Vec<String>,
     ) -> Response {
-        let (index, at_ms) = (cx.index, cx.at_ms);
+        let (index, at_ms) = (cx.seq, cx.at_ms);
         let dests: Vec<String> = spec.destinations().to_vec();
         for name in &dests {
             let Some(dest) = self.destinations.get(name) else {

@@ -27,7 +27,7 @@ impl State {
                     holder: holder.to_string(),
                     reason: reason.to_string(),
                     since_ms: cx.at_ms,
-                    fencing_token: cx.index,
+                    fencing_token: cx.seq,
                 };
                 cx.put(format!("{LOCK_PREFIX}{destination}"), &lock);
                 self.locks.insert(destination.to_string(), lock.clone());
@@ -81,9 +81,9 @@ impl State {
 
     /// Start what can start now on `destinations`: a queue head whose
     /// every destination is free and has it at the head too is granted all
-    /// its locks in this one apply (fencing token = this entry's index).
+    /// its locks in this one apply (fencing token = this request's sequence number).
     pub(super) fn pump(&mut self, cx: &mut Ctx, destinations: &[String]) {
-        let (index, at_ms) = (cx.index, cx.at_ms);
+        let (index, at_ms) = (cx.seq, cx.at_ms);
         let mut todo: Vec<String> = destinations.to_vec();
         while let Some(destination) = todo.pop() {
             if self.locks.contains_key(&destination) {

@@ -9,27 +9,28 @@
 //! Key space (values are JSON):
 //! * `lock/<destination>`  -> [`LockView`]
 //! * `dedup/<request id>`  -> [`DedupEntry`]
-//! * `deploy/<n>`          -> [`Deployment`] (id `d<n>`, n = log index of the submit)
+//! * `deploy/<n>`          -> [`Deployment`] (id `d<n>`, n = sequence number of the submit)
 //! * `queue/<destination>` -> deployment numbers in FIFO order (the head holds the lock)
 //! * `node/<id>`           -> [`NodeRecord`]
 //! * `dest/<name>`         -> [`Destination`]
 //! * `idem/<actor>/<key>`  -> deployment number (idempotency keys)
 //! * `server/<destination>/<id>` -> [`crate::sync::ServerRecord`] (what the destination's sync task found)
 //! * `token/<name>`        -> [`TokenRecord`] (API tokens, their secrets' SHA-256 only)
-//! * `audit/<log index>`   -> [`AuditRecord`] (operator actions, the newest [`MAX_AUDIT_RECORDS`])
+//! * `audit/<seq>`         -> [`AuditRecord`] (operator actions, the newest [`MAX_AUDIT_RECORDS`])
+//! * `seq`                 -> the last request's sequence number (see [`State::apply`])
 //!
 //! Commands are applied by concern, one submodule each: `locks` (manual
 //! locks, destination queues and grants), `deployments` (submit, rollback,
 //! cancel, resolve, step results) and `nodes` (membership, destinations).
-//! Each works on one `Ctx`: the entry's index and time, and the changes made
-//! so far.
+//! Each works on one `Ctx`: the request's sequence number and time, and the
+//! changes made so far.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::command::{Command, LockView, Request, Response};
+use crate::command::{Command, LockView, Proposal, Request, Response};
 use crate::deploy::{DeployState, Deployment, LiveNodes, NodeWaits, StepRecord};
 use crate::manifest::{selects, Destination, Spec};
 use crate::saga::plan;
@@ -60,6 +61,7 @@ const IDEM_PREFIX: &str = "idem/";
 const SERVER_PREFIX: &str = "server/";
 const TOKEN_PREFIX: &str = "token/";
 const AUDIT_PREFIX: &str = "audit/";
+const SEQ_KEY: &str = "seq";
 /// Lock holder name of a deployment.
 pub const DEPLOYMENT_HOLDER_PREFIX: &str = "deployment/";
 
@@ -121,8 +123,40 @@ pub struct State {
     tokens: BTreeMap<String, TokenRecord>,
     /// Token SHA-256 → name. Derived, never persisted.
     token_hashes: BTreeMap<String, String>,
-    /// Audit records by log index.
+    /// Audit records by sequence number.
     audit: BTreeMap<u64, AuditRecord>,
+    /// The sequence number of the last applied request.
+    last_seq: u64,
+}
+
+/// What a changed state key is about, as a reader of views needs to know
+/// (the change journal behind `/api/events` recomputes only those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touched<'a> {
+    /// Deployment `d<n>`.
+    Deployment(u64),
+    /// Destination `name`: its definition, lock or queue.
+    Destination(&'a str),
+    /// Node membership: which nodes a destination selects may change.
+    Nodes,
+    /// Nothing a destination or deployment view shows.
+    Other,
+}
+
+/// Classify one key of a [`Change`].
+pub fn touched(key: &str) -> Touched<'_> {
+    if let Some(n) = key.strip_prefix(DEPLOY_PREFIX) {
+        return n.parse().map(Touched::Deployment).unwrap_or(Touched::Other);
+    }
+    for prefix in [LOCK_PREFIX, QUEUE_PREFIX, DEST_PREFIX] {
+        if let Some(name) = key.strip_prefix(prefix) {
+            return Touched::Destination(name);
+        }
+    }
+    if key.starts_with(NODE_PREFIX) {
+        return Touched::Nodes;
+    }
+    Touched::Other
 }
 
 /// `d42` → 42.
@@ -167,6 +201,8 @@ impl State {
                 let rec: TokenRecord = serde_json::from_slice(value.as_ref()).map_err(bad)?;
                 state.token_hashes.insert(rec.sha256.clone(), name.to_string());
                 state.tokens.insert(name.to_string(), rec);
+            } else if key == SEQ_KEY {
+                state.last_seq = serde_json::from_slice(value.as_ref()).map_err(bad)?;
             } else if let Some(n) = key.strip_prefix(AUDIT_PREFIX) {
                 let n: u64 = n.parse().map_err(|_| LoadError::UnknownKey(key.to_string()))?;
                 state.audit.insert(n, serde_json::from_slice(value.as_ref()).map_err(bad)?);
@@ -211,6 +247,9 @@ impl State {
         }
         for (n, rec) in &self.audit {
             out.push((format!("{AUDIT_PREFIX}{n}"), encode(rec)));
+        }
+        if self.last_seq > 0 {
+            out.push((SEQ_KEY.to_string(), encode(&self.last_seq)));
         }
         out
     }
@@ -320,9 +359,37 @@ impl State {
         })
     }
 
-    /// Apply one committed entry at log `index`.
+    /// Apply one committed entry at log `index`: each of its requests in
+    /// order, one answer each, and every key they changed.
+    pub fn apply_entry(&mut self, index: u64, proposal: &Proposal) -> (Vec<Response>, Vec<Change>) {
+        let mut changes = Vec::new();
+        let responses = proposal
+            .0
+            .iter()
+            .map(|req| {
+                let (response, mut c) = self.apply(index, req);
+                changes.append(&mut c);
+                response
+            })
+            .collect();
+        (responses, changes)
+    }
+
+    /// Apply one committed request of the entry at log `index`.
+    ///
+    /// Every request gets a sequence number: its entry's log index, or one
+    /// more than the previous request's when that is larger (the second
+    /// and later requests of a batched entry). Sequence numbers strictly
+    /// grow from one request to the next on every replica, across restarts
+    /// and snapshots (the last one is persisted with the changes), and a
+    /// log index is never below an earlier request's number; they are the
+    /// deployment numbers (`d<seq>`), the fencing tokens and the audit
+    /// keys. Without batching, a request's number is its log index.
     pub fn apply(&mut self, index: u64, req: &Request) -> (Response, Vec<Change>) {
-        let mut cx = Ctx { index, at_ms: req.at_ms, changes: Vec::new() };
+        let seq = index.max(self.last_seq + 1);
+        self.last_seq = seq;
+        let mut cx = Ctx { seq, at_ms: req.at_ms, changes: Vec::new() };
+        cx.put(SEQ_KEY.to_string(), &seq);
         self.expire_dedup(&mut cx);
 
         if let Some(id) = &req.request_id {
@@ -405,10 +472,11 @@ impl State {
     }
 }
 
-/// One entry being applied: its log index (a grant's fencing token, a
-/// submit's deployment number) and time, and the changes made so far.
+/// One request being applied: its sequence number (a grant's fencing
+/// token, a submit's deployment number, see [`State::apply`]) and time, and
+/// the changes made so far.
 struct Ctx {
-    index: u64,
+    seq: u64,
     at_ms: i64,
     changes: Vec<Change>,
 }

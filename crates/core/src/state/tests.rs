@@ -58,6 +58,75 @@ fn lock_table() {
     assert_eq!(s.locks().count(), 2);
 }
 
+/// A refused or replayed request changes nothing but the sequence number
+/// every request takes.
+fn only_the_sequence_number(changes: &[Change]) -> bool {
+    changes.iter().all(|c| c.key == SEQ_KEY)
+}
+
+#[test]
+fn batched_requests_get_strictly_growing_numbers_across_reloads() {
+    // Entries as (log index, how many requests the leader batched into it).
+    // Every request acquires a lock of its own destination, so each answer
+    // carries the request's number as the fencing token.
+    let cases: [&[(u64, usize)]; 4] = [
+        &[(1, 1), (2, 1), (3, 1)],
+        &[(1, 3), (2, 1), (3, 2)],
+        &[(5, 4), (6, 4), (7, 1), (20, 2), (21, 1)],
+        &[(1, 64), (2, 64), (70, 1), (200, 3)],
+    ];
+    for entries in cases {
+        let mut s = State::default();
+        let mut tokens = Vec::new();
+        let mut n = 0;
+        for (i, &(index, k)) in entries.iter().enumerate() {
+            let batch = (0..k)
+                .map(|_| {
+                    n += 1;
+                    req(None, 0, acquire(&format!("d{n}"), "alice"))
+                })
+                .collect();
+            let (answers, _) = s.apply_entry(index, &Proposal(batch));
+            assert_eq!(answers.len(), k);
+            for a in answers {
+                let Response::Granted { lock } = a else { panic!("{entries:?}: {a:?}") };
+                tokens.push(lock.fencing_token);
+            }
+            // Every other entry, continue on a copy rebuilt from a snapshot.
+            if i % 2 == 0 {
+                s = State::load(s.dump()).unwrap();
+            }
+        }
+        assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{entries:?}: {tokens:?}");
+        // Without batching, a request's number is its log index.
+        if entries.iter().all(|&(_, k)| k == 1) {
+            assert_eq!(tokens, entries.iter().map(|&(i, _)| i).collect::<Vec<_>>());
+        }
+        // A request's number is never below its entry's index.
+        let mut t = tokens.iter();
+        for &(index, k) in entries {
+            assert!(t.by_ref().take(k).all(|&tok| tok >= index), "{entries:?}: {tokens:?}");
+        }
+    }
+}
+
+#[test]
+fn a_batch_persists_what_a_replay_of_its_changes_rebuilds() {
+    let mut s = State::default();
+    let mut kv = BTreeMap::new();
+    for (index, k) in [(1u64, 3usize), (2, 1), (3, 5)] {
+        let batch = (0..k).map(|j| req(Some(&format!("r{index}-{j}")), index as i64, acquire(&format!("w{j}"), "alice"))).collect();
+        let (_, changes) = s.apply_entry(index, &Proposal(batch));
+        for c in changes {
+            match c.value {
+                Some(v) => kv.insert(c.key, v),
+                None => kv.remove(&c.key),
+            };
+        }
+    }
+    assert_eq!(State::load(kv).unwrap(), s);
+}
+
 #[test]
 fn request_ids_apply_once() {
     let mut s = State::default();
@@ -66,7 +135,7 @@ fn request_ids_apply_once() {
     // The retried acquire must not re-grant the lock that was released since.
     let (again, changes) = s.apply(3, &req(Some("c1-1"), 0, acquire("web", "alice")));
     assert_eq!(first, again);
-    assert!(changes.is_empty());
+    assert!(only_the_sequence_number(&changes), "{changes:?}");
     assert!(s.lock("web").is_none());
 }
 
@@ -84,7 +153,9 @@ fn a_request_id_reused_for_another_command_is_refused_and_changes_nothing() {
         let (answer, _) = s.apply(1, &req(Some("c1"), 0, first.clone()));
         let before = s.clone();
         let (got, changes) = s.apply(2, &req(Some("c1"), 0, second.clone()));
-        assert!(changes.is_empty(), "{first:?} then {second:?}: {changes:?}");
+        assert!(only_the_sequence_number(&changes), "{first:?} then {second:?}: {changes:?}");
+        assert_eq!(s.last_seq, 2);
+        s.last_seq = before.last_seq;
         assert_eq!(s, before, "{first:?} then {second:?} changed the state");
         match want {
             "invalid" => assert!(
@@ -545,7 +616,10 @@ mod deployments {
             assert!(matches!(r, Response::Stale { .. }), "step {step}: {r:?}");
         }
         assert!(matches!(w.apply(Command::NodeLost { node: "ghost".into(), why: "x".into() }), Response::NotFound { .. }));
-        assert_eq!(w.s, before);
+        // Every request takes a sequence number, refused or not; nothing else moved.
+        let mut after = w.s.clone();
+        after.last_seq = before.last_seq;
+        assert_eq!(after, before);
     }
 
     #[test]
@@ -720,5 +794,23 @@ mod access {
         assert_eq!(s.audit(None).count(), MAX_AUDIT_RECORDS);
         assert_eq!(s.audit(None).last().map(|r| r.index), Some(extra as u64 + 1), "the oldest were dropped");
         assert_eq!(State::load(kv).expect("the persisted changes load"), s, "deletions were persisted too");
+    }
+}
+
+#[test]
+fn changed_keys_name_what_they_touch() {
+    let cases = [
+        ("deploy/42", Touched::Deployment(42)),
+        ("deploy/x", Touched::Other),
+        ("lock/web", Touched::Destination("web")),
+        ("queue/web", Touched::Destination("web")),
+        ("dest/web", Touched::Destination("web")),
+        ("node/n1", Touched::Nodes),
+        ("server/web/i-1", Touched::Other),
+        ("dedup/a/b", Touched::Other),
+        (SEQ_KEY, Touched::Other),
+    ];
+    for (key, want) in cases {
+        assert_eq!(touched(key), want, "{key}");
     }
 }
