@@ -23,7 +23,7 @@ use openraft::{BasicNode, ServerState};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::Status;
 
-use crate::raft_types::{NodeId, Raft, TypeConfig};
+use crate::raft_types::{NodeId, Queue, Raft, TypeConfig, Waiting};
 
 /// Requests in one log entry at most (bounds an entry's size and its apply).
 pub const MAX_BATCH: usize = 64;
@@ -31,31 +31,13 @@ pub const MAX_BATCH: usize = 64;
 /// while the previous one is being replicated.
 pub const IN_FLIGHT: usize = 2;
 
-/// What a request's proposer is answered: the state machine's response
-/// and the log index of the entry that carried it.
-type Written = Result<(Outcome, u64), Status>;
-
-struct Waiting {
-    request: Cmd,
-    reply: oneshot::Sender<Written>,
-}
-
-/// The queue of requests waiting to be proposed, drained by one task, and
-/// the slots of entries being written (shared with callers that write
-/// alone).
-#[derive(Clone)]
-pub(crate) struct Queue {
-    tx: mpsc::UnboundedSender<Waiting>,
-    slots: Arc<Semaphore>,
-}
-
-impl Queue {
-    pub(crate) fn start(raft: openraft::Raft<TypeConfig>) -> Queue {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-        tokio::spawn(batch(raft, rx, slots.clone()));
-        Queue { tx, slots }
-    }
+/// Wrap a started openraft instance and start its proposer task (it ends
+/// when the last handle is dropped).
+pub fn start(inner: openraft::Raft<TypeConfig>) -> Raft {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    tokio::spawn(batch(inner.clone(), rx, slots.clone()));
+    Raft { inner, proposals: Queue { tx, slots } }
 }
 
 /// Take what is waiting, write it as one entry, repeat; never more than

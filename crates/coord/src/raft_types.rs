@@ -25,20 +25,11 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 
 /// This coordinator's Raft: openraft's handle (everything but proposing
 /// goes straight to it) and the queue that batches proposals (see
-/// [`crate::propose`]). Cheap to clone.
+/// the `propose` module, which starts it). Cheap to clone.
 #[derive(Clone)]
 pub struct Raft {
-    inner: openraft::Raft<TypeConfig>,
-    pub(crate) proposals: crate::propose::Queue,
-}
-
-impl Raft {
-    /// Wrap a started openraft instance and start its proposer task (it
-    /// ends when the last handle is dropped).
-    pub fn start(inner: openraft::Raft<TypeConfig>) -> Raft {
-        let proposals = crate::propose::Queue::start(inner.clone());
-        Raft { inner, proposals }
-    }
+    pub(crate) inner: openraft::Raft<TypeConfig>,
+    pub(crate) proposals: Queue,
 }
 
 impl Deref for Raft {
@@ -47,4 +38,23 @@ impl Deref for Raft {
     fn deref(&self) -> &Self::Target {
         &self.inner
     }
+}
+
+/// What a proposer is answered: the state machine's response and the log
+/// index of the entry that carried its request.
+pub(crate) type Written = Result<(fleet_core::Response, u64), tonic::Status>;
+
+/// A request waiting to be proposed, and where its answer goes.
+pub(crate) struct Waiting {
+    pub request: fleet_core::Request,
+    pub reply: tokio::sync::oneshot::Sender<Written>,
+}
+
+/// The queue of requests waiting to be proposed (drained by one task), and
+/// the slots of entries being written, shared with callers that write
+/// alone.
+#[derive(Clone)]
+pub(crate) struct Queue {
+    pub tx: tokio::sync::mpsc::UnboundedSender<Waiting>,
+    pub slots: std::sync::Arc<tokio::sync::Semaphore>,
 }

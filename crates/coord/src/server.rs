@@ -58,7 +58,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let raft_config = Arc::new(raft_config.validate().context("invalid Raft timing settings")?);
     let raft =
         openraft::Raft::new(config.id, raft_config, Network::new(tls.clone()), log_store, state_machine).await.context("starting Raft")?;
-    let raft = Raft::start(raft);
+    let raft = crate::propose::start(raft);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
