@@ -262,3 +262,93 @@ fn diff(state: &StateReader, destinations: &mut BTreeMap<String, DestinationView
         Batch { index, changes }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    use fleet_core::manifest::{Destination, QueuePolicy, DEFAULT_NODE_WAIT_MS};
+    use fleet_core::{Command, Proposal, Request};
+
+    use super::*;
+    use crate::raft_types::TypeConfig;
+    use crate::store::{self, sm::StateMachine};
+
+    fn entry(index: u64, commands: Vec<Command>) -> Entry<TypeConfig> {
+        let requests = commands.into_iter().map(|command| Request { request_id: None, at_ms: 1_000, command, origin: None }).collect();
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(Proposal(requests)) }
+    }
+
+    fn destination(name: &str) -> Destination {
+        Destination {
+            name: name.into(),
+            adapter: "process".into(),
+            selector: [("env".to_string(), "t".to_string())].into(),
+            queue: QueuePolicy::Queue,
+            node_wait_ms: DEFAULT_NODE_WAIT_MS,
+        }
+    }
+
+    /// An event as (kind, destination name or deployment id).
+    type Seen = (&'static str, String);
+
+    /// The events of a batch.
+    fn seen(b: &Batch) -> Vec<Seen> {
+        b.changes
+            .iter()
+            .map(|c| {
+                let v: serde_json::Value = serde_json::from_str(&c.data).unwrap();
+                let key = v.get("name").or_else(|| v.get("id")).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+                (c.kind, key)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_journal_publishes_exactly_what_applied_entries_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = store::open(&dir.path().join("data"), "aaaa", 1).unwrap();
+        let (mut sm, reader) = StateMachine::open(db).unwrap();
+        let mut views = BTreeMap::new();
+        // The first look takes everything (and is not published).
+        assert!(diff(&reader, &mut views).changes.iter().all(|c| c.kind == "reset"));
+
+        let ci = || "ci".to_string();
+        let d = |s: &str| ("destination", s.to_string());
+        // (what one applied entry carries, the events it must produce)
+        let cases: Vec<(Vec<Command>, Vec<Seen>)> = vec![
+            (vec![Command::PutDestinations { destinations: vec![destination("api"), destination("web")] }], vec![d("api"), d("web")]),
+            // A lock moves: only that destination's view.
+            (vec![Command::AcquireLock { destination: "web".into(), holder: ci(), reason: "r".into() }], vec![d("web")]),
+            // A lock on a name that is no destination shows nothing.
+            (vec![Command::AcquireLock { destination: "elsewhere".into(), holder: ci(), reason: "r".into() }], vec![]),
+            // A batch: both requests' destinations, once each.
+            (
+                vec![
+                    Command::ReleaseLock { destination: "web".into(), holder: ci() },
+                    Command::AcquireLock { destination: "api".into(), holder: ci(), reason: "r".into() },
+                ],
+                vec![d("api"), d("web")],
+            ),
+            // A node joins: every destination it is selected by.
+            (
+                vec![Command::RegisterNode { id: "n1".into(), labels: [("env".to_string(), "t".to_string())].into() }],
+                vec![d("api"), d("web")],
+            ),
+            // A refused release changes no view.
+            (vec![Command::ReleaseLock { destination: "web".into(), holder: ci() }], vec![]),
+            // A destination removed.
+            (vec![Command::RemoveDestination { name: "web".into() }], vec![("destination_removed", "web".into())]),
+        ];
+        for (i, (commands, want)) in cases.into_iter().enumerate() {
+            let what = format!("{commands:?}");
+            sm.apply([entry(i as u64 + 1, commands)]).await.unwrap();
+            let mut got = seen(&diff(&reader, &mut views));
+            got.sort();
+            assert_eq!(got, want, "after {what}");
+        }
+        // Nothing applied since: nothing to publish.
+        assert!(diff(&reader, &mut views).changes.is_empty());
+    }
+}
