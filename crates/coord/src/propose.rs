@@ -23,7 +23,7 @@ use openraft::{BasicNode, ServerState};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tonic::Status;
 
-use crate::raft_types::{NodeId, Queue, Raft, TypeConfig, Waiting};
+use crate::raft_types::{NodeId, Queue, Raft, TypeConfig, Waiting, Written};
 
 /// Requests in one log entry at most (bounds an entry's size and its apply).
 pub const MAX_BATCH: usize = 64;
@@ -63,32 +63,28 @@ async fn batch(raft: openraft::Raft<TypeConfig>, mut queue: mpsc::UnboundedRecei
 
 async fn write(raft: &openraft::Raft<TypeConfig>, waiting: Vec<Waiting>) {
     let (requests, replies): (Vec<Cmd>, Vec<_>) = waiting.into_iter().map(|w| (w.request, w.reply)).unzip();
-    crate::metrics::entry_proposed(requests.len());
+    for (reply, answer) in replies.into_iter().zip(write_entry(raft, requests).await) {
+        // A caller that gave up is fine: its request was applied anyway.
+        let _ = reply.send(answer);
+    }
+}
+
+/// Write `requests` as one log entry: one answer per request, in order.
+async fn write_entry(raft: &openraft::Raft<TypeConfig>, requests: Vec<Cmd>) -> Vec<Written> {
+    let n = requests.len();
+    crate::metrics::entry_proposed(n);
+    let failed = |status: Status| vec![Err(status); n];
     match raft.client_write(Proposal(requests)).await {
-        Ok(r) if r.data.len() == replies.len() => {
+        Ok(r) if r.data.len() == n => {
             let index = r.log_id.index;
-            for (reply, outcome) in replies.into_iter().zip(r.data) {
-                // A caller that gave up is fine: its request was applied anyway.
-                let _ = reply.send(Ok((outcome, index)));
-            }
+            r.data.into_iter().map(|outcome| Ok((outcome, index))).collect()
         }
-        Ok(r) => {
-            let status = Status::internal(format!(
-                "the state machine answered {} of {} requests in entry {}; this is a bug, please report it",
-                r.data.len(),
-                replies.len(),
-                r.log_id.index
-            ));
-            for reply in replies {
-                let _ = reply.send(Err(status.clone()));
-            }
-        }
-        Err(e) => {
-            let status = write_error(e);
-            for reply in replies {
-                let _ = reply.send(Err(status.clone()));
-            }
-        }
+        Ok(r) => failed(Status::internal(format!(
+            "the state machine answered {} of {n} requests in entry {}; this is a bug, please report it",
+            r.data.len(),
+            r.log_id.index
+        ))),
+        Err(e) => failed(write_error(e)),
     }
 }
 
@@ -118,23 +114,10 @@ pub(crate) async fn propose(
     let q = &raft.proposals;
     // Nothing being written: write alone, now. (Dropped with its caller,
     // the slot comes back; only this request was in the entry.)
-    let alone = match q.slots.available_permits() == IN_FLIGHT {
-        true => q.slots.clone().try_acquire_owned().ok(),
-        false => None,
-    };
+    let alone = (q.slots.available_permits() == IN_FLIGHT).then(|| q.slots.clone().try_acquire_owned().ok()).flatten();
     let written = match alone {
         Some(_slot) => {
-            crate::metrics::entry_proposed(1);
-            match raft.client_write(Proposal(vec![request])).await {
-                Ok(r) => match r.data.into_iter().next() {
-                    Some(outcome) => Ok((outcome, r.log_id.index)),
-                    None => Err(Status::internal(format!(
-                        "entry {} was applied without an answer; this is a bug, please report it",
-                        r.log_id.index
-                    ))),
-                },
-                Err(e) => Err(write_error(e)),
-            }
+            write_entry(raft, vec![request]).await.pop().unwrap_or_else(|| Err(Status::internal("no answer for a lone request")))
         }
         None => {
             let (reply, answer) = oneshot::channel();
