@@ -122,12 +122,24 @@ fn ensure_command(command: &str, package: &str) -> anyhow::Result<()> {
     run(Command::new("apt-get").args(["install", "-y", "-qq", package]).env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// A Debian package a file comes from, installed when the file is missing.
+fn ensure_file(path: &str, package: &str) -> anyhow::Result<()> {
+    if Path::new(path).exists() {
+        return Ok(());
+    }
+    eprintln!("{path} is missing; installing {package}");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get").args(["install", "-y", "-qq", package]).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 /// `cargo xtask bench [-- [locks|steps] OPTIONS]`: `locks` (the default) is
 /// Fleet vs etcd, `steps` the per-step deployment overhead.
 fn bench(extra: &[String]) -> anyhow::Result<()> {
     ensure_build_deps()?;
     // The etcd client crate generates its gRPC code with protoc.
     ensure_command("protoc", "protobuf-compiler")?;
+    // `locks --plot` labels its PNG with this font.
+    ensure_file("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core")?;
     // `cargo xtask bench -- ARGS` hands us the `--` too.
     let extra = match extra.first().map(String::as_str) {
         Some("--") => &extra[1..],

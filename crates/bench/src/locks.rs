@@ -46,6 +46,10 @@ pub struct Args {
     /// measure a setting against the baseline's defaults.
     #[arg(long = "coord-arg", allow_hyphen_values = true)]
     pub coord_args: Vec<String>,
+    /// Also draw the throughput and p50/p99 latency of every system
+    /// against the client count to this PNG file.
+    #[arg(long, value_name = "FILE.png")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -126,6 +130,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("| {system} | {} | {:.3} | {:.3} | {:.3} |", times.len(), q(0.5), q(0.99), q(1.0));
     }
     println!("floor: {floor}");
+    if let Some(path) = &args.plot {
+        crate::plot::draw(path, &rows).with_context(|| format!("plotting to {}", path.display()))?;
+        println!("plot: {}", path.display());
+    }
     Ok(())
 }
 

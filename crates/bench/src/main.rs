@@ -12,6 +12,7 @@
 
 mod api;
 mod locks;
+mod plot;
 mod procstat;
 mod steps;
 

@@ -5,7 +5,7 @@
 //! None of this is replicated: a new leader rebuilds it as nodes reconnect
 //! and report, in their `Hello`, the steps they are running.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 use fleet_proto::{LeaderMessage, StepKey};
@@ -46,6 +46,16 @@ struct Inner {
     in_flight: BTreeMap<WorkKey, InFlight>,
     /// The last `InstanceReport` of each node (what it runs), for the sync tasks.
     reports: HashMap<String, fleet_core::sync::NodeReport>,
+    /// What changed for the scheduler since it last looked ([`Hub::take_dirty`]).
+    dirty: Dirty,
+}
+
+/// Deployments whose work in flight changed, or all of them (a node came
+/// or went).
+#[derive(Debug, Default)]
+pub struct Dirty {
+    pub all: bool,
+    pub deployments: HashSet<String>,
 }
 
 /// What `fleetctl nodes` shows of a node's connection.
@@ -83,6 +93,7 @@ impl Hub {
         for k in running {
             g.in_flight.insert(attempt_of(k), InFlight { node: node.to_string(), sent_ms: now_ms, aborted: false });
         }
+        g.dirty.all = true;
         drop(g);
         self.changed.notify_one();
         conn_id
@@ -94,6 +105,7 @@ impl Hub {
             g.conns.remove(node);
             g.disconnected_at.insert(node.to_string(), fleet_net::now_ms());
         }
+        g.dirty.all = true;
         drop(g);
         self.changed.notify_one();
     }
@@ -107,6 +119,11 @@ impl Hub {
         }
         g.in_flight.clear();
         g.reports.clear();
+    }
+
+    /// What changed since the last call (see [`Dirty`]).
+    pub fn take_dirty(&self) -> Dirty {
+        std::mem::take(&mut self.lock().dirty)
     }
 
     pub fn seen(&self, node: &str, now_ms: i64) {
@@ -186,7 +203,10 @@ impl Hub {
 
     /// A result for `key` was committed (or refused as stale).
     pub fn finished(&self, key: &WorkKey) {
-        self.lock().in_flight.remove(key);
+        let mut g = self.lock();
+        g.in_flight.remove(key);
+        g.dirty.deployments.insert(key.deployment.clone());
+        drop(g);
         self.changed.notify_one();
     }
 
@@ -198,6 +218,7 @@ impl Hub {
         if g.in_flight.get(key).is_some_and(|f| f.node == node) {
             g.in_flight.remove(key);
         }
+        g.dirty.deployments.insert(key.deployment.clone());
         drop(g);
         self.changed.notify_one();
     }

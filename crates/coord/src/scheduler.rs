@@ -1,10 +1,12 @@
 //! The leader's scheduler: carries out what `fleet_core::leader` decides.
 //!
 //! It runs on every coordinator and acts only while this one leads. After
-//! every applied entry (and on a short tick, for backoffs and deadlines) it
-//! asks `leader::due` what each active deployment needs, given the state
-//! machine, the time and the hub (the leader's memory of nodes and steps in
-//! flight), and carries the actions out: sends steps and aborts on node
+//! applied entries it asks `leader::due_among` what the deployments they
+//! changed (or whose work in flight the hub saw finish) need; on a short
+//! tick, and when nodes or destinations change, `leader::due` what every
+//! active deployment needs (backoffs, deadlines, leases). Both decide from
+//! the state machine, the time and the hub (the leader's memory of nodes
+//! and steps in flight); the scheduler carries the actions out: sends steps and aborts on node
 //! streams, spawns proposals. Nothing here is the source of truth: a step's
 //! result is committed through Raft before the next one is sent, so a new
 //! leader continues from the state machine.
@@ -14,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_core::leader::{self, Action, Assignment, Observed, Proposal, Sent, Tick};
+use fleet_core::state::{touched as touched_key, Touched as TouchedKey};
 use fleet_core::Command;
 use fleet_net::now_ms;
 use fleet_proto::{leader_message, Abort, LeaderMessage, StepAssignment, StepKey};
@@ -22,7 +25,7 @@ use openraft::ServerState;
 use crate::hub::{Hub, WorkKey};
 use crate::propose::propose;
 use crate::raft_types::Raft;
-use crate::store::sm::StateReader;
+use crate::store::sm::{StateReader, Taker};
 
 const TICK: Duration = Duration::from_millis(100);
 /// Do not repeat the same proposal (a deadline cancel, a synthetic abort)
@@ -42,11 +45,14 @@ async fn run(raft: Raft, state: StateReader, hub: Arc<Hub>) {
     let mut leading = false;
     let mut leader_since_ms = 0i64;
     let mut proposed: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let mut full = false;
         tokio::select! {
             r = applied.changed() => if r.is_err() { return },
             _ = hub.changed.notified() => {}
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tick.tick() => full = true,
         }
         let is_leader = metrics.borrow().state == ServerState::Leader;
         if !is_leader {
@@ -62,20 +68,45 @@ async fn run(raft: Raft, state: StateReader, hub: Arc<Hub>) {
             tracing::info!("leading: resuming every active deployment from the state machine");
             leading = true;
             leader_since_ms = now_ms();
+            full = true;
+        }
+        // What changed since the last look, taken before the state is read
+        // (a change in between is looked at twice, never missed). The tick
+        // looks at everything: backoffs, deadlines and leases run on time.
+        let touched = state.take_touched(Taker::Scheduler);
+        let dirty = hub.take_dirty();
+        let mut changed: HashSet<String> = dirty.deployments;
+        full |= touched.everything || dirty.all;
+        for key in &touched.keys {
+            match touched_key(key) {
+                TouchedKey::Deployment(n) => {
+                    changed.insert(format!("d{n}"));
+                }
+                TouchedKey::Destination(_) | TouchedKey::Nodes => full = true,
+                TouchedKey::Other => {}
+            }
+        }
+        if !full && changed.is_empty() {
+            continue;
         }
         // Decide under the state's read lock, without copying deployments;
         // act after it.
         let tick = Tick { now_ms: now_ms(), leader_since_ms };
         let seen = HubView(&hub);
-        let (ids, actions) = state.read(|a| {
-            let ids: HashSet<String> = a.state.active_deployments().map(|d| d.id.clone()).collect();
-            (ids, leader::due(&a.state, tick, &seen))
+        let (ids, actions) = state.read(|a| match full {
+            true => {
+                let ids: HashSet<String> = a.state.active_deployments().map(|d| d.id.clone()).collect();
+                (Some(ids), leader::due(&a.state, tick, &seen))
+            }
+            false => (None, leader::due_among(&a.state, changed.iter().map(String::as_str), tick, &seen)),
         });
         for action in actions {
             carry_out(&raft, &hub, action, tick.now_ms, &mut proposed);
         }
-        hub.retain_deployments(&ids);
-        proposed.retain(|k, at| ids.iter().any(|id| k.starts_with(&format!("{id}/"))) && at.elapsed() < REPROPOSE_AFTER * 10);
+        if let Some(ids) = ids {
+            hub.retain_deployments(&ids);
+            proposed.retain(|k, at| ids.iter().any(|id| k.starts_with(&format!("{id}/"))) && at.elapsed() < REPROPOSE_AFTER * 10);
+        }
     }
 }
 

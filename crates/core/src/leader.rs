@@ -175,7 +175,18 @@ pub fn lease_expired(silence_ms: i64) -> bool {
 
 /// Every action due now, over every active deployment.
 pub fn due(state: &State, tick: Tick, seen: &impl Observed) -> Vec<Action> {
-    state.active_deployments().filter_map(|d| back_again(state, d, tick, seen).or_else(|| due_for(d, tick, seen))).collect()
+    state.active_deployments().filter_map(|d| due_one(state, d, tick, seen)).collect()
+}
+
+/// The actions due now for the deployments named `ids` (those whose state
+/// or work in flight just changed; unknown and ended ones are skipped):
+/// what [`due`] would answer for them.
+pub fn due_among<'a>(state: &State, ids: impl IntoIterator<Item = &'a str>, tick: Tick, seen: &impl Observed) -> Vec<Action> {
+    ids.into_iter().filter_map(|id| state.deployment(id)).filter_map(|d| due_one(state, d, tick, seen)).collect()
+}
+
+fn due_one(state: &State, d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Action> {
+    back_again(state, d, tick, seen).or_else(|| due_for(d, tick, seen))
 }
 
 /// Deployment `d` waits for a node that the state still records as lost,

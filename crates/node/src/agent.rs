@@ -44,7 +44,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::adapter::{Adapters, StepContext, StepError};
 use crate::fencing::{Fencing, Verdict};
-use crate::util::{human, write_atomic};
+use crate::journal::Journal;
+use crate::util::human;
 use crate::witness::{Witness, WitnessLine};
 
 /// Results re-sent on every new stream.
@@ -100,9 +101,8 @@ pub struct Agent {
     boot_ms: i64,
     steps: Mutex<Steps>,
     results: mpsc::UnboundedSender<StepResult>,
-    /// Where finished results are kept across restarts; the mutex orders
-    /// the rewrites.
-    journal: Option<Mutex<PathBuf>>,
+    /// Where finished results are kept across restarts.
+    journal: Option<Journal>,
 }
 
 /// A `StepResult` as the journal stores it.
@@ -196,26 +196,27 @@ impl Agent {
     ) -> (Arc<Agent>, mpsc::UnboundedReceiver<StepResult>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut steps = Steps::default();
-        if let Some(path) = &journal {
-            match std::fs::read(path) {
-                Ok(bytes) => match serde_json::from_slice::<Vec<Journaled>>(&bytes) {
-                    Ok(list) => {
-                        for j in list {
-                            let r = j.result();
-                            if let Some(k) = &r.key {
-                                let id = StepId(k.clone());
-                                if steps.done.insert(id.clone(), r).is_none() {
-                                    steps.order.push_back(id);
-                                }
-                            }
+        let journal = journal.and_then(|path| match Journal::open::<Journaled>(&path, JOURNAL_KEEP) {
+            Ok((journal, list, skipped)) => {
+                if skipped > 0 {
+                    tracing::warn!(path = %path.display(), skipped, "result journal lines that do not decode were dropped (a crash mid-write leaves one)");
+                }
+                for j in list {
+                    let r = j.result();
+                    if let Some(k) = &r.key {
+                        let id = StepId(k.clone());
+                        if steps.done.insert(id.clone(), r).is_none() {
+                            steps.order.push_back(id);
                         }
                     }
-                    Err(e) => tracing::warn!(path = %path.display(), error = %e, "the result journal is unreadable; starting without it"),
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read the result journal; starting without it"),
+                }
+                Some(journal)
             }
-        }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot open the result journal; running without it: a restart will forget finished results (check the data dir's permissions and free space)");
+                None
+            }
+        });
         let agent = Agent {
             node,
             adapters,
@@ -225,7 +226,7 @@ impl Agent {
             boot_ms: now_ms(),
             steps: Mutex::new(steps),
             results: tx,
-            journal: journal.map(Mutex::new),
+            journal,
         };
         (Arc::new(agent), rx)
     }
@@ -410,23 +411,15 @@ impl Agent {
                 }
             }
         }
-        self.write_journal();
+        self.journal(&r);
         let _ = self.results.send(r);
     }
 
-    /// Rewrite the journal with the last [`JOURNAL_KEEP`] results (fsync'd
-    /// before the result goes out).
-    fn write_journal(&self) {
-        let Some(j) = &self.journal else { return };
-        let path = j.lock().unwrap_or_else(|p| p.into_inner());
-        let list: Vec<Journaled> = {
-            let s = self.steps();
-            let skip = s.order.len().saturating_sub(JOURNAL_KEEP);
-            s.order.iter().skip(skip).filter_map(|k| s.done.get(k)).filter_map(Journaled::of).collect()
-        };
-        let written = serde_json::to_vec(&list).map_err(std::io::Error::other).and_then(|b| write_atomic(&path, &b));
-        if let Err(e) = written {
-            tracing::error!(path = %path.display(), error = %e, "cannot write the result journal; a restart would forget these results");
+    /// Append a result to the journal (durable before it goes out).
+    fn journal(&self, r: &StepResult) {
+        let (Some(journal), Some(line)) = (&self.journal, Journaled::of(r)) else { return };
+        if let Err(e) = journal.append(&line) {
+            tracing::error!(path = %journal.path().display(), error = %e, "cannot write the result journal; a restart would forget this result");
         }
     }
 

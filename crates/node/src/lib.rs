@@ -3,7 +3,7 @@
 //! It keeps one mutually authenticated gRPC stream open to the Raft leader
 //! ([`connection`], with the TLS identity of [`identity`]), runs the steps
 //! the leader assigns ([`agent`]: timeouts, aborts, idempotency, [`fencing`],
-//! [`witness`] lines) through the [`adapter`] that carries out each action.
+//! [`witness`] lines, an append-only [`journal`] of results) through the [`adapter`] that carries out each action.
 //! The built-in adapters are [`process`] (supervised local processes,
 //! blue-green, behind a TCP route on a stable port) and [`command`] (shell
 //! commands: the steps of `command` destinations, and every pre/post hook)
@@ -21,6 +21,7 @@ pub mod connection;
 pub mod docker;
 pub mod fencing;
 pub mod identity;
+pub mod journal;
 pub mod metrics;
 pub mod probe;
 pub mod proc;

@@ -27,7 +27,7 @@ use fleet_core::views::DestinationView;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::store::sm::StateReader;
+use crate::store::sm::{StateReader, Taker};
 
 /// Batches kept for clients that reconnect.
 const KEEP_BATCHES: usize = 4096;
@@ -198,7 +198,7 @@ async fn send_batch(tx: &tokio::sync::mpsc::Sender<SseEvent>, b: &Batch) -> bool
 fn diff(state: &StateReader, destinations: &mut BTreeMap<String, DestinationView>) -> Batch {
     // Take the keys before reading the state: a key applied in between is
     // both seen now and listed next time (sent twice, never lost).
-    let took = state.take_touched();
+    let took = state.take_touched(Taker::Journal);
     state.read(|a| {
         let index = a.last_applied.map(|l| l.index).unwrap_or(0);
         let mut changes = Vec::new();

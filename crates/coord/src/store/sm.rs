@@ -45,8 +45,8 @@ struct AppliedMeta {
     membership: StoredMembership,
 }
 
-/// The keys applied entries changed since the change journal (behind
-/// `/api/events`) last took them, so it recomputes only what they touch.
+/// The keys applied entries changed since a [`Taker`] last took them, so it
+/// recomputes only what they touch.
 #[derive(Debug, Default)]
 pub struct Touched {
     pub keys: BTreeSet<String>,
@@ -58,9 +58,35 @@ pub struct Touched {
 /// More changed keys than this between two looks count as "everything".
 const MAX_TOUCHED_KEYS: usize = 65_536;
 
-/// `None` until someone takes the touched keys: nothing is collected for
-/// nobody.
-type TouchedCell = Arc<Mutex<Option<Touched>>>;
+/// Who takes touched keys; each has its own collection.
+#[derive(Debug, Clone, Copy)]
+pub enum Taker {
+    /// The change journal behind `/api/events`.
+    Journal = 0,
+    /// The leader's scheduler.
+    Scheduler = 1,
+}
+
+/// Per [`Taker`], `None` until it first takes the touched keys: nothing is
+/// collected for nobody.
+type TouchedCell = Arc<Mutex<[Option<Touched>; 2]>>;
+
+/// Record `key` as changed for every taker collecting.
+fn touch(cell: &mut [Option<Touched>; 2], key: &str) {
+    for t in cell.iter_mut().flatten().filter(|t| !t.everything) {
+        t.keys.insert(key.to_string());
+        if t.keys.len() > MAX_TOUCHED_KEYS {
+            *t = Touched { everything: true, ..Touched::default() };
+        }
+    }
+}
+
+/// Every collecting taker must look at everything.
+fn touch_everything(cell: &mut [Option<Touched>; 2]) {
+    for t in cell.iter_mut().flatten() {
+        *t = Touched { everything: true, ..Touched::default() };
+    }
+}
 
 /// Read access to the applied state for the services.
 #[derive(Clone)]
@@ -82,12 +108,12 @@ impl StateReader {
         self.index.clone()
     }
 
-    /// The keys changed since the last call. The first call answers
-    /// `everything` and starts the collection (one taker per coordinator:
-    /// the change journal).
-    pub fn take_touched(&self) -> Touched {
+    /// The keys changed since `taker`'s last call. The first call answers
+    /// `everything` and starts the collection (one of each taker per
+    /// coordinator).
+    pub fn take_touched(&self, taker: Taker) -> Touched {
         let mut cell = self.touched.lock().unwrap_or_else(|p| p.into_inner());
-        match cell.replace(Touched::default()) {
+        match cell[taker as usize].replace(Touched::default()) {
             Some(t) => t,
             None => Touched { everything: true, ..Touched::default() },
         }
@@ -279,12 +305,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             Some(v) => batch.put_cf(sm_cf, c.key.as_bytes(), v),
                             None => batch.delete_cf(sm_cf, c.key.as_bytes()),
                         }
-                        if let Some(t) = touched.as_mut().filter(|t| !t.everything) {
-                            t.keys.insert(c.key);
-                            if t.keys.len() > MAX_TOUCHED_KEYS {
-                                *t = Touched { everything: true, ..Touched::default() };
-                            }
-                        }
+                        touch(&mut touched, &c.key);
                     }
                     response
                 }
@@ -334,9 +355,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         guard.state = state;
         guard.last_applied = meta.last_log_id;
         guard.membership = meta.last_membership.clone();
-        if let Some(t) = self.touched.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            *t = Touched { everything: true, ..Touched::default() };
-        }
+        touch_everything(&mut self.touched.lock().unwrap_or_else(|p| p.into_inner()));
         drop(guard);
         self.index_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         Ok(())

@@ -390,6 +390,35 @@ fn due_covers_every_active_deployment() {
 }
 
 #[test]
+fn due_among_answers_what_due_would_for_the_named_deployments_only() {
+    let mut w = World::new();
+    let web = w.submit(WEB, None);
+    let infra = w.submit(INFRA, None);
+    let done = w.submit(INFRA, None);
+    w.cancel(&done);
+    let seen = Seen::all_heard(T0);
+    let all: Vec<String> = due(&w.s, tick(T0, T0), &seen).into_iter().map(|a| show(Some(a))).collect();
+    let cases: [(&[&str], &[usize]); 5] = [
+        (&[], &[]),
+        (&[&infra], &[1]),
+        (&[&web, &infra], &[0, 1]),
+        // Ended and unknown deployments have nothing due.
+        (&[&done, "d999", "nonsense"], &[]),
+        (&[&infra, &done], &[1]),
+    ];
+    for (ids, want) in cases {
+        let got: Vec<String> = due_among(&w.s, ids.iter().copied(), tick(T0, T0), &seen).into_iter().map(|a| show(Some(a))).collect();
+        let want: Vec<String> = want.iter().map(|&i| all[i].clone()).collect();
+        assert_eq!(got, want, "due_among {ids:?}");
+    }
+    // Past the deadline both have their cancel due, as `due` says.
+    let late = tick(DEADLINE + 1, T0);
+    let all: Vec<String> = due(&w.s, late, &seen).into_iter().map(|a| show(Some(a))).collect();
+    let got: Vec<String> = due_among(&w.s, [web.as_str(), infra.as_str()], late, &seen).into_iter().map(|a| show(Some(a))).collect();
+    assert_eq!(got, all);
+}
+
+#[test]
 fn forget_rules() {
     let mut w = World::new();
     // d_web: process steps on n1 and n2; n1 is lost and its steps skipped.

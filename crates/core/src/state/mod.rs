@@ -112,6 +112,9 @@ pub struct State {
     /// (at_ms, id) of every dedup entry: the expiry order. Derived, never persisted.
     dedup_order: BTreeSet<(i64, String)>,
     deployments: BTreeMap<u64, Deployment>,
+    /// Numbers of the deployments not yet ended: what the leader's
+    /// scheduler walks. Derived, never persisted.
+    active: BTreeSet<u64>,
     queues: BTreeMap<String, VecDeque<u64>>,
     nodes: BTreeMap<String, NodeRecord>,
     destinations: BTreeMap<String, Destination>,
@@ -184,7 +187,11 @@ impl State {
                 state.dedup.insert(id.to_string(), entry);
             } else if let Some(n) = key.strip_prefix(DEPLOY_PREFIX) {
                 let n: u64 = n.parse().map_err(|_| LoadError::UnknownKey(key.to_string()))?;
-                state.deployments.insert(n, serde_json::from_slice(value.as_ref()).map_err(bad)?);
+                let d: Deployment = serde_json::from_slice(value.as_ref()).map_err(bad)?;
+                if !d.state.is_terminal() {
+                    state.active.insert(n);
+                }
+                state.deployments.insert(n, d);
             } else if let Some(dest) = key.strip_prefix(QUEUE_PREFIX) {
                 state.queues.insert(dest.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
             } else if let Some(id) = key.strip_prefix(NODE_PREFIX) {
@@ -271,7 +278,7 @@ impl State {
 
     /// Deployments that have not ended.
     pub fn active_deployments(&self) -> impl Iterator<Item = &Deployment> {
-        self.deployments.values().filter(|d| !d.state.is_terminal())
+        self.active.iter().filter_map(|n| self.deployments.get(n))
     }
 
     /// Deployment numbers waiting for (or holding) a destination, in order.
@@ -441,8 +448,15 @@ impl State {
     }
 
     /// Persist deployment `n` as it stands.
-    fn put_deployment(&self, cx: &mut Ctx, n: u64) {
+    /// Persist deployment `n` (and keep the index of active ones true:
+    /// every change to a deployment goes through here).
+    fn put_deployment(&mut self, cx: &mut Ctx, n: u64) {
         if let Some(d) = self.deployments.get(&n) {
+            if d.state.is_terminal() {
+                self.active.remove(&n);
+            } else {
+                self.active.insert(n);
+            }
             cx.put(format!("{DEPLOY_PREFIX}{n}"), d);
         }
     }
