@@ -195,6 +195,8 @@ async fn learner_catches_up_through_snapshot_then_membership_changes_while_servi
     })
     .await?;
     assert!(status.snapshot_index > 0);
+    // 700 locks of 15 KiB reasons: over 10 MB.
+    assert!(status.snapshot_bytes > 10_000_000, "snapshot of {} bytes", status.snapshot_bytes);
 
     // Keep a client busy during every membership change; none of its operations may fail.
     let mut busy = cluster.client("operator")?;
@@ -230,6 +232,7 @@ async fn learner_catches_up_through_snapshot_then_membership_changes_while_servi
     })
     .await?;
     assert!(learner.snapshot_index > 0, "the learner was caught up by a snapshot: {learner:?}");
+    assert!(learner.snapshot_bytes > 10_000_000, "the learner reports the snapshot it installed: {learner:?}");
     assert!(learner.snapshot_index >= status.purged_index.min(learner.snapshot_index));
 
     let out = cluster.fleetctl("operator", &["cluster", "promote", "4"])?;

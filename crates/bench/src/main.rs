@@ -9,8 +9,12 @@
 //! * `fleet-bench api [--streams 4 ...]`: replicated writes with and without
 //!   dashboards streaming events and scrapers polling the HTTP API, in
 //!   alternating rounds of one run (see [`api`]).
+//! * `fleet-bench catchup [--state-mb 100 ...]`: how long a new coordinator
+//!   takes to catch up with a large state, through the snapshot (see
+//!   [`catchup`]).
 
 mod api;
+mod catchup;
 mod locks;
 mod plot;
 mod procstat;
@@ -20,7 +24,7 @@ use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
-    about = "Fleet benchmarks: replicated lock writes vs etcd (default), per-step deployment overhead (`steps`), the HTTP API's cost (`api`)"
+    about = "Fleet benchmarks: replicated lock writes vs etcd (default), per-step deployment overhead (`steps`), the HTTP API's cost (`api`), a new member's catch-up (`catchup`)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +44,8 @@ enum Mode {
     /// Replicated writes with and without dashboards streaming and
     /// scrapers polling the HTTP API (alternating rounds of one run).
     Api(api::Args),
+    /// A new coordinator catching up with a large state (snapshot + log).
+    Catchup(catchup::Args),
 }
 
 #[tokio::main]
@@ -51,5 +57,6 @@ async fn main() -> anyhow::Result<()> {
         Some(Mode::Locks(a)) => locks::run(a).await,
         Some(Mode::Steps(a)) => steps::run(a).await,
         Some(Mode::Api(a)) => api::run(a).await,
+        Some(Mode::Catchup(a)) => catchup::run(a).await,
     }
 }

@@ -396,6 +396,7 @@ impl Control for ControlService {
                 members,
                 answered_by: m.id,
                 locks: self.state.read(|a| a.state.locks().count() as u64),
+                snapshot_bytes: self.state.snapshot_bytes(),
             }))
         }
         .await
@@ -412,8 +413,10 @@ impl Control for ControlService {
             r.addr
                 .parse::<std::net::SocketAddr>()
                 .map_err(|e| Status::invalid_argument(format!("address `{}` is not HOST:PORT with an IP host: {e}", r.addr)))?;
-            // Blocking: answer once the learner has caught up (through a
-            // snapshot when the log it needs was purged).
+            // Blocking: answer once the leader has replicated to the learner
+            // (through a snapshot when the log it needs was purged). The
+            // learner may still be applying a large snapshot then (measured:
+            // answered after 0.12 s, applied after 8 s, for 162 MiB).
             let target = format!("{} at {}", r.id, r.addr);
             match self.raft.add_learner(r.id, BasicNode::new(r.addr), true).await {
                 Ok(resp) => {

@@ -260,7 +260,11 @@ pub enum ClusterCmd {
         #[arg(long)]
         local: bool,
     },
-    /// Add a coordinator as a non-voting learner; returns once it caught up.
+    /// Add a coordinator as a non-voting learner; returns once the leader
+    /// has replicated its log (or sent its snapshot) to it. Applying a large
+    /// snapshot takes the learner longer (seconds at 100 MB): before
+    /// `promote`, check with `fleetctl cluster status --local` against the
+    /// learner that its applied index has caught up.
     AddLearner {
         id: u64,
         #[arg(value_name = "ADDR")]

@@ -230,6 +230,8 @@ pub struct ClusterStatusView {
     pub commit_index: u64,
     pub applied_index: u64,
     pub snapshot_index: u64,
+    /// Size of the answering coordinator's current snapshot.
+    pub snapshot_bytes: u64,
     pub purged_index: u64,
     pub answered_by: u64,
     pub members: Vec<MemberView>,
@@ -246,6 +248,7 @@ impl From<&fleet_proto::ClusterStatusReply> for ClusterStatusView {
             commit_index: r.commit_index,
             applied_index: r.applied_index,
             snapshot_index: r.snapshot_index,
+            snapshot_bytes: r.snapshot_bytes,
             purged_index: r.purged_index,
             answered_by: r.answered_by,
             members: r.members.iter().map(MemberView::from).collect(),

@@ -552,6 +552,8 @@ pub struct ClusterJson {
     pub commit_index: u64,
     pub applied_index: u64,
     pub snapshot_index: u64,
+    /// Size in bytes of the answering coordinator's current snapshot.
+    pub snapshot_bytes: u64,
     pub purged_index: u64,
     pub answered_by: u64,
     pub members: Vec<MemberJson>,
@@ -579,6 +581,7 @@ async fn cluster(State(api): State<HttpApi>, Caller(caller): Caller) -> ApiResul
         commit_index: r.commit_index,
         applied_index: r.applied_index,
         snapshot_index: r.snapshot_index,
+        snapshot_bytes: r.snapshot_bytes,
         purged_index: r.purged_index,
         answered_by: r.answered_by,
         members: r

@@ -218,16 +218,13 @@ fn diff(state: &StateReader, destinations: &mut BTreeMap<String, DestinationView
         }
         let mut dirty: BTreeSet<&str> = BTreeSet::new();
         let mut all_destinations = false;
+        // A deployment's header and step records are keys of their own: one
+        // event per deployment, however many of its keys changed.
+        let mut deployments: BTreeSet<u64> = BTreeSet::new();
         for key in &took.keys {
             match touched(key) {
                 Touched::Deployment(n) => {
-                    // Pruned deployments end without an event.
-                    let Some(d) = a.state.deployment(&format!("d{n}")) else { continue };
-                    if let Ok(data) = serde_json::to_string(&d.redacted()) {
-                        changes.push(Change { kind: "deployment", data });
-                    }
-                    // Its destinations show what runs there and what waits.
-                    dirty.extend(d.destinations().iter().map(String::as_str));
+                    deployments.insert(n);
                 }
                 Touched::Destination(name) => {
                     dirty.insert(name);
@@ -235,6 +232,15 @@ fn diff(state: &StateReader, destinations: &mut BTreeMap<String, DestinationView
                 Touched::Nodes => all_destinations = true,
                 Touched::Other => {}
             }
+        }
+        for n in deployments {
+            // Pruned deployments end without an event.
+            let Some(d) = a.state.deployment(&format!("d{n}")) else { continue };
+            if let Ok(data) = serde_json::to_string(&d.redacted()) {
+                changes.push(Change { kind: "deployment", data });
+            }
+            // Its destinations show what runs there and what waits.
+            dirty.extend(d.destinations().iter().map(String::as_str));
         }
         let names: Vec<String> = match all_destinations {
             true => a.state.destinations().map(|d| d.name.clone()).chain(destinations.keys().cloned()).collect(),

@@ -15,6 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use fleet_core::{Response, State};
@@ -94,6 +95,7 @@ pub struct StateReader {
     applied: Arc<RwLock<Applied>>,
     index: watch::Receiver<u64>,
     touched: TouchedCell,
+    snapshot_bytes: Arc<AtomicU64>,
 }
 
 impl StateReader {
@@ -101,6 +103,12 @@ impl StateReader {
     pub fn read<T>(&self, f: impl FnOnce(&Applied) -> T) -> T {
         let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
         f(&guard)
+    }
+
+    /// Size of the current snapshot (built here or installed from the
+    /// leader); 0 before the first.
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.snapshot_bytes.load(Ordering::Relaxed)
     }
 
     /// A receiver that changes whenever an entry is applied.
@@ -126,6 +134,7 @@ pub struct StateMachine {
     index_tx: Arc<watch::Sender<u64>>,
     snapshot_seq: u64,
     touched: TouchedCell,
+    snapshot_bytes: Arc<AtomicU64>,
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError {
@@ -167,8 +176,13 @@ impl StateMachine {
         let applied = Arc::new(RwLock::new(Applied { state, last_applied, membership }));
         let (tx, rx) = watch::channel(index);
         let touched = TouchedCell::default();
-        let reader = StateReader { applied: applied.clone(), index: rx, touched: touched.clone() };
-        Ok((StateMachine { db, applied, index_tx: Arc::new(tx), snapshot_seq: 0, touched }, reader))
+        let snapshot_bytes = Arc::new(AtomicU64::new(0));
+        let reader = StateReader { applied: applied.clone(), index: rx, touched: touched.clone(), snapshot_bytes: snapshot_bytes.clone() };
+        let sm = StateMachine { db, applied, index_tx: Arc::new(tx), snapshot_seq: 0, touched, snapshot_bytes };
+        if let Some((_, data)) = sm.stored_snapshot()? {
+            sm.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
+        }
+        Ok((sm, reader))
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
@@ -247,6 +261,7 @@ pub struct SnapshotBuilder {
     db: Arc<DB>,
     applied: Arc<RwLock<Applied>>,
     seq: u64,
+    snapshot_bytes: Arc<AtomicU64>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -266,6 +281,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let mut batch = WriteBatch::default();
         put_snapshot(&self.db, &meta, &data, &mut batch);
         self.db.write_opt(batch, &sync_opts()).map_err(snap_err)?;
+        self.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -324,7 +340,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.snapshot_seq += 1;
-        SnapshotBuilder { db: self.db.clone(), applied: self.applied.clone(), seq: self.snapshot_seq }
+        SnapshotBuilder {
+            db: self.db.clone(),
+            applied: self.applied.clone(),
+            seq: self.snapshot_seq,
+            snapshot_bytes: self.snapshot_bytes.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -349,6 +370,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.put_cf(self.cf(CF_SM_META), APPLIED_KEY, serde_json::to_vec(&new_meta).expect("applied meta serializes"));
         put_snapshot(&self.db, meta, &data, &mut batch);
         self.db.write_opt(batch, &sync_opts()).map_err(snap_err)?;
+        self.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
         debug_assert_eq!(applied_meta.last_applied, meta.last_log_id);
 
         let mut guard = self.applied.write().unwrap_or_else(|p| p.into_inner());

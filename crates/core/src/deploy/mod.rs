@@ -302,6 +302,36 @@ pub struct Deployment {
     pub events: Vec<Event>,
 }
 
+impl Deployment {
+    /// A copy without its step records: what the state stores under
+    /// `deploy/<n>` (each record has a key of its own). Every field is
+    /// named, so a new one cannot be left out silently.
+    pub fn without_steps(&self) -> Deployment {
+        Deployment {
+            id: self.id.clone(),
+            app: self.app.clone(),
+            release: self.release.clone(),
+            destination: self.destination.clone(),
+            spec: self.spec.clone(),
+            state: self.state,
+            submitted_by: self.submitted_by.clone(),
+            submitted_ms: self.submitted_ms,
+            deadline_ms: self.deadline_ms,
+            token: self.token,
+            epoch: self.epoch,
+            previous_release: self.previous_release.clone(),
+            rollback_of: self.rollback_of.clone(),
+            timed_out: self.timed_out,
+            lock_wait_until_ms: self.lock_wait_until_ms,
+            resolved: self.resolved.clone(),
+            pause: self.pause.clone(),
+            targets: self.targets.clone(),
+            steps: Vec::new(),
+            events: self.events.clone(),
+        }
+    }
+}
+
 /// A human's note on a deployment that needed one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resolution {

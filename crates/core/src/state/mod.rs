@@ -9,7 +9,10 @@
 //! Key space (values are JSON):
 //! * `lock/<destination>`  -> [`LockView`]
 //! * `dedup/<request id>`  -> [`DedupEntry`]
-//! * `deploy/<n>`          -> [`Deployment`] (id `d<n>`, n = sequence number of the submit)
+//! * `deploy/<n>`          -> [`Deployment`] without its step records (id `d<n>`, n = sequence number of the submit)
+//! * `deploy/<n>/step/<i>` -> [`StepRecord`] `i` of deployment `n`, each under its own key so a
+//!   step result writes the records it changed, not the whole saga (data written before
+//!   held them inline in `deploy/<n>`: still read, rewritten in this layout on the next change)
 //! * `queue/<destination>` -> deployment numbers in FIFO order (the head holds the lock)
 //! * `node/<id>`           -> [`NodeRecord`]
 //! * `dest/<name>`         -> [`Destination`]
@@ -62,6 +65,12 @@ const SERVER_PREFIX: &str = "server/";
 const TOKEN_PREFIX: &str = "token/";
 const AUDIT_PREFIX: &str = "audit/";
 const SEQ_KEY: &str = "seq";
+/// Between a deployment's number and its step's: `deploy/<n>/step/<i>`.
+const STEP_INFIX: &str = "/step/";
+
+fn step_key(n: u64, i: usize) -> String {
+    format!("{DEPLOY_PREFIX}{n}{STEP_INFIX}{i}")
+}
 /// Lock holder name of a deployment.
 pub const DEPLOYMENT_HOLDER_PREFIX: &str = "deployment/";
 
@@ -103,6 +112,8 @@ pub enum LoadError {
     BadValue { key: String, source: serde_json::Error },
     #[error("state key `{0}` is not one Fleet writes")]
     UnknownKey(String),
+    #[error("the stored step records of deployment d{0} are inconsistent: {1}")]
+    Steps(u64, String),
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -115,6 +126,12 @@ pub struct State {
     /// Numbers of the deployments not yet ended: what the leader's
     /// scheduler walks. Derived, never persisted.
     active: BTreeSet<u64>,
+    /// The step records of each active deployment as they were last
+    /// persisted under `deploy/<n>/step/<i>`, so a change writes only the
+    /// records that differ. Missing (a deployment that ended, or one read
+    /// from the older inline layout): every record is written. Derived,
+    /// never persisted.
+    persisted_steps: BTreeMap<u64, Vec<StepRecord>>,
     queues: BTreeMap<String, VecDeque<u64>>,
     nodes: BTreeMap<String, NodeRecord>,
     destinations: BTreeMap<String, Destination>,
@@ -148,7 +165,8 @@ pub enum Touched<'a> {
 
 /// Classify one key of a [`Change`].
 pub fn touched(key: &str) -> Touched<'_> {
-    if let Some(n) = key.strip_prefix(DEPLOY_PREFIX) {
+    if let Some(rest) = key.strip_prefix(DEPLOY_PREFIX) {
+        let n = rest.split_once(STEP_INFIX).map_or(rest, |(n, _)| n);
         return n.parse().map(Touched::Deployment).unwrap_or(Touched::Other);
     }
     for prefix in [LOCK_PREFIX, QUEUE_PREFIX, DEST_PREFIX] {
@@ -175,6 +193,7 @@ impl State {
         V: AsRef<[u8]>,
     {
         let mut state = State::default();
+        let mut steps: BTreeMap<u64, BTreeMap<usize, StepRecord>> = BTreeMap::new();
         for (key, value) in pairs {
             let key = key.as_ref();
             let bad = |source| LoadError::BadValue { key: key.to_string(), source };
@@ -185,13 +204,15 @@ impl State {
                 let entry: DedupEntry = serde_json::from_slice(value.as_ref()).map_err(bad)?;
                 state.dedup_order.insert((entry.at_ms, id.to_string()));
                 state.dedup.insert(id.to_string(), entry);
-            } else if let Some(n) = key.strip_prefix(DEPLOY_PREFIX) {
-                let n: u64 = n.parse().map_err(|_| LoadError::UnknownKey(key.to_string()))?;
-                let d: Deployment = serde_json::from_slice(value.as_ref()).map_err(bad)?;
-                if !d.state.is_terminal() {
-                    state.active.insert(n);
+            } else if let Some(rest) = key.strip_prefix(DEPLOY_PREFIX) {
+                let unknown = || LoadError::UnknownKey(key.to_string());
+                if let Some((n, i)) = rest.split_once(STEP_INFIX) {
+                    let (n, i): (u64, usize) = (n.parse().map_err(|_| unknown())?, i.parse().map_err(|_| unknown())?);
+                    steps.entry(n).or_default().insert(i, serde_json::from_slice(value.as_ref()).map_err(bad)?);
+                } else {
+                    let n: u64 = rest.parse().map_err(|_| unknown())?;
+                    state.deployments.insert(n, serde_json::from_slice(value.as_ref()).map_err(bad)?);
                 }
-                state.deployments.insert(n, d);
             } else if let Some(dest) = key.strip_prefix(QUEUE_PREFIX) {
                 state.queues.insert(dest.to_string(), serde_json::from_slice(value.as_ref()).map_err(bad)?);
             } else if let Some(id) = key.strip_prefix(NODE_PREFIX) {
@@ -217,6 +238,36 @@ impl State {
                 return Err(LoadError::UnknownKey(key.to_string()));
             }
         }
+        for (n, records) in steps {
+            let d = state
+                .deployments
+                .get_mut(&n)
+                .ok_or_else(|| LoadError::Steps(n, "step records of a deployment that is not stored".into()))?;
+            if !d.steps.is_empty() {
+                return Err(LoadError::Steps(n, "step records both inline and under their own keys".into()));
+            }
+            if records.keys().copied().ne(0..records.len()) {
+                return Err(LoadError::Steps(
+                    n,
+                    format!("records {:?} are not numbered 0..{}", records.keys().collect::<Vec<_>>(), records.len()),
+                ));
+            }
+            d.steps = records.into_values().collect();
+            if !d.state.is_terminal() {
+                state.persisted_steps.insert(n, d.steps.clone());
+            }
+        }
+        for (n, d) in &state.deployments {
+            if d.state.is_terminal() {
+                continue;
+            }
+            state.active.insert(*n);
+            // A deployment without records is stored the same way in both
+            // layouts: nothing of it needs writing again.
+            if d.steps.is_empty() {
+                state.persisted_steps.entry(*n).or_default();
+            }
+        }
         Ok(state)
     }
 
@@ -230,7 +281,10 @@ impl State {
             out.push((format!("{DEDUP_PREFIX}{id}"), encode(entry)));
         }
         for (n, d) in &self.deployments {
-            out.push((format!("{DEPLOY_PREFIX}{n}"), encode(d)));
+            out.push((format!("{DEPLOY_PREFIX}{n}"), encode(&d.without_steps())));
+            for (i, s) in d.steps.iter().enumerate() {
+                out.push((step_key(*n, i), encode(s)));
+            }
         }
         for (dest, q) in &self.queues {
             out.push((format!("{QUEUE_PREFIX}{dest}"), encode(q)));
@@ -448,16 +502,39 @@ impl State {
     }
 
     /// Persist deployment `n` as it stands.
-    /// Persist deployment `n` (and keep the index of active ones true:
-    /// every change to a deployment goes through here).
+    /// Persist deployment `n`: its header, and the step records that
+    /// differ from what was persisted last (keeps the index of active ones
+    /// true: every change to a deployment goes through here).
     fn put_deployment(&mut self, cx: &mut Ctx, n: u64) {
-        if let Some(d) = self.deployments.get(&n) {
-            if d.state.is_terminal() {
-                self.active.remove(&n);
-            } else {
-                self.active.insert(n);
+        let Some(d) = self.deployments.get_mut(&n) else { return };
+        let steps = std::mem::take(&mut d.steps);
+        cx.put(format!("{DEPLOY_PREFIX}{n}"), &*d);
+        d.steps = steps;
+        let old = self.persisted_steps.get(&n);
+        for (i, s) in d.steps.iter().enumerate() {
+            if old.and_then(|o| o.get(i)) != Some(s) {
+                cx.put(step_key(n, i), s);
             }
-            cx.put(format!("{DEPLOY_PREFIX}{n}"), d);
+        }
+        // (Records are planned once, at the grant, and never dropped; a
+        // saga that shrank would leave none behind either.)
+        for i in d.steps.len()..old.map_or(0, Vec::len) {
+            cx.delete(step_key(n, i));
+        }
+        if d.state.is_terminal() {
+            self.active.remove(&n);
+            self.persisted_steps.remove(&n);
+        } else {
+            self.active.insert(n);
+            let cached = self.persisted_steps.entry(n).or_default();
+            cached.truncate(d.steps.len());
+            for (i, s) in d.steps.iter().enumerate() {
+                match cached.get_mut(i) {
+                    Some(c) if c == s => {}
+                    Some(c) => *c = s.clone(),
+                    None => cached.push(s.clone()),
+                }
+            }
         }
     }
 

@@ -244,15 +244,19 @@ mod deployments {
             w
         }
         fn apply(&mut self, c: Command) -> Response {
+            self.apply_changes(c).0
+        }
+        /// Apply `c`; its answer and the changes it persisted.
+        fn apply_changes(&mut self, c: Command) -> (Response, Vec<Change>) {
             self.index += 1;
             let (r, changes) = self.s.apply(self.index, &req(None, self.index as i64, c));
-            for ch in changes {
+            for ch in changes.clone() {
                 match ch.value {
                     Some(v) => self.kv.insert(ch.key, v),
                     None => self.kv.remove(&ch.key),
                 };
             }
-            r
+            (r, changes)
         }
         fn submit(&mut self, app: &str, release: &str, dest: &str) -> Response {
             self.apply(Command::SubmitDeployment {
@@ -267,25 +271,29 @@ mod deployments {
         }
         /// Complete every step of the running deployment `id`.
         fn finish(&mut self, id: &str) {
-            loop {
-                let d = self.s.deployment(id).unwrap().clone();
-                let Some(w) = d.next() else { break };
-                let outcome = StepOutcome {
-                    step: w.step,
-                    undo: w.undo,
-                    attempt: w.attempt,
-                    token: d.token.unwrap(),
-                    epoch: d.epoch,
-                    ok: true,
-                    output: Some("{}".into()),
-                    error: None,
-                    class: None,
-                    started_ms: 0,
-                    finished_ms: 0,
-                    node: "n1".into(),
-                };
-                self.apply(Command::StepResult { deployment: id.into(), outcome });
+            while let Some(c) = self.next_result(id) {
+                self.apply(c);
             }
+        }
+        /// The successful result of the next step of `id`, if one runs next.
+        fn next_result(&self, id: &str) -> Option<Command> {
+            let d = self.s.deployment(id)?;
+            let w = d.next()?;
+            let outcome = StepOutcome {
+                step: w.step,
+                undo: w.undo,
+                attempt: w.attempt,
+                token: d.token?,
+                epoch: d.epoch,
+                ok: true,
+                output: Some("{}".into()),
+                error: None,
+                class: None,
+                started_ms: 0,
+                finished_ms: 0,
+                node: "n1".into(),
+            };
+            Some(Command::StepResult { deployment: id.into(), outcome })
         }
     }
 
@@ -293,6 +301,59 @@ mod deployments {
         match r {
             Response::Deployment { id, .. } => id.clone(),
             other => panic!("expected a deployment, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_step_result_writes_only_the_records_it_changed_and_the_inline_layout_still_loads() {
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let id = id_of(&w.submit("web", "v1", "a"));
+        let n = deployment_number(&id).unwrap();
+        let header = format!("deploy/{n}");
+        let is_record = |k: &str| k.starts_with(&format!("deploy/{n}/step/"));
+        let total = w.s.deployment(&id).unwrap().steps.len();
+        assert!(total >= 3, "a saga of {total} steps");
+        assert_eq!(w.kv.keys().filter(|k| is_record(k)).count(), total, "the grant stored every record");
+
+        // One result: the header and the records that changed, not the saga.
+        let c = w.next_result(&id).unwrap();
+        let Command::StepResult { outcome, .. } = &c else { unreachable!() };
+        let step = outcome.step;
+        let (_, changes) = w.apply_changes(c);
+        let records: Vec<&str> = changes.iter().map(|c| c.key.as_str()).filter(|k| is_record(k)).collect();
+        assert!(records.contains(&format!("deploy/{n}/step/{step}").as_str()), "{records:?}");
+        assert!(records.len() < total, "wrote {records:?} of {total}");
+        let stored: Deployment = serde_json::from_slice(&w.kv[&header]).unwrap();
+        assert!(stored.steps.is_empty(), "the header holds no records");
+        assert_eq!(State::load(w.kv.clone()).unwrap(), w.s, "what was persisted rebuilds the state");
+
+        // The layout before: every record inline in `deploy/<n>`.
+        let mut old = w.kv.clone();
+        old.retain(|k, _| !is_record(k));
+        old.insert(header.clone(), serde_json::to_vec(w.s.deployment(&id).unwrap()).unwrap());
+        let mut from_old = State::load(old.clone()).unwrap();
+        assert_eq!(from_old.deployment(&id), w.s.deployment(&id));
+        assert_eq!(from_old.dump(), w.s.dump(), "a snapshot of it is in the new layout");
+        // Its next change writes every record, and drops them from the header.
+        let c = w.next_result(&id).unwrap();
+        let (_, changes) = from_old.apply(w.index + 1, &req(None, w.index as i64 + 1, c.clone()));
+        assert_eq!(changes.iter().filter(|c| is_record(&c.key)).count(), total);
+        for ch in changes {
+            old.insert(ch.key, ch.value.unwrap());
+        }
+        w.apply(c);
+        assert_eq!(State::load(old).unwrap(), w.s);
+        assert_eq!(from_old, w.s);
+
+        // Records that do not fit their deployment are refused, not guessed.
+        let mut gap = w.kv.clone();
+        gap.remove(&format!("deploy/{n}/step/1"));
+        let mut both = w.kv.clone();
+        both.insert(header.clone(), serde_json::to_vec(w.s.deployment(&id).unwrap()).unwrap());
+        let mut orphan = w.kv.clone();
+        orphan.insert("deploy/999/step/0".into(), w.kv[&format!("deploy/{n}/step/0")].clone());
+        for (what, kv) in [("a gap", gap), ("inline and keyed", both), ("no deployment", orphan)] {
+            assert!(matches!(State::load(kv), Err(LoadError::Steps(..))), "{what}");
         }
     }
 
@@ -802,6 +863,8 @@ fn changed_keys_name_what_they_touch() {
     let cases = [
         ("deploy/42", Touched::Deployment(42)),
         ("deploy/x", Touched::Other),
+        ("deploy/42/step/7", Touched::Deployment(42)),
+        ("deploy/x/step/7", Touched::Other),
         ("lock/web", Touched::Destination("web")),
         ("queue/web", Touched::Destination("web")),
         ("dest/web", Touched::Destination("web")),

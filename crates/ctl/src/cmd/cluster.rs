@@ -87,8 +87,14 @@ pub fn print_status(r: &ClusterStatusReply, out: Output) {
                 if r.leader_id == 0 { "none (election in progress)".to_string() } else { format!("{} at {}", r.leader_id, r.leader_addr) };
             println!("cluster {}   leader {}   term {}", r.cluster_id, leader, r.term);
             println!(
-                "log {}   commit {}   applied {}   snapshot {}   purged {}   (answered by {})",
-                r.last_log_index, r.commit_index, r.applied_index, r.snapshot_index, r.purged_index, r.answered_by
+                "log {}   commit {}   applied {}   snapshot {} ({:.1} MiB)   purged {}   (answered by {})",
+                r.last_log_index,
+                r.commit_index,
+                r.applied_index,
+                r.snapshot_index,
+                r.snapshot_bytes as f64 / (1024.0 * 1024.0),
+                r.purged_index,
+                r.answered_by
             );
             print_members_table(&r.members);
         }
