@@ -242,16 +242,18 @@ fn encode_snapshot(applied: &Applied) -> Vec<u8> {
 }
 
 /// The state machine's keys and values, as a snapshot carries them.
-type Pairs = Vec<(String, Vec<u8>)>;
+/// A snapshot's keys and values, borrowed from its bytes (a large snapshot
+/// is not copied once more while it is installed).
+type Pairs<'a> = Vec<(&'a str, &'a [u8])>;
 
-fn decode_snapshot(buf: &[u8]) -> Result<(AppliedMeta, Pairs), String> {
+fn decode_snapshot(buf: &[u8]) -> Result<(AppliedMeta, Pairs<'_>), String> {
     let (meta, mut rest) = split_frame(buf)?;
     let meta: AppliedMeta = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
     let mut pairs = Vec::new();
     while !rest.is_empty() {
         let (k, r) = split_frame(rest)?;
         let (v, r) = split_frame(r)?;
-        pairs.push((String::from_utf8(k.to_vec()).map_err(|e| e.to_string())?, v.to_vec()));
+        pairs.push((std::str::from_utf8(k).map_err(|e| e.to_string())?, v));
         rest = r;
     }
     Ok((meta, pairs))
@@ -355,7 +357,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let (applied_meta, pairs) = decode_snapshot(&data).map_err(snap_err)?;
-        let state = State::load(pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).map_err(snap_err)?;
+        let state = State::load(pairs.iter().copied()).map_err(snap_err)?;
 
         // Replace the whole state machine, its applied marker and the stored
         // snapshot in one synced batch: a crash leaves either the old state
