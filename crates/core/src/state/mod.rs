@@ -510,31 +510,34 @@ impl State {
         let steps = std::mem::take(&mut d.steps);
         cx.put(format!("{DEPLOY_PREFIX}{n}"), &*d);
         d.steps = steps;
-        let old = self.persisted_steps.get(&n);
-        for (i, s) in d.steps.iter().enumerate() {
-            if old.and_then(|o| o.get(i)) != Some(s) {
-                cx.put(step_key(n, i), s);
-            }
-        }
+        // No record remembered (an ended deployment, or one read from the
+        // inline layout) is the same as none persisted: every record is
+        // written.
+        let mut persisted = self.persisted_steps.remove(&n).unwrap_or_default();
         // (Records are planned once, at the grant, and never dropped; a
         // saga that shrank would leave none behind either.)
-        for i in d.steps.len()..old.map_or(0, Vec::len) {
+        for i in d.steps.len()..persisted.len() {
             cx.delete(step_key(n, i));
+        }
+        persisted.truncate(d.steps.len());
+        for (i, s) in d.steps.iter().enumerate() {
+            match persisted.get_mut(i) {
+                Some(p) if p == s => {}
+                Some(p) => {
+                    cx.put(step_key(n, i), s);
+                    *p = s.clone();
+                }
+                None => {
+                    cx.put(step_key(n, i), s);
+                    persisted.push(s.clone());
+                }
+            }
         }
         if d.state.is_terminal() {
             self.active.remove(&n);
-            self.persisted_steps.remove(&n);
         } else {
             self.active.insert(n);
-            let cached = self.persisted_steps.entry(n).or_default();
-            cached.truncate(d.steps.len());
-            for (i, s) in d.steps.iter().enumerate() {
-                match cached.get_mut(i) {
-                    Some(c) if c == s => {}
-                    Some(c) => *c = s.clone(),
-                    None => cached.push(s.clone()),
-                }
-            }
+            self.persisted_steps.insert(n, persisted);
         }
     }
 
