@@ -70,6 +70,57 @@ async fn kill9_leader_then_locks_continue_through_the_address_list() -> anyhow::
     Ok(())
 }
 
+/// `fleet_raft_fast_elections_total` on coordinator `id`'s `/metrics`.
+async fn fast_elections(cluster: &Cluster, id: u64) -> anyhow::Result<f64> {
+    let h = fleet_tests::https::Https::new(cluster, id, "operator")?;
+    let a = h.get("/metrics").await?;
+    a.expect(200)?;
+    a.body
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet_raft_fast_elections_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("coordinator {id}'s /metrics has no fleet_raft_fast_elections_total:\n{}", a.body))
+}
+
+/// When the leader's process dies, its followers' `Leading` streams break
+/// and the first of them stands for election as soon as the leader lease
+/// has run out, not after its own randomized timer on top; while the
+/// leader lives, no follower does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_leaders_follower_stands_once_the_lease_runs_out() -> anyhow::Result<()> {
+    // A 2 s lease: openraft's own timer would wait 3-4 s after the last heartbeat.
+    let mut cluster = Cluster::start(3, &["--heartbeat-ms", "50", "--election-timeout-ms", "1000"]).await?;
+    let mut c = cluster.client("operator")?;
+    acquire(&mut c, "web", "before", "fast-1").await?;
+    let before = cluster.status().await?;
+    let old = before.leader_id;
+    let followers: Vec<u64> = cluster.coords.keys().copied().filter(|id| *id != old).collect();
+    for id in cluster.coords.keys() {
+        let n = fast_elections(&cluster, *id).await?;
+        assert_eq!(n, 0.0, "coordinator {id} stood for election under a live leader");
+    }
+    cluster.kill9(old)?;
+    let after = eventually("a new leader", Duration::from_secs(30), || async {
+        let s = cluster.status().await?;
+        Ok((s.leader_id != 0 && s.leader_id != old).then_some(s))
+    })
+    .await?;
+    let mut fast = 0.0;
+    for id in &followers {
+        fast += fast_elections(&cluster, *id).await?;
+    }
+    assert!(fast >= 1.0, "no follower took the fast path; logs:\n{}", followers.iter().map(|id| cluster.log_of(*id)).collect::<String>());
+    let log = cluster.log_of(after.leader_id);
+    assert!(log.contains("standing for election"), "the new leader's log says why it stood:\n{log}");
+    // The lowest-ranked follower goes first and wins in one round.
+    assert_eq!(after.term, before.term + 1, "one election round, not a split vote");
+    // And the cluster serves: the lock taken before is still held, a new one is granted.
+    acquire(&mut c, "db", "after", "fast-2").await?;
+    let held = lock_status(&mut c, "web").await?;
+    assert!(held.locks.iter().any(|l| l.destination == "web"), "the lock granted before the failover is still held: {held:?}");
+    Ok(())
+}
+
 /// One logical operation with the request id it was sent with.
 #[derive(Debug, Clone)]
 struct Op {
@@ -189,6 +240,17 @@ async fn learner_catches_up_through_snapshot_then_membership_changes_while_servi
     for t in tasks {
         t.await??;
     }
+    // The leader batches concurrent requests into one log entry, so how
+    // many entries the fill made depends on timing. A purge needs two
+    // snapshots' worth (200 kept behind the snapshot): one client's writes
+    // are one entry each, so write small locks until it happened.
+    let mut c = cluster.client("operator")?;
+    let mut pads = 0;
+    while pads < 1000 && (pads % 50 != 0 || cluster.status().await?.purged_index == 0) {
+        acquire(&mut c, &format!("pad-{pads}"), "pad", &format!("pad-{pads}")).await?;
+        pads += 1;
+    }
+    let total_locks = 700 + pads;
     let status = eventually("the leader to purge its log behind a snapshot", Duration::from_secs(30), || async {
         let s = cluster.status().await?;
         Ok((s.purged_index > 0).then_some(s))
@@ -253,12 +315,17 @@ async fn learner_catches_up_through_snapshot_then_membership_changes_while_servi
     assert!(served > 0, "the busy client made progress");
     // The new member serves the whole state.
     let mut c = cluster.client("operator")?;
-    assert_eq!(lock_status(&mut c, "").await?.locks.len(), 700);
+    assert_eq!(lock_status(&mut c, "").await?.locks.len(), total_locks as usize);
     // Coordinator 4 applies what the leader committed a moment later: the
     // busy client's last operation may still be on its way.
-    eventually("coordinator 4 to hold the 700 locks", Duration::from_secs(10), || async {
+    eventually("coordinator 4 to hold every lock", Duration::from_secs(10), || async {
         let local4 = cluster.local_status(4).await?;
-        anyhow::ensure!(local4.locks == 700, "coordinator 4 holds {} locks (applied index {})", local4.locks, local4.applied_index);
+        anyhow::ensure!(
+            local4.locks == total_locks,
+            "coordinator 4 holds {} locks of {total_locks} (applied index {})",
+            local4.locks,
+            local4.applied_index
+        );
         Ok(Some(()))
     })
     .await?;

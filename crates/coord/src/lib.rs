@@ -2,7 +2,9 @@
 //!
 //! * [`config`]: two-stage configuration (raw → validated).
 //! * [`store`]: RocksDB log, vote and state machine; snapshots.
-//! * [`network`] / [`raft_service`]: Raft RPCs between coordinators.
+//! * [`network`] / [`raft_service`]: Raft RPCs between coordinators;
+//!   [`leader_watch`]: a follower's election as soon as the leader's
+//!   process is gone (its stream broke) and its lease ran out.
 //! * [`control`] / [`deployments`]: the `Control` service `fleetctl` talks to;
 //!   [`access`]: its API-token and audit-log calls.
 //! * [`propose`]: proposing through Raft, redirects to the leader.
@@ -29,6 +31,7 @@ pub mod deployments;
 pub mod faults;
 pub mod http;
 pub mod hub;
+pub mod leader_watch;
 pub mod metrics;
 pub mod network;
 pub mod observe;

@@ -57,6 +57,7 @@ struct Metrics {
     entry_requests: Histogram,
     step_seconds: Family<StepLabels, Histogram>,
     leader_changes: Counter,
+    fast_elections: Counter,
     term: Gauge,
     last_log_index: Gauge,
     commit_index: Gauge,
@@ -95,6 +96,12 @@ fn metrics() -> &'static Metrics {
         registry.register("step_seconds", "Duration of step results recorded by this leader, by adapter and outcome", step_seconds.clone());
         let leader_changes = Counter::default();
         registry.register("raft_leader_changes", "Times this coordinator saw the leader change", leader_changes.clone());
+        let fast_elections = Counter::default();
+        registry.register(
+            "raft_fast_elections",
+            "Elections this coordinator started because the leader's stream broke and its lease ran out (not on its own timer)",
+            fast_elections.clone(),
+        );
         let term = Gauge::default();
         registry.register("raft_term", "Current Raft term", term.clone());
         let last_log_index = Gauge::default();
@@ -128,6 +135,7 @@ fn metrics() -> &'static Metrics {
             entry_requests,
             step_seconds,
             leader_changes,
+            fast_elections,
             term,
             last_log_index,
             commit_index,
@@ -169,6 +177,12 @@ pub fn step_recorded(adapter: &str, ok: bool, undo: bool, took: Duration) {
         direction: if undo { "undo" } else { "run" }.to_string(),
     };
     metrics().step_seconds.get_or_create(&labels).observe(took.as_secs_f64());
+}
+
+/// This coordinator stood for election on the fast path
+/// (`leader_watch`).
+pub fn fast_election() {
+    metrics().fast_elections.inc();
 }
 
 /// Count leader changes as this coordinator sees them, for as long as Raft

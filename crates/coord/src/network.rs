@@ -4,6 +4,8 @@
 //! `RaftPayload`; the reply carries `Result<Response, RaftError>` so a
 //! remote Raft error comes back as itself, not as a transport failure.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleet_proto::raft_client::RaftClient;
@@ -27,14 +29,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Largest gRPC message between coordinators (snapshot chunks are smaller).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// One channel per peer address, shared by every client openraft makes.
+/// openraft 0.9 asks for a new client per replication stream and for
+/// every leadership check (each linearizable read sends a round of
+/// heartbeats through fresh clients); without this, each of those paid a
+/// TCP connect and an mTLS handshake.
+type Channels = Arc<Mutex<HashMap<String, Channel>>>;
+
 #[derive(Clone)]
 pub struct Network {
     tls: TlsMaterial,
+    channels: Channels,
 }
 
 impl Network {
     pub fn new(tls: TlsMaterial) -> Self {
-        Network { tls }
+        Network { tls, channels: Channels::default() }
     }
 }
 
@@ -52,13 +62,14 @@ pub struct PeerClient {
     addr: String,
     client: Option<RaftClient<Channel>>,
     tls: TlsMaterial,
+    channels: Channels,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        PeerClient { target, addr: node.addr.clone(), client: None, tls: self.tls.clone() }
+        PeerClient { target, addr: node.addr.clone(), client: None, tls: self.tls.clone(), channels: self.channels.clone() }
     }
 }
 
@@ -67,7 +78,17 @@ impl PeerClient {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let ch = channel(&self.tls, &self.addr).map_err(|e| Unreachable::new(&e))?;
+        let ch = {
+            let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            match channels.get(&self.addr) {
+                Some(ch) => ch.clone(),
+                None => {
+                    let ch = channel(&self.tls, &self.addr).map_err(|e| Unreachable::new(&e))?;
+                    channels.insert(self.addr.clone(), ch.clone());
+                    ch
+                }
+            }
+        };
         let c = RaftClient::new(ch).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.client = Some(c.clone());
         Ok(c)
@@ -103,6 +124,7 @@ impl PeerClient {
                         // Drop the channel so the next call reconnects (the
                         // peer may come back on the same address).
                         self.client = None;
+                        self.channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.addr);
                         RPCError::Unreachable(Unreachable::new(&status))
                     }
                     _ => RPCError::Network(NetworkError::new(&status)),

@@ -1,24 +1,36 @@
 //! The server side of the Raft RPCs: only coordinator certificates may call.
 
+use std::pin::Pin;
+use std::sync::Arc;
+
 use fleet_core::auth::Access;
 use fleet_proto::raft_server::Raft as RaftRpc;
-use fleet_proto::RaftPayload;
+use fleet_proto::{LeadingReply, LeadingRequest, RaftPayload};
+use futures::Stream;
+use openraft::raft::AppendEntriesResponse;
+use openraft::ServerState;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::leader_watch::Contact;
 use crate::raft_types::Raft;
 use crate::tls::authorize;
 
 pub struct RaftService {
     raft: Raft,
+    /// When an AppendEntries was last accepted (for the leader watch).
+    contact: Arc<Contact>,
 }
 
 impl RaftService {
-    pub fn new(raft: Raft) -> Self {
-        RaftService { raft }
+    pub fn new(raft: Raft, contact: Arc<Contact>) -> Self {
+        RaftService { raft, contact }
     }
 }
+
+type LeadingStream = Pin<Box<dyn Stream<Item = Result<LeadingReply, Status>> + Send>>;
 
 fn decode<T: DeserializeOwned>(req: Request<RaftPayload>, call: &str) -> Result<(T, Vec<u8>), Status> {
     authorize(&req, Access::Peer, call)?;
@@ -36,7 +48,13 @@ fn encode<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<Response<R
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let (rpc, _) = decode(req, "Raft.AppendEntries")?;
-        encode(self.raft.append_entries(rpc).await)
+        let result = self.raft.append_entries(rpc).await;
+        // Any answer but HigherVote means the sender's vote was accepted:
+        // it is the leader this coordinator follows, heard from now.
+        if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+            self.contact.touch();
+        }
+        encode(result)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -49,5 +67,34 @@ impl RaftRpc for RaftService {
             decode(req, "Raft.InstallSnapshot")?;
         rpc.data = chunk;
         encode(self.raft.install_snapshot(rpc).await)
+    }
+
+    type LeadingStream = LeadingStream;
+
+    async fn leading(&self, req: Request<LeadingRequest>) -> Result<Response<LeadingStream>, Status> {
+        authorize(&req, Access::Peer, "Raft.Leading")?;
+        let term = req.into_inner().term;
+        let mut metrics = self.raft.metrics();
+        let leads = move |m: &crate::raft_types::Metrics| m.state == ServerState::Leader && m.current_term == term;
+        if !leads(&metrics.borrow_and_update()) {
+            return Err(Status::failed_precondition(format!("this coordinator does not lead term {term}")));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(Ok(LeadingReply { term })).await.map_err(|_| Status::cancelled("the follower went away"))?;
+        // Held while this coordinator leads `term`; dropped (the stream
+        // ends) when it stops, or when the follower goes away.
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    r = metrics.changed() => {
+                        if r.is_err() || !leads(&metrics.borrow_and_update()) {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

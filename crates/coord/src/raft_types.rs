@@ -22,6 +22,7 @@ pub type StorageError = openraft::StorageError<NodeId>;
 pub type LogId = openraft::LogId<NodeId>;
 pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
+pub type Metrics = openraft::RaftMetrics<NodeId, openraft::BasicNode>;
 
 /// This coordinator's Raft: openraft's handle (everything but proposing
 /// goes straight to it) and the queue that batches proposals (see

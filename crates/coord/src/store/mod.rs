@@ -24,6 +24,10 @@ pub const CF_SM: &str = "sm";
 pub const CF_SM_META: &str = "sm_meta";
 
 /// Which cluster and coordinator a data dir belongs to.
+/// Memtable memory of all column families together (see `open`).
+const DB_WRITE_BUFFER_BYTES: usize = 32 << 20;
+/// One memtable of one column family.
+const CF_WRITE_BUFFER_BYTES: usize = 16 << 20;
 const IDENTITY_FILE: &str = "fleet-identity.json";
 
 #[derive(Debug, Error)]
@@ -97,7 +101,15 @@ pub fn open(path: &Path, cluster_id: &str, node_id: u64) -> Result<Arc<DB>, Open
     // Refuse to silently "repair" a damaged directory.
     opts.set_paranoid_checks(true);
     opts.set_max_background_jobs(2);
-    let cfs = [CF_LOG, CF_META, CF_SM, CF_SM_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    // Memory: every column family's memtables together stay under
+    // DB_WRITE_BUFFER_BYTES (RocksDB flushes the largest when they reach
+    // it); by default each of the four could hold two 64 MiB memtables.
+    opts.set_db_write_buffer_size(DB_WRITE_BUFFER_BYTES);
+    let cfs = [CF_LOG, CF_META, CF_SM, CF_SM_META].map(|name| {
+        let mut cf = Options::default();
+        cf.set_write_buffer_size(CF_WRITE_BUFFER_BYTES);
+        ColumnFamilyDescriptor::new(name, cf)
+    });
     let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| OpenError::Rocks { path: path.to_path_buf(), source })?;
 
     if !exists {
