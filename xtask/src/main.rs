@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         Some("chaos") => chaos(&args[1..]),
         _ => {
             eprintln!("usage: cargo xtask <demo|test|lint|deps|bench|fuzz|mutants>\n  demo  build and run a local 3-coordinator cluster, showing locks and a failover\n  test  build the binaries and run the whole test suite (extra args go to `cargo test`)\n  lint  cargo fmt --check and clippy -D warnings on every crate (CI runs it)\n  deps  install what the build needs (libclang-dev)\n  bench Fleet vs etcd on this machine (extra args go to fleet-bench, e.g. -- --duration 10s);\n        `bench -- steps` measures the per-step deployment overhead (e.g. -- steps --steps 200 --destinations 100);\n        `bench -- api` replicated writes with and without HTTP API clients streaming (the API's cost);
-        `bench -- catchup` a new coordinator catching up with a large state (e.g. -- catchup --state-mb 100)\n  fuzz  run the fuzz targets in fuzz/ for a bounded time each (--seconds N, default 60; needs nightly)\n  mutants  build deliberately broken guarantees and check the tests catch each\n  chaos build, then run fleet-chaos (args go to it: --rounds N --seed S, --soak 30m)");
+        `bench -- catchup` 10,000 destinations, 1,000 simulated nodes, then a new coordinator catching up with a large state (e.g. -- catchup --state-mb 100)\n        `bench -- sagas` deployments in flight while the leader is killed 20 times\n  fuzz  run the fuzz targets in fuzz/ for a bounded time each (--seconds N, default 60; needs nightly)\n  mutants  build deliberately broken guarantees and check the tests catch each\n  chaos build, then run fleet-chaos (args go to it: --rounds N --seed S, --soak 30m)");
             return ExitCode::from(2);
         }
     };
@@ -147,7 +147,7 @@ fn bench(extra: &[String]) -> anyhow::Result<()> {
         _ => extra,
     };
     let (mode, rest) = match extra.first().map(String::as_str) {
-        Some(m @ ("locks" | "steps" | "api" | "catchup")) => (m, &extra[1..]),
+        Some(m @ ("locks" | "steps" | "api" | "catchup" | "sagas")) => (m, &extra[1..]),
         _ => ("locks", extra),
     };
     // The steps mode deploys: it needs the worker node and the demo app too.

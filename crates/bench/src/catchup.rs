@@ -1,21 +1,27 @@
-//! `fleet-bench catchup`: how long a new coordinator takes to catch up
-//! with a cluster holding a large state.
+//! `fleet-bench catchup`: scale and catch-up on one 3-coordinator cluster.
 //!
-//! A 3-coordinator cluster is filled with locks whose reasons are
-//! `--reason-kib` KiB of random letters (each lock and the answer its
-//! request id remembers are state) until about `--state-mb` MB were
-//! written; the coordinators snapshot every `--snapshot-logs` entries and
-//! purge the log behind, so a new member is sent the snapshot and then the
-//! entries after it. Then, `--joins` times, a fresh coordinator starts and
-//! `fleetctl cluster add-learner` adds it (the call returns once the
-//! learner has replicated everything the leader had); the time until it
-//! returns, and until the learner has applied that index, is reported with
-//! the leader's snapshot size, and the learner is removed again.
-//!
-//! Before the fill, `--destinations` destinations are defined, and each
-//! coordinator's RSS and idle CPU are measured with them.
+//! 1. `--destinations` destinations are defined (`process`, each with its
+//!    sync task on the leader); each coordinator's RSS and idle CPU.
+//! 2. `--sim-nodes` simulated nodes connect (see [`crate::simnode`]: the
+//!    real work stream and a certificate each, the steps answered at once);
+//!    the time until the leader lists them all connected, then each
+//!    coordinator's RSS and CPU while they heartbeat, and how many Raft
+//!    entries that idle time cost (heartbeats must not be writes).
+//! 3. `--sim-deployments` `command` deployments at once over those nodes:
+//!    steps/s and the coordinators' CPU.
+//! 4. The cluster is filled with locks whose reasons are `--reason-kib`
+//!    KiB of random letters (each lock and the answer its request id
+//!    remembers are state) until about `--state-mb` MB were written; the
+//!    coordinators snapshot every `--snapshot-logs` entries and purge the
+//!    log behind, so a new member is sent the snapshot and then the
+//!    entries after it.
+//! 5. `--joins` times, a fresh coordinator starts and `fleetctl cluster
+//!    add-learner` adds it; the time until that returns, and until the
+//!    learner has applied the leader's last index, is reported with the
+//!    leader's snapshot size, and the learner is removed again.
 
 use std::io::Read;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
@@ -24,6 +30,7 @@ use serde_json::json;
 
 use crate::locks::{percentile, round3};
 use crate::procstat;
+use crate::simnode::SimNodes;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -47,6 +54,18 @@ pub struct Args {
     /// leader's idle CPU are measured with them.
     #[arg(long, default_value_t = 10_000)]
     pub destinations: usize,
+    /// Simulated worker nodes connected after the destinations are defined
+    /// (the real protocol and a certificate each; see `simnode`). They stay
+    /// connected through the fill and the joins.
+    #[arg(long, default_value_t = 1000)]
+    pub sim_nodes: usize,
+    /// `command` deployments run at once over the simulated nodes (each on
+    /// a destination of its own that selects 10 of them).
+    #[arg(long, default_value_t = 100)]
+    pub sim_deployments: usize,
+    /// Steps of each of those deployments.
+    #[arg(long, default_value_t = 20)]
+    pub sim_steps: usize,
     /// How long the idle CPU of each coordinator is measured.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub idle: Duration,
@@ -78,6 +97,199 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(f64::NAN, |kib| kib / 1024.0)
 }
 
+/// Destinations select `pool: pN` for N below this, and simulated node j
+/// carries `pool: p(j mod POOLS)`: with 10,000 destinations and 1,000
+/// nodes, each destination has 10 nodes and each node serves 100.
+const POOLS: usize = 100;
+
+/// Define `entries` (YAML list items), 1,000 per `destinations apply`.
+fn apply_destinations(cluster: &Cluster, entries: &[String]) -> anyhow::Result<()> {
+    for chunk in entries.chunks(1000) {
+        let yaml: String = std::iter::once("destinations:\n".to_string()).chain(chunk.iter().cloned()).collect();
+        let file = cluster.path().join("scale-destinations.yaml");
+        std::fs::write(&file, yaml)?;
+        let out = cluster.fleetctl("operator", &["destinations", "apply", "-f", &file.display().to_string(), "-o", "json"])?;
+        ensure!(out.status.success(), "destinations apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Each coordinator's CPU (cores) over `span` and its RSS (MiB) after it.
+async fn idle(pids: &[(u64, u32)], span: Duration) -> (Vec<f64>, Vec<f64>) {
+    let before: Vec<f64> = pids.iter().map(|(_, p)| procstat::cpu_ms(*p)).collect();
+    tokio::time::sleep(span).await;
+    let cpu = pids.iter().zip(&before).map(|((_, p), b)| (procstat::cpu_ms(*p) - b) / span.as_millis() as f64).collect();
+    (cpu, pids.iter().map(|(_, p)| rss_mib(*p)).collect())
+}
+
+/// The nodes the leader lists as connected.
+async fn connected_nodes(c: &mut fleetctl::client::Client) -> anyhow::Result<usize> {
+    let r = c.unary(fleet_proto::ListNodesRequest {}, |mut cl, r| async move { cl.list_nodes(r).await }).await?;
+    let mut n = 0;
+    for j in &r.nodes_json {
+        let node: fleetctl::output::NodeRecord = serde_json::from_str(j)?;
+        n += usize::from(node.connected);
+    }
+    Ok(n)
+}
+
+/// Start `--sim-nodes` simulated nodes, time until the leader lists them
+/// all connected, then measure each coordinator's CPU and RSS while they
+/// only heartbeat, and how many Raft entries that idle time cost.
+async fn sim_nodes(cluster: &Cluster, args: &Args, pids: &[(u64, u32)]) -> anyhow::Result<SimNodes> {
+    let n = args.sim_nodes;
+    let nodes: Vec<(String, Vec<(String, String)>)> =
+        (0..n).map(|j| (format!("sim-{j}"), vec![("pool".to_string(), format!("p{}", j % POOLS))])).collect();
+    let t0 = Instant::now();
+    let sims = SimNodes::start(&cluster.path().join("certs"), &nodes, &cluster.addrs())?;
+    let issued_s = t0.elapsed().as_secs_f64();
+    eventually(&format!("the leader to list {n} simulated nodes connected"), Duration::from_secs(300), || async {
+        let mut c = cluster.client("operator")?;
+        Ok((connected_nodes(&mut c).await? >= n).then_some(()))
+    })
+    .await?;
+    let connected_s = t0.elapsed().as_secs_f64();
+    // The nodes' registrations and the sync tasks' first server records
+    // (a destination's servers are the nodes it selects) are Raft writes;
+    // wait until the log stops growing for 2 s before measuring the idle.
+    let start_index = cluster.status().await?.last_log_index;
+    let mut stable = (start_index, Instant::now());
+    let settle_by = Instant::now() + Duration::from_secs(120);
+    while stable.1.elapsed() < Duration::from_secs(2) && Instant::now() < settle_by {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let index = cluster.status().await?.last_log_index;
+        if index != stable.0 {
+            stable = (index, Instant::now());
+        }
+    }
+    let settled_s = t0.elapsed().as_secs_f64();
+    let leader = cluster.status().await?;
+    let beats = sims.stats.heartbeats.load(Ordering::Relaxed);
+    let (cpu, rss) = idle(pids, args.idle).await;
+    let after = cluster.status().await?;
+    let beats = sims.stats.heartbeats.load(Ordering::Relaxed) - beats;
+    let sessions = sims.stats.sessions.load(Ordering::Relaxed);
+    println!(
+        "{}",
+        json!({"run": "scale_nodes", "nodes": n, "certificates_issued_s": round3(issued_s), "all_connected_s": round3(connected_s),
+               "log_settled_s": round3(settled_s), "raft_entries_until_settled": leader.last_log_index - start_index,
+               "heartbeats_per_s": round3(beats as f64 / args.idle.as_secs_f64()), "sessions": sessions,
+               "raft_entries_while_idle": after.last_log_index - leader.last_log_index,
+               "idle_cpu_cores": cpu.iter().map(|c| round3(*c)).collect::<Vec<_>>(),
+               "rss_mib": rss.iter().map(|r| round3(*r)).collect::<Vec<_>>()})
+    );
+    println!(
+        "{n} simulated nodes (+ {} destinations): all connected after {connected_s:.1} s, the log settled after {settled_s:.1} s \
+         ({} entries); then {:.0} heartbeats/s; {} Raft entries in {:?} of idle; CPU {} of a core; RSS {}",
+        args.destinations,
+        leader.last_log_index - start_index,
+        beats as f64 / args.idle.as_secs_f64(),
+        after.last_log_index - leader.last_log_index,
+        args.idle,
+        cpu.iter().map(|c| format!("{c:.3}")).collect::<Vec<_>>().join(", "),
+        rss.iter().map(|r| format!("{r:.0} MiB")).collect::<Vec<_>>().join(", ")
+    );
+    Ok(sims)
+}
+
+/// `--sim-deployments` `command` deployments at once, each of
+/// `--sim-steps` steps, every step run by one of the 10 simulated nodes of
+/// its destination's pool; reports steps/s and the coordinators' CPU.
+async fn sim_deployments(cluster: &Cluster, args: &Args, pids: &[(u64, u32)], sims: &SimNodes) -> anyhow::Result<()> {
+    let k = args.sim_deployments;
+    let dests: Vec<String> =
+        (0..k).map(|i| format!("  - name: simcmd-{i}\n    adapter: command\n    selector: {{ pool: p{} }}\n", i % POOLS)).collect();
+    apply_destinations(cluster, &dests)?;
+    let steps: String = (0..args.sim_steps).map(|s| format!("  - {{ name: s{s}, run: \"true\" }}\n")).collect();
+    let mut c = cluster.client("operator")?;
+    let locks_before = {
+        let s = cluster.status().await?;
+        s.locks
+    };
+    let cpu0: Vec<f64> = pids.iter().map(|(_, p)| procstat::cpu_ms(*p)).collect();
+    let steps0 = sims.stats.steps.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    // Submitted by 16 clients at once, so the sagas overlap.
+    let mut tasks = Vec::new();
+    for w in 0..16.min(k) {
+        let mut c = cluster.client("operator")?;
+        let steps = steps.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in (w..k).step_by(16) {
+                let yaml = format!("app: sim{i}\nrelease: v1\ndestination: simcmd-{i}\nsteps:\n{steps}");
+                ids.push(crate::steps::submit(&mut c, &yaml).await?);
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    let mut ids = Vec::with_capacity(k);
+    for t in tasks {
+        ids.extend(t.await??);
+    }
+    let submit_s = t0.elapsed().as_secs_f64();
+    let all = crate::steps::wait_terminal(&mut c, &ids, locks_before, Duration::from_secs(600)).await?;
+    let took = t0.elapsed().as_secs_f64();
+    // What one (linearizable) read of a deployment costs now, at this scale.
+    let mut reads = Vec::new();
+    for id in ids.iter().take(20) {
+        let t = Instant::now();
+        crate::steps::get_deployment(&mut c, id).await?;
+        reads.push(t.elapsed());
+    }
+    let read_p50 = percentile(reads, 0.5);
+    let cpu: Vec<f64> = pids.iter().zip(&cpu0).map(|((_, p), b)| (procstat::cpu_ms(*p) - b) / 1000.0 / took).collect();
+    let failed: Vec<String> = all
+        .iter()
+        .filter(|d| d["state"] != "succeeded")
+        .map(|d| format!("{} {}: {}", d["id"], d["state"], crate::steps::last_event(d)))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {k} deployments did not succeed: {}",
+        failed.len(),
+        failed.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+    );
+    let ran = sims.stats.steps.load(Ordering::Relaxed) - steps0;
+    // A simulated node answers at once, stamping started = finished = now:
+    // the gap from one step's finish to the next one's start is the
+    // coordinators' round trip between two steps.
+    let mut gaps = Vec::new();
+    for d in &all {
+        let steps = d["steps"].as_array().context("a deployment without steps")?;
+        for w in steps.windows(2) {
+            if let (Some(f), Some(s)) = (w[0]["finished_ms"].as_i64(), w[1]["started_ms"].as_i64()) {
+                gaps.push(Duration::from_millis((s - f).max(0) as u64));
+            }
+        }
+    }
+    ensure!(!gaps.is_empty(), "no step records with times");
+    // The sagas' own span: first step started to last step finished.
+    let times = |f: &'static str| -> Vec<i64> {
+        all.iter().filter_map(|d| d["steps"].as_array()).flat_map(|st| st.iter().filter_map(|x| x[f].as_i64())).collect()
+    };
+    let (first, last) = (times("started_ms").into_iter().min().unwrap_or(0), times("finished_ms").into_iter().max().unwrap_or(0));
+    let span_s = (last - first).max(1) as f64 / 1000.0;
+    let (p50, p99) = (percentile(gaps.clone(), 0.5), percentile(gaps, 0.99));
+    println!(
+        "{}",
+        json!({"run": "scale_deployments", "deployments": k, "steps_each": args.sim_steps, "steps_run": ran,
+               "submit_s": round3(submit_s), "until_all_ended_s": round3(took), "sagas_span_s": round3(span_s),
+               "steps_per_s": round3(ran as f64 / span_s), "step_gap_p50_ms": p50, "step_gap_p99_ms": p99,
+               "get_deployment_p50_ms": round3(read_p50),
+               "cpu_cores": cpu.iter().map(|c| round3(*c)).collect::<Vec<_>>()})
+    );
+    println!(
+        "{k} command deployments of {} steps over the simulated nodes: all succeeded; submitted in {submit_s:.1} s, \
+         first step to last in {span_s:.2} s ({:.0} steps/s), {p50:.1} ms p50 / {p99:.1} ms p99 between steps; \
+         coordinator CPU {} of a core until all ended ({took:.1} s); a deployment read then took {read_p50:.1} ms (p50 of 20)",
+        args.sim_steps,
+        ran as f64 / span_s,
+        cpu.iter().map(|c| format!("{c:.2}")).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     ensure!((1..=16).contains(&args.reason_kib), "--reason-kib must be 1..=16 (the API refuses longer reasons)");
     let snapshot_logs = args.snapshot_logs.to_string();
@@ -85,29 +297,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // ---- destinations, applied 1,000 per command
     let started = Instant::now();
-    for chunk in (0..args.destinations).collect::<Vec<_>>().chunks(1000) {
-        let yaml: String = std::iter::once("destinations:\n".to_string())
-            .chain(chunk.iter().map(|i| format!("  - name: scale-{i}\n    selector: {{ pool: p{} }}\n", i % 100)))
-            .collect();
-        let file = cluster.path().join("scale-destinations.yaml");
-        std::fs::write(&file, yaml)?;
-        let out = cluster.fleetctl("operator", &["destinations", "apply", "-f", &file.display().to_string(), "-o", "json"])?;
-        ensure!(out.status.success(), "destinations apply: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let dests: Vec<String> =
+        (0..args.destinations).map(|i| format!("  - name: scale-{i}\n    selector: {{ pool: p{} }}\n", i % POOLS)).collect();
+    apply_destinations(&cluster, &dests)?;
     let applied_s = started.elapsed().as_secs_f64();
     let pids: Vec<(u64, u32)> = cluster.coords.iter().filter_map(|(id, c)| Some((*id, c.child.as_ref()?.id()))).collect();
     let leader_id = cluster.status().await?.leader_id;
-    let before: Vec<f64> = pids.iter().map(|(_, p)| procstat::cpu_ms(*p)).collect();
-    tokio::time::sleep(args.idle).await;
-    let idle_cpu: Vec<f64> =
-        pids.iter().zip(&before).map(|((_, p), b)| (procstat::cpu_ms(*p) - b) / args.idle.as_millis() as f64).collect();
-    let rss_idle: Vec<f64> = pids.iter().map(|(_, p)| rss_mib(*p)).collect();
+    let (idle_cpu, rss_idle) = idle(&pids, args.idle).await;
     println!(
         "{}",
         json!({"run": "scale_destinations", "destinations": args.destinations, "apply_s": round3(applied_s), "leader": leader_id,
                "idle_cpu_cores": idle_cpu.iter().map(|c| round3(*c)).collect::<Vec<_>>(),
                "rss_mib": rss_idle.iter().map(|r| round3(*r)).collect::<Vec<_>>()})
     );
+
+    // ---- simulated nodes: connect, then idle with their heartbeats
+    let sims = if args.sim_nodes > 0 { Some(sim_nodes(&cluster, &args, &pids).await?) } else { None };
+    if let (Some(sims), true) = (&sims, args.sim_deployments > 0) {
+        sim_deployments(&cluster, &args, &pids, sims).await?;
+    }
 
     // ---- fill
     let reason_bytes = args.reason_kib * 1024;
@@ -184,6 +392,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         leader.snapshot_index,
         leader.last_log_index
     );
+    drop(sims);
     println!(
         "{} destinations: coordinators idle at {} of a core (leader {leader_id}), RSS {}",
         args.destinations,

@@ -9,22 +9,27 @@
 //! * `fleet-bench api [--streams 4 ...]`: replicated writes with and without
 //!   dashboards streaming events and scrapers polling the HTTP API, in
 //!   alternating rounds of one run (see [`api`]).
-//! * `fleet-bench catchup [--state-mb 100 ...]`: how long a new coordinator
-//!   takes to catch up with a large state, through the snapshot (see
-//!   [`catchup`]).
+//! * `fleet-bench catchup [--state-mb 100 ...]`: scale (10,000
+//!   destinations, 1,000 simulated nodes from [`simnode`], deployments over
+//!   them), then how long a new coordinator takes to catch up with a large
+//!   state, through the snapshot (see [`catchup`]).
+//! * `fleet-bench sagas [--kills 20 ...]`: deployments in flight while the
+//!   leader is killed; time until a new leader moves each on (see [`sagas`]).
 
 mod api;
 mod catchup;
 mod locks;
 mod plot;
 mod procstat;
+mod sagas;
+mod simnode;
 mod steps;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
-    about = "Fleet benchmarks: replicated lock writes vs etcd (default), per-step deployment overhead (`steps`), the HTTP API's cost (`api`), a new member's catch-up (`catchup`)"
+    about = "Fleet benchmarks: replicated lock writes vs etcd (default), per-step deployment overhead (`steps`), the HTTP API's cost (`api`), scale with simulated nodes and a new member's catch-up (`catchup`), sagas across leader kills (`sagas`)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -44,8 +49,12 @@ enum Mode {
     /// Replicated writes with and without dashboards streaming and
     /// scrapers polling the HTTP API (alternating rounds of one run).
     Api(api::Args),
-    /// A new coordinator catching up with a large state (snapshot + log).
+    /// Scale (destinations, simulated nodes, deployments over them), then a
+    /// new coordinator catching up with a large state (snapshot + log).
     Catchup(catchup::Args),
+    /// Deployments in flight while the leader is killed (20 times): how
+    /// long until a new leader moves each saga on.
+    Sagas(sagas::Args),
 }
 
 #[tokio::main]
@@ -58,5 +67,6 @@ async fn main() -> anyhow::Result<()> {
         Some(Mode::Steps(a)) => steps::run(a).await,
         Some(Mode::Api(a)) => api::run(a).await,
         Some(Mode::Catchup(a)) => catchup::run(a).await,
+        Some(Mode::Sagas(a)) => sagas::run(a).await,
     }
 }

@@ -119,7 +119,7 @@ fn step_times(d: &Value, hooks: usize) -> anyhow::Result<StepTimes> {
     })
 }
 
-fn last_event(d: &Value) -> String {
+pub(crate) fn last_event(d: &Value) -> String {
     d["events"].as_array().and_then(|e| e.last()).map(|e| e["reason"].to_string()).unwrap_or_default()
 }
 
@@ -132,7 +132,7 @@ fn manifest(app: &str, release: &str, destination: &str, hooks: usize) -> String
     )
 }
 
-async fn submit(c: &mut Client, yaml: &str) -> anyhow::Result<String> {
+pub(crate) async fn submit(c: &mut Client, yaml: &str) -> anyhow::Result<String> {
     let rid = fleetctl::client::request_id();
     let reply = c
         .call(|mut cl, _| {
@@ -149,7 +149,7 @@ async fn submit(c: &mut Client, yaml: &str) -> anyhow::Result<String> {
     Ok(d["id"].as_str().context("submit answered without an id")?.to_string())
 }
 
-async fn get_deployment(c: &mut Client, id: &str) -> anyhow::Result<Value> {
+pub(crate) async fn get_deployment(c: &mut Client, id: &str) -> anyhow::Result<Value> {
     let reply = c
         .call(|mut cl, _| {
             let req = GetDeploymentRequest { id: id.to_string() };
@@ -169,7 +169,7 @@ async fn leader_locks(c: &mut Client) -> anyhow::Result<u64> {
 /// leader's lock count (a running deployment holds its destination's lock)
 /// so that polling does not load the coordinators; fetches the
 /// deployments once it drops to `other_locks`, or every 5 s.
-async fn wait_terminal(c: &mut Client, ids: &[String], other_locks: u64, timeout: Duration) -> anyhow::Result<Vec<Value>> {
+pub(crate) async fn wait_terminal(c: &mut Client, ids: &[String], other_locks: u64, timeout: Duration) -> anyhow::Result<Vec<Value>> {
     let start = Instant::now();
     let mut last_fetch = Instant::now();
     loop {
