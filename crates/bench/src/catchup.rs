@@ -339,15 +339,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         t.await??;
     }
     let fill_s = started.elapsed().as_secs_f64();
+    // The leader batches concurrent requests into one entry, so the fill
+    // may have made fewer entries than a purge needs (two snapshots'
+    // worth): one client's small writes are one entry each.
+    let mut c = cluster.client("operator")?;
+    let mut pads = 0;
+    while pads < 10 * args.snapshot_logs && (pads % 50 != 0 || cluster.status().await?.purged_index == 0) {
+        acquire(&mut c, &format!("pad-{pads}"), "pad", &format!("pad-{pads}")).await?;
+        pads += 1;
+    }
+    let held = locks + pads as usize;
     let leader = eventually("a snapshot on the leader with its log purged behind it", Duration::from_secs(120), || async {
         let s = cluster.status().await?;
-        Ok((s.snapshot_index > 0 && s.purged_index > 0 && s.locks as usize >= locks).then_some(s))
+        Ok((s.snapshot_index > 0 && s.purged_index > 0 && s.locks as usize >= held).then_some(s))
     })
     .await?;
     let rss: Vec<f64> = cluster.coords.values().filter_map(|c| c.child.as_ref()).map(|c| rss_mib(c.id())).collect();
     println!(
         "{}",
-        json!({"run": "catchup_fill", "locks": locks, "reason_bytes": reason_bytes, "fill_s": round3(fill_s),
+        json!({"run": "catchup_fill", "locks": locks, "small_writes_until_purged": pads, "reason_bytes": reason_bytes, "fill_s": round3(fill_s),
                "mb_per_s": round3(locks as f64 * reason_bytes as f64 / 1e6 / fill_s),
                "leader_last_log_index": leader.last_log_index, "snapshot_index": leader.snapshot_index,
                "snapshot_bytes": leader.snapshot_bytes, "coordinator_rss_mib": rss.iter().map(|r| round3(*r)).collect::<Vec<_>>()})
