@@ -7,9 +7,9 @@
 //! active deployment needs (backoffs, deadlines, leases). Both decide from
 //! the state machine, the time and the hub (the leader's memory of nodes
 //! and steps in flight); the scheduler carries the actions out: sends steps
-//! and aborts on node streams, spawns proposals. Nothing here is the source of truth: a step's
-//! result is committed through Raft before the next one is sent, so a new
-//! leader continues from the state machine.
+//! and aborts on node streams, spawns proposals. Nothing here is the source
+//! of truth: a step's result is committed through Raft before the next one
+//! is sent, so a new leader continues from the state machine.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -23,11 +23,11 @@ pub const CF_META: &str = "meta";
 pub const CF_SM: &str = "sm";
 pub const CF_SM_META: &str = "sm_meta";
 
-/// Which cluster and coordinator a data dir belongs to.
 /// Memtable memory of all column families together (see `open`).
 const DB_WRITE_BUFFER_BYTES: usize = 32 << 20;
 /// One memtable of one column family.
 const CF_WRITE_BUFFER_BYTES: usize = 16 << 20;
+/// Which cluster and coordinator a data dir belongs to.
 const IDENTITY_FILE: &str = "fleet-identity.json";
 
 #[derive(Debug, Error)]
