@@ -129,7 +129,7 @@ fn op() -> impl Strategy<Value = Op> {
             0..3usize,
             prop::option::weighted(0.3, prop_oneof![0..60_000u64, any::<u64>()]),
             prop::option::weighted(0.3, 0..3usize),
-            prop::option::weighted(0.3, prop_oneof![1..120_000u64, any::<u64>()]),
+            prop::option::weighted(0.3, prop_oneof![1..120_000u64, 1..=u64::MAX]),
         )
             .prop_map(|(kind, dest, release, lock_wait_ms, idempotency_key, timeout_ms)| Op::Submit {
                 kind,

@@ -143,7 +143,11 @@ impl Deployment {
             at_ms,
             from: Some(self.state),
             to: self.state,
-            reason: format!("node {node} registered again after the work waited {}: {}", span(at_ms - since), what.join("; ")),
+            reason: format!(
+                "node {node} registered again after the work waited {}: {}",
+                span(at_ms.saturating_sub(since)),
+                what.join("; ")
+            ),
             actor: "coordinator".into(),
         });
         Ok(true)
@@ -195,7 +199,6 @@ impl Deployment {
             let from = s.plan.node.clone();
             let live_here = live.get(&dest).and_then(|ns| ns.first()).cloned();
             let to = if s.plan.movable { live_here.clone() } else { None };
-            s.not_before_ms = None;
             // No live node can run it: it waits (a movable step whose
             // destination has none left; any step of a destination whose
             // every node is lost). A lost server among live ones is skipped.
@@ -203,6 +206,14 @@ impl Deployment {
                 NoNode::Wait(waits) if to.is_none() && (s.plan.movable || live_here.is_none()) => Some(waits),
                 _ => None,
             };
+            // Work already waiting is left exactly as it is: a change here
+            // that the caller is not told of (it returns false when nothing
+            // else changed) would never be persisted, and a replica rebuilt
+            // from its store would differ from one that applied it.
+            if to.is_none() && wait_for.is_some() && s.waiting.is_some() {
+                continue;
+            }
+            s.not_before_ms = None;
             match (to, wait_for) {
                 (Some(to), _) => {
                     s.check_first = !undoing && current == Some(i);
@@ -210,7 +221,6 @@ impl Deployment {
                     moved.push(format!("`{}` from {from} to {to}{}", s.plan.name, if s.check_first { " (check first)" } else { "" }));
                     s.plan.node = to;
                 }
-                (None, Some(_)) if s.waiting.is_some() => {}
                 (None, Some(waits)) => {
                     let node_wait = waits.get(&dest).copied().unwrap_or(DEFAULT_NODE_WAIT_MS);
                     let mut until = at_ms.saturating_add(node_wait.min(i64::MAX as u64) as i64);
