@@ -6,16 +6,24 @@
 //! queued up while the previous fsync ran, then acknowledges them all: one
 //! fsync covers many entries under load, and a single writer still pays
 //! only one.
+//!
+//! The newest entries are also kept in memory, decoded, as they were
+//! appended (the [`Tail`], up to [`TAIL_BYTES`]): replication to each
+//! follower and the apply read them from there, so an entry is decoded from
+//! RocksDB only when a lagging follower or a restart needs an older one.
+//! The tail is derived: it is cut with the log (truncate, purge) and starts
+//! empty.
 
 // openraft's storage traits take and return `StorageError` by value; the
 // helpers here return the same type rather than box it and unbox it at
 // every trait boundary.
 #![allow(clippy::result_large_err)]
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError, Vote};
@@ -50,23 +58,136 @@ fn read_err(e: impl std::fmt::Display) -> StorageError {
     StorageIOError::read_logs(io_err(e)).into()
 }
 
+/// How much of the newest log the [`Tail`] keeps, counted in encoded
+/// bytes: a few seconds of writes under load, a few hundred of the largest
+/// entries.
+pub const TAIL_BYTES: usize = 8 << 20;
+
+/// The newest log entries, decoded, with consecutive indexes ending at the
+/// last one appended (or empty).
+struct Tail {
+    /// Each entry and the size of its encoding.
+    entries: VecDeque<(Entry<TypeConfig>, usize)>,
+    bytes: usize,
+    /// Entries are dropped from the front while `bytes` exceeds this (the
+    /// newest one is always kept).
+    cap: usize,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Self {
+        Tail { entries: VecDeque::new(), bytes: 0, cap }
+    }
+
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry<TypeConfig>, size: usize) {
+        let follows = match self.entries.back() {
+            Some((last, _)) => last.log_id.index.checked_add(1) == Some(entry.log_id.index),
+            None => true,
+        };
+        if !follows {
+            self.clear();
+        }
+        self.bytes += size;
+        self.entries.push_back((entry, size));
+        while self.bytes > self.cap && self.entries.len() > 1 {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Drop the entries from `index` on (the log was truncated there).
+    fn truncate(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|(e, _)| e.log_id.index >= index) {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Drop the entries up to `index` (the log was purged up to it).
+    fn purge(&mut self, index: u64) {
+        while self.first_index().is_some_and(|first| first <= index) {
+            self.pop_front();
+        }
+    }
+
+    /// The entries of `range` if the tail holds its start (it then holds
+    /// every entry of the log from there on); `None` when the range starts
+    /// before the tail.
+    fn get<RB: RangeBounds<u64>>(&self, start: u64, range: &RB) -> Option<Vec<Entry<TypeConfig>>> {
+        let first = self.first_index()?;
+        if start < first {
+            return None;
+        }
+        let skip = usize::try_from(start - first).unwrap_or(usize::MAX);
+        Some(self.entries.iter().skip(skip).map(|(e, _)| e).take_while(|e| range.contains(&e.log_id.index)).cloned().collect())
+    }
+}
+
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    tail: Arc<Mutex<Tail>>,
 }
 
 impl LogStore {
     pub fn new(db: Arc<DB>) -> Self {
+        Self::with_tail_bytes(db, TAIL_BYTES)
+    }
+
+    /// A log store keeping up to `tail_bytes` of the newest entries in memory.
+    pub(crate) fn with_tail_bytes(db: Arc<DB>, tail_bytes: usize) -> Self {
         let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
-        let flush_db = db.clone();
+        // Weak: the database closes when the stores drop it, on their
+        // thread, not whenever this thread happens to notice the channel
+        // closed (a process ending while a detached thread closes RocksDB
+        // can crash in its static destructors).
+        let flush_db = Arc::downgrade(&db);
         // Detached on purpose: it ends when every LogStore clone (and so the
         // sender) is dropped, which is when the Raft instance shuts down.
         std::thread::Builder::new()
             .name("raft-log-fsync".into())
             .spawn(move || flusher(flush_db, rx))
             .expect("spawning a thread at start-up");
-        LogStore { db, flusher: tx }
+        LogStore { db, flusher: tx, tail: Arc::new(Mutex::new(Tail::new(tail_bytes))) }
+    }
+
+    /// Write `entries` (not yet synced) and keep them in the tail.
+    fn write_entries(&self, entries: impl IntoIterator<Item = Entry<TypeConfig>>) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        let mut appended = Vec::new();
+        for entry in entries {
+            let raw = serde_json::to_vec(&entry).map_err(write_err)?;
+            batch.put_cf(self.cf_log(), index_key(entry.log_id.index), &raw);
+            appended.push((entry, raw.len()));
+        }
+        self.db.write(batch).map_err(write_err)?;
+        let mut tail = self.tail();
+        for (entry, size) in appended {
+            tail.push(entry, size);
+        }
+        Ok(())
+    }
+
+    fn tail(&self) -> MutexGuard<'_, Tail> {
+        // The tail is only ever changed in whole steps; a panic elsewhere
+        // while it was held leaves it consistent.
+        self.tail.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn cf_log(&self) -> &rocksdb::ColumnFamily {
@@ -101,7 +222,7 @@ fn fsync(db: &DB) -> std::io::Result<()> {
     r
 }
 
-fn flusher(db: Arc<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+fn flusher(db: std::sync::Weak<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         waiting.extend(rx.try_iter());
@@ -114,7 +235,10 @@ fn flusher(db: Arc<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
         }
         // Every callback here was queued after its entries were written, so
         // this one fsync makes all of them durable.
-        let result = fsync(&db);
+        let result = match db.upgrade() {
+            Some(db) => fsync(&db),
+            None => Err(std::io::Error::other("the Raft log was closed before it could be synced")),
+        };
         if let Err(e) = &result {
             tracing::error!(error = %e, "fsync of the Raft log failed; nothing written since the last good fsync is acknowledged");
         }
@@ -139,6 +263,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => *i + 1,
             Bound::Unbounded => 0,
         };
+        if let Some(entries) = self.tail().get(start, &range) {
+            return Ok(entries);
+        }
         let mut out = Vec::new();
         let iter = self.db.iterator_cf(self.cf_log(), rocksdb::IteratorMode::From(&index_key(start), rocksdb::Direction::Forward));
         for item in iter {
@@ -204,12 +331,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         fail::fail_point!("raft-log-append", |msg| Err(write_err(
             msg.unwrap_or_else(|| "injected write failure: no space left on device".into())
         )));
-        let mut batch = WriteBatch::default();
-        for entry in entries {
-            let raw = serde_json::to_vec(&entry).map_err(write_err)?;
-            batch.put_cf(self.cf_log(), index_key(entry.log_id.index), raw);
-        }
-        self.db.write(batch).map_err(write_err)?;
+        self.write_entries(entries)?;
         self.flusher.send(callback).map_err(|_| write_err("the log fsync thread has stopped"))?;
         Ok(())
     }
@@ -218,7 +340,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Conflicting entries from `log_id` on are replaced by the leader's.
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.cf_log(), index_key(log_id.index), index_key(u64::MAX));
-        self.db.write_opt(batch, &sync_opts()).map_err(write_err)
+        let written = self.db.write_opt(batch, &sync_opts()).map_err(write_err);
+        match written {
+            Ok(()) => self.tail().truncate(log_id.index),
+            // Whether the entries are gone is unknown: nothing is served
+            // from memory until appends build the tail again.
+            Err(_) => self.tail().clear(),
+        }
+        written
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -228,6 +357,86 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageError::from(StorageIOError::new(ErrorSubject::Logs, ErrorVerb::Delete, io_err(e))))?;
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.cf_log(), index_key(0), index_key(log_id.index + 1));
-        self.db.write(batch).map_err(write_err)
+        self.db.write(batch).map_err(write_err)?;
+        self.tail().purge(log_id.index);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
+    }
+
+    fn indexes(entries: &[Entry<TypeConfig>]) -> Vec<u64> {
+        entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    #[test]
+    fn tail_serves_what_it_holds_and_follows_truncate_purge_and_its_cap() {
+        let mut t = Tail::new(100);
+        for i in 1..=5 {
+            t.push(entry(i), 10);
+        }
+        assert_eq!(t.get(2, &(2..4)).map(|e| indexes(&e)), Some(vec![2, 3]));
+        assert_eq!(t.get(4, &(4..)).map(|e| indexes(&e)), Some(vec![4, 5]));
+        // Past the end: nothing, as the log itself would answer.
+        assert_eq!(t.get(9, &(9..)).map(|e| indexes(&e)), Some(vec![]));
+        // Before the tail: not answered from memory.
+        assert_eq!(t.get(0, &(0..3)).map(|e| indexes(&e)), None);
+        t.truncate(4);
+        assert_eq!(t.get(1, &(1..)).map(|e| indexes(&e)), Some(vec![1, 2, 3]));
+        t.push(entry(4), 10);
+        t.purge(2);
+        assert_eq!(t.get(3, &(3..)).map(|e| indexes(&e)), Some(vec![3, 4]));
+        assert_eq!(t.get(2, &(2..)), None);
+        // Over the cap the oldest go: 3..=12 is 100 bytes.
+        for i in 5..=12 {
+            t.push(entry(i), 10);
+        }
+        assert_eq!((t.first_index(), t.bytes), (Some(3), 100));
+        t.push(entry(13), 10);
+        assert_eq!((t.first_index(), t.bytes), (Some(4), 100));
+        // An entry larger than the cap still stays, alone.
+        t.push(entry(14), 500);
+        assert_eq!(t.get(14, &(14..)).map(|e| indexes(&e)), Some(vec![14]));
+        assert_eq!((t.first_index(), t.bytes), (Some(14), 500));
+        // An append that does not follow the tail starts it again.
+        t.push(entry(40), 10);
+        assert_eq!((t.first_index(), t.bytes), (Some(40), 10));
+    }
+
+    #[tokio::test]
+    async fn reads_before_the_tail_come_from_rocksdb_and_agree_with_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("open");
+        // Room for about 10 blank entries.
+        let size = serde_json::to_vec(&entry(1)).expect("encode").len();
+        let mut store = LogStore::with_tail_bytes(db, size * 10);
+        store.write_entries((1..=50).map(entry)).expect("append");
+        let first_in_memory = store.tail().first_index().expect("a tail");
+        assert!(first_in_memory > 30, "the tail keeps only the newest: starts at {first_in_memory}");
+        let all = store.try_get_log_entries(1..=50).await.expect("read");
+        assert_eq!(indexes(&all), (1..=50).collect::<Vec<_>>());
+        let across = store.try_get_log_entries(first_in_memory - 3..first_in_memory + 2).await.expect("read");
+        assert_eq!(indexes(&across), (first_in_memory - 3..first_in_memory + 2).collect::<Vec<_>>());
+        // Truncated and appended again with another leader's entries: the
+        // tail and the store both hold the new ones.
+        store.truncate(LogId::new(CommittedLeaderId::new(1, 1), 45)).await.expect("truncate");
+        let newer = (45..=47).map(|i| Entry { log_id: LogId::new(CommittedLeaderId::new(2, 2), i), payload: EntryPayload::Blank });
+        store.write_entries(newer).expect("append");
+        let from_memory = store.try_get_log_entries(44..).await.expect("read");
+        assert_eq!(
+            from_memory.iter().map(|e| (e.log_id.leader_id.term, e.log_id.index)).collect::<Vec<_>>(),
+            vec![(1, 44), (2, 45), (2, 46), (2, 47)]
+        );
+        store.tail().clear();
+        let from_disk = store.try_get_log_entries(44..).await.expect("read");
+        assert_eq!(from_disk, from_memory);
     }
 }

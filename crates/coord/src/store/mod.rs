@@ -135,6 +135,8 @@ pub(crate) fn io_err(e: impl std::fmt::Display) -> openraft::AnyError {
 
 #[cfg(test)]
 mod tests {
+    use super::log::LogStore;
+    use super::sm::StateMachine;
     use super::*;
 
     #[test]
@@ -145,6 +147,30 @@ mod tests {
         assert!(matches!(open(&p, "bbbb", 1), Err(OpenError::Mismatch { .. })));
         assert!(matches!(open(&p, "aaaa", 2), Err(OpenError::Mismatch { .. })));
         drop(open(&p, "aaaa", 1).unwrap());
+    }
+
+    /// A fresh store in a directory of its own, for openraft's suite.
+    struct FreshStore;
+
+    impl openraft::testing::StoreBuilder<crate::raft_types::TypeConfig, LogStore, StateMachine, tempfile::TempDir> for FreshStore {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), crate::raft_types::StorageError> {
+            let setup = |e: &dyn std::fmt::Display| {
+                crate::raft_types::StorageError::from(openraft::StorageIOError::write(io_err(format!("test store setup: {e}"))))
+            };
+            let dir = tempfile::tempdir().map_err(|e| setup(&e))?;
+            let db = open(&dir.path().join("data"), "aaaa", 1).map_err(|e| setup(&e))?;
+            let log = LogStore::new(db.clone());
+            let (sm, _reader) = StateMachine::open(db)?;
+            Ok((dir, log, sm))
+        }
+    }
+
+    /// openraft's own storage suite (log state, reads, truncate, purge,
+    /// vote, apply of blank and membership entries, snapshot transfer)
+    /// over the real log store and state machine, in-memory tail included.
+    #[test]
+    fn passes_openraft_storage_suite() {
+        openraft::testing::Suite::test_all(FreshStore).expect("openraft's storage suite");
     }
 
     #[test]
