@@ -88,7 +88,12 @@ pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// The `f` quantile of `v` in milliseconds; NaN when `v` is empty (e.g.
+/// `--failovers 0`).
 pub fn percentile(mut v: Vec<Duration>, f: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort();
     v[((v.len() as f64 * f) as usize).min(v.len() - 1)].as_secs_f64() * 1000.0
 }
@@ -125,7 +130,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("| {} | {} | {:.0} | {:.3} | {:.3} |", r.system, r.clients, r.ops as f64 / r.secs, r.q(0.5), r.q(0.99));
     }
     println!("\n| kill -9 leader → first acknowledged write | kills | p50 s | p99 s | max s |\n|---|---|---|---|---|");
-    for (system, times) in &failovers {
+    for (system, times) in failovers.iter().filter(|(_, times)| !times.is_empty()) {
         let q = |f| percentile(times.clone(), f) / 1000.0;
         println!("| {system} | {} | {:.3} | {:.3} | {:.3} |", times.len(), q(0.5), q(0.99), q(1.0));
     }
@@ -144,6 +149,9 @@ fn stop_etcd(mut script: std::process::Child) {
 }
 
 fn print_failover(system: &str, times: &[Duration]) {
+    if times.is_empty() {
+        return;
+    }
     let q = |f| round3(percentile(times.to_vec(), f) / 1000.0);
     println!(
         "{}",
