@@ -2,9 +2,10 @@
 //!
 //! Each `apply` call writes the keys the core changed (each once, with its
 //! last value), `last_applied` and the last membership in ONE write batch,
-//! so the persisted state always matches a prefix of the log. It is not fsynced by itself: the next log
-//! append's fsync covers it (one WAL for the whole database), and a crash
-//! before that only means re-applying from the persisted `last_applied`.
+//! so the persisted state always matches a prefix of the log. It is not
+//! fsynced by itself: the next log append's fsync covers it (one WAL for
+//! the whole database), and a crash before that only means re-applying
+//! from the persisted `last_applied`.
 //! Building a snapshot fsyncs first, because the log behind a snapshot is
 //! purged.
 
