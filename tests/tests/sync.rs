@@ -1,5 +1,5 @@
-//! Destination sync through the real cluster: the leader's per-destination
-//! sync task keeps each destination's servers from what the nodes report,
+//! Destination sync through the real cluster: the leader's sync task
+//! keeps each destination's servers from what the nodes report,
 //! commits only differences, queues a catch-up deployment of the current
 //! release for a node that joins, shows drift, and `destinations remove`
 //! refuses a busy destination.
@@ -125,6 +125,32 @@ async fn joins(f: &mut Fleet) -> anyhow::Result<()> {
     }
     let catch_ups = history(f).await?.into_iter().filter(|d| d.submitted_by == SYNC_ACTOR).count();
     ensure!(catch_ups == 1, "{catch_ups} catch-up deployments");
+    Ok(())
+}
+
+/// A destination whose definition is applied is synced at once, not at
+/// the next round: with rounds ten minutes apart (the first ran when this
+/// coordinator began to lead, before `staging` existed), `servers staging`
+/// lists node-1 soon after `staging` is applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_applied_is_synced_at_once() {
+    let mut args = FAST_RAFT.to_vec();
+    args.extend(["--sync-interval-ms", "600000"]);
+    let f = Fleet::start_with(&args, &[("node-1", LABELS)], PROD).await.expect("cluster with a node");
+    let r = applied(&f).await;
+    f.finish(r);
+}
+
+async fn applied(f: &Fleet) -> anyhow::Result<()> {
+    let unknown = f.cluster.ctl(&["servers", "staging", "-o", "json"]).await?;
+    ensure!(unknown.code != 0, "`servers staging` before staging exists: {}", unknown.stdout);
+    f.cluster.apply_destinations(&format!("{PROD}  - name: staging\n    selector: {{ env: prod }}\n")).await?;
+    let listed = eventually("node-1 to be listed as a server of staging", Duration::from_secs(30), || async {
+        let list = servers(f, "staging").await?;
+        Ok(list.into_iter().find(|s| s.id == "node-1"))
+    })
+    .await?;
+    ensure!(listed.health == Health::Healthy, "{listed:?}");
     Ok(())
 }
 

@@ -67,15 +67,31 @@ pub enum Taker {
     Journal = 0,
     /// The leader's scheduler.
     Scheduler = 1,
+    /// The leader's destination sync: only destination definitions
+    /// ([`fleet_core::state::defined_destination`]).
+    Sync = 2,
+}
+
+const TAKERS: [Taker; 3] = [Taker::Journal, Taker::Scheduler, Taker::Sync];
+
+impl Taker {
+    /// Whether this taker collects `key`.
+    fn wants(self, key: &str) -> bool {
+        match self {
+            Taker::Journal | Taker::Scheduler => true,
+            Taker::Sync => fleet_core::state::defined_destination(key).is_some(),
+        }
+    }
 }
 
 /// Per [`Taker`], `None` until it first takes the touched keys: nothing is
 /// collected for nobody.
-type TouchedCell = Arc<Mutex<[Option<Touched>; 2]>>;
+type TouchedCell = Arc<Mutex<[Option<Touched>; TAKERS.len()]>>;
 
-/// Record `key` as changed for every taker collecting.
-fn touch(cell: &mut [Option<Touched>; 2], key: &str) {
-    for t in cell.iter_mut().flatten().filter(|t| !t.everything) {
+/// Record `key` as changed for every taker collecting it.
+fn touch(cell: &mut [Option<Touched>; TAKERS.len()], key: &str) {
+    for (taker, t) in TAKERS.iter().zip(cell.iter_mut()) {
+        let Some(t) = t.as_mut().filter(|t| !t.everything && taker.wants(key)) else { continue };
         t.keys.insert(key.to_string());
         if t.keys.len() > MAX_TOUCHED_KEYS {
             *t = Touched { everything: true, ..Touched::default() };
@@ -84,7 +100,7 @@ fn touch(cell: &mut [Option<Touched>; 2], key: &str) {
 }
 
 /// Every collecting taker must look at everything.
-fn touch_everything(cell: &mut [Option<Touched>; 2]) {
+fn touch_everything(cell: &mut [Option<Touched>; TAKERS.len()]) {
     for t in cell.iter_mut().flatten() {
         *t = Touched { everything: true, ..Touched::default() };
     }
@@ -459,5 +475,45 @@ mod tests {
         let (_again, reread) = StateMachine::open(db).expect("state machine reopens");
         assert_eq!(reread.read(|a| (a.state.clone(), a.last_applied)), in_memory);
         assert_eq!(in_memory.1.map(|l| l.index), Some(3));
+    }
+
+    /// Each taker gets the keys applied since its last take: the
+    /// scheduler every key, the sync only destination definitions (a lock
+    /// on a destination is not a new definition to sync at once).
+    #[test]
+    fn each_taker_collects_the_keys_it_wants_from_its_first_take() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
+        let (mut sm, reader) = StateMachine::open(db).expect("state machine opens");
+        for taker in TAKERS {
+            assert!(reader.take_touched(taker).everything, "{taker:?}'s first take looks at everything");
+        }
+        let web = fleet_core::manifest::Destination {
+            name: "web".into(),
+            adapter: "process".into(),
+            selector: Default::default(),
+            queue: Default::default(),
+            node_wait_ms: 1_000,
+        };
+        let entries = vec![
+            normal(1, vec![request("r1", Command::PutDestinations { destinations: vec![web] })]),
+            normal(2, vec![acquire("r2", "web")]),
+        ];
+        futures::executor::block_on(sm.apply(entries)).expect("apply");
+
+        let sync = reader.take_touched(Taker::Sync);
+        assert!(!sync.everything);
+        assert_eq!(sync.keys.into_iter().collect::<Vec<_>>(), ["dest/web"]);
+        let scheduler = reader.take_touched(Taker::Scheduler);
+        assert!(scheduler.keys.contains("dest/web") && scheduler.keys.contains("lock/web"), "{:?}", scheduler.keys);
+        assert!(reader.take_touched(Taker::Sync).keys.is_empty(), "a take empties the taker's collection");
+        assert!(!reader.take_touched(Taker::Journal).keys.is_empty(), "takers collect apart");
+    }
+
+    #[test]
+    fn takers_are_listed_in_the_order_of_their_cells() {
+        for (i, taker) in TAKERS.iter().enumerate() {
+            assert_eq!(*taker as usize, i, "{taker:?}");
+        }
     }
 }

@@ -180,6 +180,13 @@ pub fn touched(key: &str) -> Touched<'_> {
     Touched::Other
 }
 
+/// The destination whose definition `key` holds, if it holds one (not
+/// its lock, queue or servers): the leader syncs a destination at once
+/// when its definition is applied, changed or removed.
+pub fn defined_destination(key: &str) -> Option<&str> {
+    key.strip_prefix(DEST_PREFIX)
+}
+
 /// `d42` → 42.
 pub fn deployment_number(id: &str) -> Option<u64> {
     id.strip_prefix('d')?.parse().ok()

@@ -877,3 +877,19 @@ fn changed_keys_name_what_they_touch() {
         assert_eq!(touched(key), want, "{key}");
     }
 }
+
+#[test]
+fn only_definition_keys_name_a_defined_destination() {
+    let cases = [
+        ("dest/web", Some("web")),
+        ("lock/web", None),
+        ("queue/web", None),
+        ("server/web/i-1", None),
+        ("deploy/42", None),
+        ("node/n1", None),
+        (SEQ_KEY, None),
+    ];
+    for (key, want) in cases {
+        assert_eq!(defined_destination(key), want, "{key}");
+    }
+}
