@@ -83,8 +83,9 @@ struct Followed {
 }
 
 fn followed(raft: &Raft, me: NodeId) -> Option<Followed> {
-    // Read in place: the metrics change with every applied entry.
-    let m = raft.metrics();
+    // Read in place; the server metrics change only with role, vote,
+    // leader or membership.
+    let m = raft.server_metrics();
     let m = m.borrow();
     if m.state != ServerState::Follower {
         return None;
@@ -95,7 +96,7 @@ fn followed(raft: &Raft, me: NodeId) -> Option<Followed> {
     voters.sort_unstable();
     let rank = voters.iter().position(|v| *v == me)? as u32;
     let addr = membership.get_node(&leader)?.addr.clone();
-    Some(Followed { leader, term: m.current_term, addr, rank })
+    Some(Followed { leader, term: m.vote.leader_id().get_term(), addr, rank })
 }
 
 /// Start the watch (runs on every coordinator; acts only while it is a
@@ -103,7 +104,7 @@ fn followed(raft: &Raft, me: NodeId) -> Option<Followed> {
 /// election timeout.
 pub fn spawn(raft: Raft, me: NodeId, tls: TlsMaterial, contact: Arc<Contact>, lease: Duration) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut metrics = raft.metrics();
+        let mut metrics = raft.server_metrics();
         loop {
             let Some(f) = followed(&raft, me) else {
                 if metrics.changed().await.is_err() {
@@ -130,7 +131,7 @@ async fn watch(raft: &Raft, me: NodeId, tls: &TlsMaterial, contact: &Contact, le
     };
     // Ends when the leader closes it (it stopped leading this term) or the
     // connection breaks; either way, look at what the metrics say.
-    let mut metrics = raft.metrics();
+    let mut metrics = raft.server_metrics();
     loop {
         tokio::select! {
             m = stream.message() => {

@@ -188,7 +188,8 @@ pub fn fast_election() {
 /// Count leader changes as this coordinator sees them, for as long as Raft
 /// runs. Detached: it ends when Raft's metrics channel closes at shutdown.
 pub fn watch_leader(raft: &Raft) {
-    let mut rx = raft.metrics();
+    // Server metrics: they change with the leader, not with each write.
+    let mut rx = raft.server_metrics();
     tokio::spawn(async move {
         let mut leader = rx.borrow_and_update().current_leader;
         while rx.changed().await.is_ok() {

@@ -74,8 +74,9 @@ impl RaftRpc for RaftService {
     async fn leading(&self, req: Request<LeadingRequest>) -> Result<Response<LeadingStream>, Status> {
         authorize(&req, Access::Peer, "Raft.Leading")?;
         let term = req.into_inner().term;
-        let mut metrics = self.raft.metrics();
-        let leads = move |m: &crate::raft_types::Metrics| m.state == ServerState::Leader && m.current_term == term;
+        // Server metrics: they change with role and vote, not with each write.
+        let mut metrics = self.raft.server_metrics();
+        let leads = move |m: &crate::raft_types::ServerMetrics| m.state == ServerState::Leader && m.vote.leader_id().get_term() == term;
         if !leads(&metrics.borrow_and_update()) {
             return Err(Status::failed_precondition(format!("this coordinator does not lead term {term}")));
         }

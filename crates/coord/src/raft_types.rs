@@ -23,6 +23,11 @@ pub type LogId = openraft::LogId<NodeId>;
 pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 pub type Metrics = openraft::RaftMetrics<NodeId, openraft::BasicNode>;
+/// Role, vote, leader and membership only. openraft sends `Metrics` on
+/// every turn of its core loop, several times per write; it sends these
+/// only when they change. Tasks that wait for a change of role or leader
+/// wait on these (`Raft::server_metrics`), so a write does not wake them.
+pub type ServerMetrics = openraft::metrics::RaftServerMetrics<NodeId, openraft::BasicNode>;
 
 /// This coordinator's Raft: openraft's handle (everything but proposing
 /// goes straight to it) and the queue that batches proposals (see

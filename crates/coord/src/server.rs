@@ -98,14 +98,22 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let shutdown = {
         let failed = storage_failed.clone();
         let gave_up = gave_up.clone();
-        let mut metrics = raft.metrics();
+        // Raft's core stops on a storage error: its server metrics
+        // channel closes then (they change only with role and leader, so
+        // waiting on them costs nothing per write), and its last metrics
+        // say why.
+        let mut server_metrics = raft.server_metrics();
+        let raft = raft.clone();
         async move {
             let fatal = async {
                 loop {
-                    if let Err(fatal) = &metrics.borrow_and_update().running_state {
-                        return fatal.to_string();
+                    if let Some(why) = stopped_on_error(&raft) {
+                        return why;
                     }
-                    if metrics.changed().await.is_err() {
+                    if server_metrics.changed().await.is_err() {
+                        if let Some(why) = stopped_on_error(&raft) {
+                            return why;
+                        }
                         // Raft was shut down by us: not a failure.
                         std::future::pending::<()>().await;
                     }
@@ -185,6 +193,15 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         );
     }
     Ok(())
+}
+
+/// Why Raft stopped, when it stopped on an error (not at our request):
+/// its last metrics say.
+fn stopped_on_error(raft: &Raft) -> Option<String> {
+    match &raft.metrics().borrow().running_state {
+        Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+        Err(fatal) => Some(fatal.to_string()),
+    }
 }
 
 async fn bootstrap(raft: &Raft, id: u64, advertise: &str) -> anyhow::Result<()> {
