@@ -31,9 +31,11 @@ pub struct Args {
     /// `fleet@baseline` (how a change is measured against what it changed).
     #[arg(long)]
     pub baseline_bin_dir: Option<std::path::PathBuf>,
-    /// Runs per client count and system, interleaved between the systems;
-    /// the table sums them (ops/s over all rounds, latency over all
-    /// operations) and the JSON lines show each round.
+    /// Runs per client count and system, interleaved between the systems,
+    /// the order rotating each round (use as many rounds as systems, or a
+    /// multiple, so each runs first equally often); the table sums them
+    /// (ops/s over all rounds, latency over all operations) and the JSON
+    /// lines show each round.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
     /// Leader kills per system: each kill -9s the leader, times the first
@@ -187,13 +189,20 @@ async fn compare(args: &Args, etcd: Option<&[String]>) -> anyhow::Result<(Vec<Ru
         terms.push(("fleet@baseline", b.status().await?.term));
     }
     // Every system runs each client count once per round, in turn, so a
-    // machine that gets busier or quieter affects them alike.
+    // machine that gets busier or quieter affects them alike. The turn
+    // rotates from round to round, so a cost of going first (or last) is
+    // shared: in two runs the system run first came out 9-13 % lower at
+    // 256 clients whatever it was (docs/benchmarks.md). With as many
+    // rounds as systems each is first once. The first round keeps the
+    // order the table lists them in.
     for &n in &args.clients {
         let mut runs: Vec<RunResult> = Vec::new();
-        for _ in 0..args.rounds.max(1) {
+        for round in 0..args.rounds.max(1) {
             let mut systems = vec![System::Fleet("fleet", &cluster)];
             systems.extend(baseline.as_ref().map(|b| System::Fleet("fleet@baseline", b)));
             systems.extend(etcd.map(System::Etcd));
+            let first = round % systems.len();
+            systems.rotate_left(first);
             for system in systems {
                 let r = match system {
                     System::Fleet(name, c) => {
