@@ -132,7 +132,9 @@ async fn supervise(raft: Raft, state: StateReader, hub: Arc<Hub>, every: Duratio
                 false => touched.keys.iter().filter_map(|k| defined_destination(k)).map(str::to_string).collect(),
             };
             if !names.is_empty() {
-                tracing::info!(destinations = ?names, "destinations defined again: syncing them now");
+                // A snapshot installed names every destination: log a few.
+                let some: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+                tracing::info!(count = names.len(), destinations = ?some, "destinations applied or removed: syncing them now");
                 let syncer = l.syncer.clone();
                 l.at_once.spawn(async move { syncer.sync(names).await });
             }
