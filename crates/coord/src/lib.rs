@@ -16,8 +16,9 @@
 //! * [`http`]: the HTTPS JSON API, server-sent events, health and
 //!   `/metrics` (`--http-addr`); [`metrics`]: what `/metrics` reports;
 //!   [`observe`]: measurements the store records for it.
-//! * [`sync`]: the leader's per-destination sync tasks (servers from the
-//!   nodes' reports, catch-up deployments); [`servers`]: `ListServers` and
+//! * [`sync`]: the leader's destination sync, one task for every
+//!   destination (servers from the nodes' reports, catch-up deployments);
+//!   [`servers`]: `ListServers` and
 //!   `RemoveDestination`.
 //! * [`faults`]: failpoints in the log's write and fsync paths, set at run
 //!   time through a file (builds with the `failpoints` feature only).
