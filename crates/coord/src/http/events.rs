@@ -5,7 +5,13 @@
 //! every [`MIN_INTERVAL`]), the records that changed as one batch, keyed by
 //! the Raft log index applied at that moment. It looks only at what the
 //! applied entries touched (the state machine hands it the changed keys),
-//! so its cost follows the write rate, not the size of the state; when too
+//! so its cost follows the write rate, not the size of the state. A batch
+//! names the deployments that changed; each is rendered (as JSON) when it
+//! is sent to a client, from the state then, which is at least as new as
+//! the batch. So a coordinator no client listens to renders nothing, and
+//! a long deployment does not cost a render of every step record on every
+//! step (that was most of each coordinator's CPU in a 300-step rollout:
+//! docs/benchmarks.md, "The event journal renders only what is sent"). When too
 //! much changed at once to list (or a snapshot replaced the state) it
 //! publishes a `reset` and clients reload their lists. Every
 //! coordinator applies the same log, so indexes mean the same on all of
@@ -16,7 +22,7 @@
 //! index older than that (or from before this coordinator started) gets a
 //! `reset` event and should reload its lists.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,11 +40,13 @@ const KEEP_BATCHES: usize = 4096;
 /// The journal compares at most this often (many entries per batch under load).
 const MIN_INTERVAL: Duration = Duration::from_millis(50);
 
-/// One record that changed. `kind` is the SSE event name.
+/// One record that changed.
 #[derive(Debug, Clone)]
-pub struct Change {
-    pub kind: &'static str,
-    pub data: String,
+pub enum Change {
+    /// An event rendered when the batch was made; `kind` is the SSE event name.
+    Event { kind: &'static str, data: String },
+    /// Deployment `d<n>` changed: a `deployment` event rendered when sent.
+    Deployment(u64),
 }
 
 /// The changes seen when the applied index reached `index`.
@@ -60,6 +68,8 @@ struct Ring {
 pub struct Journal {
     ring: Arc<Mutex<Ring>>,
     tx: broadcast::Sender<Arc<Batch>>,
+    /// What deployment events are rendered from.
+    state: StateReader,
 }
 
 #[derive(Serialize)]
@@ -80,7 +90,7 @@ impl Journal {
     pub fn spawn(state: StateReader) -> Journal {
         let (tx, _) = broadcast::channel(1024);
         let ring = Arc::new(Mutex::new(Ring::default()));
-        let journal = Journal { ring: ring.clone(), tx: tx.clone() };
+        let journal = Journal { ring: ring.clone(), tx: tx.clone(), state: state.clone() };
         tokio::spawn(async move {
             let mut applied = state.applied_index();
             let mut destinations: BTreeMap<String, DestinationView> = BTreeMap::new();
@@ -130,6 +140,7 @@ impl Journal {
             (backlog, r.since, newest)
         };
         let (tx, out) = tokio::sync::mpsc::channel::<SseEvent>(64);
+        let state = self.state.clone();
         // Detached: ends when the client goes away (send fails) or the journal stops.
         tokio::spawn(async move {
             let mut sent = match last_seen {
@@ -151,8 +162,12 @@ impl Journal {
                     newest
                 }
             };
+            // A deployment is rendered as it is when sent: of the batches
+            // replayed, only the last that names it needs to send it.
+            let last_mention: HashMap<u64, u64> = backlog.iter().flat_map(|b| b.deployments().map(move |n| (n, b.index))).collect();
             for b in backlog {
-                if !send_batch(&tx, &b).await {
+                let events = render(&state, &b, |n| last_mention.get(&n) == Some(&b.index));
+                if !send_events(&tx, events, b.index).await {
                     return;
                 }
                 sent = b.index;
@@ -161,7 +176,7 @@ impl Journal {
                 match rx.recv().await {
                     Ok(b) if b.index <= sent => {}
                     Ok(b) => {
-                        if !send_batch(&tx, &b).await {
+                        if !send_events(&tx, render(&state, &b, |_| true), b.index).await {
                             return;
                         }
                         sent = b.index;
@@ -179,12 +194,42 @@ impl Journal {
     }
 }
 
-async fn send_batch(tx: &tokio::sync::mpsc::Sender<SseEvent>, b: &Batch) -> bool {
-    let last = b.changes.len().saturating_sub(1);
-    for (i, c) in b.changes.iter().enumerate() {
-        let mut e = SseEvent::default().event(c.kind).data(c.data.clone());
+impl Batch {
+    /// The deployments this batch names.
+    fn deployments(&self) -> impl Iterator<Item = u64> + '_ {
+        self.changes.iter().filter_map(|c| match c {
+            Change::Deployment(n) => Some(*n),
+            Change::Event { .. } => None,
+        })
+    }
+}
+
+/// The events of batch `b` as (kind, data): its deployments (those `send`
+/// accepts) rendered from the state now, which is at least as new as the
+/// batch. A deployment pruned since is left out.
+pub(crate) fn render(state: &StateReader, b: &Batch, send: impl Fn(u64) -> bool) -> Vec<(&'static str, String)> {
+    state.read(|a| {
+        b.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Event { kind, data } => Some((*kind, data.clone())),
+                Change::Deployment(n) if send(*n) => {
+                    let d = a.state.deployment(&format!("d{n}"))?;
+                    serde_json::to_string(&d.redacted()).ok().map(|data| ("deployment", data))
+                }
+                Change::Deployment(_) => None,
+            })
+            .collect()
+    })
+}
+
+/// Send one batch's events; the last carries the batch's index as its id.
+async fn send_events(tx: &tokio::sync::mpsc::Sender<SseEvent>, events: Vec<(&'static str, String)>, index: u64) -> bool {
+    let last = events.len().saturating_sub(1);
+    for (i, (kind, data)) in events.into_iter().enumerate() {
+        let mut e = SseEvent::default().event(kind).data(data);
         if i == last {
-            e = e.id(b.index.to_string());
+            e = e.id(index.to_string());
         }
         if tx.send(e).await.is_err() {
             return false;
@@ -212,7 +257,7 @@ fn diff(state: &StateReader, destinations: &mut BTreeMap<String, DestinationView
             // (The journal's first look is not published: it only fills the memory.)
             let reason = "more changed at once than the journal lists; reload the lists";
             if let Ok(data) = serde_json::to_string(&Reset { index, reason }) {
-                changes.push(Change { kind: "reset", data });
+                changes.push(Change::Event { kind: "reset", data });
             }
             return Batch { index, changes };
         }
@@ -236,9 +281,7 @@ fn diff(state: &StateReader, destinations: &mut BTreeMap<String, DestinationView
         for n in deployments {
             // Pruned deployments end without an event.
             let Some(d) = a.state.deployment(&format!("d{n}")) else { continue };
-            if let Ok(data) = serde_json::to_string(&d.redacted()) {
-                changes.push(Change { kind: "deployment", data });
-            }
+            changes.push(Change::Deployment(n));
             // Its destinations show what runs there and what waits.
             dirty.extend(d.destinations().iter().map(String::as_str));
         }
@@ -250,7 +293,7 @@ fn diff(state: &StateReader, destinations: &mut BTreeMap<String, DestinationView
             match DestinationView::of(&a.state, &name) {
                 Some(v) if destinations.get(&name) != Some(&v) => {
                     if let Ok(data) = serde_json::to_string(&v) {
-                        changes.push(Change { kind: "destination", data });
+                        changes.push(Change::Event { kind: "destination", data });
                     }
                     destinations.insert(name, v);
                 }
@@ -259,7 +302,7 @@ fn diff(state: &StateReader, destinations: &mut BTreeMap<String, DestinationView
                 None => {
                     if destinations.remove(&name).is_some() {
                         if let Ok(data) = serde_json::to_string(&Removed { id: &name }) {
-                            changes.push(Change { kind: "destination_removed", data });
+                            changes.push(Change::Event { kind: "destination_removed", data });
                         }
                     }
                 }
@@ -299,14 +342,14 @@ mod tests {
     /// An event as (kind, destination name or deployment id).
     type Seen = (&'static str, String);
 
-    /// The events of a batch.
-    fn seen(b: &Batch) -> Vec<Seen> {
-        b.changes
-            .iter()
-            .map(|c| {
-                let v: serde_json::Value = serde_json::from_str(&c.data).unwrap();
+    /// The events of a batch, rendered now.
+    fn seen(reader: &StateReader, b: &Batch) -> Vec<Seen> {
+        render(reader, b, |_| true)
+            .into_iter()
+            .map(|(kind, data)| {
+                let v: serde_json::Value = serde_json::from_str(&data).unwrap();
                 let key = v.get("name").or_else(|| v.get("id")).and_then(|x| x.as_str()).unwrap_or_default().to_string();
-                (c.kind, key)
+                (kind, key)
             })
             .collect()
     }
@@ -318,7 +361,7 @@ mod tests {
         let (mut sm, reader) = StateMachine::open(db).unwrap();
         let mut views = BTreeMap::new();
         // The first look takes everything (and is not published).
-        assert!(diff(&reader, &mut views).changes.iter().all(|c| c.kind == "reset"));
+        assert!(seen(&reader, &diff(&reader, &mut views)).iter().all(|(kind, _)| *kind == "reset"));
 
         let ci = || "ci".to_string();
         let d = |s: &str| ("destination", s.to_string());
@@ -350,11 +393,53 @@ mod tests {
         for (i, (commands, want)) in cases.into_iter().enumerate() {
             let what = format!("{commands:?}");
             sm.apply([entry(i as u64 + 1, commands)]).await.unwrap();
-            let mut got = seen(&diff(&reader, &mut views));
+            let mut got = seen(&reader, &diff(&reader, &mut views));
             got.sort();
             assert_eq!(got, want, "after {what}");
         }
         // Nothing applied since: nothing to publish.
         assert!(diff(&reader, &mut views).changes.is_empty());
+    }
+
+    /// The state of the deployment in a `deployment` event.
+    fn rendered_state(events: &[(&'static str, String)]) -> Option<fleet_core::deploy::DeployState> {
+        let (_, data) = events.iter().find(|(kind, _)| *kind == "deployment")?;
+        let d: fleet_core::deploy::Deployment = serde_json::from_str(data).unwrap();
+        Some(d.state)
+    }
+
+    #[tokio::test]
+    async fn a_deployment_is_rendered_as_it_is_when_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = store::open(&dir.path().join("data"), "aaaa", 1).unwrap();
+        let (mut sm, reader) = StateMachine::open(db).unwrap();
+        let mut views = BTreeMap::new();
+        diff(&reader, &mut views);
+        let labels: BTreeMap<String, String> = [("env".to_string(), "t".to_string())].into();
+        let manifest = "app: web\nrelease: v1\ndestination: web\nrun: [srv]\nhealth: { tcp: true }\n";
+        let spec = fleet_core::manifest::parse_manifest("f", manifest, &Default::default()).unwrap();
+        let submit = Command::SubmitDeployment { spec: Box::new(spec), actor: "op".into(), lock_wait_ms: None, idempotency_key: None };
+        let setup =
+            vec![Command::RegisterNode { id: "n1".into(), labels }, Command::PutDestinations { destinations: vec![destination("web")] }];
+        sm.apply([entry(1, setup)]).await.unwrap();
+        let answers = sm.apply([entry(2, vec![submit])]).await.unwrap();
+        let Some(fleet_core::Response::Deployment { id, state }) = answers[0].first().cloned() else {
+            panic!("submit answered {answers:?}")
+        };
+        let submitted = diff(&reader, &mut views);
+        // The batch names the deployment; nothing is rendered until it is sent.
+        assert!(submitted.deployments().eq([fleet_core::state::deployment_number(&id).unwrap()]), "{:?}", submitted.changes);
+        assert_eq!(rendered_state(&render(&reader, &submitted, |_| true)), Some(state));
+
+        let cancel = Command::CancelDeployment { id: id.clone(), reason: "test".into(), actor: "op".into(), timed_out: false };
+        sm.apply([entry(3, vec![cancel])]).await.unwrap();
+        let now = reader.read(|a| a.state.deployment(&id).unwrap().state);
+        assert_ne!(now, state, "the cancel changed the deployment");
+        // The older batch, sent now, shows the deployment as it is now:
+        // never older than the batch, and never older than what a later
+        // batch already sent.
+        assert_eq!(rendered_state(&render(&reader, &submitted, |_| true)), Some(now));
+        // Left out where a later batch of a replay sends it anyway.
+        assert_eq!(rendered_state(&render(&reader, &submitted, |_| false)), None);
     }
 }
