@@ -255,6 +255,48 @@ impl StepRecord {
             undo_finished_ms: None,
         }
     }
+
+    /// Equal to `other` in all that can change once the step is planned:
+    /// its progress, and the node it runs on (a hand-over moves it). The
+    /// rest of its plan is fixed when the deployment is granted its lock,
+    /// so this is `==` without comparing the plan's action, name and
+    /// policies: what the state machine asks for every step of a
+    /// deployment on every result it records (`State::put_deployment`),
+    /// where comparing whole records was most of a 600-step rollout's
+    /// apply (docs/benchmarks.md). A debug build checks it against `==`.
+    pub fn same_progress(&self, other: &StepRecord) -> bool {
+        // Every field by name: a field added later must be placed here.
+        let StepRecord {
+            plan,
+            status,
+            attempt,
+            undo_attempt,
+            not_before_ms,
+            check_first,
+            waiting,
+            output,
+            error,
+            error_class,
+            started_ms,
+            finished_ms,
+            undo_started_ms,
+            undo_finished_ms,
+        } = self;
+        *status == other.status
+            && *attempt == other.attempt
+            && *undo_attempt == other.undo_attempt
+            && *not_before_ms == other.not_before_ms
+            && *check_first == other.check_first
+            && *error_class == other.error_class
+            && *started_ms == other.started_ms
+            && *finished_ms == other.finished_ms
+            && *undo_started_ms == other.undo_started_ms
+            && *undo_finished_ms == other.undo_finished_ms
+            && *waiting == other.waiting
+            && *output == other.output
+            && *error == other.error
+            && plan.node == other.plan.node
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

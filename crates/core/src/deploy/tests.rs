@@ -524,3 +524,36 @@ fn redacted_masks_secret_values_everywhere_a_client_looks() {
     let plain = deployment(&["n1"]);
     assert_eq!(plain.redacted(), plain);
 }
+
+/// `StepRecord::same_progress`: each change a step can go through after
+/// its plan is made is seen; the fixed part of the plan is not compared.
+#[test]
+fn same_progress_sees_every_change_after_planning() {
+    let base = deployment(&["n1"]).steps[0].clone();
+    type Edit = fn(&mut StepRecord);
+    let cases: &[(&str, Edit, bool)] = &[
+        ("nothing", |_| {}, true),
+        ("status", |s| s.status = StepStatus::Done, false),
+        ("attempt", |s| s.attempt += 1, false),
+        ("undo attempt", |s| s.undo_attempt += 1, false),
+        ("backoff", |s| s.not_before_ms = Some(5), false),
+        ("check first", |s| s.check_first = true, false),
+        ("waiting", |s| s.waiting = Some(NodeWait { since_ms: 1, until_ms: 2 }), false),
+        ("output", |s| s.output = Some("{}".into()), false),
+        ("error", |s| s.error = Some("boom".into()), false),
+        ("error class", |s| s.error_class = Some(ErrorClass::Transient), false),
+        ("started", |s| s.started_ms = Some(1), false),
+        ("finished", |s| s.finished_ms = Some(1), false),
+        ("undo started", |s| s.undo_started_ms = Some(1), false),
+        ("undo finished", |s| s.undo_finished_ms = Some(1), false),
+        ("node (a hand-over)", |s| s.plan.node = "n2".into(), false),
+        // Fixed once planned: not compared.
+        ("name", |s| s.plan.name.push('!'), true),
+    ];
+    for (what, edit, same) in cases {
+        let mut s = base.clone();
+        edit(&mut s);
+        assert_eq!(base.same_progress(&s), *same, "{what}");
+        assert_eq!(s.same_progress(&base), *same, "{what}, the other way round");
+    }
+}

@@ -508,7 +508,6 @@ impl State {
         (response, cx.changes)
     }
 
-    /// Persist deployment `n` as it stands.
     /// Persist deployment `n`: its header, and the step records that
     /// differ from what was persisted last (keeps the index of active ones
     /// true: every change to a deployment goes through here).
@@ -529,7 +528,9 @@ impl State {
         persisted.truncate(d.steps.len());
         for (i, s) in d.steps.iter().enumerate() {
             match persisted.get_mut(i) {
-                Some(p) if p == s => {}
+                Some(p) if p.same_progress(s) => {
+                    debug_assert!(p == s, "step {i} of d{n} changed beyond its progress and node; see StepRecord::same_progress");
+                }
                 Some(p) => {
                     cx.put(step_key(n, i), s);
                     *p = s.clone();
