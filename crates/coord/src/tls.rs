@@ -98,7 +98,52 @@ fn peer_identity<T>(req: &tonic::Request<T>) -> Result<(String, Role), tonic::St
     let der = certs.first().ok_or_else(|| {
         tonic::Status::unauthenticated("empty client certificate chain; present a certificate from `fleetctl certs issue`")
     })?;
-    identity_of_der(der.as_ref())
+    IDENTITIES.get_or_read(der.as_ref())
+}
+
+/// Identities read from certificates, by the certificate's bytes: a
+/// certificate is parsed once, not on every call (every AppendEntries a
+/// follower takes and every request a client makes asks who called). The
+/// TLS layer checks the chain on each connection before a call gets here,
+/// so the same bytes always name the same caller. Bounded: emptied when
+/// full (a few hundred bytes per certificate).
+static IDENTITIES: IdentityCache = IdentityCache::new(IDENTITIES_KEPT);
+const IDENTITIES_KEPT: usize = 1024;
+
+/// Certificate bytes → (name, role).
+type Identities = std::collections::HashMap<Vec<u8>, (String, Role)>;
+
+struct IdentityCache {
+    kept: usize,
+    map: std::sync::Mutex<Option<Identities>>,
+}
+
+impl IdentityCache {
+    const fn new(kept: usize) -> Self {
+        IdentityCache { kept, map: std::sync::Mutex::new(None) }
+    }
+
+    /// The identity in `der`, parsed on its first use. A certificate that
+    /// does not parse or names no role is refused each time, never kept.
+    fn get_or_read(&self, der: &[u8]) -> Result<(String, Role), tonic::Status> {
+        let lock = || self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = lock().as_ref().and_then(|m| m.get(der)) {
+            return Ok(known.clone());
+        }
+        let identity = identity_of_der(der)?;
+        let mut g = lock();
+        let map = g.get_or_insert_with(Default::default);
+        if map.len() >= self.kept {
+            map.clear();
+        }
+        map.insert(der.to_vec(), identity.clone());
+        Ok(identity)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |m| m.len())
+    }
 }
 
 /// Check the caller may make a call that needs `access`; returns who it is.
@@ -122,4 +167,40 @@ pub fn authorize<T>(req: &tonic::Request<T>, access: Access, call: &str) -> Resu
         }));
     }
     Ok(who)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(role: &str, name: &str) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        if !role.is_empty() {
+            params.distinguished_name.push(rcgen::DnType::OrganizationalUnitName, role);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn identities_are_read_once_per_certificate_and_bounded() {
+        let cache = IdentityCache::new(2);
+        let (a, b, c) = (certificate("operator", "alice"), certificate("node", "n1"), certificate("viewer", "v"));
+        assert_eq!(cache.get_or_read(&a).unwrap(), ("alice".to_string(), Role::Operator));
+        assert_eq!(cache.get_or_read(&a).unwrap(), ("alice".to_string(), Role::Operator), "a kept identity is the same");
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.get_or_read(&b).unwrap(), ("n1".to_string(), Role::Node));
+        assert_eq!(cache.len(), 2);
+        // Full: emptied, then the new one kept.
+        assert_eq!(cache.get_or_read(&c).unwrap(), ("v".to_string(), Role::Viewer));
+        assert_eq!(cache.len(), 1);
+        // A certificate without a role is refused every time and never kept.
+        let bad = certificate("", "nobody");
+        for _ in 0..2 {
+            assert_eq!(cache.get_or_read(&bad).unwrap_err().code(), tonic::Code::PermissionDenied);
+        }
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.get_or_read(b"not a certificate").unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
 }
