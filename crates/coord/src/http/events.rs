@@ -354,14 +354,21 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn the_journal_publishes_exactly_what_applied_entries_touched() {
+    /// A state machine in a new data dir, and the journal's first look at it.
+    fn journal() -> (tempfile::TempDir, StateMachine, StateReader, BTreeMap<String, DestinationView>, Batch) {
         let dir = tempfile::tempdir().unwrap();
         let db = store::open(&dir.path().join("data"), "aaaa", 1).unwrap();
-        let (mut sm, reader) = StateMachine::open(db).unwrap();
+        let (sm, reader) = StateMachine::open(db).unwrap();
         let mut views = BTreeMap::new();
+        let first = diff(&reader, &mut views);
+        (dir, sm, reader, views, first)
+    }
+
+    #[tokio::test]
+    async fn the_journal_publishes_exactly_what_applied_entries_touched() {
+        let (_dir, mut sm, reader, mut views, first) = journal();
         // The first look takes everything (and is not published).
-        assert!(seen(&reader, &diff(&reader, &mut views)).iter().all(|(kind, _)| *kind == "reset"));
+        assert!(seen(&reader, &first).iter().all(|(kind, _)| *kind == "reset"));
 
         let ci = || "ci".to_string();
         let d = |s: &str| ("destination", s.to_string());
@@ -410,11 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_deployment_is_rendered_as_it_is_when_sent() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = store::open(&dir.path().join("data"), "aaaa", 1).unwrap();
-        let (mut sm, reader) = StateMachine::open(db).unwrap();
-        let mut views = BTreeMap::new();
-        diff(&reader, &mut views);
+        let (_dir, mut sm, reader, mut views, _) = journal();
         let labels: BTreeMap<String, String> = [("env".to_string(), "t".to_string())].into();
         let manifest = "app: web\nrelease: v1\ndestination: web\nrun: [srv]\nhealth: { tcp: true }\n";
         let spec = fleet_core::manifest::parse_manifest("f", manifest, &Default::default()).unwrap();
