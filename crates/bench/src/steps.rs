@@ -91,7 +91,7 @@ struct StepTimes {
 
 fn step_times(d: &Value, hooks: usize) -> anyhow::Result<StepTimes> {
     let id = d["id"].as_str().unwrap_or("?").to_string();
-    anyhow::ensure!(d["state"] == "succeeded", "deployment {id} ended {}: {}", d["state"], last_event(d));
+    anyhow::ensure!(d["state"] == "succeeded", "deployment {id} ended {}; its transitions: {}", d["state"], events(d));
     let steps = d["steps"].as_array().context("no steps")?;
     anyhow::ensure!(steps.len() >= hooks && hooks >= 2, "deployment {id} has {} steps, expected {hooks} hooks first", steps.len());
     let t = |i: usize, f: &str| -> anyhow::Result<i64> {
@@ -117,6 +117,13 @@ fn step_times(d: &Value, hooks: usize) -> anyhow::Result<StepTimes> {
         last_finish_ms: last,
         json_bytes: serde_json::to_vec(d)?.len(),
     })
+}
+
+/// Every transition's reason, in order (the one that failed a deployment
+/// names the step and its error; the last only says what was undone).
+fn events(d: &Value) -> String {
+    let reasons: Vec<String> = d["events"].as_array().into_iter().flatten().map(|e| e["reason"].to_string()).collect();
+    reasons.join(" → ")
 }
 
 pub(crate) fn last_event(d: &Value) -> String {
