@@ -207,7 +207,7 @@ impl Batch {
 /// The events of batch `b` as (kind, data): its deployments (those `send`
 /// accepts) rendered from the state now, which is at least as new as the
 /// batch. A deployment pruned since is left out.
-pub(crate) fn render(state: &StateReader, b: &Batch, send: impl Fn(u64) -> bool) -> Vec<(&'static str, String)> {
+fn render(state: &StateReader, b: &Batch, send: impl Fn(u64) -> bool) -> Vec<(&'static str, String)> {
     state.read(|a| {
         b.changes
             .iter()
