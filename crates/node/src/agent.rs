@@ -26,7 +26,8 @@
 //! ignores stale ones). The last [`JOURNAL_KEEP`] results are also kept in a
 //! journal file, so a restarted node still answers a repeated step with its
 //! result (instead of running it again) and re-sends results that a crash
-//! kept from being delivered.
+//! kept from being delivered. A result is written to the journal before it
+//! goes out and synced to disk while it travels (see [`Agent::finish`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -44,7 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::adapter::{Adapters, StepContext, StepError};
 use crate::fencing::{Fencing, Verdict};
-use crate::journal::Journal;
+use crate::journal::{BackgroundSync, Journal, Position};
 use crate::util::human;
 use crate::witness::{Witness, WitnessLine};
 
@@ -102,7 +103,7 @@ pub struct Agent {
     steps: Mutex<Steps>,
     results: mpsc::UnboundedSender<StepResult>,
     /// Where finished results are kept across restarts.
-    journal: Option<Journal>,
+    journal: Option<(Arc<Journal>, BackgroundSync)>,
 }
 
 /// A `StepResult` as the journal stores it.
@@ -210,7 +211,14 @@ impl Agent {
                         }
                     }
                 }
-                Some(journal)
+                let journal = Arc::new(journal);
+                match BackgroundSync::start(journal.clone()) {
+                    Ok(syncer) => Some((journal, syncer)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the result journal's sync thread; running without the journal: a restart will forget finished results");
+                        None
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "cannot open the result journal; running without it: a restart will forget finished results (check the data dir's permissions and free space)");
@@ -411,16 +419,25 @@ impl Agent {
                 }
             }
         }
-        self.journal(&r);
+        // Written before it goes out (so a node killed after sending still
+        // has it), synced while it travels: the leader needs a commit of
+        // its own (longer than this node's fdatasync) before anything
+        // depends on it, and until the sync ends the result is only as
+        // exposed to a power loss as it was before it was sent.
+        let written = self.journal_write(&r);
         let _ = self.results.send(r);
+        if let (Some((_, syncer)), Some(at)) = (&self.journal, written) {
+            syncer.sync_later(at);
+        }
     }
 
-    /// Append a result to the journal (durable before it goes out).
-    fn journal(&self, r: &StepResult) {
-        let (Some(journal), Some(line)) = (&self.journal, Journaled::of(r)) else { return };
-        if let Err(e) = journal.append(&line) {
-            tracing::error!(path = %journal.path().display(), error = %e, "cannot write the result journal; a restart would forget this result");
-        }
+    /// Write a result to the journal (not yet synced: see `finish`).
+    fn journal_write(&self, r: &StepResult) -> Option<Position> {
+        let (Some((journal, _)), Some(line)) = (&self.journal, Journaled::of(r)) else { return None };
+        journal
+            .write(&line)
+            .inspect_err(|e| tracing::error!(path = %journal.path().display(), error = %e, "cannot write the result journal; a restart would forget this result"))
+            .ok()
     }
 
     async fn execute(self: Arc<Self>, a: StepAssignment, key: StepKey, id: StepId, abort_rx: oneshot::Receiver<String>) {

@@ -3,7 +3,12 @@
 //!
 //! [`Journal::append`] writes a line and returns once it is on disk
 //! (`fdatasync`). Appends that arrive while a sync runs share the next one:
-//! whoever syncs covers every line written before it started. The file
+//! whoever syncs covers every line written before it started.
+//! [`Journal::write`] + [`Journal::sync`] are the same in two halves, so a
+//! caller can act between the write (the line survives the process being
+//! killed) and the sync (it survives the machine losing power); a
+//! [`BackgroundSync`] thread does the second half for callers that do not
+//! wait for it. The file
 //! holds at most `2 × keep` lines: when it would grow past that, the last
 //! `keep` records are written to a new file that replaces it atomically
 //! (write, fsync, rename, fsync the directory).
@@ -81,35 +86,57 @@ impl Journal {
 
     /// Append `record`; returns once it is durable.
     pub fn append<T: Serialize>(&self, record: &T) -> std::io::Result<()> {
+        let at = self.write(record)?;
+        self.sync(at)
+    }
+
+    /// Write `record` to the file without waiting for the disk, and
+    /// return its position for [`Journal::sync`]. Once this returns, the
+    /// line survives the process being killed (it is in the kernel's page
+    /// cache), not yet the machine losing power.
+    pub fn write<T: Serialize>(&self, record: &T) -> std::io::Result<Position> {
         let line = encode(record)?;
-        let (file, mine) = {
-            let mut g = self.inner();
-            g.recent.push_back(line.clone());
-            if g.recent.len() > self.keep {
-                g.recent.pop_front();
-            }
-            g.written += 1;
-            if g.damaged || g.lines >= 2 * self.keep {
-                return self.rewrite(&mut g);
-            }
-            if let Err(e) = (&*g.file).write_all(&line) {
-                g.damaged = true;
-                return Err(e);
-            }
-            g.lines += 1;
-            (g.file.clone(), g.written)
-        };
+        let mut g = self.inner();
+        g.recent.push_back(line.clone());
+        if g.recent.len() > self.keep {
+            g.recent.pop_front();
+        }
+        g.written += 1;
+        if g.damaged || g.lines >= 2 * self.keep {
+            // A rewrite is durable when it returns: its position is synced.
+            self.rewrite(&mut g)?;
+            return Ok(Position(g.written));
+        }
+        if let Err(e) = (&*g.file).write_all(&line) {
+            g.damaged = true;
+            return Err(e);
+        }
+        g.lines += 1;
+        Ok(Position(g.written))
+    }
+
+    /// Return once every line written up to `at` is on disk. One
+    /// `fdatasync` covers every line written before it started, so callers
+    /// that arrive while one runs share the next.
+    pub fn sync(&self, at: Position) -> std::io::Result<()> {
         let _turn = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
-        if self.synced.load(Ordering::Acquire) >= mine {
+        if self.synced.load(Ordering::Acquire) >= at.0 {
             return Ok(());
         }
-        // Everything written so far, this line included, is in `file` or
-        // in a rewrite that was synced when it was made.
-        let upto = self.inner().written;
+        // Everything written so far, `at` included, is in `file` or in a
+        // rewrite that was synced when it was made.
+        let (file, upto) = {
+            let g = self.inner();
+            (g.file.clone(), g.written)
+        };
         file.sync_data()?;
         self.synced.fetch_max(upto, Ordering::AcqRel);
-        drop(file);
         Ok(())
+    }
+
+    /// The position up to which every line is known to be on disk.
+    pub fn synced(&self) -> Position {
+        Position(self.synced.load(Ordering::Acquire))
     }
 
     /// Replace the file with the last `keep` records (durable on return).
@@ -125,6 +152,40 @@ impl Journal {
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A place in the journal: the count of lines appended since it was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position(u64);
+
+/// A thread that makes written lines durable for callers that do not wait:
+/// [`BackgroundSync::sync_later`] returns at once, and the thread syncs up
+/// to the furthest position asked of it, one `fdatasync` for all that
+/// waited meanwhile. It stops when this is dropped.
+pub struct BackgroundSync {
+    tx: std::sync::mpsc::Sender<Position>,
+}
+
+impl BackgroundSync {
+    pub fn start(journal: Arc<Journal>) -> std::io::Result<BackgroundSync> {
+        let (tx, rx) = std::sync::mpsc::channel::<Position>();
+        std::thread::Builder::new().name("journal-sync".into()).spawn(move || {
+            while let Ok(mut at) = rx.recv() {
+                while let Ok(later) = rx.try_recv() {
+                    at = at.max(later);
+                }
+                if let Err(e) = journal.sync(at) {
+                    tracing::error!(path = %journal.path().display(), error = %e, "cannot sync the journal to disk; a crash of this machine could lose its latest lines (check the disk and free space)");
+                }
+            }
+        })?;
+        Ok(BackgroundSync { tx })
+    }
+
+    /// Have every line up to `at` synced soon; returns at once.
+    pub fn sync_later(&self, at: Position) {
+        let _ = self.tx.send(at);
     }
 }
 
@@ -220,6 +281,52 @@ mod tests {
         j.append(&5).unwrap();
         drop(j);
         assert_eq!(Journal::open::<u32>(&path, 3).unwrap().1, [3, 4, 5]);
+    }
+
+    #[test]
+    fn a_written_line_is_in_the_file_before_its_sync_and_synced_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (j, _, _) = Journal::open::<u32>(&path, 10).unwrap();
+        let first = j.write(&1u32).unwrap();
+        let second = j.write(&2u32).unwrap();
+        assert!(first < second);
+        // A process killed now leaves both lines (the page cache has them).
+        assert_eq!(lines(&path), ["1", "2"]);
+        assert!(j.synced() < first);
+        // One sync covers every line written before it.
+        j.sync(first).unwrap();
+        assert!(j.synced() >= second);
+        // A rewrite (past 2 × keep lines) is durable when written.
+        drop(j);
+        let (j, _, _) = Journal::open::<u32>(&path, 1).unwrap();
+        let plain = j.write(&3u32).unwrap();
+        assert!(j.synced() < plain);
+        let rewritten = j.write(&4u32).unwrap();
+        assert!(j.synced() >= rewritten);
+        assert_eq!(lines(&path), ["4"]);
+    }
+
+    #[test]
+    fn the_background_sync_reaches_the_furthest_position_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (j, _, _) = Journal::open::<u32>(&path, 100).unwrap();
+        let j = Arc::new(j);
+        let syncer = BackgroundSync::start(j.clone()).unwrap();
+        let mut last = j.write(&0u32).unwrap();
+        for i in 1..20u32 {
+            last = j.write(&i).unwrap();
+            syncer.sync_later(last);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while j.synced() < last {
+            assert!(std::time::Instant::now() < deadline, "synced {:?}, asked {last:?}", j.synced());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Stops with its owner; what it synced reads back in order.
+        drop(syncer);
+        assert_eq!(Journal::open::<u32>(&path, 100).unwrap().1, (0..20).collect::<Vec<_>>());
     }
 
     #[test]

@@ -694,6 +694,10 @@ async fn commands_run_once_per_key_and_report_failures() {
     n.agent.assign(assign(&k, &command(&run), 10_000));
     let first = next(&mut n).await;
     assert!(first.ok, "{}", first.error);
+    // In the journal file before it went out (synced while it travels), so
+    // a node killed now still has it.
+    let journal = std::fs::read_to_string(n.data.join("results.json")).unwrap();
+    assert!(journal.lines().count() == 1 && journal.contains(r#""deployment":"d1""#), "{journal}");
     let out: Value = serde_json::from_str(&first.output_json).unwrap();
     assert_eq!(out["ran"], true);
 
