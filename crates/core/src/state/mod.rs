@@ -132,6 +132,11 @@ pub struct State {
     /// from the older inline layout): every record is written. Derived,
     /// never persisted.
     persisted_steps: BTreeMap<u64, Vec<StepRecord>>,
+    /// The header (everything but the step records) of each active
+    /// deployment as last persisted under `deploy/<n>`, so a change that
+    /// leaves it as it was (most step results) does not encode and write
+    /// it again. Missing: it is written. Derived, never persisted.
+    persisted_headers: BTreeMap<u64, Deployment>,
     queues: BTreeMap<String, VecDeque<u64>>,
     nodes: BTreeMap<String, NodeRecord>,
     destinations: BTreeMap<String, Destination>,
@@ -273,6 +278,12 @@ impl State {
             // layouts: nothing of it needs writing again.
             if d.steps.is_empty() {
                 state.persisted_steps.entry(*n).or_default();
+            }
+            // Its header is known to be stored as it is only in the layout
+            // of records under their own keys (an inline header holds the
+            // records too, so it is written again on the next change).
+            if state.persisted_steps.contains_key(n) {
+                state.persisted_headers.insert(*n, d.without_steps());
             }
         }
         Ok(state)
@@ -508,45 +519,55 @@ impl State {
         (response, cx.changes)
     }
 
-    /// Persist deployment `n`: its header, and the step records that
-    /// differ from what was persisted last (keeps the index of active ones
-    /// true: every change to a deployment goes through here).
+    /// Persist deployment `n`: its header when it changed, and the step
+    /// records that differ from what was persisted last (keeps the index
+    /// of active ones true: every change to a deployment goes through
+    /// here).
     fn put_deployment(&mut self, cx: &mut Ctx, n: u64) {
         let Some(d) = self.deployments.get_mut(&n) else { return };
+        // While its records are out, `d` is the header.
         let steps = std::mem::take(&mut d.steps);
-        cx.put(format!("{DEPLOY_PREFIX}{n}"), &*d);
-        d.steps = steps;
+        let header_changed = self.persisted_headers.get(&n) != Some(&*d);
         // No record remembered (an ended deployment, or one read from the
         // inline layout) is the same as none persisted: every record is
         // written.
         let mut persisted = self.persisted_steps.remove(&n).unwrap_or_default();
         // (Records are planned once, at the grant, and never dropped; a
         // saga that shrank would leave none behind either.)
-        for i in d.steps.len()..persisted.len() {
+        for i in steps.len()..persisted.len() {
             cx.delete(step_key(n, i));
         }
-        persisted.truncate(d.steps.len());
-        for (i, s) in d.steps.iter().enumerate() {
+        persisted.truncate(steps.len());
+        let mut records_written = false;
+        for (i, s) in steps.iter().enumerate() {
             match persisted.get_mut(i) {
                 Some(p) if p.same_progress(s) => {
                     debug_assert!(p == s, "step {i} of d{n} changed beyond its progress and node; see StepRecord::same_progress");
+                    continue;
                 }
-                Some(p) => {
-                    cx.put(step_key(n, i), s);
-                    *p = s.clone();
-                }
-                None => {
-                    cx.put(step_key(n, i), s);
-                    persisted.push(s.clone());
-                }
+                Some(p) => *p = s.clone(),
+                None => persisted.push(s.clone()),
             }
+            cx.put(step_key(n, i), s);
+            records_written = true;
+        }
+        // Also written when nothing else was: every put leaves a key of the
+        // deployment in the change, which wakes the scheduler and the
+        // event journal.
+        if header_changed || !records_written {
+            cx.put(format!("{DEPLOY_PREFIX}{n}"), &*d);
         }
         if d.state.is_terminal() {
             self.active.remove(&n);
+            self.persisted_headers.remove(&n);
         } else {
             self.active.insert(n);
             self.persisted_steps.insert(n, persisted);
+            if header_changed {
+                self.persisted_headers.insert(n, d.clone());
+            }
         }
+        d.steps = steps;
     }
 
     /// Persist the queue of `destination` (an empty queue is deleted).

@@ -358,6 +358,35 @@ mod deployments {
     }
 
     #[test]
+    fn the_header_is_written_when_it_changed_or_when_nothing_else_was() {
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let id = id_of(&w.submit("web", "v1", "a"));
+        let n = deployment_number(&id).unwrap();
+        let header = format!("deploy/{n}");
+        let mut left_alone = 0;
+        while let Some(c) = w.next_result(&id) {
+            let before = w.s.deployment(&id).unwrap().without_steps();
+            let (_, changes) = w.apply_changes(c);
+            let after = w.s.deployment(&id).unwrap().without_steps();
+            let records = changes.iter().filter(|c| c.key.starts_with(&format!("{header}/step/"))).count();
+            let wrote_header = changes.iter().any(|c| c.key == header);
+            assert_eq!(wrote_header, before != after || records == 0, "{before:?} → {after:?}, {records} records");
+            left_alone += usize::from(!wrote_header);
+            assert_eq!(State::load(w.kv.clone()).unwrap(), w.s, "what was persisted rebuilds the state");
+        }
+        assert_eq!(w.state_of(&id), DeployState::Succeeded);
+        assert!(left_alone > 0, "a plain step result leaves the header alone");
+        // A restart knows the stored header: the next change compares with it.
+        let mut w2 = World::new(&[("a", QueuePolicy::Queue)]);
+        let id2 = id_of(&w2.submit("web", "v2", "a"));
+        let c = w2.next_result(&id2).unwrap();
+        let mut reloaded = State::load(w2.kv.clone()).unwrap();
+        let (_, changes) = reloaded.apply(w2.index + 1, &req(None, w2.index as i64 + 1, c));
+        let header2 = format!("deploy/{}", deployment_number(&id2).unwrap());
+        assert!(changes.iter().all(|c| c.key != header2), "{:?}", changes.iter().map(|c| &c.key).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn fifo_queue_grants_in_submission_order_with_growing_tokens() {
         use DeployState::*;
         let mut w = World::new(&[("a", QueuePolicy::Queue), ("b", QueuePolicy::Queue)]);
