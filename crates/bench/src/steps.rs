@@ -68,6 +68,11 @@ pub struct Args {
     /// phase and print where its CPU went (perturbs that phase's numbers).
     #[arg(long)]
     perf: bool,
+    /// Record every coordinator and node of the largest concurrent phase
+    /// with `perf record` (DWARF call graphs) into DIR/<process>.data, for
+    /// `perf report -i` (perturbs that phase's numbers).
+    #[arg(long, value_name = "DIR")]
+    perf_all: Option<std::path::PathBuf>,
     /// Give up on a phase after this long.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     phase_timeout: Duration,
@@ -718,6 +723,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 None
             };
+            let recorders = match &args.perf_all {
+                Some(dir) if n == max_dests && k == args.nodes[0] => {
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                    let mut list = Vec::new();
+                    for (label, pid) in procs.list.iter().filter(|(l, _)| !l.starts_with("bench")) {
+                        list.push(perf_start(*pid, dir.join(format!("{}.data", label.replace('(', "-").replace(')', ""))))?);
+                    }
+                    list
+                }
+                _ => Vec::new(),
+            };
             let cpu0 = procs.sample();
             let sampler = procstat::Sampler::start(procs.pids(), Duration::from_millis(20));
             let t0 = Instant::now();
@@ -739,6 +755,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let wall = t0.elapsed();
             let samples = sampler.finish();
             let cpu1 = procs.sample();
+            for mut r in recorders {
+                std::process::Command::new("kill").args(["-INT", &r.child.id().to_string()]).status()?;
+                r.child.wait()?;
+                eprintln!("perf profile kept: perf report -i {}", r.out.display());
+            }
             if let Some(p) = perf {
                 let shares = perf_stop(p)?;
                 println!("{}", json!({"mode": "steps", "run": "leader_profile", "destinations": n, "nodes": k,
