@@ -511,11 +511,19 @@ fn perf_start(pid: u32, out: std::path::PathBuf) -> anyhow::Result<Perf> {
     Ok(Perf { child, out })
 }
 
+impl Perf {
+    /// Stop recording (SIGINT) and wait until the data file is complete.
+    fn stop(&mut self) -> anyhow::Result<()> {
+        std::process::Command::new("kill").args(["-INT", &self.child.id().to_string()]).status()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
 /// Share of the profiled process's samples spent in (under) each of the
 /// functions that matter for a step.
 fn perf_stop(mut p: Perf) -> anyhow::Result<Vec<(String, f64)>> {
-    std::process::Command::new("kill").args(["-INT", &p.child.id().to_string()]).status()?;
-    p.child.wait()?;
+    p.stop()?;
     let out = std::process::Command::new("perf")
         .args(["report", "--children", "--stdio", "--sort", "symbol", "-g", "none", "-i"])
         .arg(&p.out)
@@ -756,8 +764,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let samples = sampler.finish();
             let cpu1 = procs.sample();
             for mut r in recorders {
-                std::process::Command::new("kill").args(["-INT", &r.child.id().to_string()]).status()?;
-                r.child.wait()?;
+                r.stop()?;
                 eprintln!("perf profile kept: perf report -i {}", r.out.display());
             }
             if let Some(p) = perf {

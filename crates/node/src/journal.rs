@@ -8,10 +8,11 @@
 //! caller can act between the write (the line survives the process being
 //! killed) and the sync (it survives the machine losing power); a
 //! [`BackgroundSync`] thread does the second half for callers that do not
-//! wait for it. The file
-//! holds at most `2 × keep` lines: when it would grow past that, the last
-//! `keep` records are written to a new file that replaces it atomically
-//! (write, fsync, rename, fsync the directory).
+//! wait for it.
+//!
+//! The file holds at most `2 × keep` lines: when it would grow past that,
+//! the last `keep` records are written to a new file that replaces it
+//! atomically (write, fsync, rename, fsync the directory).
 //!
 //! Opening reads what a previous run left: every whole line that decodes
 //! (a crash can leave the last line torn; it is skipped), or the JSON array
