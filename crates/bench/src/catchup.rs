@@ -149,7 +149,19 @@ async fn sim_nodes(cluster: &Cluster, args: &Args, pids: &[(u64, u32)]) -> anyho
     let issued_s = t0.elapsed().as_secs_f64();
     eventually(&format!("the leader to list {n} simulated nodes connected"), Duration::from_secs(300), || async {
         let mut c = cluster.client("operator")?;
-        Ok((connected_nodes(&mut c).await? >= n).then_some(()))
+        let listed = connected_nodes(&mut c).await?;
+        if listed >= n {
+            return Ok(Some(()));
+        }
+        // Said in the timeout's error: how far it got, and whether the
+        // leader or the simulated nodes fell short.
+        let s = &sims.stats;
+        anyhow::bail!(
+            "the leader lists {listed} of {n} connected; the simulated nodes count {} streams up, {} sessions, {} stream failures",
+            s.connected.load(Ordering::Relaxed),
+            s.sessions.load(Ordering::Relaxed),
+            s.failures.load(Ordering::Relaxed)
+        )
     })
     .await?;
     let connected_s = t0.elapsed().as_secs_f64();
