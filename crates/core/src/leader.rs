@@ -28,7 +28,7 @@
 use std::time::Duration;
 
 use crate::command::Command;
-use crate::deploy::{DeployState, Deployment, ErrorClass, StepOutcome, StepStatus};
+use crate::deploy::{Cursor, DeployState, Deployment, ErrorClass, StepOutcome, StepStatus, Work};
 use crate::saga::StepAction;
 use crate::state::State;
 
@@ -186,7 +186,9 @@ pub fn due_among<'a>(state: &State, ids: impl IntoIterator<Item = &'a str>, tick
 }
 
 fn due_one(state: &State, d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Action> {
-    back_again(state, d, tick, seen).or_else(|| due_for(d, tick, seen))
+    // Where the engine stands, found once for every rule below.
+    let c = d.cursor();
+    back_again(state, d, &c, tick, seen).or_else(|| due_at(d, &c, tick, seen))
 }
 
 /// Deployment `d` waits for a node that the state still records as lost,
@@ -194,8 +196,8 @@ fn due_one(state: &State, d: &Deployment, tick: Tick, seen: &impl Observed) -> O
 /// a stream that outlived its lease, e.g. after a SIGSTOP, or its
 /// `NodeLost` was applied after it had registered again): register it
 /// again, which lets the work go on there.
-fn back_again(state: &State, d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Action> {
-    let (i, _) = d.blocking_wait()?;
+fn back_again(state: &State, d: &Deployment, c: &Cursor, tick: Tick, seen: &impl Observed) -> Option<Action> {
+    let (i, _) = d.blocking_wait_at(c)?;
     let node = d.steps.get(i)?.plan.node.as_str();
     let rec = state.node(node).filter(|n| n.lost_ms.is_some())?;
     if !seen.is_connected(node) || lease_expired(silence_ms(tick, seen.last_heard_ms(node))) {
@@ -208,6 +210,11 @@ fn back_again(state: &State, d: &Deployment, tick: Tick, seen: &impl Observed) -
 /// The action due now for deployment `d`, if any (see the module docs for
 /// the order in which the rules are checked).
 pub fn due_for(d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Action> {
+    due_at(d, &d.cursor(), tick, seen)
+}
+
+/// [`due_for`], given `d`'s cursor now.
+fn due_at(d: &Deployment, c: &Cursor, tick: Tick, seen: &impl Observed) -> Option<Action> {
     if d.state.is_terminal() {
         return None;
     }
@@ -215,7 +222,7 @@ pub fn due_for(d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Actio
 
     // Node wait: the work it needs waits for a lost node; past the wait's
     // bound, give up on it (the state machine checks the bound again).
-    let waiting = d.blocking_wait();
+    let waiting = d.blocking_wait_at(c);
     if let Some((_, w)) = waiting.filter(|(_, w)| now >= w.until_ms) {
         let key = format!("{}/node-wait/{}", d.id, w.until_ms);
         let request_id = Some(format!("{LEADER_ACTOR}/node-wait/{}/{}", d.id, w.until_ms));
@@ -223,7 +230,7 @@ pub fn due_for(d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Actio
     }
 
     // Node lease: the node this deployment needs has been silent too long.
-    if let Some(node) = d.node_needed().filter(|_| waiting.is_none()) {
+    if let Some(node) = d.node_needed_at(c).filter(|_| waiting.is_none()) {
         let silent = silence_ms(tick, seen.last_heard_ms(node));
         if lease_expired(silent) {
             let why = format!("no heartbeat for {:.1}s", silent as f64 / 1000.0);
@@ -249,10 +256,8 @@ pub fn due_for(d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Actio
     }
 
     // Cancelling: the forward step that may be in flight is stopped first.
-    if d.state == DeployState::Cancelling {
-        if let Some(i) = d.pending_forward_step() {
-            return stop_in_flight(d, i, tick, seen);
-        }
+    if let Some(i) = c.cancelled_in_flight {
+        return stop_in_flight(d, i, tick, seen);
     }
 
     // A paused canary: promote when its pause passed, stop its analysis
@@ -261,7 +266,7 @@ pub fn due_for(d: &Deployment, tick: Tick, seen: &impl Observed) -> Option<Actio
         return action;
     }
 
-    next_work(d, now, seen)
+    next_work(d, c.next, now, seen)
 }
 
 fn propose(key: String, request_id: Option<String>, command: Command) -> Action {
@@ -311,8 +316,8 @@ fn stop_in_flight(d: &Deployment, i: usize, tick: Tick, seen: &impl Observed) ->
 
 /// The engine's next step or undo, unless it waits for its backoff or is
 /// already in flight on its node.
-fn next_work(d: &Deployment, now: i64, seen: &impl Observed) -> Option<Action> {
-    let w = d.next()?;
+fn next_work(d: &Deployment, next: Option<Work>, now: i64, seen: &impl Observed) -> Option<Action> {
+    let w = next?;
     if w.not_before_ms.is_some_and(|t| t > now) {
         return None;
     }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use fleet_core::deploy::{ErrorClass, StepOutcome};
+use fleet_core::deploy::{DeployState, ErrorClass, StepOutcome};
 use fleet_core::manifest::{parse_manifest, Destination, Overrides, QueuePolicy, Spec, DEFAULT_NODE_WAIT_MS};
 use fleet_core::{Command, Request, State};
 use proptest::prelude::*;
@@ -171,6 +171,14 @@ fn run(ops: &[Op]) -> (State, BTreeMap<String, Vec<u8>>) {
     let mut apply = |s: &mut State, at_ms: i64, request_id: Option<String>, command: Command| {
         index += 1;
         let (_, changes) = s.apply(index, &Request { request_id, at_ms, command, origin: None });
+        // The leader's rules read the engine through a cursor: it must say
+        // what the engine's own answers say, in every state reached.
+        for d in s.deployments() {
+            let c = d.cursor();
+            assert_eq!(c.next, d.next(), "cursor of {} ({})", d.id, d.state);
+            let in_flight = d.pending_forward_step().filter(|_| d.state == DeployState::Cancelling);
+            assert_eq!(c.cancelled_in_flight, in_flight, "cursor of {} ({})", d.id, d.state);
+        }
         for c in changes {
             match c.value {
                 Some(v) => kv.insert(c.key, v),

@@ -170,7 +170,7 @@ impl Deployment {
         } else {
             format!("promoted by {by}")
         };
-        if let Some(s) = self.steps.get_mut(p.step) {
+        if let Some(s) = self.step_mut(p.step) {
             s.status = StepStatus::Done;
             s.output = output;
             s.error = None;
@@ -193,7 +193,7 @@ impl Deployment {
         let requested = self.pause.as_ref().and_then(|p| p.promote_requested_by.clone());
         let promoted = r.ok || (requested.is_some() && r.class == Some(ErrorClass::Aborted));
         if promoted {
-            if let Some(s) = self.steps.get_mut(r.step) {
+            if let Some(s) = self.step_mut(r.step) {
                 s.started_ms = Some(r.started_ms);
             }
             let actor = if r.ok && requested.is_none() { LEADER_ACTOR.to_string() } else { r.node.clone() };
@@ -202,7 +202,7 @@ impl Deployment {
         }
         let error = r.error.clone().unwrap_or_else(|| "the analysis failed without a message".into());
         let on = self.steps.get(r.step).map(|s| s.plan.node.clone()).unwrap_or_default();
-        if let Some(s) = self.steps.get_mut(r.step) {
+        if let Some(s) = self.step_mut(r.step) {
             s.status = StepStatus::Failed;
             s.error = Some(error.clone());
             s.error_class = r.class;
@@ -223,10 +223,11 @@ impl Deployment {
         if !matches!(self.state, DeployState::Compensating | DeployState::Cancelling) {
             return;
         }
-        while let Some(s) = self.steps.iter_mut().rev().find(|s| s.status == StepStatus::Done) {
-            if !s.plan.action.is_pause() {
+        while let Some(i) = self.steps.iter().rposition(|s| s.status == StepStatus::Done) {
+            if !self.steps[i].plan.action.is_pause() {
                 break;
             }
+            let Some(s) = self.step_mut(i) else { break };
             s.status = StepStatus::Undone;
             s.undo_started_ms = Some(at_ms);
             s.undo_finished_ms = Some(at_ms);

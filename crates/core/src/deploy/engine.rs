@@ -3,7 +3,29 @@
 
 use super::{jitter_seed, DeployError, DeployState, Deployment, ErrorClass, StepOutcome, StepStatus, Work};
 
+/// Where the engine stands on a deployment: [`Deployment::next`] and,
+/// while it is being cancelled, [`Deployment::pending_forward_step`].
+/// Each is a scan of the steps, and the leader's rules ask them several
+/// times per decision (`leader::due_among` on every applied result), so
+/// they read them from one `Cursor` ([`Deployment::cursor`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub next: Option<Work>,
+    /// Cancelling only: the forward step that may still be in flight
+    /// (its result is awaited before anything is undone).
+    pub cancelled_in_flight: Option<usize>,
+}
+
 impl Deployment {
+    /// [`Deployment::next`] and the step a cancel waits for, in one scan
+    /// (two while cancelling).
+    pub fn cursor(&self) -> Cursor {
+        let cancelled_in_flight = if self.state == DeployState::Cancelling { self.pending_forward_step() } else { None };
+        // `next` answers nothing while a cancelled step may run.
+        let next = if cancelled_in_flight.is_some() { None } else { self.next() };
+        Cursor { next, cancelled_in_flight }
+    }
+
     /// The engine: what runs next, from the recorded state only.
     pub fn next(&self) -> Option<Work> {
         match self.state {
@@ -103,6 +125,11 @@ impl Deployment {
             return done;
         }
         let actor = r.node.clone();
+        // Noted here, not through `step_mut`: the record is changed
+        // while the deployment's other fields are read.
+        if r.step < self.steps.len() {
+            self.changed.one(r.step);
+        }
         let Some(step) = self.steps.get_mut(r.step) else {
             return Err(DeployError::Stale { id: self.id.clone(), why: format!("there is no step {}", r.step) });
         };
@@ -169,9 +196,12 @@ impl Deployment {
 
     /// The node that the next piece of work (or the step in flight) needs.
     pub fn node_needed(&self) -> Option<&str> {
-        if let Some(i) = self.pending_forward_step().filter(|_| self.state == DeployState::Cancelling) {
-            return self.steps.get(i).map(|s| s.plan.node.as_str());
-        }
-        self.next().and_then(|w| self.steps.get(w.step)).map(|s| s.plan.node.as_str())
+        self.node_needed_at(&self.cursor())
+    }
+
+    /// [`Deployment::node_needed`], given the deployment's cursor now.
+    pub fn node_needed_at(&self, c: &Cursor) -> Option<&str> {
+        let i = c.cancelled_in_flight.or(c.next.map(|w| w.step))?;
+        self.steps.get(i).map(|s| s.plan.node.as_str())
     }
 }

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::{DeployError, DeployState, Deployment, Event, LiveNodes, NodeWait, NodeWaits, StepStatus};
+use super::{Cursor, DeployError, DeployState, Deployment, Event, LiveNodes, NodeWait, NodeWaits, StepStatus};
 use crate::manifest::DEFAULT_NODE_WAIT_MS;
 
 /// How [`Deployment::hand_over`] treats work with no live node to run on.
@@ -91,10 +91,12 @@ impl Deployment {
     /// needs next (or the forward step still in flight while cancelling)
     /// waits for a node. `(step, wait)`.
     pub fn blocking_wait(&self) -> Option<(usize, &NodeWait)> {
-        let i = match self.pending_forward_step().filter(|_| self.state == DeployState::Cancelling) {
-            Some(i) => i,
-            None => self.next()?.step,
-        };
+        self.blocking_wait_at(&self.cursor())
+    }
+
+    /// [`Deployment::blocking_wait`], given the deployment's cursor now.
+    pub fn blocking_wait_at(&self, c: &Cursor) -> Option<(usize, &NodeWait)> {
+        let i = c.cancelled_in_flight.or(c.next.map(|w| w.step))?;
         self.steps.get(i).and_then(|s| s.waiting.as_ref()).map(|w| (i, w))
     }
 
@@ -113,7 +115,7 @@ impl Deployment {
         let mut since = at_ms;
         for i in 0..self.steps.len() {
             let dest = self.step_destination(i).to_string();
-            let Some(s) = self.steps.get_mut(i) else { continue };
+            let Some(s) = self.step_mut(i) else { continue };
             let Some(w) = s.waiting.clone() else { continue };
             if !Self::is_live(live, &dest, node) || (s.plan.node != node && !s.plan.movable) {
                 continue;
@@ -191,7 +193,7 @@ impl Deployment {
         let mut waiting: BTreeMap<String, (BTreeSet<String>, Vec<String>, i64, u64)> = BTreeMap::new();
         for i in 0..self.steps.len() {
             let dest = self.step_destination(i).to_string();
-            let Some(s) = self.steps.get_mut(i) else { continue };
+            let Some(s) = self.step_mut(i) else { continue };
             let affected = if undoing { s.status == StepStatus::Done && s.plan.reversible } else { s.status == StepStatus::Pending };
             if !affected || Self::is_live(live, &dest, &s.plan.node) {
                 continue;

@@ -68,7 +68,7 @@ impl Deployment {
             DeployState::Queued | DeployState::Running | DeployState::Paused => {
                 self.timed_out = timed_out;
                 self.transition(DeployState::Cancelling, at_ms, reason, actor)?;
-                for s in &mut self.steps {
+                for s in self.steps_mut() {
                     s.not_before_ms = None;
                 }
                 self.settle(at_ms, actor)

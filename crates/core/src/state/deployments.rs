@@ -146,6 +146,7 @@ impl State {
             targets,
             steps: vec![],
             events: vec![Event { at_ms, from: None, to: DeployState::Queued, reason: reason.to_string(), actor: actor.to_string() }],
+            changed: Default::default(),
         };
         self.deployments.insert(index, d);
         // One apply enqueues it on every destination: queue order is the

@@ -116,7 +116,7 @@ impl State {
             let Some(d) = self.deployments.get_mut(&n) else { continue };
             d.token = Some(index);
             d.previous_release = previous;
-            d.steps = steps;
+            *d.steps_mut() = steps;
             let node_count: BTreeSet<&str> = d.steps.iter().map(|s| s.plan.node.as_str()).collect();
             let what = if dests.len() > 1 {
                 format!("{} destination locks granted in one step", dests.len())

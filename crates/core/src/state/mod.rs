@@ -527,11 +527,17 @@ impl State {
         let Some(d) = self.deployments.get_mut(&n) else { return };
         // While its records are out, `d` is the header.
         let steps = std::mem::take(&mut d.steps);
+        let changed = d.take_changed();
         let header_changed = self.persisted_headers.get(&n) != Some(&*d);
         // No record remembered (an ended deployment, or one read from the
         // inline layout) is the same as none persisted: every record is
         // written.
-        let mut persisted = self.persisted_steps.remove(&n).unwrap_or_default();
+        let remembered = self.persisted_steps.remove(&n);
+        // Only the records noted as changed can differ from what is
+        // persisted, unless there is no such memory or the saga's length
+        // changed: then every record is compared.
+        let every = changed.is_every() || remembered.as_ref().is_none_or(|p| p.len() != steps.len());
+        let mut persisted = remembered.unwrap_or_default();
         // (Records are planned once, at the grant, and never dropped; a
         // saga that shrank would leave none behind either.)
         for i in steps.len()..persisted.len() {
@@ -540,6 +546,15 @@ impl State {
         persisted.truncate(steps.len());
         let mut records_written = false;
         for (i, s) in steps.iter().enumerate() {
+            if !every && !changed.contains(i) {
+                // In a debug build every change is checked to have been
+                // noted: one missed would never reach the store.
+                debug_assert!(
+                    persisted.get(i) == Some(s),
+                    "step {i} of d{n} changed without being noted; change records through Deployment::step_mut or steps_mut"
+                );
+                continue;
+            }
             match persisted.get_mut(i) {
                 Some(p) if p.same_progress(s) => {
                     debug_assert!(p == s, "step {i} of d{n} changed beyond its progress and node; see StepRecord::same_progress");

@@ -386,6 +386,28 @@ mod deployments {
         assert!(changes.iter().all(|c| c.key != header2), "{:?}", changes.iter().map(|c| &c.key).collect::<Vec<_>>());
     }
 
+    /// A result writes the step records that differ from before it, and
+    /// no other: a plain success writes the one it records.
+    #[test]
+    fn a_result_writes_exactly_the_records_it_changed() {
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let id = id_of(&w.submit("web", "v1", "a"));
+        let prefix = format!("deploy/{}/step/", deployment_number(&id).unwrap());
+        let mut single = 0;
+        while let Some(c) = w.next_result(&id) {
+            let before = w.s.deployment(&id).unwrap().steps.clone();
+            let (_, changes) = w.apply_changes(c);
+            let after = &w.s.deployment(&id).unwrap().steps;
+            let differ: Vec<String> =
+                before.iter().zip(after).enumerate().filter(|(_, (b, a))| b != a).map(|(i, _)| format!("{prefix}{i}")).collect();
+            let written: Vec<String> = changes.iter().filter(|c| c.key.starts_with(&prefix)).map(|c| c.key.clone()).collect();
+            assert_eq!(written, differ);
+            single += usize::from(written.len() == 1);
+        }
+        assert_eq!(w.state_of(&id), DeployState::Succeeded);
+        assert!(single > 0, "a plain step result writes one record");
+    }
+
     #[test]
     fn fifo_queue_grants_in_submission_order_with_growing_tokens() {
         use DeployState::*;
