@@ -16,6 +16,14 @@ pub struct Cursor {
     pub cancelled_in_flight: Option<usize>,
 }
 
+impl Cursor {
+    /// The step the deployment is at: the cancelled one still in flight,
+    /// else the next to run or undo.
+    pub fn step(&self) -> Option<usize> {
+        self.cancelled_in_flight.or(self.next.map(|w| w.step))
+    }
+}
+
 impl Deployment {
     /// [`Deployment::next`] and the step a cancel waits for, in one scan
     /// (two while cancelling).
@@ -201,7 +209,6 @@ impl Deployment {
 
     /// [`Deployment::node_needed`], given the deployment's cursor now.
     pub fn node_needed_at(&self, c: &Cursor) -> Option<&str> {
-        let i = c.cancelled_in_flight.or(c.next.map(|w| w.step))?;
-        self.steps.get(i).map(|s| s.plan.node.as_str())
+        self.steps.get(c.step()?).map(|s| s.plan.node.as_str())
     }
 }

@@ -96,7 +96,7 @@ impl Deployment {
 
     /// [`Deployment::blocking_wait`], given the deployment's cursor now.
     pub fn blocking_wait_at(&self, c: &Cursor) -> Option<(usize, &NodeWait)> {
-        let i = c.cancelled_in_flight.or(c.next.map(|w| w.step))?;
+        let i = c.step()?;
         self.steps.get(i).and_then(|s| s.waiting.as_ref()).map(|w| (i, w))
     }
 
