@@ -15,6 +15,7 @@ use fleet_node::connection::Connector;
 use fleet_node::docker::{DockerAdapter, DockerConfig};
 use fleet_node::fencing::Fencing;
 use fleet_node::identity::NodeIdentity;
+use fleet_node::process::ports::{self, PortRange};
 use fleet_node::process::{ProcessAdapter, ProcessConfig};
 use fleet_node::witness::Witness;
 
@@ -92,6 +93,13 @@ struct Args {
     /// a message naming the socket.
     #[arg(long, env = "FLEET_NODE_DOCKER_SOCKET", value_name = "PATH")]
     docker_socket: Option<PathBuf>,
+
+    /// The ports new app instances listen on, FIRST-LAST. Keep it outside
+    /// the kernel's ephemeral range (Linux: `sysctl
+    /// net.ipv4.ip_local_port_range`, usually 32768-60999), or the node's
+    /// own outgoing connections can hold a port an instance is about to use.
+    #[arg(long, env = "FLEET_NODE_INSTANCE_PORTS", value_name = "FIRST-LAST", default_value_t = PortRange::DEFAULT)]
+    instance_ports: PortRange,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP: steps
     /// by adapter and outcome, their durations, steps running, stale tokens
@@ -215,7 +223,14 @@ async fn run(args: Args, identity: NodeIdentity, witness: Option<Witness>) -> an
         }
         tracing::info!(%bound, "metrics at http://{bound}/metrics");
     }
-    let adapter = ProcessAdapter::open(ProcessConfig::new(&args.data_dir)).await.context("opening the process adapter's state")?;
+    if let Some(eph) = ports::ephemeral_range().filter(|e| e.overlaps(args.instance_ports)) {
+        tracing::warn!(
+            instance_ports = %args.instance_ports, ephemeral = %eph,
+            "--instance-ports overlaps the kernel's ephemeral port range: an outgoing connection can hold a port an instance is about to use (its start is then retried on another port); choose a range outside {eph}"
+        );
+    }
+    let process_cfg = ProcessConfig { instance_ports: args.instance_ports, ..ProcessConfig::new(&args.data_dir) };
+    let adapter = ProcessAdapter::open(process_cfg).await.context("opening the process adapter's state")?;
     let fencing = Fencing::open(&args.data_dir)?;
     let adopted = adapter.instances().len();
     let journal = Some(args.data_dir.join("results.json"));

@@ -378,6 +378,55 @@ async fn an_instance_that_exits_at_once_fails_its_start_with_its_log() {
     assert!(err.message.contains("`no-such-server-fleet` was not found"), "{err}");
 }
 
+/// Another process takes the port an instance got before the instance
+/// listens on it (the race of 100 destinations starting at once): the start
+/// is tried again on another port instead of failing the deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_port_another_process_took_is_started_on_another_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let marks = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // The first instance exits once the test holds its port; this only has
+    // to cover the test's poll, not a fixed wait (a start that does not
+    // exit returns after it).
+    cfg.exit_grace = Duration::from_secs(3);
+    let (a, _cleanup) = adapter_with(cfg).await;
+    let m = marks.path().display();
+    // The first run says its port and exits once the test listens on it;
+    // the second is the real app.
+    let script = format!(
+        "if [ -e {m}/first ]; then exec fleet-demo-app --release v1; fi; touch {m}/first; echo $PORT > {m}/port.tmp; mv {m}/port.tmp {m}/port; \
+         while [ ! -e {m}/held ]; do sleep 0.01; done; echo 'listen: Address already in use' >&2; exit 1"
+    );
+    let action = StepAction::StartInstance {
+        app: "web".into(),
+        release: "v1".into(),
+        run: vec!["sh".into(), "-c".into(), script],
+        env: BTreeMap::new(),
+    };
+    let started = tokio::spawn({
+        let a = a.clone();
+        async move { a.run(&ctx(1, 0, false), &action).await }
+    });
+    let port_file = marks.path().join("port");
+    eventually("the first instance says its port", Duration::from_secs(10), || {
+        let exists = port_file.exists();
+        async move { exists }
+    })
+    .await;
+    let taken: u16 = std::fs::read_to_string(&port_file).unwrap().trim().parse().expect("a port");
+    let _intruder = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, taken)).expect("the test takes the instance's port");
+    std::fs::write(marks.path().join("held"), b"").unwrap();
+
+    let out = started.await.expect("the start task").expect("the start succeeds on another port");
+    let port = out["port"].as_u64().expect("a port") as u16;
+    assert_ne!(port, taken);
+    assert_eq!(a.record("staging", "web").unwrap().staged.map(|i| i.port), Some(port));
+    eventually("the second instance serves v1", Duration::from_secs(10), || async move { release_at(port).await.as_deref() == Some("v1") })
+        .await;
+    a.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undo_of_switch_and_stop_old_restore_the_previous_release() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use fleet_core::manifest::HealthCheck;
 use serde_json::{json, Value};
 
+use super::ports;
 use super::proxy::{route_text, Route};
 use super::state::{persist_error, App, Instance};
 use super::Inner;
@@ -24,11 +25,9 @@ fn check_name(field: &'static str, value: &str) -> Result<(), StepError> {
     fleet_core::names::validate_name(field, value).map_err(|e| StepError::invalid(e.to_string()))
 }
 
-fn free_port() -> Result<u16, StepError> {
-    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| {
-        StepError::resource(format!("cannot find a free port on 127.0.0.1: {e}; the node may be out of ports or file descriptors"))
-    })
-}
+/// How many times a start tries a new port when another process took the
+/// one it got.
+const START_ATTEMPTS: u32 = 3;
 
 fn substitute(argv: &[String], app: &str, release: &str, port: u16) -> Vec<String> {
     argv.iter().map(|a| a.replace("{release}", release).replace("{port}", &port.to_string()).replace("{app}", app)).collect()
@@ -55,45 +54,58 @@ impl Inner {
             st.rec.staged = None;
             self.persist(&st)?;
         }
-        let port = free_port()?;
-        let tmpl = Instance {
-            release: release.to_string(),
-            port,
-            pid: 0,
-            argv: substitute(run, name, release, port),
-            env: env.clone(),
-            log: self.log_path(&ctx.destination, name, release, port),
-            token: ctx.token,
-            proc_start: None,
-        };
-        let (inst, mut exit) = {
-            let mut st = app.lock();
-            let inst = self.launch(&ctx.destination, name, &mut st, &tmpl)?;
-            st.rec.staged = Some(inst.clone());
-            if let Err(e) = self.persist(&st) {
-                proc::signal_group(inst.pid, libc::SIGKILL);
-                st.rec.staged = None;
-                return Err(e);
+        // A process outside Fleet may take the port between the check and
+        // the instance's bind ([`super::ports`]): an instance that exits at
+        // once while another process holds its port is started again on
+        // another one.
+        let mut attempt = 1;
+        let inst = loop {
+            let port = self.ports.take(&self.recorded_ports())?;
+            let tmpl = Instance {
+                release: release.to_string(),
+                port,
+                pid: 0,
+                argv: substitute(run, name, release, port),
+                env: env.clone(),
+                log: self.log_path(&ctx.destination, name, release, port),
+                token: ctx.token,
+                proc_start: None,
+            };
+            let (inst, mut exit) = {
+                let mut st = app.lock();
+                let inst = self.launch(&ctx.destination, name, &mut st, &tmpl)?;
+                st.rec.staged = Some(inst.clone());
+                if let Err(e) = self.persist(&st) {
+                    proc::signal_group(inst.pid, libc::SIGKILL);
+                    st.rec.staged = None;
+                    return Err(e);
+                }
+                let exit = self.exit_watch(&mut st, &inst);
+                (inst, exit)
+            };
+            let token_path = self.app_file(&ctx.destination, name, "token");
+            write_atomic(&token_path, format!("{}\n", ctx.token).as_bytes()).map_err(|e| persist_error(&token_path, e))?;
+            let Some(how) = proc::wait_exit(&mut exit, self.cfg.exit_grace).await else { break inst };
+            {
+                let mut st = app.lock();
+                if st.rec.staged.as_ref().is_some_and(|s| s.same(&inst)) {
+                    st.rec.staged = None;
+                    self.persist(&st)?;
+                }
+                st.procs.remove(&inst.pid);
             }
-            let exit = self.exit_watch(&mut st, &inst);
-            (inst, exit)
-        };
-        let token_path = self.app_file(&ctx.destination, name, "token");
-        write_atomic(&token_path, format!("{}\n", ctx.token).as_bytes()).map_err(|e| persist_error(&token_path, e))?;
-        if let Some(how) = proc::wait_exit(&mut exit, self.cfg.exit_grace).await {
-            let mut st = app.lock();
-            if st.rec.staged.as_ref().is_some_and(|s| s.same(&inst)) {
-                st.rec.staged = None;
-                self.persist(&st)?;
+            if attempt < START_ATTEMPTS && !ports::bindable(port) {
+                tracing::warn!(app = name, release, port, attempt, "{name}@{release} {how} right after it started while another process holds port {port}; starting it again on another port");
+                attempt += 1;
+                continue;
             }
-            st.procs.remove(&inst.pid);
             return Err(StepError::invalid(format!(
                 "{name}@{release} {how} right after it started (`{}`); last lines of its log {}:\n{}\nFix the release or the manifest's `run`, then deploy again",
                 inst.argv.join(" "),
                 inst.log.display(),
                 indent(&tail(&inst.log, 15)),
             )));
-        }
+        };
         Ok(json!({"port": inst.port, "pid": inst.pid, "release": inst.release}))
     }
 

@@ -13,7 +13,8 @@
 //!   instance), restarting a crashed active instance;
 //! * [`bluegreen`]: the steps (`start`, `health`, `switch`, `stop-old`),
 //!   their undos and checks;
-//! * [`proxy`]: the routes.
+//! * [`proxy`]: the routes;
+//! * [`ports`]: the port a new instance listens on.
 //!
 //! This module holds the [`Adapter`] implementation (a dispatch to those)
 //! and the adapter's handle. Shell `command` steps (and hooks) are the
@@ -22,6 +23,7 @@
 mod bluegreen;
 mod discover;
 
+pub mod ports;
 pub mod proxy;
 pub mod state;
 mod supervise;
@@ -39,6 +41,7 @@ use thiserror::Error;
 
 use crate::adapter::{Adapter, StepContext, StepError};
 use crate::proc;
+use ports::{PortRange, Ports};
 use proxy::Conns;
 use state::App;
 pub use state::{AppRecord, Instance};
@@ -59,6 +62,8 @@ pub struct ProcessConfig {
     pub restart_max_backoff: Duration,
     /// How long undoing `stop-old` waits for the restarted instance's port.
     pub restore_wait: Duration,
+    /// The ports new instances listen on ([`ports`]).
+    pub instance_ports: PortRange,
 }
 
 impl ProcessConfig {
@@ -70,6 +75,7 @@ impl ProcessConfig {
             exit_grace: Duration::from_millis(300),
             restart_max_backoff: Duration::from_secs(5),
             restore_wait: Duration::from_secs(10),
+            instance_ports: PortRange::DEFAULT,
         }
     }
 }
@@ -90,6 +96,7 @@ struct Inner {
     /// By (destination, app).
     apps: Mutex<BTreeMap<(String, String), Arc<App>>>,
     conns: Conns,
+    ports: Ports,
     closed: AtomicBool,
 }
 
@@ -108,7 +115,9 @@ impl ProcessAdapter {
         for dir in [cfg.data_dir.join("apps"), cfg.data_dir.join("logs")] {
             std::fs::create_dir_all(&dir).map_err(|source| ProcessError::CreateDir { path: dir.clone(), source })?;
         }
-        let inner = Arc::new(Inner { cfg, apps: Mutex::new(BTreeMap::new()), conns: Conns::default(), closed: AtomicBool::new(false) });
+        let ports = Ports::new(cfg.instance_ports);
+        let inner =
+            Arc::new(Inner { cfg, apps: Mutex::new(BTreeMap::new()), conns: Conns::default(), ports, closed: AtomicBool::new(false) });
         for rec in state::load_records(&inner.cfg.data_dir)? {
             inner.adopt(rec);
         }

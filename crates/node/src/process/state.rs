@@ -123,6 +123,19 @@ pub(super) fn persist_error(path: &Path, e: std::io::Error) -> StepError {
 }
 
 impl Inner {
+    /// The ports of every instance and route this node has recorded, so a
+    /// new instance never gets one ([`super::ports`]).
+    pub(super) fn recorded_ports(&self) -> std::collections::HashSet<u16> {
+        let apps: Vec<Arc<App>> = self.apps.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut ports = std::collections::HashSet::new();
+        for a in apps {
+            let st = a.lock();
+            ports.extend([&st.rec.active, &st.rec.staged, &st.rec.retired].into_iter().flatten().map(|i| i.port));
+            ports.extend(st.rec.route_port);
+        }
+        ports
+    }
+
     pub(super) fn existing(&self, destination: &str, app: &str) -> Option<Arc<App>> {
         self.apps.lock().unwrap_or_else(|p| p.into_inner()).get(&(destination.to_string(), app.to_string())).cloned()
     }
