@@ -140,13 +140,10 @@ impl ProcessAdapter {
 
     /// Every instance this adapter manages, as (app, instance).
     pub fn instances(&self) -> Vec<(String, Instance)> {
-        let apps: Vec<Arc<App>> = self.inner.apps.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         let mut out = Vec::new();
-        for a in apps {
+        for a in self.inner.all_apps() {
             let st = a.lock();
-            for i in [&st.rec.active, &st.rec.staged, &st.rec.retired].into_iter().flatten() {
-                out.push((a.name.clone(), i.clone()));
-            }
+            out.extend(st.rec.instances().map(|i| (a.name.clone(), i.clone())));
         }
         out
     }
@@ -155,7 +152,7 @@ impl ProcessAdapter {
     /// keep running for the next `fleet-node` on this data dir to adopt.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
-        let apps: Vec<Arc<App>> = self.inner.apps.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let apps = self.inner.all_apps();
         for a in apps {
             let route = a.lock().route.take();
             if let Some(r) = route {
@@ -168,7 +165,7 @@ impl ProcessAdapter {
     /// are updated). For tests and for decommissioning a node.
     pub async fn stop_all(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
-        let apps: Vec<Arc<App>> = self.inner.apps.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let apps = self.inner.all_apps();
         for a in apps {
             let _op = a.op.lock().await;
             let (route, instances) = {

@@ -112,10 +112,6 @@ impl Ports {
         Ports { range, state: Mutex::new(Handed { next, at: HashMap::new() }) }
     }
 
-    pub fn range(&self) -> PortRange {
-        self.range
-    }
-
     /// A port for a new instance, reserved for [`HOLD`]; `recorded` are the
     /// ports of the instances and routes this node has recorded.
     pub fn take(&self, recorded: &HashSet<u16>) -> Result<u16, StepError> {

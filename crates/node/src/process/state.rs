@@ -63,6 +63,13 @@ pub struct AppRecord {
     pub retired: Option<Instance>,
 }
 
+impl AppRecord {
+    /// The recorded instances: active, staged, retired.
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        [&self.active, &self.staged, &self.retired].into_iter().flatten()
+    }
+}
+
 /// One app of one destination on this node: its record and what watches it.
 pub(super) struct App {
     pub(super) destination: String,
@@ -123,14 +130,19 @@ pub(super) fn persist_error(path: &Path, e: std::io::Error) -> StepError {
 }
 
 impl Inner {
+    /// Every app this adapter knows, as of now (the map's lock is not held
+    /// while the caller locks each app).
+    pub(super) fn all_apps(&self) -> Vec<Arc<App>> {
+        self.apps.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
     /// The ports of every instance and route this node has recorded, so a
     /// new instance never gets one ([`super::ports`]).
     pub(super) fn recorded_ports(&self) -> std::collections::HashSet<u16> {
-        let apps: Vec<Arc<App>> = self.apps.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         let mut ports = std::collections::HashSet::new();
-        for a in apps {
+        for a in self.all_apps() {
             let st = a.lock();
-            ports.extend([&st.rec.active, &st.rec.staged, &st.rec.retired].into_iter().flatten().map(|i| i.port));
+            ports.extend(st.rec.instances().map(|i| i.port));
             ports.extend(st.rec.route_port);
         }
         ports
