@@ -187,20 +187,16 @@ async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, 
             }
         }
     }
-    // A result the node sends again (after a reconnect) is applied once.
-    let id = format!(
-        "step/{}/{}/{}/{}/{}/{}",
-        key.deployment,
-        key.step,
-        if key.undo { "undo" } else { "run" },
-        key.attempt,
-        key.epoch,
-        key.token
-    );
+    // A result the node sends again (after a reconnect, or to a new
+    // leader) is refused by the engine itself once one copy is applied
+    // (`Deployment::check`: its step and attempt are no longer the ones
+    // expected; `apply_properties` checks this over random histories), so
+    // results carry no request id: no dedup record is written, kept for ten
+    // minutes and deleted on every coordinator for each step.
     let took = std::time::Duration::from_millis(outcome.finished_ms.saturating_sub(outcome.started_ms).max(0) as u64);
     let (ok, undo) = (outcome.ok, outcome.undo);
     let command = Command::StepResult { deployment: key.deployment.clone(), outcome };
-    match propose(raft, None, Some(id), command).await {
+    match propose(raft, None, None, command).await {
         Ok((Outcome::Stale { reason }, _)) => {
             tracing::info!(%node, deployment = %key.deployment, step = key.step, token = key.token, %reason, "stale step result ignored");
             hub.finished_by(&work, node);

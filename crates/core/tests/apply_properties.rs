@@ -3,13 +3,15 @@
 //! and back, cancels, locks, jumps of the clock), it answers and never
 //! panics; a panic there would stop every replica at once. And the state
 //! rebuilt from a snapshot of it (or from the changes `apply` returned)
-//! equals the state it was taken from.
+//! equals the state it was taken from. And a step result, once accepted,
+//! is refused if it comes again at any later point: results carry no
+//! request id, so this is what keeps a re-sent one from counting twice.
 
 use std::collections::BTreeMap;
 
 use fleet_core::deploy::{DeployState, ErrorClass, StepOutcome};
 use fleet_core::manifest::{parse_manifest, Destination, Overrides, QueuePolicy, Spec, DEFAULT_NODE_WAIT_MS};
-use fleet_core::{Command, Request, State};
+use fleet_core::{Command, Request, Response, State};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -53,7 +55,7 @@ enum Op {
         label: usize,
     },
     /// A `process` manifest (kind 0), a `command` one (1), a stack of
-    /// `a` and `b` (2).
+    /// `a` and `b` (2), a canary (3).
     Submit {
         kind: usize,
         dest: usize,
@@ -82,6 +84,9 @@ enum Op {
         target: Target,
         to: Option<usize>,
     },
+    Promote {
+        target: Target,
+    },
     Result {
         target: Target,
         report: Report,
@@ -104,7 +109,7 @@ fn class() -> impl Strategy<Value = Option<usize>> {
 
 fn report() -> impl Strategy<Value = Report> {
     prop_oneof![
-        4 => (any::<bool>(), class()).prop_map(|(ok, class)| Report::Expected { ok, class }),
+        4 => (prop::bool::weighted(0.75), class()).prop_map(|(ok, class)| Report::Expected { ok, class }),
         1 => (
             prop_oneof![0..12usize, any::<usize>()],
             any::<bool>(),
@@ -124,7 +129,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..NODES.len() + 1).prop_map(|node| Op::Lost { node }),
         1 => (0..DESTS.len(), 0..2usize, 0..3usize, 0..2usize).prop_map(|(dest, adapter, policy, label)| Op::PutDestination { dest, adapter, policy, label }),
         5 => (
-            0..3usize,
+            0..4usize,
             0..DESTS.len() + 1,
             0..3usize,
             prop::option::weighted(0.3, prop_oneof![0..60_000u64, any::<u64>()]),
@@ -144,6 +149,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (target(), any::<bool>()).prop_map(|(target, timed_out)| Op::Cancel { target, timed_out }),
         1 => (target(), 0..2usize).prop_map(|(target, note)| Op::Resolve { target, note }),
         1 => (target(), prop::option::of(0..3usize)).prop_map(|(target, to)| Op::Rollback { target, to }),
+        1 => target().prop_map(|target| Op::Promote { target }),
         14 => (target(), report()).prop_map(|(target, report)| Op::Result { target, report }),
         2 => (0..10_000i64).prop_map(Op::Wait),
         1 => prop_oneof![any::<i64>(), Just(i64::MAX), Just(i64::MAX - 1_000), Just(i64::MIN), Just(0), Just(-1)].prop_map(Op::Jump),
@@ -156,8 +162,13 @@ fn manifest(kind: usize, dest: &str, release: usize, timeout_ms: Option<u64>) ->
         1 => format!(
             "app: infra\nrelease: v{release}\ndestination: {dest}\nretry: {{ max_attempts: 2 }}\nsteps:\n  - {{ name: a, run: ra, undo: ua }}\n  - {{ name: b, run: rb, irreversible: true }}\n  - {{ name: c, run: rc, undo: uc }}\n"
         ),
-        _ => format!("app: web\nrelease: v{release}\ndestinations: [a, b]\nrun: [srv]\nhealth: {{ tcp: true }}\n"),
+        2 => format!("app: web\nrelease: v{release}\ndestinations: [a, b]\nrun: [srv]\nhealth: {{ tcp: true }}\n"),
+        _ => format!(
+            "app: web\nrelease: v{release}\ndestination: {dest}\nrun: [srv]\nhealth: {{ tcp: true }}\nstrategy: {{ canary: {{ nodes: 1, pause: 5m, analysis: {{ http: /healthz, interval: 1s }} }} }}\n"
+        ),
     };
+    // (A canary's pause must be shorter than the deployment's timeout.)
+    let timeout_ms = timeout_ms.filter(|_| kind != 3);
     parse_manifest("f", &text, &Overrides { timeout_ms, ..Overrides::default() }).expect("the test's manifests are valid")
 }
 
@@ -168,9 +179,27 @@ fn run(ops: &[Op]) -> (State, BTreeMap<String, Vec<u8>>) {
     let mut kv: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut at_ms: i64 = 1_000_000;
     let mut index = 0u64;
+    // Every step result the state machine accepted so far.
+    let mut accepted: Vec<(String, StepOutcome)> = Vec::new();
     let mut apply = |s: &mut State, at_ms: i64, request_id: Option<String>, command: Command| {
         index += 1;
-        let (_, changes) = s.apply(index, &Request { request_id, at_ms, command, origin: None });
+        let result = match &command {
+            Command::StepResult { deployment, outcome } => Some((deployment.clone(), outcome.clone())),
+            _ => None,
+        };
+        let (response, changes) = s.apply(index, &Request { request_id, at_ms, command, origin: None });
+        if let (Some(r), Response::Deployment { .. }) = (result, &response) {
+            accepted.push(r);
+        }
+        // A result the node sends again (after a reconnect, or to a new
+        // leader) is proposed without a request id: the engine itself must
+        // refuse it, at any later point of any history, or a step would be
+        // counted twice (a retry's attempt spent, an undo recorded twice).
+        for (id, outcome) in &accepted {
+            if let Some(d) = s.deployment(id) {
+                assert!(d.check(outcome).is_err(), "{id} ({}) would accept again the result {outcome:?}", d.state);
+            }
+        }
         // The leader's rules read the engine through a cursor: it must say
         // what the engine's own answers say, in every state reached.
         for d in s.deployments() {
@@ -215,8 +244,9 @@ fn run(ops: &[Op]) -> (State, BTreeMap<String, Vec<u8>>) {
             }
         };
         // Every fifth command carries a request id from a small set, so
-        // some are answered from the dedup table.
-        let request_id = (i % 5 == 0).then(|| format!("r{}", i % 15));
+        // some are answered from the dedup table. Step results carry none,
+        // as coordinators propose them.
+        let request_id = (i % 5 == 0 && !matches!(op, Op::Result { .. })).then(|| format!("r{}", i % 15));
         let command = match op {
             Op::Register { node, label } => Command::RegisterNode { id: NODES[*node].into(), labels: labels(*label) },
             Op::Lost { node } => Command::NodeLost { node: NODES.get(*node).copied().unwrap_or("ghost").into(), why: "silent".into() },
@@ -250,6 +280,7 @@ fn run(ops: &[Op]) -> (State, BTreeMap<String, Vec<u8>>) {
                 timeout_ms: None,
                 actor: "op".into(),
             },
+            Op::Promote { target } => Command::PromoteDeployment { id: pick(&s, target), actor: "op".into() },
             Op::Result { target, report } => {
                 let id = pick(&s, target);
                 let d = s.deployment(&id);
