@@ -427,6 +427,36 @@ async fn an_instance_whose_port_another_process_took_is_started_on_another_port(
     a.stop_all().await;
 }
 
+/// Another node on the machine can hold the port for a moment only (while
+/// it checks that the port binds): gone again when the instance's exit is
+/// seen. What the instance said in its log is enough to start it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_lost_its_port_for_a_moment_is_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let marks = tempfile::tempdir().unwrap();
+    let (a, _cleanup) = adapter(dir.path()).await;
+    let m = marks.path().display();
+    // The first run says its port was in use (nobody holds it any more)
+    // and exits; the second is the real app.
+    let script = format!(
+        "if [ -e {m}/first ]; then exec fleet-demo-app --release v1; fi; echo $PORT > {m}/first; \
+         echo \"cannot listen on 127.0.0.1:$PORT: Address already in use (os error 98)\" >&2; exit 1"
+    );
+    let action = StepAction::StartInstance {
+        app: "web".into(),
+        release: "v1".into(),
+        run: vec!["sh".into(), "-c".into(), script],
+        env: BTreeMap::new(),
+    };
+    let out = a.run(&ctx(1, 0, false), &action).await.expect("the start succeeds on another port");
+    let first: u16 = std::fs::read_to_string(marks.path().join("first")).unwrap().trim().parse().expect("a port");
+    let port = out["port"].as_u64().expect("a port") as u16;
+    assert_ne!(port, first, "started again on another port");
+    eventually("the second instance serves v1", Duration::from_secs(10), || async move { release_at(port).await.as_deref() == Some("v1") })
+        .await;
+    a.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undo_of_switch_and_stop_old_restore_the_previous_release() {
     let dir = tempfile::tempdir().unwrap();

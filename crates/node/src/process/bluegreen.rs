@@ -94,8 +94,12 @@ impl Inner {
                 }
                 st.procs.remove(&inst.pid);
             }
-            if attempt < START_ATTEMPTS && !ports::bindable(port) {
-                tracing::warn!(app = name, release, port, attempt, "{name}@{release} {how} right after it started while another process holds port {port}; starting it again on another port");
+            // Its port was taken: another process holds it now, or held it
+            // for a moment (another node on this machine checking that the
+            // port binds) and the instance said so in its log.
+            let lost_port = !ports::bindable(port) || ports::says_port_in_use(&tail(&inst.log, 15));
+            if attempt < START_ATTEMPTS && lost_port {
+                tracing::warn!(app = name, release, port, attempt, "{name}@{release} {how} right after it started because another process took port {port}; starting it again on another port");
                 attempt += 1;
                 continue;
             }

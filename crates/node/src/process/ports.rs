@@ -92,6 +92,13 @@ pub fn bindable(port: u16) -> bool {
     TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
 }
 
+/// Does an instance's log say that its port was in use? (What the OS
+/// reports for `EADDRINUSE`, as Rust, Go, Python and Node print it.)
+pub fn says_port_in_use(log: &str) -> bool {
+    let log = log.to_ascii_lowercase();
+    log.contains("address already in use") || log.contains("eaddrinuse")
+}
+
 /// The node's instance ports: what was handed out lately, and where the
 /// next search starts.
 #[derive(Debug)]
@@ -148,6 +155,20 @@ mod tests {
 
     fn r(first: u16, last: u16) -> PortRange {
         PortRange { first, last }
+    }
+
+    #[test]
+    fn a_log_that_says_the_port_was_in_use_is_recognised() {
+        let cases = [
+            ("Rust", "fleet-demo-app: cannot listen on 127.0.0.1:28049: Address already in use (os error 98)", true),
+            ("Go", "listen tcp 127.0.0.1:8080: bind: address already in use", true),
+            ("Node", "Error: listen EADDRINUSE: address already in use :::3000", true),
+            ("another failure", "panic: config file not found", false),
+            ("empty log", "", false),
+        ];
+        for (what, log, expected) in cases {
+            assert_eq!(says_port_in_use(log), expected, "{what}: {log}");
+        }
     }
 
     #[test]
