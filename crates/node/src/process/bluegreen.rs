@@ -97,7 +97,8 @@ impl Inner {
             // Its port was taken: another process holds it now, or held it
             // for a moment (another node on this machine checking that the
             // port binds) and the instance said so in its log.
-            let lost_port = !ports::bindable(port) || ports::says_port_in_use(&tail(&inst.log, 15));
+            let log_tail = tail(&inst.log, 15);
+            let lost_port = !ports::bindable(port) || ports::says_port_in_use(&log_tail);
             if attempt < START_ATTEMPTS && lost_port {
                 tracing::warn!(app = name, release, port, attempt, "{name}@{release} {how} right after it started because another process took port {port}; starting it again on another port");
                 attempt += 1;
@@ -107,7 +108,7 @@ impl Inner {
                 "{name}@{release} {how} right after it started (`{}`); last lines of its log {}:\n{}\nFix the release or the manifest's `run`, then deploy again",
                 inst.argv.join(" "),
                 inst.log.display(),
-                indent(&tail(&inst.log, 15)),
+                indent(&log_tail),
             )));
         };
         Ok(json!({"port": inst.port, "pid": inst.pid, "release": inst.release}))
