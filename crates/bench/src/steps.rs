@@ -787,6 +787,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let last = times.iter().map(|t| t.last_finish_ms).max().unwrap_or(0);
             let total_steps: usize = times.iter().map(|t| t.hooks).sum();
             let steps_per_s = total_steps as f64 / ((last - first).max(1) as f64 / 1000.0);
+            // How far apart the deployments' hook phases began and ended:
+            // the part of the phase that is not every destination stepping.
+            let first_spread = times.iter().map(|t| t.first_start_ms).max().unwrap_or(0) - first;
+            let last_spread = last - times.iter().map(|t| t.last_finish_ms).min().unwrap_or(0);
             let p50 = quantile(&per, 0.5);
             let probe_p50 = if probe_lat.is_empty() { f64::NAN } else { percentile(probe_lat.clone(), 0.5) };
             println!("{}", json!({"mode": "steps", "run": "concurrent", "destinations": n, "nodes": k, "steps": args.concurrent_steps,
@@ -794,6 +798,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 "per_step_min_ms": round3(quantile(&per, 0.0)), "per_step_max_ms": round3(quantile(&per, 1.0)),
                 "gap_mean_p50_ms": round3(quantile(&times.iter().map(|t| t.gap_mean_ms).collect::<Vec<_>>(), 0.5)),
                 "steps_per_s": steps_per_s.round(), "hook_phase_s": round3((last - first) as f64 / 1000.0),
+                "first_hook_spread_ms": first_spread, "last_hook_spread_ms": last_spread,
                 "submit_all_s": round3(submitted.as_secs_f64()), "submit_to_all_ended_s": round3(wall.as_secs_f64()),
                 "ratio_to_single_same_steps": round3(p50 / single_m.per_step_ms), "ratio_to_single_200": round3(p50 / single_med),
                 "ratio_to_commit_p50": round3(p50 / floor_before),

@@ -96,7 +96,7 @@ pub struct Agent {
     adapters: Adapters,
     /// What the adapters run, refreshed in the background (`crate::report`).
     reports: std::sync::OnceLock<crate::report::Reports>,
-    fencing: Mutex<Fencing>,
+    fencing: Fencing,
     witness: Option<Witness>,
     /// When this process started; witness lines carry it.
     boot_ms: i64,
@@ -229,7 +229,7 @@ impl Agent {
             node,
             adapters,
             reports: std::sync::OnceLock::new(),
-            fencing: Mutex::new(fencing),
+            fencing,
             witness,
             boot_ms: now_ms(),
             steps: Mutex::new(steps),
@@ -292,10 +292,7 @@ impl Agent {
             }
             s.running.insert(id.clone(), Some(abort_tx));
         }
-        let fenced = {
-            let mut f = self.fencing.lock().unwrap_or_else(|p| p.into_inner());
-            f.check(&a.destination, key.token)
-        };
+        let fenced = self.fencing.check(&a.destination, key.token);
         let now = now_ms();
         let refuse = |error: String, class: ErrorClass| StepResult {
             key: Some(key.clone()),
@@ -306,8 +303,8 @@ impl Agent {
             started_ms: now,
             finished_ms: now,
         };
-        match fenced {
-            Ok(Verdict::Accept) => {}
+        let sync = match fenced {
+            Ok(Verdict::Accept { sync }) => sync,
             Ok(Verdict::Stale { highest }) => {
                 let r = refuse(
                     format!(
@@ -326,9 +323,27 @@ impl Agent {
                 self.finish(id, r);
                 return;
             }
-        }
+        };
         let agent = self.clone();
-        tokio::spawn(async move { agent.execute(a, key, id, abort_rx).await });
+        tokio::spawn(async move {
+            // A new highest token is on disk before its step acts; steps
+            // starting together share the sync, off the runtime's workers.
+            if let Some(at) = sync {
+                let fencing = agent.clone();
+                let synced = tokio::task::spawn_blocking(move || fencing.fencing.sync(at)).await;
+                let failed = match synced {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(format!("the fencing sync did not finish: {e}")),
+                };
+                if let Some(e) = failed {
+                    let r = result(&key, Err(StepError::resource(format!("{e}; the step was not run"))), now, now_ms());
+                    agent.finish(id, r);
+                    return;
+                }
+            }
+            agent.execute(a, key, id, abort_rx).await
+        });
     }
 
     /// Stop every running step on this node's own account (it has been
