@@ -329,14 +329,11 @@ impl Agent {
             // A new highest token is on disk before its step acts; steps
             // starting together share the sync, off the runtime's workers.
             if let Some(at) = sync {
-                let fencing = agent.clone();
-                let synced = tokio::task::spawn_blocking(move || fencing.fencing.sync(at)).await;
-                let failed = match synced {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(e) => Some(format!("the fencing sync did not finish: {e}")),
-                };
-                if let Some(e) = failed {
+                let me = agent.clone();
+                let synced = tokio::task::spawn_blocking(move || me.fencing.sync(at).map_err(|e| e.to_string()))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the fencing sync did not finish: {e}")));
+                if let Err(e) = synced {
                     let r = result(&key, Err(StepError::resource(format!("{e}; the step was not run"))), now, now_ms());
                     agent.finish(id, r);
                     return;
