@@ -74,9 +74,11 @@ async fn write_entry(raft: &openraft::Raft<TypeConfig>, requests: Vec<Cmd>) -> V
     let n = requests.len();
     crate::metrics::entry_proposed(n);
     let failed = |status: Status| vec![Err(status); n];
+    let started = std::time::Instant::now();
     match raft.client_write(Proposal(requests)).await {
         Ok(r) if r.data.len() == n => {
             let index = r.log_id.index;
+            tracing::debug!(requests = n, index, took_us = started.elapsed().as_micros() as u64, "entry committed");
             r.data.into_iter().map(|outcome| Ok((outcome, index))).collect()
         }
         Ok(r) => failed(Status::internal(format!(

@@ -157,6 +157,7 @@ fn core_key(k: &fleet_proto::StepKey) -> leader::StepKey {
 /// deployment waits for that result.
 async fn handle_result(raft: &Raft, hub: &Hub, state: &StateReader, node: &str, r: StepResult) {
     let Some(key) = r.key else { return };
+    tracing::debug!(%node, deployment = %key.deployment, step = key.step, undo = key.undo, "step result received");
     let work = attempt_of(&key);
     let mut outcome = StepOutcome {
         step: key.step as usize,

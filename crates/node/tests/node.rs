@@ -307,7 +307,8 @@ async fn blue_green_deploy_drops_no_request() {
     let on_disk: Value = serde_json::from_slice(&std::fs::read(dir.path().join("apps/staging+web.json")).unwrap()).unwrap();
     assert_eq!(on_disk["active"]["release"], "v2");
     assert_eq!(on_disk["route_port"], port);
-    assert_eq!(std::fs::read_to_string(dir.path().join("apps/staging+web.token")).unwrap().trim(), "2");
+    // The fencing token of the deployment that started it is kept with it.
+    assert_eq!(on_disk["active"]["token"], 2);
 
     a.stop_all().await;
     let v2_pid = pid_of(&v2.start);
@@ -661,6 +662,57 @@ async fn check_of_a_start_finds_the_instance_started_with_its_token() {
     })
     .await;
     a.stop_all().await;
+}
+
+/// Starting an instance waits on the disk (the spawn, the record's
+/// fsyncs). That wait must not hold a runtime thread: with a hundred
+/// destinations starting at once it held the node's workers, and the
+/// other destinations' steps waited behind it. The record's temporary file
+/// is made a FIFO here, so writing it blocks until this test reads it;
+/// on a one-thread runtime the test's own timer must fire meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn a_start_waiting_on_the_disk_leaves_the_runtime_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _cleanup) = adapter(dir.path()).await;
+    let apps = dir.path().join("apps");
+    std::fs::create_dir_all(&apps).unwrap();
+    let fifo = apps.join(".staging+web.json.tmp");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo: {}", std::io::Error::last_os_error());
+
+    // Opens the FIFO (which lets the record's write go on) once the
+    // runtime showed it is free, or after 10 s if it never does.
+    let free = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let free = free.clone();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !free.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let was_free = free.load(Ordering::Acquire);
+            let _ = std::io::Read::read_to_end(&mut std::fs::File::open(&fifo).unwrap(), &mut Vec::new());
+            was_free
+        })
+    };
+    let started = {
+        let a = a.clone();
+        tokio::spawn(async move { a.run(&ctx(1, 0, false), &start("v1", &[])).await })
+    };
+    // Let the start reach its record, then show this thread still runs
+    // timers while the record's write waits for the reader.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    free.store(true, Ordering::Release);
+    let outcome = started.await.unwrap();
+    assert!(reader.join().unwrap(), "the runtime's only thread stayed blocked while the start waited on its record");
+    // A FIFO cannot be fsynced, so the record was not written: the start
+    // fails as a resource error naming the file, and kills what it started.
+    let e = outcome.expect_err("a record that cannot be synced fails the start");
+    assert_eq!(e.class, ErrorClass::Resource, "{e:?}");
+    assert!(e.message.contains("staging+web.json"), "{}", e.message);
+    assert_eq!(a.record("staging", "web").and_then(|r| r.staged), None, "a start whose record failed stays unrecorded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

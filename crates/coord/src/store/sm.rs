@@ -335,6 +335,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let started = std::time::Instant::now();
         let mut responses = Vec::new();
         let mut batch = WriteBatch::default();
         let sm_cf = self.cf(CF_SM);
@@ -373,6 +374,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(touched);
         drop(guard);
         self.index_tx.send_replace(last.index);
+        tracing::debug!(index = last.index, entries = responses.len(), took_us = started.elapsed().as_micros() as u64, "applied");
         Ok(responses)
     }
 

@@ -14,12 +14,12 @@ use serde_json::{json, Value};
 
 use super::ports;
 use super::proxy::{route_text, Route};
-use super::state::{persist_error, App, Instance};
+use super::state::{App, Instance};
 use super::Inner;
 use crate::adapter::{StepContext, StepError};
 use crate::probe;
-use crate::proc;
-use crate::util::{human, indent, tail, write_atomic};
+use crate::proc::{self, ExitWatch};
+use crate::util::{human, indent, tail};
 
 fn check_name(field: &'static str, value: &str) -> Result<(), StepError> {
     fleet_core::names::validate_name(field, value).map_err(|e| StepError::invalid(e.to_string()))
@@ -71,20 +71,7 @@ impl Inner {
                 token: ctx.token,
                 proc_start: None,
             };
-            let (inst, mut exit) = {
-                let mut st = app.lock();
-                let inst = self.launch(&ctx.destination, name, &mut st, &tmpl)?;
-                st.rec.staged = Some(inst.clone());
-                if let Err(e) = self.persist(&st) {
-                    proc::signal_group(inst.pid, libc::SIGKILL);
-                    st.rec.staged = None;
-                    return Err(e);
-                }
-                let exit = self.exit_watch(&mut st, &inst);
-                (inst, exit)
-            };
-            let token_path = self.app_file(&ctx.destination, name, "token");
-            write_atomic(&token_path, format!("{}\n", ctx.token).as_bytes()).map_err(|e| persist_error(&token_path, e))?;
+            let (inst, mut exit) = self.launch_staged(&app, &tmpl).await?;
             let Some(how) = proc::wait_exit(&mut exit, self.cfg.exit_grace).await else { break inst };
             {
                 let mut st = app.lock();
@@ -112,6 +99,32 @@ impl Inner {
             )));
         };
         Ok(json!({"port": inst.port, "pid": inst.pid, "release": inst.release}))
+    }
+
+    /// Launch `tmpl` as `app`'s staged instance and record it (with its
+    /// fencing token) before anything else can act on the app.
+    ///
+    /// The spawn waits for the child's exec and the record for two
+    /// fsyncs: a few milliseconds that run on tokio's blocking pool, not on
+    /// a runtime worker, so the node goes on taking and answering the
+    /// other destinations' steps while many instances start at once.
+    async fn launch_staged(self: &Arc<Self>, app: &Arc<App>, tmpl: &Instance) -> Result<(Instance, ExitWatch), StepError> {
+        let label = format!("{}@{}", app.name, tmpl.release);
+        let (this, app, tmpl) = (self.clone(), app.clone(), tmpl.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut st = app.lock();
+            let inst = this.launch(&app.destination, &app.name, &mut st, &tmpl)?;
+            st.rec.staged = Some(inst.clone());
+            if let Err(e) = this.persist(&st) {
+                proc::signal_group(inst.pid, libc::SIGKILL);
+                st.rec.staged = None;
+                return Err(e);
+            }
+            let exit = this.exit_watch(&mut st, &inst);
+            Ok((inst, exit))
+        })
+        .await
+        .map_err(|e| StepError::transient(format!("starting {label} did not finish ({e}); the leader runs the step again")))?
     }
 
     pub(super) async fn undo_start(
