@@ -458,6 +458,31 @@ async fn an_instance_that_lost_its_port_for_a_moment_is_started_again() {
     a.stop_all().await;
 }
 
+/// Undoing stop-old starts the old release again on its old port. If
+/// another process took that port meanwhile, the port answers at once (the
+/// other process) while the instance started again exits, unable to
+/// bind: the undo must fail and say so, not report the old release back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_of_stop_old_fails_when_another_process_took_the_old_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _cleanup) = adapter(dir.path()).await;
+    let v1 = deploy(&a, 1, "v1").await;
+    let v1_port = v1.start["port"].as_u64().unwrap() as u16;
+    let v2 = deploy(&a, 2, "v2").await;
+    let v1_pid = pid_of(&v1.start);
+    eventually("v1 exited", Duration::from_secs(5), || async { !alive(v1_pid) }).await;
+
+    let squatter = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, v1_port)).expect("v1's old port is free again");
+    let e = a.undo(&ctx(2, 3, true), &stop_old("v2"), Some(&v2.stop_old)).await.expect_err("v1 cannot come back on a taken port");
+    assert_eq!(e.class, ErrorClass::Invalid, "{e:?}");
+    assert!(e.message.contains(&format!("another process holds port {v1_port}")), "{}", e.message);
+    assert_eq!(a.record("staging", "web").unwrap().retired, None, "the instance that could not bind is not recorded");
+    // v2 still serves: nothing was switched.
+    assert_eq!(release_at(route_port(&a)).await.as_deref(), Some("v2"));
+    drop(squatter);
+    a.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undo_of_switch_and_stop_old_restore_the_previous_release() {
     let dir = tempfile::tempdir().unwrap();

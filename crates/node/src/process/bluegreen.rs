@@ -476,7 +476,7 @@ impl Inner {
         let Some(old) = stopped else { return Ok(json!({"restarted": null})) };
         let app = self.app(&ctx.destination, name);
         let _op = app.op.lock().await;
-        let (inst, mut exit) = {
+        let (inst, mut exit, fresh) = {
             let mut st = app.lock();
             let existing = st.rec.retired.clone().filter(|r| r.same(&old));
             // A fresh watch of a pid has not looked yet: ask the kernel too,
@@ -490,7 +490,7 @@ impl Inner {
             match running {
                 Some(r) => {
                     let w = self.exit_watch(&mut st, &r);
-                    (r, w)
+                    (r, w, false)
                 }
                 None => {
                     let clash = [&st.rec.active, &st.rec.staged].into_iter().flatten().find(|i| i.port == old.port).cloned();
@@ -506,28 +506,46 @@ impl Inner {
                     st.rec.retired = Some(inst.clone());
                     self.persist(&st)?;
                     let w = self.exit_watch(&mut st, &inst);
-                    (inst, w)
+                    (inst, w, true)
                 }
             }
         };
         let deadline = tokio::time::Instant::now() + self.cfg.restore_wait;
         let mut wait = Duration::from_millis(20);
         loop {
-            if tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, inst.port)).await.is_ok() {
+            let answers = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, inst.port)).await.is_ok();
+            // Another process may have taken the port while the old
+            // release was stopped: then the port answers at once and the
+            // instance started again exits, unable to bind. So a fresh
+            // instance counts as back only once it outlived the exit grace.
+            let exited = match answers && fresh {
+                true => proc::wait_exit(&mut exit, self.cfg.exit_grace).await,
+                false => exit.borrow().clone(),
+            };
+            if answers && exited.is_none() {
                 return Ok(json!({"restarted": inst}));
             }
-            if let Some(how) = exit.borrow().clone() {
+            if let Some(how) = exited {
                 let mut st = app.lock();
                 if st.rec.retired.as_ref().is_some_and(|r| r.same(&inst)) {
                     st.rec.retired = None;
                     self.persist(&st)?;
                 }
+                let log_tail = tail(&inst.log, 15);
+                let taken = if answers || ports::says_port_in_use(&log_tail) {
+                    format!(
+                        "; another process holds port {} now, so the old release cannot come back where it ran (`ss -ltnp 'sport = :{}'` shows which)",
+                        inst.port, inst.port
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(StepError::invalid(format!(
-                    "{name}@{} {how} when started again on port {}; last lines of its log {}:\n{}",
+                    "{name}@{} {how} when started again on port {}{taken}; last lines of its log {}:\n{}",
                     inst.release,
                     inst.port,
                     inst.log.display(),
-                    indent(&tail(&inst.log, 15))
+                    indent(&log_tail)
                 )));
             }
             if tokio::time::Instant::now() >= deadline {
