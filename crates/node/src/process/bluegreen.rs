@@ -518,10 +518,7 @@ impl Inner {
             // release was stopped: then the port answers at once and the
             // instance started again exits, unable to bind. So a fresh
             // instance counts as back only once it outlived the exit grace.
-            let exited = match answers && fresh {
-                true => proc::wait_exit(&mut exit, self.cfg.exit_grace).await,
-                false => exit.borrow().clone(),
-            };
+            let exited = if answers && fresh { proc::wait_exit(&mut exit, self.cfg.exit_grace).await } else { exit.borrow().clone() };
             if answers && exited.is_none() {
                 return Ok(json!({"restarted": inst}));
             }
