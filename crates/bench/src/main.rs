@@ -15,9 +15,12 @@
 //!   state, through the snapshot (see [`catchup`]).
 //! * `fleet-bench sagas [--kills 20 ...]`: deployments in flight while the
 //!   leader is killed; time until a new leader moves each on (see [`sagas`]).
+//! * `fleet-bench history [--deployments 20000 ...]`: the replicated state's
+//!   size as deployments accumulate, in process (see [`history`]).
 
 mod api;
 mod catchup;
+mod history;
 mod locks;
 mod plot;
 mod procstat;
@@ -29,7 +32,7 @@ use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
-    about = "Fleet benchmarks: replicated lock writes vs etcd (default), per-step deployment overhead (`steps`), the HTTP API's cost (`api`), scale with simulated nodes and a new member's catch-up (`catchup`), sagas across leader kills (`sagas`)"
+    about = "Fleet benchmarks: replicated lock writes vs etcd (default), per-step deployment overhead (`steps`), the HTTP API's cost (`api`), scale with simulated nodes and a new member's catch-up (`catchup`), sagas across leader kills (`sagas`), the state's size as deployments accumulate (`history`)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -55,6 +58,10 @@ enum Mode {
     /// Deployments in flight while the leader is killed (20 times): how
     /// long until a new leader moves each saga on.
     Sagas(sagas::Args),
+    /// The replicated state's size, RSS and apply time as deployments
+    /// accumulate (in process, no cluster): compaction and the history
+    /// bound at work.
+    History(history::Args),
 }
 
 #[tokio::main]
@@ -68,5 +75,6 @@ async fn main() -> anyhow::Result<()> {
         Some(Mode::Api(a)) => api::run(a).await,
         Some(Mode::Catchup(a)) => catchup::run(a).await,
         Some(Mode::Sagas(a)) => sagas::run(a).await,
+        Some(Mode::History(a)) => history::run(a).await,
     }
 }

@@ -39,6 +39,8 @@ pub const NODE_LEASE_MS: i64 = 5_000;
 
 /// How many recent deployments a node saying hello is checked against.
 pub const FORGET_LOOKBACK: usize = 500;
+// The deployments looked back on still have their step records.
+const _: () = assert!(FORGET_LOOKBACK <= crate::state::KEEP_STEP_RECORDS);
 
 pub use crate::deploy::LEADER_ACTOR;
 
@@ -379,13 +381,45 @@ pub fn forgets(state: &State, node: &str, running: &[StepKey]) -> Vec<Forget> {
             }
         }
     }
+    let mut gone = Vec::new();
     for k in running {
-        let Some(d) = state.deployment(&k.deployment) else { continue };
+        let Some(d) = state.deployment(&k.deployment) else {
+            if state.left_history(&k.deployment) {
+                // It ended long ago and left the history: nothing says
+                // which destination the step was on, so it is forgotten on
+                // every destination of this node, at an epoch past the
+                // step's (its token is its own: no later grant has it).
+                let labels = state.node(node).map(|n| n.labels.clone()).unwrap_or_default();
+                for destination in state.destinations().filter(|dest| crate::manifest::selects(&dest.selector, &labels)) {
+                    if gone.iter().any(|f: &Forget| f.deployment == k.deployment && f.destination == destination.name) {
+                        continue;
+                    }
+                    gone.push(Forget {
+                        deployment: k.deployment.clone(),
+                        destination: destination.name.clone(),
+                        token: k.token,
+                        epoch: k.epoch.saturating_add(1),
+                        reason: format!("{} ended long ago and is no longer in the history", k.deployment),
+                    });
+                }
+            }
+            continue;
+        };
         if d.state.is_terminal() || d.fence(k.token, k.epoch).is_err() {
             let why = format!("step {} of {} is stale (deployment {}, epoch {} now)", k.step.saturating_add(1), d.id, d.state, d.epoch);
-            add(d, d.step_destination(k.step), why);
+            if d.compacted.is_some() {
+                // Its records, and with them the step's destination, are
+                // gone from the history: it ended long ago, so every
+                // destination of it is stale.
+                for destination in d.destinations() {
+                    add(d, destination, why.clone());
+                }
+            } else {
+                add(d, d.step_destination(k.step), why);
+            }
         }
     }
+    out.extend(gone);
     out
 }
 

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::deploy::DeployState;
 use crate::manifest::QueuePolicy;
 use crate::state::State;
 
@@ -40,12 +39,7 @@ impl DestinationView {
     /// The view of destination `name` in `state`, if it exists.
     pub fn of(state: &State, name: &str) -> Option<DestinationView> {
         let d = state.destination(name)?;
-        let mut current = BTreeMap::new();
-        for dep in state.deployments() {
-            if dep.state == DeployState::Succeeded && dep.destinations().iter().any(|x| x == name) {
-                current.insert(dep.app.clone(), dep.release.clone());
-            }
-        }
+        let current = state.current_releases(name);
         let lock = state.lock(name);
         Some(DestinationView {
             name: d.name.clone(),

@@ -92,6 +92,10 @@ pub enum Cmd {
     },
     /// Which releases were deployed where, and how each ended; with
     /// --audit, every operator action (who, how, from where, what, outcome).
+    ///
+    /// The cluster keeps the newest 10,000 ended deployments and every
+    /// current release (the last that succeeded, per app and destination);
+    /// only the newest 1,000 ended keep their step details for `status`.
     #[command(
         after_long_help = "Examples:\n  fleetctl history --app web --destination prod\n  fleetctl history -o json | jq '.[] | select(.state == \"succeeded\") | .release'\n  fleetctl history --audit               # deploys, cancels, locks, tokens, membership changes\n  fleetctl history --audit -o json | jq '.[] | select(.via == \"token\")'"
     )]

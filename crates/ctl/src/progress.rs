@@ -474,6 +474,7 @@ mod tests {
             targets: vec![],
             steps: vec![],
             events: vec![Event { at_ms: 0, from: None, to: DeployState::Queued, reason: "submitted".into(), actor: "alice".into() }],
+            compacted: None,
             changed: Default::default(),
         }
     }

@@ -346,9 +346,25 @@ pub struct Deployment {
     /// what changed for the state to persist.
     pub steps: Vec<StepRecord>,
     pub events: Vec<Event>,
+    /// Set when its step records were dropped from the history (only the
+    /// newest ended deployments keep them, see
+    /// `KEEP_STEP_RECORDS` of the state module); its header, spec and events
+    /// stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compacted: Option<Compaction>,
     /// Which step records changed since the state last persisted them.
     #[serde(skip)]
     pub changed: ChangedSteps,
+}
+
+/// What became of the step records of a deployment compacted into the
+/// history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compaction {
+    /// When they were dropped (the time of the entry that dropped them).
+    pub at_ms: i64,
+    /// How many records there were.
+    pub steps: usize,
 }
 
 /// Which step records of a deployment changed since the state last
@@ -415,6 +431,7 @@ impl Deployment {
             targets: self.targets.clone(),
             steps: Vec::new(),
             events: self.events.clone(),
+            compacted: self.compacted.clone(),
             changed: ChangedSteps::default(),
         }
     }

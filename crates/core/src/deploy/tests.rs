@@ -32,6 +32,7 @@ fn deployment(nodes: &[&str]) -> Deployment {
         targets: vec![],
         steps,
         events: vec![],
+        compacted: None,
         changed: Default::default(),
     }
 }

@@ -504,6 +504,58 @@ fn forget_rules() {
 }
 
 #[test]
+fn forgets_for_deployments_compacted_or_gone_from_the_history() {
+    let mut w = World::new();
+    let b = Destination {
+        name: "b".into(),
+        adapter: "process".into(),
+        selector: [("env".to_string(), "t".to_string())].into(),
+        queue: QueuePolicy::Queue,
+        node_wait_ms: DEFAULT_NODE_WAIT_MS,
+    };
+    w.apply(Command::PutDestinations { destinations: vec![b] });
+    let stack = w.submit("app: web\nrelease: v1\ndestinations: [a, b]\nrun: [srv]\nhealth: { tcp: true }\ntimeout: 1m\n", None);
+    while w.d(&stack).state == DeployState::Running {
+        w.report(&stack, true, None);
+    }
+    let d = w.d(&stack).clone();
+    assert_eq!(d.state, DeployState::Succeeded);
+    let n = crate::state::deployment_number(&stack).unwrap();
+    let running = StepKey { deployment: stack.clone(), step: 3, undo: false, attempt: 1, token: d.token.unwrap(), epoch: d.epoch };
+    let show = |s: &State| -> Vec<String> {
+        forgets(s, "n2", std::slice::from_ref(&running))
+            .iter()
+            .map(|f| format!("{}@{} {}/{}", f.deployment, f.destination, f.token, f.epoch))
+            .collect()
+    };
+    let t = d.token.unwrap();
+    assert_eq!(show(&w.s), [format!("{stack}@a {t}/1")], "with its records: the step's own destination");
+
+    // Compacted (as the state compacts it): the records that named the
+    // step's destination are gone, so every destination of it is named.
+    let mut data = w.s.dump();
+    data.retain(|(k, _)| !k.starts_with(&format!("deploy/{n}/")));
+    let header = data.iter_mut().find(|(k, _)| *k == format!("deploy/{n}")).unwrap();
+    let mut compacted = d.without_steps();
+    compacted.compacted = Some(crate::deploy::Compaction { at_ms: T0, steps: d.steps.len() });
+    header.1 = serde_json::to_vec(&compacted).unwrap();
+    let s = State::load(data.clone()).unwrap();
+    assert_eq!(show(&s), [format!("{stack}@a {t}/1"), format!("{stack}@b {t}/1")]);
+
+    // Gone from the history: every destination that selects the node, at
+    // an epoch past the step's, with the step's own token.
+    data.retain(|(k, _)| *k != format!("deploy/{n}"));
+    let s = State::load(data).unwrap();
+    assert!(s.left_history(&stack));
+    assert_eq!(show(&s), [format!("{stack}@a {t}/2"), format!("{stack}@b {t}/2"), format!("{stack}@c {t}/2")]);
+    // Once per destination, however many of its steps the node runs.
+    let twice = forgets(&s, "n2", &[running.clone(), StepKey { step: 4, ..running.clone() }]);
+    assert_eq!(twice.len(), 3);
+    // A node that no destination selects is told nothing.
+    assert!(forgets(&s, "nobody", std::slice::from_ref(&running)).is_empty());
+}
+
+#[test]
 fn work_with_no_live_node_waits_then_goes_on_or_gives_up() {
     let labels: BTreeMap<String, String> = [("env".to_string(), "t".to_string())].into();
     let mut w = World::new();

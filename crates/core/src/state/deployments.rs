@@ -33,6 +33,7 @@ impl State {
             self.put_deployment(cx, index);
             if let Some(k) = idem {
                 cx.put(format!("{IDEM_PREFIX}{k}"), &index);
+                self.idempotency_of.entry(index).or_default().push(k.clone());
                 self.idempotency.insert(k, index);
             }
         }
@@ -146,6 +147,7 @@ impl State {
             targets,
             steps: vec![],
             events: vec![Event { at_ms, from: None, to: DeployState::Queued, reason: reason.to_string(), actor: actor.to_string() }],
+            compacted: None,
             changed: Default::default(),
         };
         self.deployments.insert(index, d);
@@ -165,6 +167,14 @@ impl State {
 
     pub(super) fn rollback(&mut self, cx: &mut Ctx, id: &str, to: Option<&str>, timeout_ms: Option<u64>, actor: &str) -> Response {
         let Some(of) = self.deployment(id).cloned() else {
+            if self.left_history(id) {
+                return Response::NotFound {
+                    what: format!(
+                        "deployment `{id}` in the history: it ended long ago and left it (the newest {} ended deployments and every current release are kept); roll back a newer deployment of the app with `--to RELEASE`",
+                        super::KEEP_DEPLOYMENTS
+                    ),
+                };
+            }
             return Response::NotFound { what: format!("deployment `{id}`; `fleetctl list` shows the deployments") };
         };
         let of_n = deployment_number(id).unwrap_or(0);

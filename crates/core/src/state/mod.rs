@@ -13,6 +13,8 @@
 //! * `deploy/<n>/step/<i>` -> [`StepRecord`] `i` of deployment `n`, each under its own key so a
 //!   step result writes the records it changed, not the whole saga (data written before
 //!   held them inline in `deploy/<n>`: still read, rewritten in this layout on the next change)
+//!   (ended deployments beyond the newest [`KEEP_STEP_RECORDS`] lose their records; beyond
+//!   [`KEEP_DEPLOYMENTS`] that are no current release, they leave the history)
 //! * `queue/<destination>` -> deployment numbers in FIFO order (the head holds the lock)
 //! * `node/<id>`           -> [`NodeRecord`]
 //! * `dest/<name>`         -> [`Destination`]
@@ -34,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::command::{Command, LockView, Proposal, Request, Response};
-use crate::deploy::{DeployState, Deployment, LiveNodes, NodeWaits, StepRecord};
+use crate::deploy::{Compaction, DeployState, Deployment, LiveNodes, NodeWaits, StepRecord};
 use crate::manifest::{selects, Destination, Spec};
 use crate::saga::plan;
 
@@ -53,6 +55,21 @@ pub const DEDUP_TTL_MS: i64 = 10 * 60 * 1000;
 /// At most this many expired ids are dropped per applied entry, so one
 /// entry's apply cost stays bounded.
 const DEDUP_EXPIRE_BATCH: usize = 64;
+/// Ended deployments keep their step records while they are among the
+/// newest this many; older ones are compacted into the history: their
+/// records are dropped (the bulk of a deployment: one per step, each with
+/// its output and errors), their header, spec and events stay. Bounds
+/// what every coordinator holds for the deployments of months past.
+pub const KEEP_STEP_RECORDS: usize = 1_000;
+/// The history keeps this many ended deployments besides the current
+/// releases (the last succeeded deployment of each app on each
+/// destination, kept whatever their age: rollbacks and catch-ups start
+/// from them); older ones are dropped, with their idempotency keys.
+pub const KEEP_DEPLOYMENTS: usize = 10_000;
+/// At most this many deployments are compacted (and as many dropped) per applied request, so
+/// one request's apply cost stays bounded (a data dir from before
+/// compaction catches up over its next requests).
+const COMPACT_BATCH: usize = 16;
 
 const LOCK_PREFIX: &str = "lock/";
 const DEDUP_PREFIX: &str = "dedup/";
@@ -137,6 +154,22 @@ pub struct State {
     /// leaves it as it was (most step results) does not encode and write
     /// it again. Missing: it is written. Derived, never persisted.
     persisted_headers: BTreeMap<u64, Deployment>,
+    /// Numbers of the ended deployments (no longer holding their
+    /// destinations) that still have their step records, oldest first:
+    /// beyond [`KEEP_STEP_RECORDS`] the oldest are compacted. Derived,
+    /// never persisted.
+    with_records: BTreeSet<u64>,
+    /// Destination → app → the number of the deployment that last
+    /// succeeded there (the current release). Derived, never persisted.
+    current: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Numbers of the ended deployments that are no current release,
+    /// oldest first: beyond [`KEEP_DEPLOYMENTS`] the oldest leave the
+    /// history. Derived, never persisted.
+    droppable: BTreeSet<u64>,
+    /// Deployment number → the idempotency keys that name it (the
+    /// reverse of `idempotency`, so a deployment that leaves the history
+    /// takes its keys along). Derived, never persisted.
+    idempotency_of: BTreeMap<u64, Vec<String>>,
     queues: BTreeMap<String, VecDeque<u64>>,
     nodes: BTreeMap<String, NodeRecord>,
     destinations: BTreeMap<String, Destination>,
@@ -269,6 +302,13 @@ impl State {
                 state.persisted_steps.insert(n, d.steps.clone());
             }
         }
+        for (k, n) in &state.idempotency {
+            state.idempotency_of.entry(*n).or_default().push(k.clone());
+        }
+        let numbers: Vec<u64> = state.deployments.keys().copied().collect();
+        for n in numbers {
+            state.index_ended(n);
+        }
         for (n, d) in &state.deployments {
             if d.state.is_terminal() {
                 continue;
@@ -337,6 +377,13 @@ impl State {
         self.deployments.get(&deployment_number(id)?)
     }
 
+    /// Was deployment `id` submitted here and has since left the history
+    /// (see [`KEEP_DEPLOYMENTS`])? Deployment numbers are sequence
+    /// numbers: one at or below the last applied was issued.
+    pub fn left_history(&self, id: &str) -> bool {
+        deployment_number(id).is_some_and(|n| n <= self.last_seq && !self.deployments.contains_key(&n))
+    }
+
     /// Every deployment, oldest first.
     pub fn deployments(&self) -> impl DoubleEndedIterator<Item = &Deployment> {
         self.deployments.values()
@@ -380,12 +427,96 @@ impl State {
         self.nodes.values().filter(|n| n.lost_ms.is_none() && selects(&d.selector, &n.labels)).map(|n| n.id.clone()).collect()
     }
 
-    /// The release of `app` that last succeeded on `destination`.
+    /// The deployment of `app` that last succeeded on `destination` (the
+    /// highest-numbered one).
     pub fn current_release(&self, app: &str, destination: &str) -> Option<&Deployment> {
-        self.deployments
-            .values()
-            .rev()
-            .find(|d| d.app == app && d.destinations().iter().any(|x| x == destination) && d.state == DeployState::Succeeded)
+        self.deployments.get(self.current.get(destination)?.get(app)?)
+    }
+
+    /// Release that last succeeded on `destination`, per app.
+    pub fn current_releases(&self, destination: &str) -> BTreeMap<String, String> {
+        let Some(apps) = self.current.get(destination) else { return BTreeMap::new() };
+        apps.iter().filter_map(|(app, n)| Some((app.clone(), self.deployments.get(n)?.release.clone()))).collect()
+    }
+
+    /// Keep the derived indexes of ended deployments true for deployment
+    /// `n` as it is now: whether it waits for compaction, whether it is a
+    /// current release (and which one it replaced), and whether it may
+    /// leave the history. Every change to a deployment passes here
+    /// (through [`State::put_deployment`] or [`State::load`], oldest
+    /// first).
+    fn index_ended(&mut self, n: u64) {
+        let Some(d) = self.deployments.get(&n) else { return };
+        let settled = !d.keeps_destination();
+        if settled && !d.steps.is_empty() {
+            self.with_records.insert(n);
+        } else {
+            self.with_records.remove(&n);
+        }
+        let mut replaced = Vec::new();
+        if d.state == DeployState::Succeeded {
+            for dest in d.destinations() {
+                let last = self.current.entry(dest.clone()).or_default().entry(d.app.clone()).or_insert(n);
+                if *last < n {
+                    replaced.push(std::mem::replace(last, n));
+                }
+            }
+        }
+        for m in replaced.into_iter().chain([n]) {
+            let ended = self.deployments.get(&m).is_some_and(|d| !d.keeps_destination());
+            if ended && !self.is_current(m) {
+                self.droppable.insert(m);
+            } else {
+                self.droppable.remove(&m);
+            }
+        }
+    }
+
+    /// Is deployment `n` the current release of its app on one of its
+    /// destinations?
+    fn is_current(&self, n: u64) -> bool {
+        let Some(d) = self.deployments.get(&n) else { return false };
+        d.state == DeployState::Succeeded
+            && d.destinations().iter().any(|dest| self.current.get(dest).and_then(|apps| apps.get(&d.app)) == Some(&n))
+    }
+
+    /// Trim the history, a bounded batch per request: compact the oldest
+    /// ended deployments beyond [`KEEP_STEP_RECORDS`] (delete their step
+    /// records, keep the rest, see [`Compaction`]), and drop the oldest
+    /// beyond [`KEEP_DEPLOYMENTS`] that are no current release.
+    fn trim_history(&mut self, cx: &mut Ctx) {
+        for _ in 0..COMPACT_BATCH {
+            if self.droppable.len() <= KEEP_DEPLOYMENTS {
+                break;
+            }
+            let Some(n) = self.droppable.pop_first() else { break };
+            let Some(d) = self.deployments.remove(&n) else { continue };
+            self.with_records.remove(&n);
+            for i in 0..d.steps.len() {
+                cx.delete(step_key(n, i));
+            }
+            cx.delete(format!("{DEPLOY_PREFIX}{n}"));
+            for k in self.idempotency_of.remove(&n).unwrap_or_default() {
+                // A key reused after its deployment left names another.
+                if self.idempotency.get(&k) == Some(&n) {
+                    self.idempotency.remove(&k);
+                    cx.delete(format!("{IDEM_PREFIX}{k}"));
+                }
+            }
+        }
+        for _ in 0..COMPACT_BATCH {
+            if self.with_records.len() <= KEEP_STEP_RECORDS {
+                break;
+            }
+            let Some(n) = self.with_records.pop_first() else { break };
+            let Some(d) = self.deployments.get_mut(&n) else { continue };
+            let steps = std::mem::take(&mut d.steps);
+            for i in 0..steps.len() {
+                cx.delete(step_key(n, i));
+            }
+            d.compacted = Some(Compaction { at_ms: cx.at_ms, steps: steps.len() });
+            cx.put(format!("{DEPLOY_PREFIX}{n}"), &*d);
+        }
     }
 
     /// Live nodes of each of `destinations`.
@@ -508,6 +639,7 @@ impl State {
         if let Some(origin) = &req.origin {
             self.record_audit(&mut cx, origin, &req.command, &response);
         }
+        self.trim_history(&mut cx);
 
         if let Some(id) = &req.request_id {
             // Named only for entries with an id: `action()` formats its target.
@@ -583,6 +715,7 @@ impl State {
             }
         }
         d.steps = steps;
+        self.index_ended(n);
     }
 
     /// Persist the queue of `destination` (an empty queue is deleted).

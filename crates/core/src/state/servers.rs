@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 
 use super::{Ctx, State, DEST_PREFIX, QUEUE_PREFIX, SERVER_PREFIX};
 use crate::command::{Command, Response};
-use crate::deploy::DeployState;
 use crate::manifest::QueuePolicy;
 use crate::names::validate_name;
 use crate::sync::{
@@ -21,17 +20,6 @@ impl State {
     /// The servers of `destination`, by id.
     pub fn servers(&self, destination: &str) -> Option<&BTreeMap<String, ServerRecord>> {
         self.servers.get(destination)
-    }
-
-    /// Release that last succeeded on `destination`, per app.
-    pub fn current_releases(&self, destination: &str) -> BTreeMap<String, String> {
-        let mut current = BTreeMap::new();
-        for d in self.deployments.values() {
-            if d.state == DeployState::Succeeded && d.destinations().iter().any(|x| x == destination) {
-                current.insert(d.app.clone(), d.release.clone());
-            }
-        }
-        current
     }
 
     /// Is a deployment of `app` to `destination` queued or running?
@@ -220,7 +208,7 @@ mod tests {
 
     use super::*;
     use crate::command::Request;
-    use crate::deploy::StepOutcome;
+    use crate::deploy::{DeployState, StepOutcome};
     use crate::manifest::{parse_destinations, parse_manifest, Overrides};
     use crate::sync::{Health, ServerApp};
 

@@ -565,6 +565,174 @@ mod deployments {
         assert_eq!(w.s.deployments().count(), 2);
     }
 
+    #[test]
+    fn ended_deployments_beyond_the_kept_history_lose_their_step_records_and_nothing_else() {
+        use DeployState::*;
+        let mut w = World::new(&[("a", QueuePolicy::Queue), ("b", QueuePolicy::Queue), ("c", QueuePolicy::Queue)]);
+        // The oldest of all: a stack over `b` and `c` that succeeded, and
+        // one on `b` whose undo failed and that nobody resolved yet.
+        let stacked = id_of(&w.apply(stack("api", "s1", &["b", "c"])));
+        w.finish(&stacked);
+        let stuck = id_of(&w.submit("web", "x1", "b"));
+        report(&mut w, &stuck, true);
+        report(&mut w, &stuck, false);
+        report(&mut w, &stuck, false);
+        assert_eq!(w.state_of(&stuck), CompensationFailed);
+        let extra = 20;
+        let ids: Vec<String> = (0..KEEP_STEP_RECORDS + extra)
+            .map(|i| {
+                let id = id_of(&w.submit("web", &format!("v{i}"), "a"));
+                w.finish(&id);
+                assert_eq!(w.state_of(&id), Succeeded);
+                id
+            })
+            .collect();
+        let n = |id: &str| deployment_number(id).unwrap();
+        let has_step_keys = |w: &World, id: &str| w.kv.keys().any(|k| k.starts_with(&format!("deploy/{}/step/", n(id))));
+        // 1 + KEEP + extra ended deployments hold records: the stack (the
+        // oldest ended one) and the first `extra` of these lose them.
+        let first_kept = extra;
+        let newest = w.s.deployment(ids.last().unwrap()).unwrap().clone();
+        for (i, id) in ids.iter().enumerate() {
+            let d = w.s.deployment(id).unwrap();
+            if i < first_kept {
+                assert!(d.steps.is_empty() && !has_step_keys(&w, id), "{id} is compacted, in memory and on disk");
+                assert_eq!(d.compacted.as_ref().map(|c| c.steps), Some(newest.steps.len()), "{id} says how many records it had");
+                let transitions = |d: &Deployment| d.events.iter().map(|e| (e.from, e.to)).collect::<Vec<_>>();
+                assert_eq!(transitions(d), transitions(&newest), "{id} keeps its events");
+                assert_eq!((d.state, d.release.as_str()), (Succeeded, format!("v{i}").as_str()), "{id} keeps the rest");
+            } else {
+                assert!(!d.steps.is_empty() && d.compacted.is_none() && has_step_keys(&w, id), "{id} is among the newest kept");
+            }
+        }
+        let old_stack = w.s.deployment(&stacked).unwrap();
+        assert!(old_stack.steps.is_empty() && old_stack.compacted.is_some());
+        let stuck_d = w.s.deployment(&stuck).unwrap();
+        assert!(!stuck_d.steps.is_empty() && stuck_d.compacted.is_none(), "an unresolved compensation_failed keeps its records");
+        assert_eq!(w.s.with_records.len(), KEEP_STEP_RECORDS);
+
+        // The current release and the destination views come from the index.
+        assert_eq!(w.s.current_release("web", "a").map(|d| d.id.clone()), ids.last().cloned());
+        assert_eq!(w.s.current_release("api", "c").map(|d| d.id.clone()), Some(stacked.clone()));
+        assert_eq!(w.s.current_releases("b"), [("api".to_string(), "s1".to_string())].into());
+        // A compacted release can still be rolled back to: its spec stays.
+        let rb = id_of(&w.apply(Command::RollbackDeployment {
+            id: ids.last().unwrap().clone(),
+            to_release: Some("v0".into()),
+            timeout_ms: None,
+            actor: "op".into(),
+        }));
+        w.finish(&rb);
+        assert_eq!(w.s.current_release("web", "a").map(|d| d.release.clone()), Some("v0".into()));
+
+        // What was persisted, and a snapshot, rebuild the same state
+        // (derived indexes included).
+        assert_eq!(State::load(w.kv.clone()).unwrap(), w.s);
+        assert_eq!(State::load(w.s.dump()).unwrap(), w.s);
+    }
+
+    #[test]
+    fn a_history_from_before_compaction_is_compacted_a_batch_per_request() {
+        let mut w = World::new(&[("a", QueuePolicy::Queue)]);
+        let id = id_of(&w.submit("web", "v1", "a"));
+        w.finish(&id);
+        let d = w.s.deployment(&id).unwrap().clone();
+        let n0 = deployment_number(&id).unwrap();
+        // A data dir written before compaction: many ended deployments,
+        // every one with its records.
+        let many = KEEP_STEP_RECORDS + 3 * COMPACT_BATCH;
+        let mut old = w.s.dump();
+        old.retain(|(k, _)| k != SEQ_KEY);
+        for k in 1..many as u64 {
+            let mut copy = d.without_steps();
+            copy.id = format!("d{}", n0 + k);
+            old.push((format!("{DEPLOY_PREFIX}{}", n0 + k), encode(&copy)));
+            for (i, rec) in d.steps.iter().enumerate() {
+                old.push((step_key(n0 + k, i), encode(rec)));
+            }
+        }
+        let mut index = n0 + many as u64;
+        old.push((SEQ_KEY.into(), encode(&index)));
+        let mut s = State::load(old).unwrap();
+        assert_eq!(s.with_records.len(), many);
+        for batch in 1..=3 {
+            index += 1;
+            let cmd = if batch % 2 == 1 { acquire("a", "me") } else { release("a", "me") };
+            let (_, changes) = s.apply(index, &req(None, index as i64, cmd));
+            let headers = changes.iter().filter(|c| c.key.starts_with(DEPLOY_PREFIX) && !c.key.contains(STEP_INFIX)).count();
+            let deleted = changes.iter().filter(|c| c.key.contains(STEP_INFIX) && c.value.is_none()).count();
+            assert_eq!((headers, deleted), (COMPACT_BATCH, COMPACT_BATCH * d.steps.len()), "request {batch} compacts one batch");
+            assert_eq!(s.with_records.len(), KEEP_STEP_RECORDS + (3 - batch) * COMPACT_BATCH);
+        }
+        let (_, changes) = s.apply(index + 1, &req(None, index as i64 + 1, release("a", "me")));
+        assert!(!changes.iter().any(|c| c.key.starts_with(DEPLOY_PREFIX)), "nothing more to compact");
+        assert_eq!(s.deployment(&id).unwrap().compacted.as_ref().map(|c| c.steps), Some(d.steps.len()), "the oldest went first");
+    }
+
+    #[test]
+    fn the_oldest_ended_deployments_leave_the_history_with_their_keys_and_current_releases_stay() {
+        let mut w = World::new(&[("a", QueuePolicy::Queue), ("b", QueuePolicy::Queue)]);
+        let api = id_of(&w.submit("api", "v1", "b"));
+        w.finish(&api);
+        let keyed = |release: &str| Command::SubmitDeployment {
+            spec: Box::new(spec("web", release, "a")),
+            actor: "ci".into(),
+            lock_wait_ms: None,
+            idempotency_key: Some("job-1".into()),
+        };
+        let web = id_of(&w.apply(keyed("v1")));
+        w.finish(&web);
+        // Many later ended deployments of web, as a data dir holds them.
+        let template = w.s.deployment(&web).unwrap().without_steps();
+        let n0 = deployment_number(&web).unwrap();
+        let many = KEEP_DEPLOYMENTS + 2 * COMPACT_BATCH + 1;
+        let mut data = w.s.dump();
+        data.retain(|(k, _)| k != SEQ_KEY);
+        for k in 1..many as u64 {
+            let mut copy = template.clone();
+            copy.id = format!("d{}", n0 + k);
+            copy.release = format!("v{}", k + 1);
+            data.push((format!("{DEPLOY_PREFIX}{}", n0 + k), encode(&copy)));
+        }
+        let mut index = n0 + many as u64;
+        data.push((SEQ_KEY.into(), encode(&index)));
+        let mut s = State::load(data).unwrap();
+        // Every web deployment but the newest (the current release) may go;
+        // api's only one is its current release.
+        assert_eq!(s.droppable.len(), many - 1);
+        assert_eq!(s.current_releases("a"), [("web".to_string(), format!("v{many}"))].into());
+
+        index += 1;
+        let (_, changes) = s.apply(index, &req(None, index as i64, acquire("a", "me")));
+        let deleted: BTreeSet<&str> = changes.iter().filter(|c| c.value.is_none()).map(|c| c.key.as_str()).collect();
+        assert!(deleted.contains(format!("deploy/{n0}").as_str()) && deleted.contains("idem/ci/job-1"), "{deleted:?}");
+        let headers = deleted.iter().filter(|k| k.starts_with(DEPLOY_PREFIX) && !k.contains(STEP_INFIX)).count();
+        assert_eq!(headers, COMPACT_BATCH, "one batch per request");
+        assert!(
+            !w.s.deployment(&web).unwrap().steps.is_empty() && !s.dump().iter().any(|(k, _)| k.starts_with(&format!("deploy/{n0}/"))),
+            "its records went too"
+        );
+        assert!(s.deployment(&web).is_none() && s.left_history(&web));
+        index += 1;
+        s.apply(index, &req(None, index as i64, release("a", "me")));
+        assert_eq!(s.droppable.len(), KEEP_DEPLOYMENTS);
+        index += 1;
+        let (_, changes) = s.apply(index, &req(None, index as i64, acquire("a", "me")));
+        assert!(!changes.iter().any(|c| c.key.starts_with(DEPLOY_PREFIX)), "nothing more leaves");
+        assert!(s.deployment(&api).is_some(), "a current release stays whatever its age");
+        assert!(!s.left_history(&api) && !s.left_history(&format!("d{}", index + 1)), "kept, and not issued yet");
+
+        index += 1;
+        let rollback = Command::RollbackDeployment { id: web.clone(), to_release: None, timeout_ms: None, actor: "op".into() };
+        let (gone, _) = s.apply(index, &req(None, index as i64, rollback));
+        assert!(matches!(&gone, Response::NotFound { what } if what.contains("left it") && what.contains("--to RELEASE")), "{gone:?}");
+        // Its idempotency key is free again: a new deployment, not the old id.
+        index += 1;
+        let (again, _) = s.apply(index, &req(None, index as i64, keyed("v1")));
+        assert_eq!(id_of(&again), format!("d{index}"));
+        assert_eq!(State::load(s.dump()).unwrap(), s);
+    }
+
     fn stack(app: &str, release: &str, dests: &[&str]) -> Command {
         let text = format!("app: {app}\nrelease: {release}\ndestinations: [{}]\nrun: [srv]\nhealth: {{ tcp: true }}\n", dests.join(", "));
         let spec = parse_manifest("f", &text, &Overrides::default()).unwrap();

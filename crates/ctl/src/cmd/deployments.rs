@@ -187,6 +187,14 @@ fn print_detail(d: &Deployment) {
         println!("outcome    {}", fleetctl::progress::summary(d).0);
     }
 
+    if let Some(c) = &d.compacted {
+        println!(
+            "steps      {} step records dropped from the history {} (coordinators keep them for the newest {} ended deployments; the events below remain)",
+            c.steps,
+            since(c.at_ms),
+            fleet_core::state::KEEP_STEP_RECORDS
+        );
+    }
     if !d.steps.is_empty() {
         println!();
         let now_at = current_work(d);
