@@ -358,17 +358,18 @@ fn next_work(d: &Deployment, next: Option<Work>, now: i64, seen: &impl Observed)
 /// deployments are checked for skipped steps.
 pub fn forgets(state: &State, node: &str, running: &[StepKey]) -> Vec<Forget> {
     let mut out: Vec<Forget> = Vec::new();
-    let mut add = |d: &Deployment, destination: &str, reason: String| {
-        if out.iter().any(|f| f.deployment == d.id && f.destination == destination) {
-            return;
+    // One forget per deployment and destination.
+    let mut push = |f: Forget| {
+        if !out.iter().any(|o| o.deployment == f.deployment && o.destination == f.destination) {
+            out.push(f);
         }
-        out.push(Forget {
-            deployment: d.id.clone(),
-            destination: destination.to_string(),
-            token: d.token.unwrap_or(0),
-            epoch: d.epoch,
-            reason,
-        });
+    };
+    let of = |d: &Deployment, destination: &str, reason: String| Forget {
+        deployment: d.id.clone(),
+        destination: destination.to_string(),
+        token: d.token.unwrap_or(0),
+        epoch: d.epoch,
+        reason,
     };
     for d in state.deployments().rev().take(FORGET_LOOKBACK) {
         if d.token.is_none() {
@@ -377,11 +378,10 @@ pub fn forgets(state: &State, node: &str, running: &[StepKey]) -> Vec<Forget> {
         for (i, s) in d.steps.iter().enumerate() {
             if s.plan.node == node && s.status == StepStatus::Skipped {
                 let why = format!("{} went on without this node ({}); its steps here were skipped", d.id, d.state);
-                add(d, d.step_destination(i), why);
+                push(of(d, d.step_destination(i), why));
             }
         }
     }
-    let mut gone = Vec::new();
     for k in running {
         let Some(d) = state.deployment(&k.deployment) else {
             if state.left_history(&k.deployment) {
@@ -391,10 +391,7 @@ pub fn forgets(state: &State, node: &str, running: &[StepKey]) -> Vec<Forget> {
                 // step's (its token is its own: no later grant has it).
                 let labels = state.node(node).map(|n| n.labels.clone()).unwrap_or_default();
                 for destination in state.destinations().filter(|dest| crate::manifest::selects(&dest.selector, &labels)) {
-                    if gone.iter().any(|f: &Forget| f.deployment == k.deployment && f.destination == destination.name) {
-                        continue;
-                    }
-                    gone.push(Forget {
+                    push(Forget {
                         deployment: k.deployment.clone(),
                         destination: destination.name.clone(),
                         token: k.token,
@@ -412,14 +409,13 @@ pub fn forgets(state: &State, node: &str, running: &[StepKey]) -> Vec<Forget> {
                 // gone from the history: it ended long ago, so every
                 // destination of it is stale.
                 for destination in d.destinations() {
-                    add(d, destination, why.clone());
+                    push(of(d, destination, why.clone()));
                 }
             } else {
-                add(d, d.step_destination(k.step), why);
+                push(of(d, d.step_destination(k.step), why));
             }
         }
     }
-    out.extend(gone);
     out
 }
 
