@@ -158,6 +158,7 @@ async fn api(f: &Fleet) -> anyhow::Result<()> {
 
     // Metrics before.
     let before = scrape(&op_leader).await?;
+    let follower_before = scrape(&op).await?;
 
     // Roles: a node certificate cannot deploy; a viewer cannot either.
     let body = serde_json::json!({ "manifest": manifest("web"), "release": "v1" });
@@ -276,6 +277,23 @@ async fn api(f: &Fleet) -> anyhow::Result<()> {
     let steps = |m: &Metrics| m.sum_of("fleet_step_seconds_count", &[("adapter", "process"), ("outcome", "ok")]);
     ensure!(steps(&after) > steps(&before), "step count {} → {}", steps(&before), steps(&after));
     ensure!(after.sum_of("fleet_raft_proposal_seconds_count", &[]) > before.sum_of("fleet_raft_proposal_seconds_count", &[]));
+    // Each stage of a replicated write is timed where it ran: appended,
+    // flushed and applied everywhere, replicated by the leader, appended
+    // by the follower on the leader's call.
+    let follower_after = scrape(&op).await?;
+    let count = |m: &Metrics, stage: &str| m.value(&format!("fleet_raft_{stage}_seconds_count"), &[]);
+    for stage in ["log_flush", "replicate", "apply"] {
+        ensure!(count(&after, stage) > count(&before, stage), "leader's {stage}: {} → {}", count(&before, stage), count(&after, stage));
+    }
+    for stage in ["log_flush", "follower_append", "apply"] {
+        ensure!(
+            count(&follower_after, stage) > count(&follower_before, stage),
+            "follower's {stage}: {} → {}",
+            count(&follower_before, stage),
+            count(&follower_after, stage)
+        );
+    }
+    ensure!(count(&follower_after, "replicate") == count(&follower_before, "replicate"), "a follower replicates nothing");
     ensure!(after.value("fleet_raft_term", &[]) >= 1.0 && after.value("fleet_raft_is_leader", &[]) == 1.0);
     ensure!(after.value("fleet_raft_applied_index", &[]) > before.value("fleet_raft_applied_index", &[]));
     ensure!(after.value("fleet_nodes_connected", &[]) == 1.0, "one node is connected to the leader");

@@ -8,7 +8,9 @@
 //!    coordinator's RSS and CPU while they heartbeat, and how many Raft
 //!    entries that idle time cost (heartbeats must not be writes).
 //! 3. `--sim-deployments` `command` deployments at once over those nodes:
-//!    steps/s and the coordinators' CPU.
+//!    steps/s and the coordinators' CPU. With `--history N`, N more
+//!    deployments follow in waves of as many, reporting the coordinators'
+//!    RSS and the snapshot's size as the history grows past what it keeps.
 //! 4. The cluster is filled with locks whose reasons are `--reason-kib`
 //!    KiB of random letters (each lock and the answer its request id
 //!    remembers are state) until about `--state-mb` MB were written; the
@@ -66,6 +68,14 @@ pub struct Args {
     /// Steps of each of those deployments.
     #[arg(long, default_value_t = 20)]
     pub sim_steps: usize,
+    /// Then this many more deployments over the simulated nodes, in waves
+    /// of `--sim-deployments` (a new release on each of the same
+    /// destinations per wave), reporting the coordinators' RSS and the
+    /// snapshot's size as the history grows past what it keeps (the
+    /// newest 1,000 ended deployments with their step records, 10,000 in
+    /// all besides the current releases).
+    #[arg(long, default_value_t = 0)]
+    pub history: usize,
     /// How long the idle CPU of each coordinator is measured.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub idle: Duration,
@@ -219,35 +229,11 @@ async fn sim_deployments(cluster: &Cluster, args: &Args, pids: &[(u64, u32)], si
     let dests: Vec<String> =
         (0..k).map(|i| format!("  - name: simcmd-{i}\n    adapter: command\n    selector: {{ pool: p{} }}\n", i % POOLS)).collect();
     apply_destinations(cluster, &dests)?;
-    let steps: String = (0..args.sim_steps).map(|s| format!("  - {{ name: s{s}, run: \"true\" }}\n")).collect();
     let mut c = cluster.client("operator")?;
-    let locks_before = {
-        let s = cluster.status().await?;
-        s.locks
-    };
     let cpu0: Vec<f64> = pids.iter().map(|(_, p)| procstat::cpu_ms(*p)).collect();
     let steps0 = sims.stats.steps.load(Ordering::Relaxed);
     let t0 = Instant::now();
-    // Submitted by 16 clients at once, so the sagas overlap.
-    let mut tasks = Vec::new();
-    for w in 0..16.min(k) {
-        let mut c = cluster.client("operator")?;
-        let steps = steps.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ids = Vec::new();
-            for i in (w..k).step_by(16) {
-                let yaml = format!("app: sim{i}\nrelease: v1\ndestination: simcmd-{i}\nsteps:\n{steps}");
-                ids.push(crate::steps::submit(&mut c, &yaml).await?);
-            }
-            anyhow::Ok(ids)
-        }));
-    }
-    let mut ids = Vec::with_capacity(k);
-    for t in tasks {
-        ids.extend(t.await??);
-    }
-    let submit_s = t0.elapsed().as_secs_f64();
-    let all = crate::steps::wait_terminal(&mut c, &ids, locks_before, Duration::from_secs(600)).await?;
+    let (ids, submit_s, all) = wave(cluster, args, "v1").await?;
     let took = t0.elapsed().as_secs_f64();
     // What one (linearizable) read of a deployment costs now, at this scale.
     let mut reads = Vec::new();
@@ -258,17 +244,6 @@ async fn sim_deployments(cluster: &Cluster, args: &Args, pids: &[(u64, u32)], si
     }
     let read_p50 = percentile(reads, 0.5);
     let cpu: Vec<f64> = pids.iter().zip(&cpu0).map(|((_, p), b)| (procstat::cpu_ms(*p) - b) / 1000.0 / took).collect();
-    let failed: Vec<String> = all
-        .iter()
-        .filter(|d| d["state"] != "succeeded")
-        .map(|d| format!("{} {}: {}", d["id"], d["state"], crate::steps::last_event(d)))
-        .collect();
-    ensure!(
-        failed.is_empty(),
-        "{} of {k} deployments did not succeed: {}",
-        failed.len(),
-        failed.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
-    );
     let ran = sims.stats.steps.load(Ordering::Relaxed) - steps0;
     // A simulated node answers at once, stamping started = finished = now:
     // the gap from one step's finish to the next one's start is the
@@ -309,6 +284,81 @@ async fn sim_deployments(cluster: &Cluster, args: &Args, pids: &[(u64, u32)], si
     Ok(())
 }
 
+/// One deployment of release `release` on each of the `--sim-deployments`
+/// `simcmd-` destinations, submitted by 16 clients at once (so the sagas
+/// overlap); waits until all ended and checks they succeeded. Returns
+/// their ids, how long the submits took (s), and each as it ended.
+async fn wave(cluster: &Cluster, args: &Args, release: &str) -> anyhow::Result<(Vec<String>, f64, Vec<serde_json::Value>)> {
+    let k = args.sim_deployments;
+    let steps: String = (0..args.sim_steps).map(|s| format!("  - {{ name: s{s}, run: \"true\" }}\n")).collect();
+    let mut c = cluster.client("operator")?;
+    let locks_before = cluster.status().await?.locks;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..16.min(k) {
+        let mut c = cluster.client("operator")?;
+        let (steps, release) = (steps.clone(), release.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in (w..k).step_by(16) {
+                let yaml = format!("app: sim{i}\nrelease: {release}\ndestination: simcmd-{i}\nsteps:\n{steps}");
+                ids.push(crate::steps::submit(&mut c, &yaml).await?);
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    let mut ids = Vec::with_capacity(k);
+    for t in tasks {
+        ids.extend(t.await??);
+    }
+    let submit_s = t0.elapsed().as_secs_f64();
+    let all = crate::steps::wait_terminal(&mut c, &ids, locks_before, Duration::from_secs(600)).await?;
+    let failed: Vec<String> = all
+        .iter()
+        .filter(|d| d["state"] != "succeeded")
+        .map(|d| format!("{} {}: {}", d["id"], d["state"], crate::steps::last_event(d)))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {k} deployments of {release} did not succeed: {}",
+        failed.len(),
+        failed.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+    );
+    Ok((ids, submit_s, all))
+}
+
+/// `--history` deployments after the first wave, in waves: the
+/// coordinators' RSS and the leader's snapshot as the history grows, about
+/// ten times along the way.
+async fn history(cluster: &Cluster, args: &Args, pids: &[(u64, u32)]) -> anyhow::Result<()> {
+    let k = args.sim_deployments;
+    let waves = args.history.div_ceil(k);
+    let report_every = waves.div_ceil(10).max(1);
+    println!("\n| deployments | RSS MiB (each coordinator) | leader snapshot MB | s per wave |\n|---|---|---|---|");
+    let mut stretch = Instant::now();
+    for wv in 1..=waves {
+        wave(cluster, args, &format!("h{wv}")).await?;
+        if wv % report_every == 0 || wv == waves {
+            let per_wave_s = stretch.elapsed().as_secs_f64() / (((wv - 1) % report_every) + 1) as f64;
+            let status = cluster.status().await?;
+            let rss: Vec<f64> = pids.iter().map(|(_, p)| rss_mib(*p)).collect();
+            let done = k * (wv + 1);
+            println!(
+                "{}",
+                json!({"run": "history", "deployments": done, "steps_each": args.sim_steps, "rss_mib": rss.iter().map(|r| round3(*r)).collect::<Vec<_>>(),
+                       "snapshot_bytes": status.snapshot_bytes, "snapshot_index": status.snapshot_index, "s_per_wave": round3(per_wave_s)})
+            );
+            println!(
+                "| {done} | {} | {:.1} | {per_wave_s:.2} |",
+                rss.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / "),
+                status.snapshot_bytes as f64 / 1e6
+            );
+            stretch = Instant::now();
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     ensure!((1..=16).contains(&args.reason_kib), "--reason-kib must be 1..=16 (the API refuses longer reasons)");
     let snapshot_logs = args.snapshot_logs.to_string();
@@ -334,6 +384,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let sims = if args.sim_nodes > 0 { Some(sim_nodes(&cluster, &args, &pids).await?) } else { None };
     if let (Some(sims), true) = (&sims, args.sim_deployments > 0) {
         sim_deployments(&cluster, &args, &pids, sims).await?;
+        if args.history > 0 {
+            history(&cluster, &args, &pids).await?;
+        }
     }
 
     // ---- fill

@@ -111,7 +111,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(script) = etcd.map(|(script, _)| script) {
         stop_etcd(script);
     }
-    let (rows, mut failovers, floor) = result?;
+    let (rows, mut failovers, floor, stages) = result?;
     // etcd's failovers each on a cluster of their own (the script's ports
     // are fixed, so after the one above is gone): a member it killed does
     // not come back when started again by hand with the script's flags.
@@ -137,6 +137,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("| {system} | {} | {:.3} | {:.3} | {:.3} |", times.len(), q(0.5), q(0.99), q(1.0));
     }
     println!("floor: {floor}");
+    print_stages(&rows, &stages);
     if let Some(path) = &args.plot {
         crate::plot::draw(path, &rows).with_context(|| format!("plotting to {}", path.display()))?;
         println!("plot: {}", path.display());
@@ -172,8 +173,9 @@ enum System<'a> {
     Etcd(&'a [String]),
 }
 
-async fn compare(args: &Args, etcd: Option<&[String]>) -> anyhow::Result<(Vec<RunResult>, Failovers, serde_json::Value)> {
+async fn compare(args: &Args, etcd: Option<&[String]>) -> anyhow::Result<(Vec<RunResult>, Failovers, serde_json::Value, Vec<Stages>)> {
     let mut rows = Vec::new();
+    let mut stages: Vec<Stages> = Vec::new();
     let coord_args: Vec<&str> = args.coord_args.iter().map(String::as_str).collect();
     let mut cluster = Cluster::start(3, &coord_args).await.context("starting a Fleet cluster")?;
     let mut baseline = match &args.baseline_bin_dir {
@@ -206,7 +208,20 @@ async fn compare(args: &Args, etcd: Option<&[String]>) -> anyhow::Result<(Vec<Ru
             for system in systems {
                 let r = match system {
                     System::Fleet(name, c) => {
+                        // This build's coordinators report each stage of a
+                        // write on /metrics (a baseline build may not).
+                        let before = if name == "fleet" { Some(stage_totals(c).await?) } else { None };
                         let mut r = fleet_run(c, "bench", n, args.duration).await?;
+                        if let Some(before) = before {
+                            let leader = c.status().await?.leader_id;
+                            let after = stage_totals(c).await?;
+                            let s = Stages::between(n, leader, &before, &after);
+                            println!("{}", s.report());
+                            match stages.iter_mut().find(|x| x.clients == n) {
+                                Some(sum) => sum.add(&s),
+                                None => stages.push(s),
+                            }
+                        }
                         r.system = name;
                         r
                     }
@@ -237,7 +252,118 @@ async fn compare(args: &Args, etcd: Option<&[String]>) -> anyhow::Result<(Vec<Ru
         print_failover("fleet@baseline", &times);
         failovers.push(("fleet@baseline", times));
     }
-    Ok((rows, failovers, floor))
+    Ok((rows, failovers, floor, stages))
+}
+
+/// The histograms that time a replicated write's stages on a coordinator
+/// (`fleet-coord`'s `observe` module), in the order a write passes them.
+const STAGES: [(&str, &str); 6] = [
+    ("proposal", "fleet_raft_proposal_seconds"),
+    ("log_flush", "fleet_raft_log_flush_seconds"),
+    ("fsync", "fleet_raft_log_fsync_seconds"),
+    ("replicate", "fleet_raft_replicate_seconds"),
+    ("follower_append", "fleet_raft_follower_append_seconds"),
+    ("apply", "fleet_raft_apply_seconds"),
+];
+
+/// Coordinator id → stage → (sum of seconds, count), from each one's `/metrics`.
+type StageTotals = std::collections::BTreeMap<u64, std::collections::BTreeMap<&'static str, (f64, f64)>>;
+
+async fn stage_totals(cluster: &Cluster) -> anyhow::Result<StageTotals> {
+    let mut out = StageTotals::new();
+    for &id in cluster.coords.keys() {
+        let answer = fleet_tests::https::Https::new(cluster, id, "operator")?.get("/metrics").await?;
+        answer.expect(200)?;
+        let value = |name: String| -> f64 {
+            answer.body.lines().find_map(|l| l.strip_prefix(name.as_str())?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+        };
+        let per = out.entry(id).or_default();
+        for (stage, metric) in STAGES {
+            per.insert(stage, (value(format!("{metric}_sum")), value(format!("{metric}_count"))));
+        }
+    }
+    Ok(out)
+}
+
+/// Where this build's writes spent their time in the runs at one client
+/// count: per stage, the seconds and the number of times it ran, on the
+/// leader and on the followers (summed).
+#[derive(Debug, Clone)]
+pub struct Stages {
+    clients: usize,
+    leader: std::collections::BTreeMap<&'static str, (f64, f64)>,
+    followers: std::collections::BTreeMap<&'static str, (f64, f64)>,
+}
+
+impl Stages {
+    fn between(clients: usize, leader: u64, before: &StageTotals, after: &StageTotals) -> Stages {
+        let mut s = Stages { clients, leader: Default::default(), followers: Default::default() };
+        for (id, stages) in after {
+            let side = if *id == leader { &mut s.leader } else { &mut s.followers };
+            for (stage, (sum, count)) in stages {
+                let (sum0, count0) = before.get(id).and_then(|b| b.get(stage)).copied().unwrap_or((0.0, 0.0));
+                let e = side.entry(*stage).or_default();
+                e.0 += sum - sum0;
+                e.1 += count - count0;
+            }
+        }
+        s
+    }
+
+    fn add(&mut self, other: &Stages) {
+        for (mine, theirs) in [(&mut self.leader, &other.leader), (&mut self.followers, &other.followers)] {
+            for (stage, (sum, count)) in theirs {
+                let e = mine.entry(*stage).or_default();
+                e.0 += sum;
+                e.1 += count;
+            }
+        }
+    }
+
+    /// Mean milliseconds of `stage` on `side`; `None` when it never ran.
+    fn mean_ms(side: &std::collections::BTreeMap<&'static str, (f64, f64)>, stage: &str) -> Option<f64> {
+        side.get(stage).filter(|(_, count)| *count > 0.0).map(|(sum, count)| sum / count * 1000.0)
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let side = |m: &std::collections::BTreeMap<&'static str, (f64, f64)>| -> serde_json::Value {
+            m.iter()
+                .map(|(stage, (_, count))| (stage.to_string(), json!({"count": count, "mean_ms": Self::mean_ms(m, stage).map(round3)})))
+                .collect()
+        };
+        json!({"system": "fleet", "run": "write_stages", "clients": self.clients, "leader": side(&self.leader), "followers": side(&self.followers)})
+    }
+}
+
+/// Where a write's time went, for this build: the client's mean against
+/// the mean of each stage (see `fleet-coord`'s `observe` module).
+fn print_stages(rows: &[RunResult], stages: &[Stages]) {
+    if stages.is_empty() {
+        return;
+    }
+    println!(
+        "\n| clients | client mean ms | proposal (leader) | log flush (leader) | fsync (leader) | replicate (leader) | append on a follower | log flush (followers) | apply (leader) |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    for s in stages {
+        let client = rows
+            .iter()
+            .find(|r| r.system == "fleet" && r.clients == s.clients)
+            .map(|r| r.lat.iter().map(Duration::as_secs_f64).sum::<f64>() / r.lat.len().max(1) as f64 * 1000.0);
+        let (l, f) = (&s.leader, &s.followers);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.clients,
+            ms(client),
+            ms(Stages::mean_ms(l, "proposal")),
+            ms(Stages::mean_ms(l, "log_flush")),
+            ms(Stages::mean_ms(l, "fsync")),
+            ms(Stages::mean_ms(l, "replicate")),
+            ms(Stages::mean_ms(f, "follower_append")),
+            ms(Stages::mean_ms(f, "log_flush")),
+            ms(Stages::mean_ms(l, "apply")),
+        );
+    }
 }
 
 /// fdatasync of a small append on the disk the cluster uses, and a

@@ -92,6 +92,10 @@ fn metrics() -> &'static Metrics {
             "Duration of each fsync of the Raft log (one covers every append queued meanwhile)",
             crate::observe::fsync_histogram().clone(),
         );
+        for stage in crate::observe::Stage::ALL {
+            let (name, help) = stage.describe();
+            registry.register(name, help, stage.histogram().clone());
+        }
         let step_seconds = Family::<StepLabels, Histogram>::new_with_constructor(step_histogram as fn() -> Histogram);
         registry.register("step_seconds", "Duration of step results recorded by this leader, by adapter and outcome", step_seconds.clone());
         let leader_changes = Counter::default();

@@ -142,7 +142,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call("append", &rpc, Vec::new(), &option).await
+        // Heartbeats (no entries) are not a write's stage.
+        let started = (!rpc.entries.is_empty()).then(std::time::Instant::now);
+        let result = self.call("append", &rpc, Vec::new(), &option).await;
+        if let Some(started) = started {
+            crate::observe::Stage::Replicate.observe(started.elapsed());
+        }
+        result
     }
 
     async fn install_snapshot(

@@ -47,14 +47,20 @@ fn encode<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<Response<R
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let (rpc, _) = decode(req, "Raft.AppendEntries")?;
+        let started = std::time::Instant::now();
+        let (rpc, _): (openraft::raft::AppendEntriesRequest<crate::raft_types::TypeConfig>, _) = decode(req, "Raft.AppendEntries")?;
+        let carries_entries = !rpc.entries.is_empty();
         let result = self.raft.append_entries(rpc).await;
         // Any answer but HigherVote means the sender's vote was accepted:
         // it is the leader this coordinator follows, heard from now.
         if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
             self.contact.touch();
         }
-        encode(result)
+        let answer = encode(result);
+        if carries_entries {
+            crate::observe::Stage::FollowerAppend.observe(started.elapsed());
+        }
+        answer
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {

@@ -24,6 +24,7 @@ use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError, Vote};
@@ -141,7 +142,7 @@ impl Tail {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher: mpsc::Sender<Flush>,
     tail: Arc<Mutex<Tail>>,
 }
 
@@ -152,7 +153,7 @@ impl LogStore {
 
     /// A log store keeping up to `tail_bytes` of the newest entries in memory.
     pub(crate) fn with_tail_bytes(db: Arc<DB>, tail_bytes: usize) -> Self {
-        let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
+        let (tx, rx) = mpsc::channel::<Flush>();
         // Weak: the database closes when the stores drop it, on their
         // thread, not whenever this thread happens to notice the channel
         // closed (a process ending while a detached thread closes RocksDB
@@ -222,14 +223,18 @@ fn fsync(db: &DB) -> std::io::Result<()> {
     r
 }
 
-fn flusher(db: std::sync::Weak<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) {
+/// An append waiting for the fsync thread: its callback, and when it was
+/// handed to the store.
+type Flush = (LogFlushed<TypeConfig>, Instant);
+
+fn flusher(db: std::sync::Weak<DB>, rx: mpsc::Receiver<Flush>) {
     while let Ok(first) = rx.recv() {
         let mut waiting = vec![first];
         waiting.extend(rx.try_iter());
         if cfg!(feature = "mutation-ack-before-fsync") {
             // The broken guarantee `cargo xtask mutants` must see caught:
             // acknowledged first, stored (maybe) afterwards.
-            for cb in waiting.drain(..) {
+            for (cb, _) in waiting.drain(..) {
                 cb.log_io_completed(Ok(()));
             }
         }
@@ -242,7 +247,8 @@ fn flusher(db: std::sync::Weak<DB>, rx: mpsc::Receiver<LogFlushed<TypeConfig>>) 
         if let Err(e) = &result {
             tracing::error!(error = %e, "fsync of the Raft log failed; nothing written since the last good fsync is acknowledged");
         }
-        for cb in waiting {
+        for (cb, appended) in waiting {
+            crate::observe::Stage::LogFlush.observe(appended.elapsed());
             let r = match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
@@ -331,8 +337,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         fail::fail_point!("raft-log-append", |msg| Err(write_err(
             msg.unwrap_or_else(|| "injected write failure: no space left on device".into())
         )));
+        let appended = Instant::now();
         self.write_entries(entries)?;
-        self.flusher.send(callback).map_err(|_| write_err("the log fsync thread has stopped"))?;
+        self.flusher.send((callback, appended)).map_err(|_| write_err("the log fsync thread has stopped"))?;
         Ok(())
     }
 

@@ -374,6 +374,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(touched);
         drop(guard);
         self.index_tx.send_replace(last.index);
+        crate::observe::Stage::Apply.observe(started.elapsed());
         tracing::debug!(index = last.index, entries = responses.len(), took_us = started.elapsed().as_micros() as u64, "applied");
         Ok(responses)
     }
