@@ -184,6 +184,7 @@ async fn compare(args: &Args, etcd: Option<&[String]>) -> anyhow::Result<(Vec<Ru
     };
     let floor = floor(cluster.path())?;
     println!("{}", floor);
+    println!("{}", rpc_without_raft(&cluster, 1000).await?);
     // A leader change under load (a follower that missed heartbeats) shows
     // as a higher term after the runs than before.
     let mut terms = vec![("fleet", cluster.status().await?.term)];
@@ -408,6 +409,32 @@ pub fn floor(dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let rtt50 = percentile(rtt, 0.5);
     Ok(
         json!({"system": "floor", "fdatasync_p50_ms": round3(fs50), "loopback_rtt_p50_ms": round3(rtt50), "floor_p50_ms": round3(fs50 + rtt50)}),
+    )
+}
+
+/// `calls` calls, one after another, of an RPC that does no Raft work
+/// (`ClusterStatus` answered locally) by one client connected to the
+/// leader: what the client's hop to the leader and back costs without a
+/// write, to set beside the write's stages.
+async fn rpc_without_raft(cluster: &Cluster, calls: usize) -> anyhow::Result<serde_json::Value> {
+    let leader = cluster.status().await?.leader_id;
+    let mut ctx = cluster.context("operator");
+    ctx.addrs = vec![cluster.coords.get(&leader).context("the leader is one of the cluster's coordinators")?.addr.clone()];
+    let mut c = fleetctl::client::Client::new(&ctx)?;
+    let mut lat = Vec::with_capacity(calls);
+    for _ in 0..calls + 10 {
+        let t = Instant::now();
+        c.call(
+            |mut cl, _| async move { cl.cluster_status(fleet_proto::ClusterStatusRequest { local: true }).await.map(|r| r.into_inner()) },
+        )
+        .await?;
+        lat.push(t.elapsed());
+    }
+    // The first calls connect.
+    let lat = lat.split_off(10);
+    let mean = lat.iter().map(Duration::as_secs_f64).sum::<f64>() / lat.len().max(1) as f64 * 1000.0;
+    Ok(
+        json!({"system": "fleet", "run": "rpc_without_raft", "calls": lat.len(), "p50_ms": round3(percentile(lat, 0.5)), "mean_ms": round3(mean)}),
     )
 }
 
