@@ -294,6 +294,15 @@ async fn api(f: &Fleet) -> anyhow::Result<()> {
         );
     }
     ensure!(count(&follower_after, "replicate") == count(&follower_before, "replicate"), "a follower replicates nothing");
+    // `fleetctl lock acquire` above went over gRPC to the leader: its
+    // Control calls are timed by method.
+    let calls = |m: &Metrics, method: &str| m.sum_of("fleet_control_call_seconds_count", &[("method", method)]);
+    ensure!(
+        calls(&after, "AcquireLock") > calls(&before, "AcquireLock"),
+        "AcquireLock calls {} → {}",
+        calls(&before, "AcquireLock"),
+        calls(&after, "AcquireLock")
+    );
     ensure!(after.value("fleet_raft_term", &[]) >= 1.0 && after.value("fleet_raft_is_leader", &[]) == 1.0);
     ensure!(after.value("fleet_raft_applied_index", &[]) > before.value("fleet_raft_applied_index", &[]));
     ensure!(after.value("fleet_nodes_connected", &[]) == 1.0, "one node is connected to the leader");

@@ -256,15 +256,20 @@ async fn compare(args: &Args, etcd: Option<&[String]>) -> anyhow::Result<(Vec<Ru
     Ok((rows, failovers, floor, stages))
 }
 
+/// Unlabelled histograms.
+const NO_LABELS: &[&str] = &[""];
+
 /// The histograms that time a replicated write's stages on a coordinator
-/// (`fleet-coord`'s `observe` module), in the order a write passes them.
-const STAGES: [(&str, &str); 6] = [
-    ("proposal", "fleet_raft_proposal_seconds"),
-    ("log_flush", "fleet_raft_log_flush_seconds"),
-    ("fsync", "fleet_raft_log_fsync_seconds"),
-    ("replicate", "fleet_raft_replicate_seconds"),
-    ("follower_append", "fleet_raft_follower_append_seconds"),
-    ("apply", "fleet_raft_apply_seconds"),
+/// (`fleet-coord`'s `observe` module and its timed `Control` calls), in
+/// the order a write passes them, each with the label sets summed.
+const STAGES: [(&str, &str, &[&str]); 7] = [
+    ("handled", "fleet_control_call_seconds", &[r#"{method="AcquireLock"}"#, r#"{method="ReleaseLock"}"#]),
+    ("proposal", "fleet_raft_proposal_seconds", NO_LABELS),
+    ("log_flush", "fleet_raft_log_flush_seconds", NO_LABELS),
+    ("fsync", "fleet_raft_log_fsync_seconds", NO_LABELS),
+    ("replicate", "fleet_raft_replicate_seconds", NO_LABELS),
+    ("follower_append", "fleet_raft_follower_append_seconds", NO_LABELS),
+    ("apply", "fleet_raft_apply_seconds", NO_LABELS),
 ];
 
 /// Coordinator id → stage → (sum of seconds, count), from each one's `/metrics`.
@@ -279,8 +284,9 @@ async fn stage_totals(cluster: &Cluster) -> anyhow::Result<StageTotals> {
             answer.body.lines().find_map(|l| l.strip_prefix(name.as_str())?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
         };
         let per = out.entry(id).or_default();
-        for (stage, metric) in STAGES {
-            per.insert(stage, (value(format!("{metric}_sum")), value(format!("{metric}_count"))));
+        for (stage, metric, labels) in STAGES {
+            let total = |suffix: &str| labels.iter().map(|l| value(format!("{metric}_{suffix}{l}"))).sum::<f64>();
+            per.insert(stage, (total("sum"), total("count")));
         }
     }
     Ok(out)
@@ -343,7 +349,7 @@ fn print_stages(rows: &[RunResult], stages: &[Stages]) {
         return;
     }
     println!(
-        "\n| clients | client mean ms | proposal (leader) | log flush (leader) | fsync (leader) | replicate (leader) | append on a follower | log flush (followers) | apply (leader) |\n|---|---|---|---|---|---|---|---|---|"
+        "\n| clients | client mean ms | call handled (leader) | proposal (leader) | log flush (leader) | fsync (leader) | replicate (leader) | append on a follower | log flush (followers) | apply (leader) |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
     for s in stages {
@@ -353,9 +359,10 @@ fn print_stages(rows: &[RunResult], stages: &[Stages]) {
             .map(|r| r.lat.iter().map(Duration::as_secs_f64).sum::<f64>() / r.lat.len().max(1) as f64 * 1000.0);
         let (l, f) = (&s.leader, &s.followers);
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.clients,
             ms(client),
+            ms(Stages::mean_ms(l, "handled")),
             ms(Stages::mean_ms(l, "proposal")),
             ms(Stages::mean_ms(l, "log_flush")),
             ms(Stages::mean_ms(l, "fsync")),

@@ -147,7 +147,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(ControlServer::from_arc(control))
+        .add_service(crate::metrics::Timed(ControlServer::from_arc(control)))
         .add_service(WorkerServer::new(worker))
         // The builder's own `tcp_nodelay` applies only to listeners it
         // binds itself: set it on this listener's connections. With Nagle
