@@ -192,9 +192,9 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for Timed<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Timed<S>
+impl<S, B, RB> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Timed<S>
 where
-    S: tonic::codegen::Service<tonic::codegen::http::Request<B>>,
+    S: tonic::codegen::Service<tonic::codegen::http::Request<B>, Response = tonic::codegen::http::Response<RB>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -212,7 +212,13 @@ where
         let answer = self.0.call(req);
         Box::pin(async move {
             let r = answer.await;
-            control_call(&method, started.elapsed());
+            // A method the service does not have is answered
+            // `unimplemented` (gRPC status 12) and not counted: the label
+            // would be whatever a caller sent.
+            let unimplemented = matches!(&r, Ok(answer) if answer.headers().get("grpc-status").is_some_and(|v| v == "12"));
+            if !unimplemented {
+                control_call(&method, started.elapsed());
+            }
             r
         })
     }
@@ -338,3 +344,56 @@ const ALL_STATES: [DeployState; 9] = [
     DeployState::CompensationFailed,
     DeployState::Superseded,
 ];
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tonic::codegen::http::{Request, Response};
+    use tonic::codegen::Service;
+
+    use super::*;
+
+    /// Answers `Nope` the way a generated server answers a method it does
+    /// not have (gRPC status 12 in the head), anything else with an empty OK.
+    #[derive(Clone)]
+    struct Fake;
+
+    impl Service<Request<()>> for Fake {
+        type Response = Response<()>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Response<()>, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<()>) -> Self::Future {
+            let mut answer = Response::new(());
+            if req.uri().path().ends_with("/Nope") {
+                answer.headers_mut().insert("grpc-status", "12".parse().expect("a header value"));
+            }
+            Box::pin(async move { Ok(answer) })
+        }
+    }
+
+    fn exposition() -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics().registry).expect("metrics encode to text");
+        text
+    }
+
+    #[tokio::test]
+    async fn control_calls_are_timed_by_method_and_unknown_methods_are_not_labels() {
+        let mut timed = Timed(Fake);
+        for path in ["/fleet.Control/TimedProbe", "/fleet.Control/TimedProbe", "/fleet.Control/Nope"] {
+            timed.call(Request::builder().uri(path).body(()).expect("a request")).await.expect("the fake answers");
+        }
+        let text = exposition();
+        assert!(text.contains(r#"fleet_control_call_seconds_count{method="TimedProbe"} 2"#), "{text}");
+        assert!(!text.contains(r#"method="Nope""#), "a method the service does not have became a label:\n{text}");
+    }
+}
