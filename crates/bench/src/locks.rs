@@ -272,8 +272,11 @@ const STAGES: [(&str, &str, &[&str]); 7] = [
     ("apply", "fleet_raft_apply_seconds", NO_LABELS),
 ];
 
-/// Coordinator id → stage → (sum of seconds, count), from each one's `/metrics`.
-type StageTotals = std::collections::BTreeMap<u64, std::collections::BTreeMap<&'static str, (f64, f64)>>;
+/// Stage → (sum of seconds, count).
+type Sums = std::collections::BTreeMap<&'static str, (f64, f64)>;
+
+/// Coordinator id → its stages' sums, from each one's `/metrics`.
+type StageTotals = std::collections::BTreeMap<u64, Sums>;
 
 async fn stage_totals(cluster: &Cluster) -> anyhow::Result<StageTotals> {
     let mut out = StageTotals::new();
@@ -298,8 +301,8 @@ async fn stage_totals(cluster: &Cluster) -> anyhow::Result<StageTotals> {
 #[derive(Debug, Clone)]
 pub struct Stages {
     clients: usize,
-    leader: std::collections::BTreeMap<&'static str, (f64, f64)>,
-    followers: std::collections::BTreeMap<&'static str, (f64, f64)>,
+    leader: Sums,
+    followers: Sums,
 }
 
 impl Stages {
@@ -328,12 +331,12 @@ impl Stages {
     }
 
     /// Mean milliseconds of `stage` on `side`; `None` when it never ran.
-    fn mean_ms(side: &std::collections::BTreeMap<&'static str, (f64, f64)>, stage: &str) -> Option<f64> {
+    fn mean_ms(side: &Sums, stage: &str) -> Option<f64> {
         side.get(stage).filter(|(_, count)| *count > 0.0).map(|(sum, count)| sum / count * 1000.0)
     }
 
     fn report(&self) -> serde_json::Value {
-        let side = |m: &std::collections::BTreeMap<&'static str, (f64, f64)>| -> serde_json::Value {
+        let side = |m: &Sums| -> serde_json::Value {
             m.iter()
                 .map(|(stage, (_, count))| (stage.to_string(), json!({"count": count, "mean_ms": Self::mean_ms(m, stage).map(round3)})))
                 .collect()
