@@ -370,7 +370,15 @@ async fn scrape(h: &Https) -> anyhow::Result<Metrics> {
     ] {
         ensure!(scrape.samples.iter().any(|s| s.metric == name), "/metrics has no {name}:\n{}", a.body);
     }
-    Ok(Metrics(scrape))
+    let m = Metrics(scrape);
+    // Memory, for whoever wonders at 3 a.m. where it went: the process's
+    // RSS, and RocksDB's parts of it (a memtable is never empty: its arena).
+    ensure!(m.sum_of("fleet_process_resident_bytes", &[]) > (1 << 20) as f64, "no resident memory reported:\n{}", a.body);
+    for part in ["memtables", "block_cache", "table_readers"] {
+        ensure!(m.matching("fleet_rocksdb_memory_bytes", &[("part", part)]).count() == 1, "/metrics has no RocksDB {part}:\n{}", a.body);
+    }
+    ensure!(m.sum_of("fleet_rocksdb_memory_bytes", &[("part", "memtables")]) > 0.0, "RocksDB memtables at 0:\n{}", a.body);
+    Ok(m)
 }
 
 /// Events resumed with `Last-Event-ID` lose nothing: every record the

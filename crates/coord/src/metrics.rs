@@ -51,6 +51,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartLabel {
+    part: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DestinationLabel {
     destination: String,
 }
@@ -73,6 +78,8 @@ struct Metrics {
     queue_length: Family<DestinationLabel, Gauge>,
     nodes_connected: Gauge,
     nodes_registered: Gauge,
+    rocksdb_memory: Family<PartLabel, Gauge>,
+    resident: Gauge,
 }
 
 fn metrics() -> &'static Metrics {
@@ -144,8 +151,18 @@ fn metrics() -> &'static Metrics {
         );
         let nodes_registered = Gauge::default();
         registry.register("nodes_registered", "Worker nodes registered and not presumed lost", nodes_registered.clone());
+        let rocksdb_memory = Family::<PartLabel, Gauge>::default();
+        registry.register(
+            "rocksdb_memory_bytes",
+            "What this coordinator's RocksDB holds in memory, by part (memtables, block_cache, table_readers)",
+            rocksdb_memory.clone(),
+        );
+        let resident = Gauge::default();
+        registry.register("process_resident_bytes", "This coordinator's resident memory (RSS)", resident.clone());
         Metrics {
             registry,
+            rocksdb_memory,
+            resident,
             proposal_seconds,
             proposals_failed,
             entry_requests,
@@ -300,10 +317,24 @@ pub fn render(raft: &Raft, state: &StateReader, hub: &Hub) -> String {
         m.nodes_registered.set(nodes.iter().filter(|n| n.lost_ms.is_none()).count() as i64);
         m.nodes_connected.set(nodes.iter().filter(|n| hub.liveness(&n.id).connected).count() as i64);
     });
+    let rocks = state.rocksdb_memory();
+    for (part, bytes) in [("memtables", rocks.memtables), ("block_cache", rocks.block_cache), ("table_readers", rocks.table_readers)] {
+        m.rocksdb_memory.get_or_create(&PartLabel { part }).set(bytes as i64);
+    }
+    m.resident.set(resident_bytes().unwrap_or(0) as i64);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
     out
+}
+
+/// This process's resident memory, from `/proc/self/status` (Linux);
+/// `None` where that cannot be read.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The highest index a majority of voters hold, as the leader sees it; a

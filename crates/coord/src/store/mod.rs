@@ -14,7 +14,7 @@ pub mod sm;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, DB};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -27,6 +27,8 @@ pub const CF_SM_META: &str = "sm_meta";
 const DB_WRITE_BUFFER_BYTES: usize = 32 << 20;
 /// One memtable of one column family.
 const CF_WRITE_BUFFER_BYTES: usize = 16 << 20;
+/// The block cache every column family shares (see `open`).
+pub const BLOCK_CACHE_BYTES: usize = 8 << 20;
 /// Which cluster and coordinator a data dir belongs to.
 const IDENTITY_FILE: &str = "fleet-identity.json";
 
@@ -105,9 +107,16 @@ pub fn open(path: &Path, cluster_id: &str, node_id: u64) -> Result<Arc<DB>, Open
     // DB_WRITE_BUFFER_BYTES (RocksDB flushes the largest when they reach
     // it); by default each of the four could hold two 64 MiB memtables.
     opts.set_db_write_buffer_size(DB_WRITE_BUFFER_BYTES);
+    // One block cache for every column family. Without it each one gets a
+    // 32 MiB cache of its own; loading the state machine at start reads
+    // every block of `sm`, and reads of old log entries fill `log`'s.
+    let mut tables = BlockBasedOptions::default();
+    tables.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES));
+    opts.set_block_based_table_factory(&tables);
     let cfs = [CF_LOG, CF_META, CF_SM, CF_SM_META].map(|name| {
         let mut cf = Options::default();
         cf.set_write_buffer_size(CF_WRITE_BUFFER_BYTES);
+        cf.set_block_based_table_factory(&tables);
         ColumnFamilyDescriptor::new(name, cf)
     });
     let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| OpenError::Rocks { path: path.to_path_buf(), source })?;
@@ -126,6 +135,31 @@ fn write_identity(path: &Path, identity: &Identity) -> std::io::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// What RocksDB holds in memory now, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Memtables of every column family (written, not yet flushed to tables).
+    pub memtables: u64,
+    /// The shared block cache (at most [`BLOCK_CACHE_BYTES`]).
+    pub block_cache: u64,
+    /// Index and filter blocks of the open table files.
+    pub table_readers: u64,
+}
+
+/// RocksDB's memory by part, from its own estimates.
+pub fn memory(db: &DB) -> Memory {
+    let mut m = Memory::default();
+    let int = |cf, name: &str| db.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0);
+    for name in [CF_LOG, CF_META, CF_SM, CF_SM_META] {
+        let Some(cf) = db.cf_handle(name) else { continue };
+        m.memtables += int(cf, "rocksdb.cur-size-all-mem-tables");
+        m.table_readers += int(cf, "rocksdb.estimate-table-readers-mem");
+        // Shared: every column family reports the same cache.
+        m.block_cache = int(cf, "rocksdb.block-cache-usage");
+    }
+    m
 }
 
 /// Map any displayable error into openraft's storage error for `subject`.
@@ -147,6 +181,41 @@ mod tests {
         assert!(matches!(open(&p, "bbbb", 1), Err(OpenError::Mismatch { .. })));
         assert!(matches!(open(&p, "aaaa", 2), Err(OpenError::Mismatch { .. })));
         drop(open(&p, "aaaa", 1).unwrap());
+    }
+
+    /// Reading more than the block cache holds, from two column families,
+    /// leaves RocksDB's cache at its shared bound. Each column family had
+    /// a 32 MiB cache of its own before: loading a large state machine
+    /// at start kept up to 32 MiB of `sm` blocks in memory, and old log
+    /// reads as much again.
+    #[test]
+    fn block_cache_is_one_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("data"), "aaaa", 1).unwrap();
+        let value = vec![7u8; 4096];
+        for name in [CF_SM, CF_LOG] {
+            let cf = db.cf_handle(name).unwrap();
+            // 24 MiB per column family, flushed into table files.
+            for i in 0..6_144u32 {
+                db.put_cf(cf, format!("{name}/{i:08}"), &value).unwrap();
+            }
+            db.flush_cf(cf).unwrap();
+        }
+        assert!(memory(&db).table_readers > 0, "{:?}", memory(&db));
+        for name in [CF_SM, CF_LOG] {
+            let cf = db.cf_handle(name).unwrap();
+            let read = db.iterator_cf(cf, rocksdb::IteratorMode::Start).map(|kv| kv.unwrap().1.len()).sum::<usize>();
+            assert_eq!(read, 6_144 * 4096);
+        }
+        let m = memory(&db);
+        assert!(m.block_cache > (BLOCK_CACHE_BYTES / 2) as u64, "reading filled the cache: {m:?}");
+        assert!(m.block_cache <= BLOCK_CACHE_BYTES as u64, "one cache, at most {BLOCK_CACHE_BYTES} bytes: {m:?}");
+        let per_cf: u64 = [CF_SM, CF_LOG]
+            .iter()
+            .map(|n| db.property_int_value_cf(db.cf_handle(n).unwrap(), "rocksdb.block-cache-capacity").unwrap().unwrap())
+            .max()
+            .unwrap();
+        assert_eq!(per_cf, BLOCK_CACHE_BYTES as u64, "every column family uses the shared cache");
     }
 
     /// A fresh store in a directory of its own, for openraft's suite.

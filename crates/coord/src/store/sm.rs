@@ -126,6 +126,7 @@ impl Writes {
 /// Read access to the applied state for the services.
 #[derive(Clone)]
 pub struct StateReader {
+    db: Arc<DB>,
     applied: Arc<RwLock<Applied>>,
     index: watch::Receiver<u64>,
     touched: TouchedCell,
@@ -143,6 +144,11 @@ impl StateReader {
     /// leader); 0 before the first.
     pub fn snapshot_bytes(&self) -> u64 {
         self.snapshot_bytes.load(Ordering::Relaxed)
+    }
+
+    /// What this coordinator's RocksDB holds in memory now.
+    pub fn rocksdb_memory(&self) -> super::Memory {
+        super::memory(&self.db)
     }
 
     /// A receiver that changes whenever an entry is applied.
@@ -211,7 +217,13 @@ impl StateMachine {
         let (tx, rx) = watch::channel(index);
         let touched = TouchedCell::default();
         let snapshot_bytes = Arc::new(AtomicU64::new(0));
-        let reader = StateReader { applied: applied.clone(), index: rx, touched: touched.clone(), snapshot_bytes: snapshot_bytes.clone() };
+        let reader = StateReader {
+            db: db.clone(),
+            applied: applied.clone(),
+            index: rx,
+            touched: touched.clone(),
+            snapshot_bytes: snapshot_bytes.clone(),
+        };
         let sm = StateMachine { db, applied, index_tx: Arc::new(tx), snapshot_seq: 0, touched, snapshot_bytes };
         if let Some((_, data)) = sm.stored_snapshot()? {
             sm.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
