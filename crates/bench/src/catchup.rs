@@ -327,6 +327,22 @@ async fn wave(cluster: &Cluster, args: &Args, release: &str) -> anyhow::Result<(
     Ok((ids, submit_s, all))
 }
 
+/// RocksDB's memory by part on coordinator `id`, in MiB, from its
+/// `/metrics` (memtables, block cache, table readers); `None` from a build
+/// that does not report it.
+async fn rocksdb_mib(cluster: &Cluster, id: u64) -> anyhow::Result<Option<[f64; 3]>> {
+    let answer = fleet_tests::https::Https::new(cluster, id, "operator")?.get("/metrics").await?;
+    answer.expect(200)?;
+    let part = |p: &str| {
+        let prefix = format!("fleet_rocksdb_memory_bytes{{part=\"{p}\"}} ");
+        answer.body.lines().find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse::<f64>().ok()).map(|b| b / 1048576.0)
+    };
+    Ok(match (part("memtables"), part("block_cache"), part("table_readers")) {
+        (Some(m), Some(c), Some(t)) => Some([m, c, t]),
+        _ => None,
+    })
+}
+
 /// `--history` deployments after the first wave, in waves: the
 /// coordinators' RSS and the leader's snapshot as the history grows, about
 /// ten times along the way.
@@ -334,7 +350,9 @@ async fn history(cluster: &Cluster, args: &Args, pids: &[(u64, u32)]) -> anyhow:
     let k = args.sim_deployments;
     let waves = args.history.div_ceil(k);
     let report_every = waves.div_ceil(10).max(1);
-    println!("\n| deployments | RSS MiB (each coordinator) | leader snapshot MB | s per wave |\n|---|---|---|---|");
+    println!(
+        "\n| deployments | RSS MiB (each coordinator) | RocksDB MiB: memtables + block cache + table readers (each) | leader snapshot MB | s per wave |\n|---|---|---|---|---|"
+    );
     let mut stretch = Instant::now();
     for wv in 1..=waves {
         wave(cluster, args, &format!("h{wv}")).await?;
@@ -342,15 +360,25 @@ async fn history(cluster: &Cluster, args: &Args, pids: &[(u64, u32)]) -> anyhow:
             let per_wave_s = stretch.elapsed().as_secs_f64() / (((wv - 1) % report_every) + 1) as f64;
             let status = cluster.status().await?;
             let rss: Vec<f64> = pids.iter().map(|(_, p)| rss_mib(*p)).collect();
+            let mut rocks = Vec::new();
+            for (id, _) in pids {
+                rocks.push(rocksdb_mib(cluster, *id).await?);
+            }
             let done = k * (wv + 1);
             println!(
                 "{}",
                 json!({"run": "history", "deployments": done, "steps_each": args.sim_steps, "rss_mib": rss.iter().map(|r| round3(*r)).collect::<Vec<_>>(),
+                       "rocksdb_mib": rocks.iter().map(|r| r.map(|parts| parts.map(round3))).collect::<Vec<_>>(),
                        "snapshot_bytes": status.snapshot_bytes, "snapshot_index": status.snapshot_index, "s_per_wave": round3(per_wave_s)})
             );
             println!(
-                "| {done} | {} | {:.1} | {per_wave_s:.2} |",
+                "| {done} | {} | {} | {:.1} | {per_wave_s:.2} |",
                 rss.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(" / "),
+                rocks
+                    .iter()
+                    .map(|r| r.map(|[m, c, t]| format!("{m:.0}+{c:.0}+{t:.0}")).unwrap_or_else(|| "-".into()))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
                 status.snapshot_bytes as f64 / 1e6
             );
             stretch = Instant::now();
