@@ -8,6 +8,15 @@
 //! from the persisted `last_applied`.
 //! Building a snapshot fsyncs first, because the log behind a snapshot is
 //! purged.
+//!
+//! The current snapshot's bytes live in a file of their own
+//! (`<data-dir>/snapshots/`, written and fsynced before anything points at
+//! it); RocksDB holds only a pointer to it (`SNAPSHOT_KEY`: file, meta,
+//! size), written in the same batch as the state it matches. A snapshot
+//! stored as one RocksDB value passed through a write batch, the WAL, a
+//! memtable and a table flush: about four copies of it in memory at once
+//! (docs/benchmarks.md, "Where a long history's memory goes"). A pointer
+//! left by an older release (the framed snapshot itself) is still read.
 
 // openraft's storage traits take and return `StorageError` by value; the
 // helpers here return the same type rather than box it and unbox it at
@@ -15,7 +24,8 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Cursor;
+use std::io::{Cursor, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -31,6 +41,16 @@ use crate::raft_types::{LogId, SnapshotMeta, StorageError, StoredMembership, Typ
 
 const APPLIED_KEY: &[u8] = b"applied";
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
+/// The directory, inside the data dir, that holds the snapshot file.
+const SNAPSHOT_DIR: &str = "snapshots";
+
+/// What `SNAPSHOT_KEY` holds: which file is the current snapshot.
+#[derive(Serialize, Deserialize)]
+struct SnapshotPointer {
+    file: String,
+    bytes: u64,
+    meta: SnapshotMeta,
+}
 
 /// What is applied, shared by the state machine (writer), the snapshot
 /// builder and the gRPC services (readers).
@@ -175,6 +195,7 @@ pub struct StateMachine {
     snapshot_seq: u64,
     touched: TouchedCell,
     snapshot_bytes: Arc<AtomicU64>,
+    snapshot_lock: SnapshotLock,
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError {
@@ -224,10 +245,29 @@ impl StateMachine {
             touched: touched.clone(),
             snapshot_bytes: snapshot_bytes.clone(),
         };
-        let sm = StateMachine { db, applied, index_tx: Arc::new(tx), snapshot_seq: 0, touched, snapshot_bytes };
-        if let Some((_, data)) = sm.stored_snapshot()? {
-            sm.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
-        }
+        let sm = StateMachine {
+            db,
+            applied,
+            index_tx: Arc::new(tx),
+            snapshot_seq: 0,
+            touched,
+            snapshot_bytes,
+            snapshot_lock: SnapshotLock::default(),
+        };
+        let current = match sm.pointer()? {
+            Some(Stored::File(p)) => {
+                sm.snapshot_bytes.store(p.bytes, Ordering::Relaxed);
+                Some(p.file)
+            }
+            Some(Stored::Inline(_, data)) => {
+                sm.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
+                None
+            }
+            None => None,
+        };
+        // Files no pointer names: a snapshot written by a call that did not
+        // finish (a crash between the file and its batch), or replaced.
+        prune_snapshots(&sm.db, current.as_deref());
         Ok((sm, reader))
     }
 
@@ -235,25 +275,101 @@ impl StateMachine {
         self.db.cf_handle(name).expect("column family exists once the store is open")
     }
 
-    fn stored_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+    fn pointer(&self) -> Result<Option<Stored>, StorageError> {
         let Some(raw) = self.db.get_cf(self.cf(CF_META), SNAPSHOT_KEY).map_err(read_sm_err)? else {
             return Ok(None);
         };
+        if raw.first() == Some(&b'{') {
+            return Ok(Some(Stored::File(serde_json::from_slice(&raw).map_err(read_sm_err)?)));
+        }
+        // An older release's record: the framed meta, then the data.
         let (meta, data) = split_frame(&raw).map_err(read_sm_err)?;
         let meta: SnapshotMeta = serde_json::from_slice(meta).map_err(read_sm_err)?;
-        Ok(Some((meta, data.to_vec())))
+        Ok(Some(Stored::Inline(meta, data.to_vec())))
+    }
+
+    fn stored_snapshot(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+        Ok(match self.pointer()? {
+            None => None,
+            Some(Stored::Inline(meta, data)) => Some((meta, data)),
+            Some(Stored::File(p)) => {
+                let path = snapshot_dir(&self.db).join(&p.file);
+                let data = std::fs::read(&path).map_err(|e| read_sm_err(format!("snapshot file {}: {e}", path.display())))?;
+                if data.len() as u64 != p.bytes {
+                    return Err(read_sm_err(format!(
+                        "snapshot file {} has {} bytes, {} were written; the data dir is damaged",
+                        path.display(),
+                        data.len(),
+                        p.bytes
+                    )));
+                }
+                Some((p.meta, data))
+            }
+        })
     }
 }
 
-/// Stage the snapshot (meta + data) in `batch`, so it can be served to a
-/// lagging member after a restart.
-fn put_snapshot(db: &DB, meta: &SnapshotMeta, data: &[u8], batch: &mut WriteBatch) {
+/// Where the current snapshot is.
+enum Stored {
+    File(SnapshotPointer),
+    Inline(SnapshotMeta, Vec<u8>),
+}
+
+fn snapshot_dir(db: &DB) -> PathBuf {
+    db.path().join(SNAPSHOT_DIR)
+}
+
+/// Remove every snapshot file but `keep` (best effort: a file left behind
+/// costs disk space, not correctness).
+fn prune_snapshots(db: &DB, keep: Option<&str>) {
+    let Ok(entries) = std::fs::read_dir(snapshot_dir(db)) else { return };
+    for e in entries.flatten() {
+        if keep != e.file_name().to_str() {
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::warn!(file = %e.path().display(), error = %err, "cannot remove an old snapshot file");
+            }
+        }
+    }
+}
+
+/// Serializes storing snapshots: the builder runs apart from the state
+/// machine, and one's pruning must not remove the file the other's
+/// pointer, written in between, names.
+type SnapshotLock = Arc<Mutex<()>>;
+
+/// Write `data` as the current snapshot together with `batch` (the state
+/// it matches, when installing): the file first, then the batch with the
+/// pointer to it, synced, then older files removed.
+fn store_snapshot(db: &DB, lock: &SnapshotLock, meta: &SnapshotMeta, data: &[u8], mut batch: WriteBatch) -> Result<(), StorageError> {
+    let _one_at_a_time = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let file = put_snapshot(db, meta, data, &mut batch).map_err(snap_err)?;
+    db.write_opt(batch, &sync_opts()).map_err(snap_err)?;
+    prune_snapshots(db, Some(&file));
+    Ok(())
+}
+
+/// Write `data` to a new snapshot file, fsynced with its directory, and
+/// stage the pointer to it in `batch`: the file becomes the current
+/// snapshot only when `batch` is written. Answers the file's name.
+fn put_snapshot(db: &DB, meta: &SnapshotMeta, data: &[u8], batch: &mut WriteBatch) -> std::io::Result<String> {
+    static WRITTEN: AtomicU64 = AtomicU64::new(0);
+    let dir = snapshot_dir(db);
+    std::fs::create_dir_all(&dir)?;
+    let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+    // Unique within this data dir: the index, the time and a counter (a
+    // snapshot id comes from the leader and is not a file name).
+    let file = format!("{index:020}-{}-{}.snap", fleet_net::now_ms(), WRITTEN.fetch_add(1, Ordering::Relaxed));
+    let tmp = dir.join(format!("{file}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(&file))?;
+    std::fs::File::open(&dir)?.sync_all()?;
+    let pointer = SnapshotPointer { file: file.clone(), bytes: data.len() as u64, meta: meta.clone() };
     let cf = db.cf_handle(CF_META).expect("column family exists once the store is open");
-    let meta_raw = serde_json::to_vec(meta).expect("snapshot meta serializes");
-    let mut framed = Vec::with_capacity(meta_raw.len() + data.len() + 4);
-    push_frame(&mut framed, &meta_raw);
-    framed.extend_from_slice(data);
-    batch.put_cf(cf, SNAPSHOT_KEY, framed);
+    batch.put_cf(cf, SNAPSHOT_KEY, serde_json::to_vec(&pointer).expect("snapshot pointer serializes"));
+    Ok(file)
 }
 
 // Snapshot data: a framed JSON header (last_applied + membership), then the
@@ -310,6 +426,7 @@ pub struct SnapshotBuilder {
     applied: Arc<RwLock<Applied>>,
     seq: u64,
     snapshot_bytes: Arc<AtomicU64>,
+    snapshot_lock: SnapshotLock,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -326,9 +443,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             None => format!("0-0-{}", self.seq),
         };
         let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-        let mut batch = WriteBatch::default();
-        put_snapshot(&self.db, &meta, &data, &mut batch);
-        self.db.write_opt(batch, &sync_opts()).map_err(snap_err)?;
+        store_snapshot(&self.db, &self.snapshot_lock, &meta, &data, WriteBatch::default())?;
         self.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
@@ -398,6 +513,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             applied: self.applied.clone(),
             seq: self.snapshot_seq,
             snapshot_bytes: self.snapshot_bytes.clone(),
+            snapshot_lock: self.snapshot_lock.clone(),
         }
     }
 
@@ -421,8 +537,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let new_meta = AppliedMeta { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
         batch.put_cf(self.cf(CF_SM_META), APPLIED_KEY, serde_json::to_vec(&new_meta).expect("applied meta serializes"));
-        put_snapshot(&self.db, meta, &data, &mut batch);
-        self.db.write_opt(batch, &sync_opts()).map_err(snap_err)?;
+        store_snapshot(&self.db, &self.snapshot_lock, meta, &data, batch)?;
         self.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
         debug_assert_eq!(applied_meta.last_applied, meta.last_log_id);
 
@@ -523,6 +638,93 @@ mod tests {
         assert!(scheduler.keys.contains("dest/web") && scheduler.keys.contains("lock/web"), "{:?}", scheduler.keys);
         assert!(reader.take_touched(Taker::Sync).keys.is_empty(), "a take empties the taker's collection");
         assert!(!reader.take_touched(Taker::Journal).keys.is_empty(), "takers collect apart");
+    }
+
+    fn build(sm: &mut StateMachine) -> Result<Snapshot<TypeConfig>, StorageError> {
+        futures::executor::block_on(async { sm.get_snapshot_builder().await.build_snapshot().await })
+    }
+
+    fn snapshot_files(db: &DB) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(snapshot_dir(db))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// A snapshot's bytes go to a file of their own, not through RocksDB:
+    /// its record there is a small pointer, its memtables stay small, and
+    /// after a restart the same snapshot is served, its size known without
+    /// reading it. Building another leaves one file.
+    #[test]
+    fn a_snapshot_is_a_file_that_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
+        let (mut sm, reader) = StateMachine::open(db.clone()).expect("state machine opens");
+        // Locks with the longest reasons make a snapshot of over 4 MiB.
+        let big = |i: usize| {
+            let reason = "r".repeat(fleet_core::names::MAX_REASON_LEN);
+            request(&format!("r{i}"), Command::AcquireLock { destination: format!("d{i}"), holder: "ci".into(), reason })
+        };
+        futures::executor::block_on(sm.apply((1..=300u64).map(|i| normal(i, vec![big(i as usize)])))).expect("apply");
+        let memtables_before = super::super::memory(&db).memtables;
+        let built = build(&mut sm).expect("snapshot");
+        let data = built.snapshot.into_inner();
+        assert!(data.len() > 4 << 20, "{} bytes", data.len());
+        assert_eq!(snapshot_files(&db).len(), 1, "{:?}", snapshot_files(&db));
+        let pointer = db.get_cf(db.cf_handle(CF_META).expect("cf"), SNAPSHOT_KEY).expect("read").expect("a pointer");
+        assert!(pointer.len() < 4096, "RocksDB holds a pointer, not the snapshot: {} bytes", pointer.len());
+        let grown = super::super::memory(&db).memtables.saturating_sub(memtables_before);
+        assert!(grown < 1 << 20, "the snapshot passed through a memtable: it grew by {grown} bytes");
+        assert_eq!(reader.snapshot_bytes(), data.len() as u64);
+
+        build(&mut sm).expect("second snapshot");
+        assert_eq!(snapshot_files(&db).len(), 1, "the older file is removed: {:?}", snapshot_files(&db));
+        drop(sm);
+
+        let (mut again, reader) = StateMachine::open(db.clone()).expect("state machine reopens");
+        assert_eq!(reader.snapshot_bytes(), data.len() as u64, "size known at start");
+        let current = futures::executor::block_on(again.get_current_snapshot()).expect("read").expect("a snapshot");
+        assert_eq!(current.meta.last_log_id, built.meta.last_log_id);
+        assert_eq!(current.snapshot.into_inner(), data);
+    }
+
+    /// Installing a snapshot writes its file and the state it carries in
+    /// one step; a file no pointer names (a crash between the two) is
+    /// removed at start; and a snapshot an older release stored inline in
+    /// RocksDB is still served until the next one replaces it.
+    #[test]
+    fn installed_snapshots_replace_strays_and_older_inline_snapshots() {
+        let source_dir = tempfile::tempdir().expect("temp dir");
+        let source = super::super::open(&source_dir.path().join("data"), "aaaa", 1).expect("store opens");
+        let (mut leader, leader_view) = StateMachine::open(source).expect("state machine opens");
+        futures::executor::block_on(leader.apply(vec![normal(1, vec![acquire("r1", "a"), acquire("r2", "b")])])).expect("apply");
+        let built = build(&mut leader).expect("snapshot");
+        let meta = built.meta.clone();
+        let data = built.snapshot.into_inner();
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = super::super::open(&dir.path().join("data"), "aaaa", 2).expect("store opens");
+        // What an older release stored: the framed meta, then the data.
+        let mut inline = Vec::new();
+        push_frame(&mut inline, &serde_json::to_vec(&meta).expect("meta"));
+        inline.extend_from_slice(&data);
+        db.put_cf(db.cf_handle(CF_META).expect("cf"), SNAPSHOT_KEY, &inline).expect("write");
+        std::fs::create_dir_all(snapshot_dir(&db)).expect("dir");
+        std::fs::write(snapshot_dir(&db).join("00000000000000000009-1-0.snap.tmp"), b"half").expect("stray");
+        let (mut sm, reader) = StateMachine::open(db.clone()).expect("state machine opens");
+        assert!(snapshot_files(&db).is_empty(), "the stray is removed: {:?}", snapshot_files(&db));
+        assert_eq!(reader.snapshot_bytes(), data.len() as u64);
+        let old = futures::executor::block_on(sm.get_current_snapshot()).expect("read").expect("the inline snapshot");
+        assert_eq!(old.snapshot.into_inner(), data);
+
+        futures::executor::block_on(sm.install_snapshot(&meta, Box::new(Cursor::new(data.clone())))).expect("install");
+        assert_eq!(snapshot_files(&db).len(), 1);
+        drop(sm);
+        let (mut again, reader) = StateMachine::open(db).expect("state machine reopens");
+        assert_eq!(reader.read(|a| a.state.clone()), leader_view.read(|a| a.state.clone()));
+        let current = futures::executor::block_on(again.get_current_snapshot()).expect("read").expect("a snapshot");
+        assert_eq!(current.snapshot.into_inner(), data);
     }
 
     #[test]
