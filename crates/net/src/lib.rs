@@ -1,6 +1,7 @@
 //! What every Fleet process that talks to the cluster shares, defined once:
-//! the wall clock (`now_ms`), the metadata keys and structured error details
-//! of the wire contract, and loading TLS identities from PEM files.
+//! the wall clock (`now_ms`), durable file replacement (`write_atomic`), the
+//! metadata keys and structured error details of the wire contract, and
+//! loading TLS identities from PEM files.
 //!
 //! `fleet-core` stays pure (no clock, no I/O); this crate is the thin layer
 //! of I/O that coordinators, nodes and `fleetctl` have in common.
@@ -12,9 +13,27 @@ pub mod wire;
 pub use tls::{error_chain, TlsError, TlsMaterial};
 pub use wire::LEADER_METADATA;
 
+use std::io::Write;
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Unix milliseconds now (0 if the clock is before 1970).
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Write `bytes` to `path` so that a crash leaves either the old or the new
+/// contents: write a temporary file beside it (`.NAME.tmp`), fsync it,
+/// rename it over `path`, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -1,25 +1,11 @@
 //! Small helpers: durable file writes, log tails, durations as people
 //! write them. (The wall clock is `fleet_net::now_ms`.)
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
-/// Write `bytes` to `path` so that a crash leaves either the old or the new
-/// contents: write a temporary file beside it, fsync it, rename it over
-/// `path`, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
+pub use fleet_net::write_atomic;
 
 /// The last `lines` lines (at most ~4 KiB) of a text file, for error
 /// messages; empty when it cannot be read.

@@ -128,13 +128,7 @@ pub fn open(path: &Path, cluster_id: &str, node_id: u64) -> Result<Arc<DB>, Open
 }
 
 fn write_identity(path: &Path, identity: &Identity) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(identity).expect("plain struct serializes"))?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
+    fleet_net::write_atomic(path, &serde_json::to_vec(identity).expect("plain struct serializes"))
 }
 
 /// What RocksDB holds in memory now, in bytes.

@@ -24,7 +24,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Cursor, Write};
+use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -294,14 +294,15 @@ impl StateMachine {
             Some(Stored::Inline(meta, data)) => Some((meta, data)),
             Some(Stored::File(p)) => {
                 let path = snapshot_dir(&self.db).join(&p.file);
-                let data = std::fs::read(&path).map_err(|e| read_sm_err(format!("snapshot file {}: {e}", path.display())))?;
+                let damaged = |what: String| {
+                    read_sm_err(format!(
+                        "the current snapshot file {} {what}; this data dir is damaged: move it aside and rejoin this coordinator as a new member (`fleetctl cluster remove ID`, then `cluster add-learner`)",
+                        path.display()
+                    ))
+                };
+                let data = std::fs::read(&path).map_err(|e| damaged(format!("cannot be read ({e})")))?;
                 if data.len() as u64 != p.bytes {
-                    return Err(read_sm_err(format!(
-                        "snapshot file {} has {} bytes, {} were written; the data dir is damaged",
-                        path.display(),
-                        data.len(),
-                        p.bytes
-                    )));
+                    return Err(damaged(format!("has {} bytes where {} were written", data.len(), p.bytes)));
                 }
                 Some((p.meta, data))
             }
@@ -359,13 +360,7 @@ fn put_snapshot(db: &DB, meta: &SnapshotMeta, data: &[u8], batch: &mut WriteBatc
     // Unique within this data dir: the index, the time and a counter (a
     // snapshot id comes from the leader and is not a file name).
     let file = format!("{index:020}-{}-{}.snap", fleet_net::now_ms(), WRITTEN.fetch_add(1, Ordering::Relaxed));
-    let tmp = dir.join(format!("{file}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, dir.join(&file))?;
-    std::fs::File::open(&dir)?.sync_all()?;
+    fleet_net::write_atomic(&dir.join(&file), data)?;
     let pointer = SnapshotPointer { file: file.clone(), bytes: data.len() as u64, meta: meta.clone() };
     let cf = db.cf_handle(CF_META).expect("column family exists once the store is open");
     batch.put_cf(cf, SNAPSHOT_KEY, serde_json::to_vec(&pointer).expect("snapshot pointer serializes"));
