@@ -5,7 +5,9 @@ use fleet_coord::config::RawConfig;
 /// 14 % of the machine in malloc/free; with this allocator (and one write per
 /// changed state key) replicated writes measured +9-12 % at 8-256 clients
 /// and steps/s +15 % at 100 destinations (docs/benchmarks.md). Only the
-/// coordinator binary: the library and its tests keep the system allocator.
+/// coordinator binary: the library and its tests keep the system allocator,
+/// and so does a build with the `system-allocator` feature (for heaptrack).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
