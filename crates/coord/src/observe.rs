@@ -33,7 +33,7 @@ pub fn fsync(took: Duration) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     /// Log store: from entries handed to `append` until the fsync that
-    /// covers them is done (the wait for the fsync thread, and the fsync).
+    /// covers them is done (the write to RocksDB, and the fsync).
     LogFlush,
     /// Leader: one AppendEntries call that carries entries, until its
     /// answer (the follower's append and flush included). Heartbeats are

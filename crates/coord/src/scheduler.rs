@@ -37,11 +37,12 @@ pub fn spawn(raft: Raft, state: StateReader, hub: Arc<Hub>) -> tokio::task::Join
 }
 
 async fn run(raft: Raft, state: StateReader, hub: Arc<Hub>) {
-    let mut applied = state.applied_index();
-    // Leadership is read on each wake, not waited on: openraft publishes
-    // metrics on every turn of its loop, and waking on each would make the
-    // scheduler spin.
-    let metrics = raft.metrics();
+    // Woken by a change of role (openraft's server metrics: not sent on
+    // every write), by applied entries that changed what it acts on (only
+    // while leading: it collects from its first take), by the hub, and by
+    // the tick. Not by every applied entry: a lock write woke the scheduler
+    // of every coordinator for nothing.
+    let mut role = raft.server_metrics();
     let mut leading = false;
     let mut leader_since_ms = 0i64;
     let mut proposed: HashMap<String, Instant> = HashMap::new();
@@ -50,11 +51,12 @@ async fn run(raft: Raft, state: StateReader, hub: Arc<Hub>) {
     loop {
         let mut full = false;
         tokio::select! {
-            r = applied.changed() => if r.is_err() { return },
+            r = role.changed() => if r.is_err() { return },
+            _ = state.touched(Taker::Scheduler) => {}
             _ = hub.changed.notified() => {}
             _ = tick.tick() => full = true,
         }
-        let is_leader = metrics.borrow().state == ServerState::Leader;
+        let is_leader = role.borrow_and_update().state == ServerState::Leader;
         if !is_leader {
             if leading {
                 tracing::info!("no longer the leader: dropping node streams");

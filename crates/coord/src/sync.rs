@@ -101,13 +101,15 @@ struct Syncer {
 }
 
 async fn supervise(raft: Raft, state: StateReader, hub: Arc<Hub>, every: Duration) {
-    let mut applied = state.applied_index();
-    let metrics = raft.metrics();
+    // Woken by a change of role or term (server metrics), by applied
+    // destination definitions (only while leading), and every LOOK_EVERY;
+    // not by every applied entry.
+    let mut role = raft.server_metrics();
     let mut leading: Option<Leading> = None;
     loop {
         let term = {
-            let m = metrics.borrow();
-            (m.state == ServerState::Leader).then_some(m.current_term)
+            let m = role.borrow_and_update();
+            (m.state == ServerState::Leader).then_some(m.vote.leader_id().get_term())
         };
         if leading.as_ref().map(|l| l.term) != term {
             if leading.take().is_some() {
@@ -140,7 +142,8 @@ async fn supervise(raft: Raft, state: StateReader, hub: Arc<Hub>, every: Duratio
             }
         }
         tokio::select! {
-            r = applied.changed() => if r.is_err() { return },
+            r = role.changed() => if r.is_err() { return },
+            _ = state.touched(Taker::Sync) => {}
             _ = tokio::time::sleep(LOOK_EVERY) => {}
         }
     }

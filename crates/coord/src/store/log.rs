@@ -1,11 +1,12 @@
-//! The Raft log and vote in RocksDB, with group commit.
+//! The Raft log and vote in RocksDB.
 //!
-//! `append` writes the entries at once (so they are readable for
-//! replication right away) and hands openraft's flush callback to the
-//! flusher thread. The flusher fsyncs the WAL once for every callback that
-//! queued up while the previous fsync ran, then acknowledges them all: one
-//! fsync covers many entries under load, and a single writer still pays
-//! only one.
+//! `append` writes the entries, fsyncs the WAL and acknowledges, all on the
+//! calling task. openraft 0.9's core awaits each append's flush before it
+//! does anything else, so two appends never overlap: a separate fsync
+//! thread (this store had one until the sixteenth session) could never
+//! combine two flushes, and only added two thread hand-offs to every
+//! append, on the leader and on each follower (docs/benchmarks.md, "The
+//! Raft log's fsync on the appending task").
 //!
 //! The newest entries are also kept in memory, decoded, as they were
 //! appended (the [`Tail`], up to [`TAIL_BYTES`]): replication to each
@@ -22,7 +23,6 @@
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::RangeBounds;
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -142,7 +142,6 @@ impl Tail {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    flusher: mpsc::Sender<Flush>,
     tail: Arc<Mutex<Tail>>,
 }
 
@@ -153,19 +152,7 @@ impl LogStore {
 
     /// A log store keeping up to `tail_bytes` of the newest entries in memory.
     pub(crate) fn with_tail_bytes(db: Arc<DB>, tail_bytes: usize) -> Self {
-        let (tx, rx) = mpsc::channel::<Flush>();
-        // Weak: the database closes when the stores drop it, on their
-        // thread, not whenever this thread happens to notice the channel
-        // closed (a process ending while a detached thread closes RocksDB
-        // can crash in its static destructors).
-        let flush_db = Arc::downgrade(&db);
-        // Detached on purpose: it ends when every LogStore clone (and so the
-        // sender) is dropped, which is when the Raft instance shuts down.
-        std::thread::Builder::new()
-            .name("raft-log-fsync".into())
-            .spawn(move || flusher(flush_db, rx))
-            .expect("spawning a thread at start-up");
-        LogStore { db, flusher: tx, tail: Arc::new(Mutex::new(Tail::new(tail_bytes))) }
+        LogStore { db, tail: Arc::new(Mutex::new(Tail::new(tail_bytes))) }
     }
 
     /// Write `entries` (not yet synced) and keep them in the tail.
@@ -223,38 +210,24 @@ fn fsync(db: &DB) -> std::io::Result<()> {
     r
 }
 
-/// An append waiting for the fsync thread: its callback, and when it was
-/// handed to the store.
-type Flush = (LogFlushed<TypeConfig>, Instant);
-
-fn flusher(db: std::sync::Weak<DB>, rx: mpsc::Receiver<Flush>) {
-    while let Ok(first) = rx.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(rx.try_iter());
-        if cfg!(feature = "mutation-ack-before-fsync") {
-            // The broken guarantee `cargo xtask mutants` must see caught:
-            // acknowledged first, stored (maybe) afterwards.
-            for (cb, _) in waiting.drain(..) {
-                cb.log_io_completed(Ok(()));
-            }
+/// Make `appended`'s entries durable, then tell openraft (on this task:
+/// see the module's doc for why not on a thread of its own).
+fn flush(db: &DB, callback: LogFlushed<TypeConfig>, appended: Instant) {
+    let mut callback = Some(callback);
+    if cfg!(feature = "mutation-ack-before-fsync") {
+        // The broken guarantee `cargo xtask mutants` must see caught:
+        // acknowledged first, stored (maybe) afterwards.
+        if let Some(cb) = callback.take() {
+            cb.log_io_completed(Ok(()));
         }
-        // Every callback here was queued after its entries were written, so
-        // this one fsync makes all of them durable.
-        let result = match db.upgrade() {
-            Some(db) => fsync(&db),
-            None => Err(std::io::Error::other("the Raft log was closed before it could be synced")),
-        };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "fsync of the Raft log failed; nothing written since the last good fsync is acknowledged");
-        }
-        for (cb, appended) in waiting {
-            crate::observe::Stage::LogFlush.observe(appended.elapsed());
-            let r = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            cb.log_io_completed(r);
-        }
+    }
+    let result = fsync(db);
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "fsync of the Raft log failed; nothing written since the last good fsync is acknowledged");
+    }
+    crate::observe::Stage::LogFlush.observe(appended.elapsed());
+    if let Some(cb) = callback {
+        cb.log_io_completed(result);
     }
 }
 
@@ -339,7 +312,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         )));
         let appended = Instant::now();
         self.write_entries(entries)?;
-        self.flusher.send((callback, appended)).map_err(|_| write_err("the log fsync thread has stopped"))?;
+        flush(&self.db, callback, appended);
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //!
 //! Durability rules (see ARCHITECTURE.md):
 //! * a log append is acknowledged to openraft only after the WAL is fsynced
-//!   (group commit: one fsync covers every append queued meanwhile);
+//!   (on the appending task: see `log.rs`);
 //! * a vote is written with a synced write before it is acknowledged;
 //! * applying entries and recording `last_applied` is one atomic write batch;
 //! * installing a snapshot replaces the whole state machine in one batch.

@@ -27,14 +27,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use fleet_core::{Response, State};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
 use rocksdb::{WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use super::{io_err, CF_META, CF_SM, CF_SM_META};
 use crate::raft_types::{LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
@@ -98,7 +98,10 @@ impl Taker {
     /// Whether this taker collects `key`.
     fn wants(self, key: &str) -> bool {
         match self {
-            Taker::Journal | Taker::Scheduler => true,
+            Taker::Journal => true,
+            // What the scheduler acts on: deployments, destinations, nodes
+            // (a lock or a dedup record alone never makes it act).
+            Taker::Scheduler => !matches!(fleet_core::state::touched(key), fleet_core::state::Touched::Other),
             Taker::Sync => fleet_core::state::defined_destination(key).is_some(),
         }
     }
@@ -106,12 +109,42 @@ impl Taker {
 
 /// Per [`Taker`], `None` until it first takes the touched keys: nothing is
 /// collected for nobody.
-type TouchedCell = Arc<Mutex<[Option<Touched>; TAKERS.len()]>>;
+type Collections = [Option<Touched>; TAKERS.len()];
 
-/// Record `key` as changed for every taker collecting it.
-fn touch(cell: &mut [Option<Touched>; TAKERS.len()], key: &str) {
-    for (taker, t) in TAKERS.iter().zip(cell.iter_mut()) {
-        let Some(t) = t.as_mut().filter(|t| !t.everything && taker.wants(key)) else { continue };
+/// The takers' collections, and a wake-up for each taker that is waiting
+/// for a key it wants ([`StateReader::touched`]): a taker's task wakes when
+/// an applied entry changed something it collects, not on every entry.
+#[derive(Clone, Default)]
+struct TouchedCell {
+    collections: Arc<Mutex<Collections>>,
+    wake: Arc<[Notify; TAKERS.len()]>,
+}
+
+impl TouchedCell {
+    fn lock(&self) -> MutexGuard<'_, Collections> {
+        self.collections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wake the takers `woken` names (after the collections' lock is
+    /// released). A wake-up nobody waits for is kept for the next wait.
+    fn wake(&self, woken: [bool; TAKERS.len()]) {
+        for (notify, woken) in self.wake.iter().zip(woken) {
+            if woken {
+                notify.notify_one();
+            }
+        }
+    }
+}
+
+/// Record `key` as changed for every taker collecting it; `woken` marks
+/// the takers that collected it.
+fn touch(cell: &mut Collections, key: &str, woken: &mut [bool; TAKERS.len()]) {
+    for ((taker, t), woken) in TAKERS.iter().zip(cell.iter_mut()).zip(woken.iter_mut()) {
+        let Some(t) = t.as_mut().filter(|_| taker.wants(key)) else { continue };
+        *woken = true;
+        if t.everything {
+            continue;
+        }
         t.keys.insert(key.to_string());
         if t.keys.len() > MAX_TOUCHED_KEYS {
             *t = Touched { everything: true, ..Touched::default() };
@@ -119,11 +152,16 @@ fn touch(cell: &mut [Option<Touched>; TAKERS.len()], key: &str) {
     }
 }
 
-/// Every collecting taker must look at everything.
-fn touch_everything(cell: &mut [Option<Touched>; TAKERS.len()]) {
-    for t in cell.iter_mut().flatten() {
-        *t = Touched { everything: true, ..Touched::default() };
+/// Every collecting taker must look at everything; answers which those are.
+fn touch_everything(cell: &mut Collections) -> [bool; TAKERS.len()] {
+    let mut woken = [false; TAKERS.len()];
+    for (t, woken) in cell.iter_mut().zip(woken.iter_mut()) {
+        if let Some(t) = t {
+            *t = Touched { everything: true, ..Touched::default() };
+            *woken = true;
+        }
     }
+    woken
 }
 
 /// The state keys one `apply` call changed, each with its last value
@@ -180,11 +218,20 @@ impl StateReader {
     /// `everything` and starts the collection (one of each taker per
     /// coordinator).
     pub fn take_touched(&self, taker: Taker) -> Touched {
-        let mut cell = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cell = self.touched.lock();
         match cell[taker as usize].replace(Touched::default()) {
             Some(t) => t,
             None => Touched { everything: true, ..Touched::default() },
         }
+    }
+
+    /// Wait until an applied entry changed a key `taker` collects (or the
+    /// whole state was replaced) since its last take; at once if one did.
+    /// Never ends for a taker that has not taken yet: it collects nothing.
+    /// May end with nothing to take (a change it already took): take, and
+    /// look.
+    pub async fn touched(&self, taker: Taker) {
+        self.touched.wake[taker as usize].notified().await
     }
 }
 
@@ -462,7 +509,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut batch = WriteBatch::default();
         let sm_cf = self.cf(CF_SM);
         let mut guard = self.applied.write().unwrap_or_else(|p| p.into_inner());
-        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        let mut touched = self.touched.lock();
+        let mut woken = [false; TAKERS.len()];
         let mut writes = Writes::default();
         let mut last = None;
         for entry in entries {
@@ -488,13 +536,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 Some(v) => batch.put_cf(sm_cf, key.as_bytes(), v),
                 None => batch.delete_cf(sm_cf, key.as_bytes()),
             }
-            touch(&mut touched, &key);
+            touch(&mut touched, &key, &mut woken);
         }
         let meta = AppliedMeta { last_applied: guard.last_applied, membership: guard.membership.clone() };
         batch.put_cf(self.cf(CF_SM_META), APPLIED_KEY, serde_json::to_vec(&meta).expect("applied meta serializes"));
         self.db.write(batch).map_err(sm_err)?;
         drop(touched);
         drop(guard);
+        self.touched.wake(woken);
         self.index_tx.send_replace(last.index);
         crate::observe::Stage::Apply.observe(started.elapsed());
         tracing::debug!(index = last.index, entries = responses.len(), took_us = started.elapsed().as_micros() as u64, "applied");
@@ -540,8 +589,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         guard.state = state;
         guard.last_applied = meta.last_log_id;
         guard.membership = meta.last_membership.clone();
-        touch_everything(&mut self.touched.lock().unwrap_or_else(|p| p.into_inner()));
+        let woken = touch_everything(&mut self.touched.lock());
         drop(guard);
+        self.touched.wake(woken);
         self.index_tx.send_replace(meta.last_log_id.map(|l| l.index).unwrap_or(0));
         Ok(())
     }
@@ -603,7 +653,8 @@ mod tests {
     }
 
     /// Each taker gets the keys applied since its last take: the
-    /// scheduler every key, the sync only destination definitions (a lock
+    /// scheduler what it acts on (a destination and its lock, not a dedup
+    /// record), the sync only destination definitions (a lock
     /// on a destination is not a new definition to sync at once).
     #[test]
     fn each_taker_collects_the_keys_it_wants_from_its_first_take() {
@@ -631,8 +682,58 @@ mod tests {
         assert_eq!(sync.keys.into_iter().collect::<Vec<_>>(), ["dest/web"]);
         let scheduler = reader.take_touched(Taker::Scheduler);
         assert!(scheduler.keys.contains("dest/web") && scheduler.keys.contains("lock/web"), "{:?}", scheduler.keys);
+        assert!(!scheduler.keys.iter().any(|k| k.starts_with("dedup/")), "dedup records are nothing it acts on: {:?}", scheduler.keys);
         assert!(reader.take_touched(Taker::Sync).keys.is_empty(), "a take empties the taker's collection");
         assert!(!reader.take_touched(Taker::Journal).keys.is_empty(), "takers collect apart");
+    }
+
+    /// A taker's task is woken by an applied entry that changed a key it
+    /// collects, not by every entry: a lock wakes the scheduler but not the
+    /// sync, a request that changes no view wakes neither (before, both
+    /// woke on every applied entry, on every coordinator, to find nothing).
+    #[test]
+    fn a_taker_wakes_only_for_the_keys_it_collects() {
+        use futures::FutureExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
+        let (mut sm, reader) = StateMachine::open(db).expect("state machine opens");
+        let woken = |taker| reader.touched(taker).now_or_never().is_some();
+        let web = fleet_core::manifest::Destination {
+            name: "web".into(),
+            adapter: "process".into(),
+            selector: Default::default(),
+            queue: Default::default(),
+            node_wait_ms: 1_000,
+        };
+        futures::executor::block_on(sm.apply(vec![normal(1, vec![request("r1", Command::PutDestinations { destinations: vec![web] })])]))
+            .expect("apply");
+        for taker in TAKERS {
+            assert!(!woken(taker), "{taker:?} collects nothing before its first take, so nothing wakes it");
+            reader.take_touched(taker);
+        }
+
+        let noted = Command::RecordAction { action: "other".into(), target: "web".into(), outcome: "ok".into() };
+        futures::executor::block_on(sm.apply(vec![normal(2, vec![request("r2", noted)])])).expect("apply");
+        assert!(woken(Taker::Journal), "the journal collects every key");
+        assert!(!woken(Taker::Scheduler), "a request that changes no view does not wake the scheduler");
+        assert!(!woken(Taker::Sync), "nor the sync");
+
+        futures::executor::block_on(sm.apply(vec![normal(3, vec![acquire("r3", "web")])])).expect("apply");
+        assert!(woken(Taker::Scheduler), "a lock wakes the scheduler");
+        assert!(!woken(Taker::Sync), "a lock does not wake the sync");
+
+        let web = fleet_core::manifest::Destination {
+            name: "web".into(),
+            adapter: "docker".into(),
+            selector: Default::default(),
+            queue: Default::default(),
+            node_wait_ms: 1_000,
+        };
+        futures::executor::block_on(sm.apply(vec![normal(4, vec![request("r4", Command::PutDestinations { destinations: vec![web] })])]))
+            .expect("apply");
+        assert!(woken(Taker::Scheduler), "a destination wakes the scheduler");
+        assert!(woken(Taker::Sync), "a destination wakes the sync");
+        assert!(!woken(Taker::Scheduler), "one wake-up for one change");
     }
 
     fn build(sm: &mut StateMachine) -> Result<Snapshot<TypeConfig>, StorageError> {
