@@ -26,14 +26,30 @@ pub fn now_ms() -> i64 {
 /// contents: write a temporary file beside it (`.NAME.tmp`), fsync it,
 /// rename it over `path`, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    replace(path, |f| f.write_all(bytes)).map(|_| ())
+}
+
+/// [`write_atomic`] with the contents written by `write` through a buffer,
+/// so a large file is never held in memory whole; answers its length.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> std::io::Result<u64> {
+    replace(path, |f| {
+        let mut w = std::io::BufWriter::with_capacity(256 << 10, f);
+        write(&mut w)?;
+        w.flush()
+    })
+}
+
+fn replace(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> std::io::Result<u64> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
-    {
+    let len = {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        fill(&mut f)?;
         f.sync_all()?;
-    }
+        f.metadata()?.len()
+    };
     std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(len)
 }

@@ -388,18 +388,20 @@ type SnapshotLock = Arc<Mutex<()>>;
 /// Write `data` as the current snapshot together with `batch` (the state
 /// it matches, when installing): the file first, then the batch with the
 /// pointer to it, synced, then older files removed.
-fn store_snapshot(db: &DB, lock: &SnapshotLock, meta: &SnapshotMeta, data: &[u8], mut batch: WriteBatch) -> Result<(), StorageError> {
+fn store_snapshot(db: &DB, lock: &SnapshotLock, meta: &SnapshotMeta, data: &[u8], batch: WriteBatch) -> Result<(), StorageError> {
     let _one_at_a_time = lock.lock().unwrap_or_else(|p| p.into_inner());
-    let file = put_snapshot(db, meta, data, &mut batch).map_err(snap_err)?;
-    db.write_opt(batch, &sync_opts()).map_err(snap_err)?;
-    prune_snapshots(db, Some(&file));
-    Ok(())
+    let (file, bytes) = write_snapshot_file(db, meta, |w| w.write_all(data)).map_err(snap_err)?;
+    point_at_snapshot(db, &file, bytes, meta, batch)
 }
 
-/// Write `data` to a new snapshot file, fsynced with its directory, and
-/// stage the pointer to it in `batch`: the file becomes the current
-/// snapshot only when `batch` is written. Answers the file's name.
-fn put_snapshot(db: &DB, meta: &SnapshotMeta, data: &[u8], batch: &mut WriteBatch) -> std::io::Result<String> {
+/// Write a new snapshot file with `write`, fsynced with its directory.
+/// It becomes the current snapshot only when [`point_at_snapshot`] names
+/// it. Answers the file's name and size.
+fn write_snapshot_file(
+    db: &DB,
+    meta: &SnapshotMeta,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> std::io::Result<(String, u64)> {
     static WRITTEN: AtomicU64 = AtomicU64::new(0);
     let dir = snapshot_dir(db);
     std::fs::create_dir_all(&dir)?;
@@ -407,19 +409,28 @@ fn put_snapshot(db: &DB, meta: &SnapshotMeta, data: &[u8], batch: &mut WriteBatc
     // Unique within this data dir: the index, the time and a counter (a
     // snapshot id comes from the leader and is not a file name).
     let file = format!("{index:020}-{}-{}.snap", fleet_net::now_ms(), WRITTEN.fetch_add(1, Ordering::Relaxed));
-    fleet_net::write_atomic(&dir.join(&file), data)?;
-    let pointer = SnapshotPointer { file: file.clone(), bytes: data.len() as u64, meta: meta.clone() };
+    let bytes = fleet_net::write_atomic_with(&dir.join(&file), write)?;
+    Ok((file, bytes))
+}
+
+/// Make `file` the current snapshot: its pointer in `batch`, written
+/// synced, then every other file removed. The caller holds the
+/// [`SnapshotLock`].
+fn point_at_snapshot(db: &DB, file: &str, bytes: u64, meta: &SnapshotMeta, mut batch: WriteBatch) -> Result<(), StorageError> {
+    let pointer = SnapshotPointer { file: file.to_string(), bytes, meta: meta.clone() };
     let cf = db.cf_handle(CF_META).expect("column family exists once the store is open");
     batch.put_cf(cf, SNAPSHOT_KEY, serde_json::to_vec(&pointer).expect("snapshot pointer serializes"));
-    Ok(file)
+    db.write_opt(batch, &sync_opts()).map_err(snap_err)?;
+    prune_snapshots(db, Some(file));
+    Ok(())
 }
 
 // Snapshot data: a framed JSON header (last_applied + membership), then the
 // state's key/value pairs, each framed. Framing: u32 big-endian length + bytes.
 
-fn push_frame(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    out.extend_from_slice(bytes);
+fn push_frame(out: &mut (impl std::io::Write + ?Sized), bytes: &[u8]) -> std::io::Result<()> {
+    out.write_all(&(bytes.len() as u32).to_be_bytes())?;
+    out.write_all(bytes)
 }
 
 fn split_frame(buf: &[u8]) -> Result<(&[u8], &[u8]), &'static str> {
@@ -434,15 +445,22 @@ fn split_frame(buf: &[u8]) -> Result<(&[u8], &[u8]), &'static str> {
     Ok((&rest[..len], &rest[len..]))
 }
 
-fn encode_snapshot(applied: &Applied) -> Vec<u8> {
+/// Write the snapshot of `applied` to `out`, each pair framed as it is
+/// encoded: neither the snapshot nor a copy of every encoded value is
+/// ever in memory whole. Building it in a buffer took, with 20 MB of
+/// locks, about 80 MB of a follower's 160 MB peak heap (a buffer grown by
+/// doubling, and the encoded values; docs/benchmarks.md, "The memory after
+/// a lock fill").
+fn encode_snapshot(applied: &Applied, out: &mut dyn std::io::Write) -> std::io::Result<()> {
     let meta = AppliedMeta { last_applied: applied.last_applied, membership: applied.membership.clone() };
-    let mut out = Vec::new();
-    push_frame(&mut out, &serde_json::to_vec(&meta).expect("applied meta serializes"));
-    for (k, v) in applied.state.dump() {
-        push_frame(&mut out, k.as_bytes());
-        push_frame(&mut out, &v);
-    }
-    out
+    push_frame(out, &serde_json::to_vec(&meta).expect("applied meta serializes"))?;
+    let mut result = Ok(());
+    applied.state.for_each_pair(|k, v| {
+        if result.is_ok() {
+            result = push_frame(out, k.as_bytes()).and_then(|()| push_frame(out, v));
+        }
+    });
+    result
 }
 
 /// The state machine's keys and values, as a snapshot carries them.
@@ -472,22 +490,30 @@ pub struct SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// Writes the snapshot straight to its file and answers its meta with
+    /// no bytes: openraft 0.9 keeps only the meta of a built snapshot, and
+    /// reads the bytes through `get_current_snapshot` (the file) when it
+    /// sends them.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (data, last_applied, membership) = {
+        let _one_at_a_time = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (meta, file, bytes) = {
+            // Applies wait while the state is written out (as they waited
+            // while it was encoded into memory before).
             let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
-            (encode_snapshot(&guard), guard.last_applied, guard.membership.clone())
+            let snapshot_id = match guard.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
+                None => format!("0-0-{}", self.seq),
+            };
+            let meta = SnapshotMeta { last_log_id: guard.last_applied, last_membership: guard.membership.clone(), snapshot_id };
+            let (file, bytes) = write_snapshot_file(&self.db, &meta, |w| encode_snapshot(&guard, w)).map_err(snap_err)?;
+            (meta, file, bytes)
         };
         // The log up to `last_applied` may be purged once this returns, so
         // the applied state it replaces must be on disk first.
         self.db.flush_wal(true).map_err(snap_err)?;
-        let snapshot_id = match last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
-            None => format!("0-0-{}", self.seq),
-        };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-        store_snapshot(&self.db, &self.snapshot_lock, &meta, &data, WriteBatch::default())?;
-        self.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        point_at_snapshot(&self.db, &file, bytes, &meta, WriteBatch::default())?;
+        self.snapshot_bytes.store(bytes, Ordering::Relaxed);
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(Vec::new())) })
     }
 }
 
@@ -617,6 +643,16 @@ mod tests {
         request(id, command)
     }
 
+    fn destination(name: &str, adapter: &str) -> fleet_core::manifest::Destination {
+        fleet_core::manifest::Destination {
+            name: name.into(),
+            adapter: adapter.into(),
+            selector: Default::default(),
+            queue: Default::default(),
+            node_wait_ms: 1_000,
+        }
+    }
+
     fn normal(index: u64, requests: Vec<Request>) -> Entry<TypeConfig> {
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(Proposal(requests)) }
     }
@@ -664,13 +700,7 @@ mod tests {
         for taker in TAKERS {
             assert!(reader.take_touched(taker).everything, "{taker:?}'s first take looks at everything");
         }
-        let web = fleet_core::manifest::Destination {
-            name: "web".into(),
-            adapter: "process".into(),
-            selector: Default::default(),
-            queue: Default::default(),
-            node_wait_ms: 1_000,
-        };
+        let web = destination("web", "process");
         let entries = vec![
             normal(1, vec![request("r1", Command::PutDestinations { destinations: vec![web] })]),
             normal(2, vec![acquire("r2", "web")]),
@@ -698,13 +728,7 @@ mod tests {
         let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
         let (mut sm, reader) = StateMachine::open(db).expect("state machine opens");
         let woken = |taker| reader.touched(taker).now_or_never().is_some();
-        let web = fleet_core::manifest::Destination {
-            name: "web".into(),
-            adapter: "process".into(),
-            selector: Default::default(),
-            queue: Default::default(),
-            node_wait_ms: 1_000,
-        };
+        let web = destination("web", "process");
         futures::executor::block_on(sm.apply(vec![normal(1, vec![request("r1", Command::PutDestinations { destinations: vec![web] })])]))
             .expect("apply");
         for taker in TAKERS {
@@ -722,13 +746,7 @@ mod tests {
         assert!(woken(Taker::Scheduler), "a lock wakes the scheduler");
         assert!(!woken(Taker::Sync), "a lock does not wake the sync");
 
-        let web = fleet_core::manifest::Destination {
-            name: "web".into(),
-            adapter: "docker".into(),
-            selector: Default::default(),
-            queue: Default::default(),
-            node_wait_ms: 1_000,
-        };
+        let web = destination("web", "docker");
         futures::executor::block_on(sm.apply(vec![normal(4, vec![request("r4", Command::PutDestinations { destinations: vec![web] })])]))
             .expect("apply");
         assert!(woken(Taker::Scheduler), "a destination wakes the scheduler");
@@ -736,8 +754,16 @@ mod tests {
         assert!(!woken(Taker::Scheduler), "one wake-up for one change");
     }
 
+    /// Build a snapshot; answers it as openraft then reads it (the
+    /// builder itself answers only its meta).
     fn build(sm: &mut StateMachine) -> Result<Snapshot<TypeConfig>, StorageError> {
-        futures::executor::block_on(async { sm.get_snapshot_builder().await.build_snapshot().await })
+        futures::executor::block_on(async {
+            let built = sm.get_snapshot_builder().await.build_snapshot().await?;
+            assert!(built.snapshot.get_ref().is_empty(), "the builder keeps no copy of the bytes");
+            let current = sm.get_current_snapshot().await?.expect("the built snapshot is the current one");
+            assert_eq!(current.meta, built.meta);
+            Ok(current)
+        })
     }
 
     fn snapshot_files(db: &DB) -> Vec<String> {
@@ -803,7 +829,7 @@ mod tests {
         let db = super::super::open(&dir.path().join("data"), "aaaa", 2).expect("store opens");
         // What an older release stored: the framed meta, then the data.
         let mut inline = Vec::new();
-        push_frame(&mut inline, &serde_json::to_vec(&meta).expect("meta"));
+        push_frame(&mut inline, &serde_json::to_vec(&meta).expect("meta")).expect("write to memory");
         inline.extend_from_slice(&data);
         db.put_cf(db.cf_handle(CF_META).expect("cf"), SNAPSHOT_KEY, &inline).expect("write");
         std::fs::create_dir_all(snapshot_dir(&db)).expect("dir");

@@ -332,45 +332,54 @@ impl State {
     /// Every persisted key/value pair, in key order (what a snapshot holds).
     pub fn dump(&self) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::with_capacity(self.locks.len() + self.dedup.len());
+        self.for_each_pair(|k, v| out.push((k.to_string(), v.to_vec())));
+        out
+    }
+
+    /// [`dump`](Self::dump)'s pairs, in the same order, handed to `each`
+    /// one at a time: a key and its encoded value, both reused for the
+    /// next pair. A snapshot is written from here without holding every
+    /// encoded value at once (at 20 MB of locks that copy was 17 MB).
+    pub fn for_each_pair(&self, each: impl FnMut(&str, &[u8])) {
+        let mut p = Pairs { each, key: String::new(), value: Vec::new() };
         for (dest, lock) in &self.locks {
-            out.push((format!("{LOCK_PREFIX}{dest}"), encode(lock)));
+            p.put(format_args!("{LOCK_PREFIX}{dest}"), lock);
         }
         for (id, entry) in &self.dedup {
-            out.push((format!("{DEDUP_PREFIX}{id}"), encode(entry)));
+            p.put(format_args!("{DEDUP_PREFIX}{id}"), entry);
         }
         for (n, d) in &self.deployments {
-            out.push((format!("{DEPLOY_PREFIX}{n}"), encode(&d.without_steps())));
+            p.put(format_args!("{DEPLOY_PREFIX}{n}"), &d.without_steps());
             for (i, s) in d.steps.iter().enumerate() {
-                out.push((step_key(*n, i), encode(s)));
+                p.put_key(step_key(*n, i), s);
             }
         }
         for (dest, q) in &self.queues {
-            out.push((format!("{QUEUE_PREFIX}{dest}"), encode(q)));
+            p.put(format_args!("{QUEUE_PREFIX}{dest}"), q);
         }
         for (id, n) in &self.nodes {
-            out.push((format!("{NODE_PREFIX}{id}"), encode(n)));
+            p.put(format_args!("{NODE_PREFIX}{id}"), n);
         }
         for (name, d) in &self.destinations {
-            out.push((format!("{DEST_PREFIX}{name}"), encode(d)));
+            p.put(format_args!("{DEST_PREFIX}{name}"), d);
         }
         for (k, n) in &self.idempotency {
-            out.push((format!("{IDEM_PREFIX}{k}"), encode(n)));
+            p.put(format_args!("{IDEM_PREFIX}{k}"), n);
         }
         for (dest, servers) in &self.servers {
             for (id, rec) in servers {
-                out.push((format!("{SERVER_PREFIX}{dest}/{id}"), encode(rec)));
+                p.put(format_args!("{SERVER_PREFIX}{dest}/{id}"), rec);
             }
         }
         for (name, rec) in &self.tokens {
-            out.push((format!("{TOKEN_PREFIX}{name}"), encode(rec)));
+            p.put(format_args!("{TOKEN_PREFIX}{name}"), rec);
         }
         for (n, rec) in &self.audit {
-            out.push((format!("{AUDIT_PREFIX}{n}"), encode(rec)));
+            p.put(format_args!("{AUDIT_PREFIX}{n}"), rec);
         }
         if self.last_seq > 0 {
-            out.push((SEQ_KEY.to_string(), encode(&self.last_seq)));
+            p.put(format_args!("{SEQ_KEY}"), &self.last_seq);
         }
-        out
     }
 
     pub fn deployment(&self, id: &str) -> Option<&Deployment> {
@@ -764,6 +773,34 @@ impl Ctx {
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("state values are plain structs; serializing them cannot fail")
+}
+
+/// [`State::for_each_pair`]'s visitor, with the key and value buffers it
+/// reuses.
+struct Pairs<F> {
+    each: F,
+    key: String,
+    value: Vec<u8>,
+}
+
+impl<F: FnMut(&str, &[u8])> Pairs<F> {
+    fn put(&mut self, key: std::fmt::Arguments<'_>, value: &impl Serialize) {
+        use std::fmt::Write;
+        self.key.clear();
+        self.key.write_fmt(key).expect("writing to a String cannot fail");
+        self.encode_and_hand(value);
+    }
+
+    fn put_key(&mut self, key: String, value: &impl Serialize) {
+        self.key = key;
+        self.encode_and_hand(value);
+    }
+
+    fn encode_and_hand(&mut self, value: &impl Serialize) {
+        self.value.clear();
+        serde_json::to_writer(&mut self.value, value).expect("state values are plain structs; serializing them cannot fail");
+        (self.each)(&self.key, &self.value);
+    }
 }
 
 #[cfg(test)]
