@@ -22,7 +22,6 @@
 //!    learner has applied the leader's last index, is reported with the
 //!    leader's snapshot size, and the learner is removed again.
 
-use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -96,15 +95,7 @@ fn letters(n: usize, seed: &mut u64) -> String {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    let mut s = String::new();
-    let read = std::fs::File::open(format!("/proc/{pid}/status")).and_then(|mut f| f.read_to_string(&mut s));
-    if read.is_err() {
-        return f64::NAN;
-    }
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kib| kib / 1024.0)
+    fleet_net::resident_bytes(pid).map_or(f64::NAN, |b| b as f64 / 1048576.0)
 }
 
 /// Destinations select `pool: pN` for N below this, and simulated node j

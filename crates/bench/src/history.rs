@@ -44,10 +44,7 @@ impl Machine {
 }
 
 fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib: f64 =
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
-    kib / 1024.0
+    fleet_net::resident_bytes("self").map_or(0.0, |b| b as f64 / 1048576.0)
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {

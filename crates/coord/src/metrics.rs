@@ -321,20 +321,11 @@ pub fn render(raft: &Raft, state: &StateReader, hub: &Hub) -> String {
     for (part, bytes) in [("memtables", rocks.memtables), ("block_cache", rocks.block_cache), ("table_readers", rocks.table_readers)] {
         m.rocksdb_memory.get_or_create(&PartLabel { part }).set(bytes as i64);
     }
-    m.resident.set(resident_bytes().unwrap_or(0) as i64);
+    m.resident.set(fleet_net::resident_bytes("self").unwrap_or(0) as i64);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
     out
-}
-
-/// This process's resident memory, from `/proc/self/status` (Linux);
-/// `None` where that cannot be read.
-fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.trim_start_matches("VmRSS:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// The highest index a majority of voters hold, as the leader sees it; a

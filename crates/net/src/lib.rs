@@ -22,6 +22,15 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// The resident memory (VmRSS) of process `pid` (`"self"` for this one),
+/// in bytes, from `/proc/PID/status` (Linux); `None` where that cannot be
+/// read.
+pub fn resident_bytes(pid: impl std::fmt::Display) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Write `bytes` to `path` so that a crash leaves either the old or the new
 /// contents: write a temporary file beside it (`.NAME.tmp`), fsync it,
 /// rename it over `path`, fsync the directory.
@@ -52,4 +61,16 @@ fn replace(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    /// This process's RSS is read, and is what a running test has at
+    /// least (a megabyte); a process that does not exist has none.
+    #[test]
+    fn resident_bytes_reads_proc() {
+        let own = super::resident_bytes("self").expect("/proc/self/status has VmRSS");
+        assert!(own > 1 << 20, "{own} bytes");
+        assert_eq!(super::resident_bytes(u32::MAX), None);
+    }
 }

@@ -6,8 +6,8 @@
 //! fsynced by itself: the next log append's fsync covers it (one WAL for
 //! the whole database), and a crash before that only means re-applying
 //! from the persisted `last_applied`.
-//! Building a snapshot fsyncs first, because the log behind a snapshot is
-//! purged.
+//! Building a snapshot fsyncs the WAL before the snapshot becomes current,
+//! because the log behind a snapshot is purged.
 //!
 //! The current snapshot's bytes live in a file of their own
 //! (`<data-dir>/snapshots/`, written and fsynced before anything points at
