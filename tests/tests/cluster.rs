@@ -410,6 +410,20 @@ async fn bad_credentials_and_bad_data_dirs_are_refused_and_change_nothing() -> a
     let out = cluster.fleetctl("node", &["cluster", "remove", "2"])?;
     assert!(!out.status.success());
 
+    // Only coordinators may send Raft messages, in a call or on the
+    // AppendEntries stream (refused before the payload is read).
+    {
+        let op = fleet_net::TlsMaterial::load(&certs.join("ca.pem"), &certs.join("operator.pem"), &certs.join("operator-key.pem"), None)?;
+        let mut raft = fleet_proto::raft_client::RaftClient::new(op.endpoint(&cluster.addrs()[0], Duration::from_secs(5))?.connect_lazy());
+        let payload = RaftPayload { data: b"{}".to_vec(), chunk: Vec::new() };
+        let err = raft.append_entries(payload.clone()).await.expect_err("an operator's AppendEntries must be refused");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        let stream = tokio_stream::iter([payload]);
+        let err = raft.append_entries_stream(stream).await.expect_err("an operator's AppendEntries stream must be refused");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains("a coordinator"), "the refusal says who may call: {err:?}");
+    }
+
     // None of the refused calls changed anything.
     let mut c = cluster.client("operator")?;
     assert!(lock_status(&mut c, "").await?.locks.is_empty());

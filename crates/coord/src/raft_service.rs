@@ -44,23 +44,62 @@ fn encode<T: Serialize, E: Serialize>(result: Result<T, E>) -> Result<Response<R
     Ok(Response::new(RaftPayload { data, chunk: Vec::new() }))
 }
 
+/// One AppendEntries, from decoding its payload to encoding its answer;
+/// the same for a unary call and for each message of a stream.
+async fn append(raft: &Raft, contact: &Contact, payload: RaftPayload) -> Result<RaftPayload, Status> {
+    let started = std::time::Instant::now();
+    let rpc: openraft::raft::AppendEntriesRequest<crate::raft_types::TypeConfig> =
+        serde_json::from_slice(&payload.data).map_err(|e| Status::invalid_argument(format!("Raft.AppendEntries: bad payload: {e}")))?;
+    let carries_entries = !rpc.entries.is_empty();
+    let result = raft.append_entries(rpc).await;
+    // Any answer but HigherVote means the sender's vote was accepted:
+    // it is the leader this coordinator follows, heard from now.
+    if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+        contact.touch();
+    }
+    let answer = encode(result).map(Response::into_inner);
+    if carries_entries {
+        crate::observe::Stage::FollowerAppend.observe(started.elapsed());
+    }
+    answer
+}
+
+type AppendStream = Pin<Box<dyn Stream<Item = Result<RaftPayload, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let started = std::time::Instant::now();
-        let (rpc, _): (openraft::raft::AppendEntriesRequest<crate::raft_types::TypeConfig>, _) = decode(req, "Raft.AppendEntries")?;
-        let carries_entries = !rpc.entries.is_empty();
-        let result = self.raft.append_entries(rpc).await;
-        // Any answer but HigherVote means the sender's vote was accepted:
-        // it is the leader this coordinator follows, heard from now.
-        if matches!(&result, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
-            self.contact.touch();
-        }
-        let answer = encode(result);
-        if carries_entries {
-            crate::observe::Stage::FollowerAppend.observe(started.elapsed());
-        }
-        answer
+        authorize(&req, Access::Peer, "Raft.AppendEntries")?;
+        append(&self.raft, &self.contact, req.into_inner()).await.map(Response::new)
+    }
+
+    type AppendEntriesStreamStream = AppendStream;
+
+    async fn append_entries_stream(&self, req: Request<tonic::Streaming<RaftPayload>>) -> Result<Response<AppendStream>, Status> {
+        authorize(&req, Access::Peer, "Raft.AppendEntriesStream")?;
+        let inbound = req.into_inner();
+        let (raft, contact) = (self.raft.clone(), self.contact.clone());
+        // Answered in order, one request at a time, on the task that sends
+        // the answers: the leader sends the next request only after the
+        // answer to the last (openraft 0.9 replicates without pipelining).
+        // A bad payload ends the stream with its error; so does the leader
+        // closing its side.
+        let answers = futures::stream::unfold(Some(inbound), move |inbound| {
+            let (raft, contact) = (raft.clone(), contact.clone());
+            async move {
+                let mut inbound = inbound?;
+                let payload = match inbound.message().await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => return None,
+                    Err(status) => return Some((Err(status), None)),
+                };
+                match append(&raft, &contact, payload).await {
+                    Ok(answer) => Some((Ok(answer), Some(inbound))),
+                    Err(status) => Some((Err(status), None)),
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
