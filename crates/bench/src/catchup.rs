@@ -334,6 +334,34 @@ async fn rocksdb_mib(cluster: &Cluster, id: u64) -> anyhow::Result<Option<[f64; 
     })
 }
 
+/// Coordinator `id`'s snapshot builds so far, from its `/metrics`: how
+/// many, the mean time each held the applied state, and the upper bound of
+/// the histogram bucket the longest fell in; `None` from a build that does
+/// not report it.
+async fn snapshot_holds(cluster: &Cluster, id: u64) -> anyhow::Result<Option<(u64, f64, f64)>> {
+    const METRIC: &str = "fleet_snapshot_build_hold_seconds";
+    let answer = fleet_tests::https::Https::new(cluster, id, "operator")?.get("/metrics").await?;
+    answer.expect(200)?;
+    let value =
+        |name: String| answer.body.lines().find_map(|l| l.strip_prefix(name.as_str())?.strip_prefix(' ')?.trim().parse::<f64>().ok());
+    let (Some(sum), Some(count)) = (value(format!("{METRIC}_sum")), value(format!("{METRIC}_count"))) else { return Ok(None) };
+    if count == 0.0 {
+        return Ok(Some((0, 0.0, 0.0)));
+    }
+    // Buckets are cumulative: the first bound that holds every build.
+    let bucket = format!("{METRIC}_bucket{{le=\"");
+    let longest = answer
+        .body
+        .lines()
+        .filter_map(|l| {
+            let (le, n) = l.strip_prefix(bucket.as_str())?.split_once("\"} ")?;
+            Some((le.parse::<f64>().unwrap_or(f64::INFINITY), n.trim().parse::<f64>().ok()?))
+        })
+        .find(|&(_, n)| n >= count)
+        .map_or(f64::INFINITY, |(le, _)| le);
+    Ok(Some((count as u64, sum / count, longest)))
+}
+
 /// `--history` deployments after the first wave, in waves: the
 /// coordinators' RSS and the leader's snapshot as the history grows, about
 /// ten times along the way.
@@ -501,6 +529,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         rss_idle.iter().map(|r| format!("{r:.0} MiB")).collect::<Vec<_>>().join(", ")
     );
     println!("coordinator RSS after the fill: {}", rss.iter().map(|r| format!("{r:.0} MiB")).collect::<Vec<_>>().join(", "));
+    let mut holds = Vec::new();
+    for id in 1..=3u64 {
+        holds.push(match snapshot_holds(&cluster, id).await? {
+            Some((n, mean, max)) => format!("c{id}: {n} builds, mean {:.1} ms, longest ≤ {:.0} ms", mean * 1e3, max * 1e3),
+            None => format!("c{id}: not reported by this build"),
+        });
+    }
+    println!("snapshot builds' hold on the applied state (writes wait meanwhile): {}", holds.join("; "));
     println!("\n| new member | joins | p50 s | max s |\n|---|---|---|---|");
     for (what, times) in [("add-learner returned (replicated)", &replicated), ("learner applied the leader's index", &applied)] {
         let q = |f| percentile(times.clone(), f) / 1000.0;

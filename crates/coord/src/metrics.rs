@@ -105,6 +105,11 @@ fn metrics() -> &'static Metrics {
             "Duration of each fsync of the Raft log (one covers every append queued meanwhile)",
             crate::observe::fsync_histogram().clone(),
         );
+        registry.register(
+            "snapshot_build_hold_seconds",
+            "Each snapshot build's hold on the applied state while it writes the snapshot file (applies wait meanwhile)",
+            crate::observe::snapshot_hold_histogram().clone(),
+        );
         for stage in crate::observe::Stage::ALL {
             let (name, help) = stage.describe();
             registry.register(name, help, stage.histogram().clone());

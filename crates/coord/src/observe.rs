@@ -29,6 +29,27 @@ pub fn fsync(took: Duration) {
     fsync_histogram().observe(took.as_secs_f64());
 }
 
+/// Each snapshot build's hold on the applied state (its read lock, while
+/// the state is written to the snapshot file): applies wait meanwhile, so
+/// this is how long a snapshot can stall writes. 1 ms .. ~65 s.
+pub fn snapshot_hold_histogram() -> &'static Histogram {
+    static HOLD: OnceLock<Histogram> = OnceLock::new();
+    HOLD.get_or_init(|| Histogram::new(exponential_buckets(0.001, 2.0, 17)))
+}
+
+static SNAPSHOT_HOLDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A snapshot build held the applied state for `took`.
+pub fn snapshot_hold(took: Duration) {
+    snapshot_hold_histogram().observe(took.as_secs_f64());
+    SNAPSHOT_HOLDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many snapshot builds [`snapshot_hold`] recorded in this process.
+pub fn snapshot_holds() -> u64 {
+    SNAPSHOT_HOLDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A stage of a replicated write, timed where it happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {

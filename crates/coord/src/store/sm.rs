@@ -500,12 +500,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             // Applies wait while the state is written out (as they waited
             // while it was encoded into memory before).
             let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
+            let held = std::time::Instant::now();
             let snapshot_id = match guard.last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, self.seq),
                 None => format!("0-0-{}", self.seq),
             };
             let meta = SnapshotMeta { last_log_id: guard.last_applied, last_membership: guard.membership.clone(), snapshot_id };
-            let (file, bytes) = write_snapshot_file(&self.db, &meta, |w| encode_snapshot(&guard, w)).map_err(snap_err)?;
+            let written = write_snapshot_file(&self.db, &meta, |w| encode_snapshot(&guard, w));
+            drop(guard);
+            crate::observe::snapshot_hold(held.elapsed());
+            let (file, bytes) = written.map_err(snap_err)?;
             (meta, file, bytes)
         };
         // The log up to `last_applied` may be purged once this returns, so
@@ -758,7 +762,11 @@ mod tests {
     /// builder itself answers only its meta).
     fn build(sm: &mut StateMachine) -> Result<Snapshot<TypeConfig>, StorageError> {
         futures::executor::block_on(async {
+            // Other tests build snapshots at the same time: the count only grows.
+            let holds = crate::observe::snapshot_holds;
+            let before = holds();
             let built = sm.get_snapshot_builder().await.build_snapshot().await?;
+            assert!(holds() > before, "each build's hold on the state is on /metrics");
             assert!(built.snapshot.get_ref().is_empty(), "the builder keeps no copy of the bytes");
             let current = sm.get_current_snapshot().await?.expect("the built snapshot is the current one");
             assert_eq!(current.meta, built.meta);
