@@ -388,8 +388,8 @@ type SnapshotLock = Arc<Mutex<()>>;
 /// Write `data` as the current snapshot together with `batch` (the state
 /// it matches, when installing): the file first, then the batch with the
 /// pointer to it, synced, then older files removed.
-fn store_snapshot(db: &DB, lock: &SnapshotLock, meta: &SnapshotMeta, data: &[u8], batch: WriteBatch) -> Result<(), StorageError> {
-    let _one_at_a_time = lock.lock().unwrap_or_else(|p| p.into_inner());
+/// The caller holds the [`SnapshotLock`].
+fn store_snapshot(db: &DB, meta: &SnapshotMeta, data: &[u8], batch: WriteBatch) -> Result<(), StorageError> {
     let (file, bytes) = write_snapshot_file(db, meta, |w| w.write_all(data)).map_err(snap_err)?;
     point_at_snapshot(db, &file, bytes, meta, batch)
 }
@@ -451,16 +451,20 @@ fn split_frame(buf: &[u8]) -> Result<(&[u8], &[u8]), &'static str> {
 /// locks, about 80 MB of a follower's 160 MB peak heap (a buffer grown by
 /// doubling, and the encoded values; docs/benchmarks.md, "The memory after
 /// a lock fill").
-fn encode_snapshot(applied: &Applied, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    let meta = AppliedMeta { last_applied: applied.last_applied, membership: applied.membership.clone() };
-    push_frame(out, &serde_json::to_vec(&meta).expect("applied meta serializes"))?;
-    let mut result = Ok(());
-    applied.state.for_each_pair(|k, v| {
-        if result.is_ok() {
-            result = push_frame(out, k.as_bytes()).and_then(|()| push_frame(out, v));
-        }
-    });
-    result
+/// A snapshot's bytes: `meta`, then every pair of the state machine's
+/// column family as `view` sees it (the pairs the state loads from at
+/// start, in key order), read past the block cache.
+fn encode_snapshot(db: &DB, view: &rocksdb::Snapshot<'_>, meta: &AppliedMeta, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    push_frame(out, &serde_json::to_vec(meta).expect("applied meta serializes"))?;
+    let cf = db.cf_handle(CF_SM).expect("column family exists once the store is open");
+    let mut opts = rocksdb::ReadOptions::default();
+    opts.fill_cache(false);
+    for item in view.iterator_cf_opt(cf, opts, rocksdb::IteratorMode::Start) {
+        let (k, v) = item.map_err(std::io::Error::other)?;
+        push_frame(out, &k)?;
+        push_frame(out, &v)?;
+    }
+    Ok(())
 }
 
 /// The state machine's keys and values, as a snapshot carries them.
@@ -496,9 +500,13 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     /// sends them.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let _one_at_a_time = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (meta, file, bytes) = {
-            // Applies wait while the state is written out (as they waited
-            // while it was encoded into memory before).
+        let (meta, applied_meta, view) = {
+            // The state as RocksDB holds it at `last_applied`: every apply
+            // writes its changes to RocksDB under the state's write lock,
+            // and an install replaces them holding the snapshot lock, so
+            // under this read lock the column family matches the state.
+            // Applies wait only while the view is taken, not while the
+            // snapshot is written from it.
             let guard = self.applied.read().unwrap_or_else(|p| p.into_inner());
             let held = std::time::Instant::now();
             let snapshot_id = match guard.last_applied {
@@ -506,12 +514,15 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 None => format!("0-0-{}", self.seq),
             };
             let meta = SnapshotMeta { last_log_id: guard.last_applied, last_membership: guard.membership.clone(), snapshot_id };
-            let written = write_snapshot_file(&self.db, &meta, |w| encode_snapshot(&guard, w));
+            let applied_meta = AppliedMeta { last_applied: guard.last_applied, membership: guard.membership.clone() };
+            let view = self.db.snapshot();
             drop(guard);
             crate::observe::snapshot_hold(held.elapsed());
-            let (file, bytes) = written.map_err(snap_err)?;
-            (meta, file, bytes)
+            (meta, applied_meta, view)
         };
+        let (file, bytes) =
+            write_snapshot_file(&self.db, &meta, |w| encode_snapshot(&self.db, &view, &applied_meta, w)).map_err(snap_err)?;
+        drop(view);
         // The log up to `last_applied` may be purged once this returns, so
         // the applied state it replaces must be on disk first.
         self.db.flush_wal(true).map_err(snap_err)?;
@@ -611,7 +622,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let new_meta = AppliedMeta { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
         batch.put_cf(self.cf(CF_SM_META), APPLIED_KEY, serde_json::to_vec(&new_meta).expect("applied meta serializes"));
-        store_snapshot(&self.db, &self.snapshot_lock, meta, &data, batch)?;
+        // Held until the state is swapped too: a snapshot built in between
+        // would read the new pairs from RocksDB under the old meta.
+        let _one_at_a_time = self.snapshot_lock.lock().unwrap_or_else(|p| p.into_inner());
+        store_snapshot(&self.db, meta, &data, batch)?;
         self.snapshot_bytes.store(data.len() as u64, Ordering::Relaxed);
         debug_assert_eq!(applied_meta.last_applied, meta.last_log_id);
 
@@ -817,6 +831,40 @@ mod tests {
         let current = futures::executor::block_on(again.get_current_snapshot()).expect("read").expect("a snapshot");
         assert_eq!(current.meta.last_log_id, built.meta.last_log_id);
         assert_eq!(current.snapshot.into_inner(), data);
+    }
+
+    /// A snapshot is written from RocksDB's view of the state, taken under
+    /// the state's read lock, while applies go on: each entry here takes
+    /// the lock of its own destination, so a snapshot at index `n` holds
+    /// exactly the locks `d1`..`dn`, whichever applies it overlapped.
+    #[test]
+    fn a_snapshot_is_the_state_at_its_own_index_while_applies_go_on() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
+        let (mut sm, reader) = StateMachine::open(db.clone()).expect("state machine opens");
+        let big = |i: u64| {
+            let reason = "r".repeat(fleet_core::names::MAX_REASON_LEN);
+            request(&format!("r{i}"), Command::AcquireLock { destination: format!("d{i}"), holder: "ci".into(), reason })
+        };
+        futures::executor::block_on(sm.apply((1..=200u64).map(|i| normal(i, vec![big(i)])))).expect("apply");
+        let mut builder = futures::executor::block_on(sm.get_snapshot_builder());
+        let applying = std::thread::spawn(move || {
+            for i in 201..=400u64 {
+                futures::executor::block_on(sm.apply([normal(i, vec![big(i)])])).expect("apply");
+            }
+        });
+        let built = futures::executor::block_on(builder.build_snapshot()).expect("snapshot");
+        applying.join().expect("the applies end");
+        let data = std::fs::read(snapshot_dir(&db).join(snapshot_files(&db).pop().expect("a snapshot file"))).expect("read");
+        let (meta, pairs) = decode_snapshot(&data).expect("decodes");
+        let index = meta.last_applied.expect("an index").index;
+        assert_eq!(built.meta.last_log_id, meta.last_applied);
+        assert!((200..=400).contains(&index), "{index}");
+        let mut locks: Vec<u64> = pairs.iter().filter_map(|(k, _)| k.strip_prefix("lock/d")?.parse().ok()).collect();
+        locks.sort();
+        assert_eq!(locks, (1..=index).collect::<Vec<_>>(), "the locks of entries 1..={index}, no more, no fewer");
+        State::load(pairs.iter().copied()).expect("the snapshot loads");
+        assert_eq!(reader.read(|a| a.last_applied.map(|l| l.index)), Some(400));
     }
 
     /// Installing a snapshot writes its file and the state it carries in
