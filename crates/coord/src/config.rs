@@ -208,7 +208,8 @@ impl RawConfig {
         if heartbeat_ms == 0 {
             return Err(field("heartbeat-ms", "must be more than 0"));
         }
-        if election_ms < 2 * heartbeat_ms {
+        // Twice a heartbeat past u64: any election timeout is too short.
+        if heartbeat_ms.checked_mul(2).is_none_or(|twice| election_ms < twice) {
             return Err(field(
                 "election-timeout-ms",
                 format!("{election_ms} is less than twice the heartbeat ({heartbeat_ms} ms); followers would start elections under a healthy leader"),
@@ -289,6 +290,8 @@ mod tests {
             ("cert", Box::new(|c| c.cert = Some("/nonexistent/cert.pem".into()))),
             ("election-timeout-ms", Box::new(|c| c.election_timeout_ms = Some(50))),
             ("heartbeat-ms", Box::new(|c| c.heartbeat_ms = Some(0))),
+            // Twice this heartbeat overflows (found by the property test below).
+            ("election-timeout-ms", Box::new(|c| c.heartbeat_ms = Some(u64::MAX / 2 + 1))),
             ("snapshot-logs", Box::new(|c| c.snapshot_logs = Some(0))),
             ("http-addr", Box::new(|c| c.http_addr = Some("localhost".into()))),
             ("http-addr-file", Box::new(|c| c.http_addr_file = Some("http.addr".into()))),
