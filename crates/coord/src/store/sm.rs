@@ -671,6 +671,12 @@ mod tests {
         }
     }
 
+    /// Request `r{i}`: the lock of destination `d{i}`, with the longest reason allowed.
+    fn big_lock(i: u64) -> Request {
+        let reason = "r".repeat(fleet_core::names::MAX_REASON_LEN);
+        request(&format!("r{i}"), Command::AcquireLock { destination: format!("d{i}"), holder: "ci".into(), reason })
+    }
+
     fn normal(index: u64, requests: Vec<Request>) -> Entry<TypeConfig> {
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(Proposal(requests)) }
     }
@@ -806,11 +812,7 @@ mod tests {
         let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
         let (mut sm, reader) = StateMachine::open(db.clone()).expect("state machine opens");
         // Locks with the longest reasons make a snapshot of over 4 MiB.
-        let big = |i: usize| {
-            let reason = "r".repeat(fleet_core::names::MAX_REASON_LEN);
-            request(&format!("r{i}"), Command::AcquireLock { destination: format!("d{i}"), holder: "ci".into(), reason })
-        };
-        futures::executor::block_on(sm.apply((1..=300u64).map(|i| normal(i, vec![big(i as usize)])))).expect("apply");
+        futures::executor::block_on(sm.apply((1..=300u64).map(|i| normal(i, vec![big_lock(i)])))).expect("apply");
         let memtables_before = super::super::memory(&db).memtables;
         let built = build(&mut sm).expect("snapshot");
         let data = built.snapshot.into_inner();
@@ -842,15 +844,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
         let (mut sm, reader) = StateMachine::open(db.clone()).expect("state machine opens");
-        let big = |i: u64| {
-            let reason = "r".repeat(fleet_core::names::MAX_REASON_LEN);
-            request(&format!("r{i}"), Command::AcquireLock { destination: format!("d{i}"), holder: "ci".into(), reason })
-        };
-        futures::executor::block_on(sm.apply((1..=200u64).map(|i| normal(i, vec![big(i)])))).expect("apply");
+        futures::executor::block_on(sm.apply((1..=200u64).map(|i| normal(i, vec![big_lock(i)])))).expect("apply");
         let mut builder = futures::executor::block_on(sm.get_snapshot_builder());
         let applying = std::thread::spawn(move || {
             for i in 201..=400u64 {
-                futures::executor::block_on(sm.apply([normal(i, vec![big(i)])])).expect("apply");
+                futures::executor::block_on(sm.apply([normal(i, vec![big_lock(i)])])).expect("apply");
             }
         });
         let built = futures::executor::block_on(builder.build_snapshot()).expect("snapshot");
