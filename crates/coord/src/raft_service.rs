@@ -84,19 +84,16 @@ impl RaftRpc for RaftService {
         // answer to the last (openraft 0.9 replicates without pipelining).
         // A bad payload ends the stream with its error; so does the leader
         // closing its side.
-        let answers = futures::stream::unfold(Some(inbound), move |inbound| {
-            let (raft, contact) = (raft.clone(), contact.clone());
-            async move {
-                let mut inbound = inbound?;
-                let payload = match inbound.message().await {
-                    Ok(Some(p)) => p,
-                    Ok(None) => return None,
-                    Err(status) => return Some((Err(status), None)),
-                };
-                match append(&raft, &contact, payload).await {
-                    Ok(answer) => Some((Ok(answer), Some(inbound))),
-                    Err(status) => Some((Err(status), None)),
-                }
+        let answers = futures::stream::unfold(Some((inbound, raft, contact)), |open| async move {
+            let (mut inbound, raft, contact) = open?;
+            let payload = match inbound.message().await {
+                Ok(Some(p)) => p,
+                Ok(None) => return None,
+                Err(status) => return Some((Err(status), None)),
+            };
+            match append(&raft, &contact, payload).await {
+                Ok(answer) => Some((Ok(answer), Some((inbound, raft, contact)))),
+                Err(status) => Some((Err(status), None)),
             }
         });
         Ok(Response::new(Box::pin(answers)))

@@ -445,15 +445,12 @@ fn split_frame(buf: &[u8]) -> Result<(&[u8], &[u8]), &'static str> {
     Ok((&rest[..len], &rest[len..]))
 }
 
-/// Write the snapshot of `applied` to `out`, each pair framed as it is
-/// encoded: neither the snapshot nor a copy of every encoded value is
-/// ever in memory whole. Building it in a buffer took, with 20 MB of
-/// locks, about 80 MB of a follower's 160 MB peak heap (a buffer grown by
-/// doubling, and the encoded values; docs/benchmarks.md, "The memory after
-/// a lock fill").
-/// A snapshot's bytes: `meta`, then every pair of the state machine's
-/// column family as `view` sees it (the pairs the state loads from at
-/// start, in key order), read past the block cache.
+/// Write a snapshot to `out`: `meta`, then every pair of the state
+/// machine's column family as `view` sees it (the pairs the state loads
+/// from at start, in key order), each framed as it is read and read past
+/// the block cache. The snapshot is never in memory whole: building it in
+/// a buffer took, with 20 MB of locks, about 80 MB of a follower's 160 MB
+/// peak heap (docs/benchmarks.md, "The memory after a lock fill").
 fn encode_snapshot(db: &DB, view: &rocksdb::Snapshot<'_>, meta: &AppliedMeta, out: &mut dyn std::io::Write) -> std::io::Result<()> {
     push_frame(out, &serde_json::to_vec(meta).expect("applied meta serializes"))?;
     let cf = db.cf_handle(CF_SM).expect("column family exists once the store is open");
@@ -671,6 +668,14 @@ mod tests {
         }
     }
 
+    /// A state machine on a fresh data dir (kept while the dir lives).
+    fn fresh() -> (tempfile::TempDir, Arc<DB>, StateMachine, StateReader) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
+        let (sm, reader) = StateMachine::open(db.clone()).expect("state machine opens");
+        (dir, db, sm, reader)
+    }
+
     /// Request `r{i}`: the lock of destination `d{i}`, with the longest reason allowed.
     fn big_lock(i: u64) -> Request {
         let reason = "r".repeat(fleet_core::names::MAX_REASON_LEN);
@@ -686,9 +691,7 @@ mod tests {
     /// back from RocksDB is the state applied in memory.
     #[test]
     fn one_apply_call_persists_the_last_value_of_each_key() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
-        let (mut sm, reader) = StateMachine::open(db.clone()).expect("state machine opens");
+        let (_dir, db, mut sm, reader) = fresh();
         let release = request("r3", Command::ReleaseLock { destination: "a".into(), holder: "ci".into() });
         let entries = vec![
             normal(1, vec![acquire("r1", "a"), acquire("r2", "b")]),
@@ -718,9 +721,7 @@ mod tests {
     /// on a destination is not a new definition to sync at once).
     #[test]
     fn each_taker_collects_the_keys_it_wants_from_its_first_take() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
-        let (mut sm, reader) = StateMachine::open(db).expect("state machine opens");
+        let (_dir, _db, mut sm, reader) = fresh();
         for taker in TAKERS {
             assert!(reader.take_touched(taker).everything, "{taker:?}'s first take looks at everything");
         }
@@ -748,9 +749,7 @@ mod tests {
     #[test]
     fn a_taker_wakes_only_for_the_keys_it_collects() {
         use futures::FutureExt;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
-        let (mut sm, reader) = StateMachine::open(db).expect("state machine opens");
+        let (_dir, _db, mut sm, reader) = fresh();
         let woken = |taker| reader.touched(taker).now_or_never().is_some();
         let web = destination("web", "process");
         futures::executor::block_on(sm.apply(vec![normal(1, vec![request("r1", Command::PutDestinations { destinations: vec![web] })])]))
@@ -808,9 +807,7 @@ mod tests {
     /// reading it. Building another leaves one file.
     #[test]
     fn a_snapshot_is_a_file_that_survives_a_restart() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
-        let (mut sm, reader) = StateMachine::open(db.clone()).expect("state machine opens");
+        let (_dir, db, mut sm, reader) = fresh();
         // Locks with the longest reasons make a snapshot of over 4 MiB.
         futures::executor::block_on(sm.apply((1..=300u64).map(|i| normal(i, vec![big_lock(i)])))).expect("apply");
         let memtables_before = super::super::memory(&db).memtables;
@@ -841,9 +838,7 @@ mod tests {
     /// exactly the locks `d1`..`dn`, whichever applies it overlapped.
     #[test]
     fn a_snapshot_is_the_state_at_its_own_index_while_applies_go_on() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = super::super::open(&dir.path().join("data"), "aaaa", 1).expect("store opens");
-        let (mut sm, reader) = StateMachine::open(db.clone()).expect("state machine opens");
+        let (_dir, db, mut sm, reader) = fresh();
         futures::executor::block_on(sm.apply((1..=200u64).map(|i| normal(i, vec![big_lock(i)])))).expect("apply");
         let mut builder = futures::executor::block_on(sm.get_snapshot_builder());
         let applying = std::thread::spawn(move || {

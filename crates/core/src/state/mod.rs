@@ -338,9 +338,8 @@ impl State {
 
     /// [`dump`](Self::dump)'s pairs, in the same order, handed to `each`
     /// one at a time: a key and its encoded value, both reused for the
-    /// next pair. A snapshot is written from here without holding every
-    /// encoded value at once (at 20 MB of locks that copy was 17 MB).
-    pub fn for_each_pair(&self, each: impl FnMut(&str, &[u8])) {
+    /// next pair.
+    fn for_each_pair(&self, each: impl FnMut(&str, &[u8])) {
         let mut p = Pairs { each, key: String::new(), value: Vec::new() };
         for (dest, lock) in &self.locks {
             p.put(format_args!("{LOCK_PREFIX}{dest}"), lock);
