@@ -174,48 +174,53 @@ impl PeerClient {
     }
 
     /// One AppendEntries on the peer's stream, opening it if there is none.
+    ///
+    /// The stream is taken out of `self` for the call and put back only
+    /// once its answer is read. openraft drops a call that outlives its
+    /// own timeout; the stream is dropped with it, so the late answer is
+    /// never taken for the next request's.
     async fn streamed<E: std::error::Error>(&mut self, payload: RaftPayload, option: &RPCOption) -> Rpc<RaftPayload, E> {
         let deadline = tokio::time::Instant::now() + option.hard_ttl();
         let no_answer = || RPCError::Network(NetworkError::new(&std::io::Error::other("no answer on the AppendEntries stream in time")));
-        let payload = match self.stream.as_mut() {
+        let kept = match self.stream.take() {
             // The stream breaks when its connection does (the peer
             // restarted): then the request comes back, and goes on a new one.
             Some(s) => match s.requests.send(payload).await {
-                Ok(()) => None,
-                Err(tokio::sync::mpsc::error::SendError(payload)) => Some(payload),
+                Ok(()) => Ok(s),
+                Err(tokio::sync::mpsc::error::SendError(payload)) => Err(payload),
             },
-            None => Some(payload),
+            None => Err(payload),
         };
-        if let Some(payload) = payload {
-            self.stream = None;
-            let mut client = self.client().map_err(RPCError::Unreachable)?;
-            // The first request is queued before the stream opens, so it
-            // travels with the call's headers: one round trip, as a unary
-            // call. Kept for a peer that does not know the stream.
-            let (requests, queue) = tokio::sync::mpsc::channel(1);
-            let first = payload.clone();
-            requests.try_send(payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-            let opened =
-                tokio::time::timeout_at(deadline, client.append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(queue)));
-            match opened.await {
-                Err(_) => return Err(no_answer()),
-                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
-                    self.unary_only = true;
-                    return self.unary("append", first, option).await;
+        let mut stream = match kept {
+            Ok(s) => s,
+            Err(payload) => {
+                let mut client = self.client().map_err(RPCError::Unreachable)?;
+                // The first request is queued before the stream opens, so it
+                // travels with the call's headers: one round trip, as a unary
+                // call. Kept for a peer that does not know the stream.
+                let (requests, queue) = tokio::sync::mpsc::channel(1);
+                let first = payload.clone();
+                requests.try_send(payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                let opened =
+                    tokio::time::timeout_at(deadline, client.append_entries_stream(tokio_stream::wrappers::ReceiverStream::new(queue)));
+                match opened.await {
+                    Err(_) => return Err(no_answer()),
+                    Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                        self.unary_only = true;
+                        return self.unary("append", first, option).await;
+                    }
+                    Ok(Err(status)) => return Err(self.failed(status)),
+                    Ok(Ok(answers)) => AppendStream { requests, answers: answers.into_inner() },
                 }
-                Ok(Err(status)) => return Err(self.failed(status)),
-                Ok(Ok(answers)) => self.stream = Some(AppendStream { requests, answers: answers.into_inner() }),
             }
-        }
-        let Some(stream) = self.stream.as_mut() else { return Err(no_answer()) };
+        };
         match tokio::time::timeout_at(deadline, stream.answers.message()).await {
-            Ok(Ok(Some(answer))) => Ok(answer),
-            // A late answer would be taken for the next request's: the
-            // stream is not used again after a timeout.
-            Err(_) => {
-                self.stream = None;
-                Err(no_answer())
+            Ok(Ok(Some(answer))) => {
+                self.stream = Some(stream);
+                Ok(answer)
             }
+            // Not put back: a late answer would be taken for the next request's.
+            Err(_) => Err(no_answer()),
             Ok(Ok(None)) => Err(self.failed(tonic::Status::unavailable("the peer ended the AppendEntries stream"))),
             Ok(Err(status)) => Err(self.failed(status)),
         }
@@ -280,6 +285,8 @@ mod tests {
     struct FakePeer {
         knows_stream: bool,
         ends_after: usize,
+        /// The second request this peer gets is answered `Conflict`, this late.
+        slow_first: Option<Duration>,
         unary: Arc<AtomicUsize>,
         streams: Arc<AtomicUsize>,
         streamed: Arc<AtomicUsize>,
@@ -287,6 +294,11 @@ mod tests {
 
     fn success() -> RaftPayload {
         let answer: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = Ok(AppendEntriesResponse::Success);
+        RaftPayload { data: serde_json::to_vec(&answer).unwrap(), chunk: Vec::new() }
+    }
+
+    fn conflict() -> RaftPayload {
+        let answer: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> = Ok(AppendEntriesResponse::Conflict);
         RaftPayload { data: serde_json::to_vec(&answer).unwrap(), chunk: Vec::new() }
     }
 
@@ -309,7 +321,7 @@ mod tests {
             if !self.knows_stream {
                 return Err(tonic::Status::unimplemented("Raft.AppendEntriesStream"));
             }
-            let (streamed, ends_after) = (self.streamed.clone(), self.ends_after);
+            let (streamed, ends_after, slow_first) = (self.streamed.clone(), self.ends_after, self.slow_first);
             let answers = futures::stream::unfold((req.into_inner(), 0), move |(mut inbound, n)| {
                 let streamed = streamed.clone();
                 async move {
@@ -317,8 +329,14 @@ mod tests {
                         return None;
                     }
                     inbound.message().await.ok().flatten()?;
-                    streamed.fetch_add(1, Ordering::SeqCst);
-                    Some((Ok(success()), (inbound, n + 1)))
+                    let answer = match (streamed.fetch_add(1, Ordering::SeqCst), slow_first) {
+                        (1, Some(late)) => {
+                            tokio::time::sleep(late).await;
+                            conflict()
+                        }
+                        _ => success(),
+                    };
+                    Some((Ok(answer), (inbound, n + 1)))
                 }
             });
             Ok(tonic::Response::new(Box::pin(answers)))
@@ -388,6 +406,20 @@ mod tests {
         }
         assert_eq!(peer.streams.load(Ordering::SeqCst), 1, "the stream is tried once, not before every call");
         assert_eq!(peer.unary.load(Ordering::SeqCst), 3, "the first request too is answered, by a call");
+    }
+
+    /// openraft drops a call that outlives its own timeout: the answer
+    /// that comes late must not be taken for the next request's.
+    #[tokio::test]
+    async fn a_dropped_call_leaves_no_answer_for_the_next() {
+        let late = Duration::from_millis(300);
+        let peer = FakePeer { knows_stream: true, ends_after: usize::MAX, slow_first: Some(late), ..FakePeer::default() };
+        let mut client = client_of(peer.clone()).await;
+        assert!(append(&mut client).await.is_ok(), "opens the stream");
+        // The peer answers the second request late, after the caller gave up.
+        assert!(tokio::time::timeout(late / 3, append(&mut client)).await.is_err(), "the call is dropped before its answer");
+        assert!(matches!(append(&mut client).await, Ok(AppendEntriesResponse::Success)), "not the dropped call's Conflict");
+        assert_eq!(peer.streams.load(Ordering::SeqCst), 2, "the dropped call's stream is not used again");
     }
 
     #[tokio::test]
