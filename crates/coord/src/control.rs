@@ -139,7 +139,7 @@ fn lock_pb(l: &LockView) -> Lock {
     Lock {
         destination: l.destination.clone(),
         holder: l.holder.clone(),
-        reason: l.reason.clone(),
+        reason: l.reason.to_string(),
         since_ms: l.since_ms,
         fencing_token: l.fencing_token,
     }

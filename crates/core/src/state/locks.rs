@@ -25,7 +25,7 @@ impl State {
                 let lock = LockView {
                     destination: destination.to_string(),
                     holder: holder.to_string(),
-                    reason: reason.to_string(),
+                    reason: reason.into(),
                     since_ms: cx.at_ms,
                     fencing_token: cx.seq,
                 };
@@ -139,7 +139,7 @@ impl State {
             let lock = LockView {
                 destination: String::new(),
                 holder: format!("{DEPLOYMENT_HOLDER_PREFIX}{}", d.id),
-                reason: format!("deploy {}@{}", d.app, d.release),
+                reason: format!("deploy {}@{}", d.app, d.release).into(),
                 since_ms: at_ms,
                 fencing_token: index,
             };

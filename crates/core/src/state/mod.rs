@@ -326,7 +326,23 @@ impl State {
                 state.persisted_headers.insert(*n, d.without_steps());
             }
         }
+        state.share_reasons();
         Ok(state)
+    }
+
+    /// Make each dedup record that answered a grant of a lock still held
+    /// share that lock's reason instead of a copy (as `apply` leaves them;
+    /// stored, the two are written apart and decode as two strings).
+    fn share_reasons(&mut self) {
+        for entry in self.dedup.values_mut() {
+            if let Response::Granted { lock: answered } = &mut entry.response {
+                if let Some(held) = self.locks.get(&answered.destination) {
+                    if held.fencing_token == answered.fencing_token && held.reason == answered.reason {
+                        answered.reason = held.reason.clone();
+                    }
+                }
+            }
+        }
     }
 
     /// Every persisted key/value pair, in key order (what a snapshot holds).

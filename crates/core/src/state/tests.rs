@@ -1112,3 +1112,41 @@ fn only_definition_keys_name_a_defined_destination() {
         assert_eq!(defined_destination(key), want, "{key}");
     }
 }
+
+/// Whether the dedup record of request `id` answers with the very string
+/// (not a copy) the lock on `dest` holds as its reason.
+fn shares_reason(s: &State, id: &str, dest: &str) -> bool {
+    let held = &s.locks.get(dest).expect("lock held").reason;
+    match &s.dedup.get(id).expect("dedup record").response {
+        Response::Granted { lock } => std::sync::Arc::ptr_eq(&lock.reason, held),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn a_lock_and_the_answer_kept_for_its_retry_share_one_reason() {
+    let mut s = State::default();
+    let long = "x".repeat(4096);
+    let grant = Command::AcquireLock { destination: "web".into(), holder: "alice".into(), reason: long.clone() };
+    s.apply(1, &req(Some("g1"), 0, grant.clone()));
+    s.apply(2, &req(Some("g2"), 0, acquire("db", "bob")));
+    assert!(shares_reason(&s, "g1", "web"));
+
+    // Read back from its stored pairs (a restart, a snapshot): shared again.
+    let mut loaded = State::load(s.dump()).expect("load");
+    assert!(shares_reason(&loaded, "g1", "web"));
+    assert!(shares_reason(&loaded, "g2", "db"));
+    assert_eq!(loaded, s);
+
+    // A retry still gets the grant with the whole reason.
+    let (again, _) = loaded.apply(3, &req(Some("g1"), 0, grant));
+    assert!(matches!(&again, Response::Granted { lock } if *lock.reason == *long && lock.fencing_token == 1), "{again:?}");
+
+    // Released and granted to someone else: the old answer is not tied to
+    // the new holder's lock.
+    loaded.apply(4, &req(None, 0, release("web", "alice")));
+    loaded.apply(5, &req(Some("g3"), 0, acquire("web", "carol")));
+    let reloaded = State::load(loaded.dump()).expect("load");
+    assert!(!shares_reason(&reloaded, "g1", "web"));
+    assert!(shares_reason(&reloaded, "g3", "web"));
+}
