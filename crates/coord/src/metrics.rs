@@ -107,7 +107,7 @@ fn metrics() -> &'static Metrics {
         );
         registry.register(
             "snapshot_build_hold_seconds",
-            "Each snapshot build's hold on the applied state while it writes the snapshot file (applies wait meanwhile)",
+            "Each snapshot build's hold on the applied state while it takes its view of the state (applies wait meanwhile)",
             crate::observe::snapshot_hold_histogram().clone(),
         );
         for stage in crate::observe::Stage::ALL {

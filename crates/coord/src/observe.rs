@@ -30,8 +30,9 @@ pub fn fsync(took: Duration) {
 }
 
 /// Each snapshot build's hold on the applied state (its read lock, while
-/// the state is written to the snapshot file): applies wait meanwhile, so
-/// this is how long a snapshot can stall writes. 1 ms .. ~65 s.
+/// it takes RocksDB's view of the state; the file is written from the view
+/// after): applies wait meanwhile, so this is how long a snapshot can
+/// stall writes. 1 ms .. ~65 s.
 pub fn snapshot_hold_histogram() -> &'static Histogram {
     static HOLD: OnceLock<Histogram> = OnceLock::new();
     HOLD.get_or_init(|| Histogram::new(exponential_buckets(0.001, 2.0, 17)))

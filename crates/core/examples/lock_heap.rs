@@ -13,6 +13,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
+use fleet_core::names::MAX_REASON_LEN;
 use fleet_core::{Command, Request, State};
 
 struct Counting;
@@ -49,9 +50,9 @@ fn mb(bytes: usize) -> f64 {
 fn main() {
     let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());
     let (state_mb, reason_kib) = match (args.next().unwrap_or(Ok(20)), args.next().unwrap_or(Ok(15))) {
-        (Ok(m), Ok(k)) if (1..=16).contains(&k) => (m, k),
+        (Ok(m), Ok(k)) if (1..=MAX_REASON_LEN / 1024).contains(&k) => (m, k),
         _ => {
-            eprintln!("usage: lock_heap [MB of reasons, default 20] [reason KiB 1..=16, default 15]");
+            eprintln!("usage: lock_heap [MB of reasons, default 20] [reason KiB 1..={}, default 15]", MAX_REASON_LEN / 1024);
             std::process::exit(2);
         }
     };
